@@ -1,0 +1,3 @@
+from fishcomp.cli import main
+
+main()

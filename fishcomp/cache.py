@@ -1,0 +1,167 @@
+"""Content-addressed artifact directories, built in a temporary folder and renamed into place.
+
+An artifact is `<work>/<stage>/<label>-<key>/`; it is complete only when its `manifest.json`
+exists, and the manifest is written last, inside the temporary folder, before the rename. So a
+crash at any point leaves either nothing or a stray `.tmp-*` folder that the next build removes,
+never a half-written artifact that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from fishcomp import __version__
+from fishcomp.errors import FishcompError
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    stage: str
+    key: str
+    path: Path
+    built: bool  # False when it came from the cache
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a whole file or nothing: a temporary sibling, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    try:
+        with open(tmp, mode) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _manifest_entries(folder: Path) -> dict[str, dict]:
+    entries = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = file.relative_to(folder).as_posix()
+        entries[rel] = {"bytes": file.stat().st_size, "sha256": file_digest(file)}
+    return entries
+
+
+class Cache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def folder(self, stage: str, label: str, key: str) -> Path:
+        return self.root / stage / f"{label}-{key}"
+
+    def find(self, stage: str, key: str) -> Path | None:
+        """The complete artifact with this key, whatever label it was built under."""
+        stage_dir = self.root / stage
+        if not stage_dir.is_dir():
+            return None
+        for candidate in stage_dir.glob(f"*-{key}"):
+            if self._is_whole(candidate):
+                return candidate
+        return None
+
+    @staticmethod
+    def _is_whole(folder: Path) -> bool:
+        manifest = folder / MANIFEST
+        if not manifest.is_file():
+            return False
+        try:
+            entries = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            return False
+        # Sizes are checked on every lookup (cheap); a deleted or truncated file means rebuild.
+        for rel, entry in entries.items():
+            file = folder / rel
+            if not file.is_file() or file.stat().st_size != entry["bytes"]:
+                return False
+        return True
+
+    def ensure(
+        self,
+        stage: str,
+        label: str,
+        key: str,
+        build: Callable[[Path], dict | None],
+        on_wait: Callable[[], None] | None = None,
+    ) -> Artifact:
+        """Return the cached artifact, or build it with `build(tmp_dir)` and publish it atomically.
+
+        `build` may return a dict that is stored in the manifest (counts, timings, summary).
+        """
+        found = self.find(stage, key)
+        if found is not None:
+            return Artifact(stage, key, found, built=False)
+        stage_dir = self.root / stage
+        try:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FishcompError(f"cannot create the artifact folder {stage_dir}: {exc.strerror}") from exc
+        lock = FileLock(str(stage_dir / f".{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait:
+                on_wait()
+            lock.acquire()  # another process builds the same artifact: wait, then use its result
+        try:
+            found = self.find(stage, key)
+            if found is not None:
+                return Artifact(stage, key, found, built=False)
+            final = self.folder(stage, label, key)
+            tmp = stage_dir / f".tmp-{label}-{key}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            started = time.time()
+            try:
+                extra = build(tmp) or {}
+                manifest = {
+                    "stage": stage,
+                    "key": key,
+                    "fishcomp": __version__,
+                    "seconds": round(time.time() - started, 3),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    **extra,
+                    "files": _manifest_entries(tmp),
+                }
+                write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+                if final.exists():  # an incomplete or damaged earlier copy
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise FishcompError(f"writing {stage} artifact failed: {exc.strerror or exc} ({exc.filename or tmp})") from exc
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return Artifact(stage, key, final, built=True)
+        finally:
+            lock.release()
+
+
+def read_manifest(artifact: Artifact) -> dict:
+    return json.loads(artifact.file(MANIFEST).read_text())

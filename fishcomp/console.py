@@ -1,0 +1,51 @@
+"""Terminal output: what a stage did, warnings, and progress bars (rich, which Typer ships)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# Status lines go to stdout so they can be piped; warnings and progress to stderr.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def info(message: str) -> None:
+    out.print(message, markup=False)
+
+
+def warn(message: str) -> None:
+    err.print(f"warning: {message}", markup=False, style="yellow")
+
+
+def stage_line(stage: str, built: bool, path: object, detail: str = "") -> None:
+    verb = "built  " if built else "cached "
+    info(f"{stage:<10} {verb} {path}{'  ' + detail if detail else ''}")
+
+
+@contextmanager
+def progress(description: str, total: int):
+    """A progress bar on stderr; silent when FISHCOMP_NO_PROGRESS is set or stderr is not a terminal."""
+    quiet = bool(os.environ.get("FISHCOMP_NO_PROGRESS")) or not sys.stderr.isatty()
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet,
+        transient=False,
+    )
+    with bar:
+        task = bar.add_task(description, total=total, note="")
+
+        def advance(steps: int = 1, note: str | None = None) -> None:
+            bar.update(task, advance=steps, **({"note": note} if note is not None else {}))
+
+        yield advance

@@ -1,0 +1,373 @@
+"""A seeded synthetic dataset in the competition's exact layout, hard in the same ways.
+
+What makes the real data hard, and is reproduced here:
+- fish are small (10-25 % of the image width), at any position and angle, sometimes several;
+- the three tunas (ALB, BET, YFT) differ in details (fin length, eye size, a yellow stripe);
+- a dozen boats, each with its own camera resolution, deck and class mix: the image size leaks
+  the boat and so, partly, the class (the "leakage" of the lesson);
+- day and night cameras: at night colour is gone (green, dark, noisy) and only shape is left;
+- deck clutter (ropes, buckets, crew, fish-shaped floats) and NoF scenes without any fish;
+- class frequencies shaped like the real train set (ALB 1719 ... LAG 67);
+- `--n-stage2` adds a stage-2 test set from boats never seen in train.
+
+The true test answers go to `DIR/solution.csv` (one-hot, submission format) so any submission
+can be scored. Every image is drawn from its own RNG stream, so the output does not depend on
+the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter
+
+from fishcomp.data.layout import FISHERIES_CLASSES, SOLUTION_FILE
+
+# The real train set's counts, which shape the synthetic class frequencies.
+REAL_COUNTS = {"ALB": 1719, "BET": 200, "DOL": 117, "LAG": 67, "NoF": 465, "OTHER": 299, "SHARK": 176, "YFT": 734}
+# The competition's camera resolutions (width, height), most frequent first.
+REAL_SIZES = [
+    (1280, 720), (1280, 750), (1280, 974), (1276, 718), (1192, 670),
+    (1280, 924), (1518, 854), (1732, 974), (1334, 750), (1244, 700),
+]
+TRAIN_BOATS = 8  # boats 0..7 use the first 8 sizes; stage-2 boats use the last 2, unseen in train
+FISH_CLASSES = [c for c in FISHERIES_CLASSES if c != "NoF"]
+
+
+@dataclass(frozen=True)
+class Boat:
+    index: int
+    size: tuple[int, int]
+    deck: tuple[int, int, int]
+    plank_angle: float
+    plank_spacing: float
+    rail: tuple[int, int, int]
+    night_share: float
+    seed: int
+
+
+def make_boats(seed: int, count: int, first_size: int) -> list[Boat]:
+    rng = np.random.default_rng([seed, 7, first_size])
+    boats = []
+    for i in range(count):
+        deck = tuple(int(v) for v in rng.integers(60, 190, size=3))
+        rail = tuple(int(v) for v in rng.integers(20, 240, size=3))
+        boats.append(
+            Boat(
+                index=first_size + i,
+                size=REAL_SIZES[(first_size + i) % len(REAL_SIZES)],
+                deck=deck,
+                plank_angle=float(rng.uniform(-0.6, 0.6)),
+                plank_spacing=float(rng.uniform(0.03, 0.08)),
+                rail=rail,
+                night_share=float(rng.choice([0.0, 0.2, 0.4, 0.6])),
+                seed=int(rng.integers(1 << 30)),
+            )
+        )
+    return boats
+
+
+def class_counts(total: int, minimum: int = 2) -> dict[str, int]:
+    """Largest-remainder apportionment of `total` by the real frequencies, every class >= minimum."""
+    weights = np.array([REAL_COUNTS[c] for c in FISHERIES_CLASSES], dtype=float)
+    floor = min(minimum, total // len(weights))
+    rest = total - floor * len(weights)
+    share = weights / weights.sum() * rest
+    counts = np.floor(share).astype(int)
+    for i in np.argsort(-(share - counts))[: rest - counts.sum()]:
+        counts[i] += 1
+    return {c: int(n) + floor for c, n in zip(FISHERIES_CLASSES, counts)}
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _jitter(colour: tuple[int, int, int], rng: np.random.Generator, amount: int = 18) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)
+
+
+# Per kind: length/height aspect, back colour, belly colour, and details drawn by `_details`.
+FISH_LOOKS = {
+    "ALB": dict(aspect=3.6, back=(40, 50, 90), belly=(190, 195, 205)),
+    "BET": dict(aspect=2.6, back=(45, 35, 95), belly=(175, 180, 195)),
+    "DOL": dict(aspect=3.8, back=(40, 150, 90), belly=(215, 200, 60)),
+    "LAG": dict(aspect=1.7, back=(200, 70, 60), belly=(225, 120, 100)),
+    "OTHER": dict(aspect=2.4, back=(120, 80, 50), belly=(170, 130, 90)),
+    "SHARK": dict(aspect=5.0, back=(105, 110, 115), belly=(200, 200, 200)),
+    "YFT": dict(aspect=3.2, back=(35, 45, 80), belly=(200, 200, 195)),
+}
+
+
+def _profile(kind: str, t: np.ndarray) -> np.ndarray:
+    """Half-height of the body along its length (t=0 tail, t=1 snout), in units of max height."""
+    if kind == "DOL":  # blunt, square forehead
+        return np.sin(np.pi * np.clip(0.05 + 0.6 * t, 0, 0.5)) ** 0.8
+    if kind == "LAG":  # nearly round
+        return np.sin(np.pi * (0.04 + 0.92 * t)) ** 0.5
+    if kind == "SHARK":  # long and slim, pointed snout
+        return np.sin(np.pi * (0.03 + 0.94 * t)) ** 1.1
+    return np.sin(np.pi * (0.06 + 0.9 * t)) ** 0.75
+
+
+def draw_fish(kind: str, length: int, rng: np.random.Generator) -> Image.Image:
+    """An RGBA fish lying horizontally with its head to the right."""
+    look = FISH_LOOKS[kind]
+    aspect = look["aspect"] * rng.uniform(0.9, 1.1)
+    body_len = length * 0.78
+    height = length / aspect
+    pad = int(height * 0.9) + 4
+    canvas = Image.new("RGBA", (length + 2 * pad, int(height * 2.2) + 2 * pad), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    cy = canvas.height / 2
+    x_tail = pad + length - body_len
+    t = np.linspace(0, 1, 40)
+    half = _profile(kind, t) * height / 2
+    xs = x_tail + t * body_len
+    upper = list(zip(xs, cy - half))
+    lower = list(zip(xs[::-1], (cy + half * 1.05)[::-1]))
+    back, belly = _jitter(look["back"], rng), _jitter(look["belly"], rng)
+    fin = back
+
+    # Tail fin: forked; sharks have a long upper lobe.
+    span = length - body_len
+    upper_lobe = 1.4 if kind == "SHARK" else 0.9
+    draw.polygon(
+        [(x_tail + 2, cy), (pad, cy - height * upper_lobe), (x_tail - span * 0.35, cy),
+         (pad + span * (0.5 if kind == "SHARK" else 0.0), cy + height * 0.8)],
+        fill=fin,
+    )
+    draw.polygon(upper + lower, fill=belly)
+    draw.polygon(upper + [(xs[-1], cy + half[-1] * 0.2), (xs[0], cy)], fill=back)
+    _details(kind, draw, rng, xs, cy, half, height, body_len, back)
+    eye_r = height * (0.11 if kind == "BET" else 0.055)
+    ex, ey = xs[int(len(xs) * 0.9)], cy - height * 0.08
+    draw.ellipse([ex - eye_r, ey - eye_r, ex + eye_r, ey + eye_r], fill=(15, 15, 15))
+    return canvas
+
+
+def _details(kind, draw, rng, xs, cy, half, height, body_len, back) -> None:
+    def at(fraction: float) -> float:
+        return xs[0] + fraction * body_len
+
+    if kind == "ALB":  # very long pectoral fin, the albacore's mark
+        draw.polygon([(at(0.72), cy), (at(0.15), cy + height * 0.05), (at(0.68), cy + height * 0.16)], fill=back)
+    elif kind == "BET":  # short pectoral, dark stripe
+        draw.polygon([(at(0.7), cy), (at(0.5), cy + height * 0.12), (at(0.66), cy + height * 0.14)], fill=back)
+    elif kind == "YFT":  # yellow side stripe and long yellow sickle fins
+        yellow = _jitter((230, 200, 30), rng)
+        draw.line([(at(0.2), cy - height * 0.05), (at(0.85), cy - height * 0.1)], fill=yellow, width=max(2, int(height * 0.09)))
+        draw.polygon([(at(0.5), cy - half[20] + 2), (at(0.3), cy - height * 1.05), (at(0.42), cy - half[20] + 2)], fill=yellow)
+        draw.polygon([(at(0.5), cy + half[20] - 2), (at(0.3), cy + height * 1.05), (at(0.42), cy + half[20] - 2)], fill=yellow)
+    elif kind == "DOL":  # dorsal fin along the whole back, blue speckles
+        draw.polygon([(at(0.95), cy - half[-3]), (at(0.1), cy - half[4] - height * 0.12), (at(0.1), cy - half[4])], fill=_jitter((30, 90, 160), rng))
+        for _ in range(10):
+            px, py = at(rng.uniform(0.1, 0.9)), cy + rng.uniform(-0.3, 0.3) * height
+            r = max(1.0, height * 0.04)
+            draw.ellipse([px - r, py - r, px + r, py + r], fill=(40, 80, 200))
+    elif kind == "LAG":  # white spots and red fins
+        for _ in range(14):
+            px, py = at(rng.uniform(0.1, 0.9)), cy + rng.uniform(-0.35, 0.35) * height
+            r = max(1.0, height * 0.045)
+            draw.ellipse([px - r, py - r, px + r, py + r], fill=(245, 245, 240))
+        draw.polygon([(at(0.7), cy - half[28]), (at(0.45), cy - height * 0.75), (at(0.5), cy - half[20])], fill=(230, 40, 40))
+    elif kind == "OTHER":  # vertical bars of a random colour
+        bar = _jitter((70, 50, 30), rng, 40)
+        for f in np.linspace(0.2, 0.8, int(rng.integers(3, 6))):
+            draw.line([(at(f), cy - height * 0.4), (at(f), cy + height * 0.4)], fill=bar, width=max(2, int(height * 0.07)))
+    elif kind == "SHARK":  # tall triangular dorsal fin and large pectoral
+        draw.polygon([(at(0.65), cy - half[26] + 2), (at(0.5), cy - height * 1.1), (at(0.42), cy - half[17] + 2)], fill=back)
+        draw.polygon([(at(0.7), cy + half[28] - 2), (at(0.5), cy + height * 0.9), (at(0.58), cy + half[23] - 2)], fill=back)
+
+
+def _deck(boat: Boat, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    direction = xx * math.cos(boat.plank_angle) + yy * math.sin(boat.plank_angle)
+    planks = (np.sin(direction / (boat.plank_spacing * width) * 2 * math.pi) > 0.92).astype(np.float32)
+    light = 0.75 + 0.35 * (1 - yy / height) * rng.uniform(0.5, 1.0)  # brighter far from the camera
+    base = np.array(_jitter(boat.deck, rng, 12), dtype=np.float32)
+    image = base[None, None, :] * light[..., None] * (1 - 0.35 * planks[..., None])
+    image += rng.normal(0, 6, size=(height, width, 1)).astype(np.float32)
+    canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    # The boat's fixed structure: a rail and a hatch, always in the same place for one camera.
+    frame = np.random.default_rng(boat.seed)
+    rail_y = int(height * frame.uniform(0.05, 0.25))
+    draw.rectangle([0, rail_y, width, rail_y + int(height * 0.04)], fill=boat.rail)
+    hx, hy = frame.uniform(0.05, 0.6) * width, frame.uniform(0.35, 0.7) * height
+    draw.rectangle([hx, hy, hx + width * 0.25, hy + height * 0.2], outline=boat.rail, width=max(2, width // 200))
+    return canvas
+
+
+def _clutter(canvas: Image.Image, rng: np.random.Generator) -> None:
+    draw = ImageDraw.Draw(canvas)
+    width, height = canvas.size
+    for _ in range(int(rng.integers(3, 10))):
+        kind = rng.integers(4)
+        x, y = rng.uniform(0, width), rng.uniform(0.2 * height, height)
+        s = width * rng.uniform(0.02, 0.08)
+        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        if kind == 0:  # bucket
+            draw.ellipse([x, y, x + s, y + s], fill=colour, outline=(20, 20, 20))
+        elif kind == 1:  # rope
+            points = [(x + rng.uniform(-3, 3) * s, y + rng.uniform(-2, 2) * s) for _ in range(4)]
+            draw.line(points, fill=colour, width=max(2, int(s * 0.12)), joint="curve")
+        elif kind == 2:  # crew member seen from above: orange or yellow oilskins
+            coat = (230, int(rng.integers(90, 200)), 20)
+            draw.rectangle([x, y, x + s * 1.2, y + s * 2], fill=coat)
+            draw.ellipse([x + s * 0.2, y - s * 0.7, x + s, y + s * 0.1], fill=(200, 160, 130))
+        else:  # a grey, fish-shaped float: a distractor for detectors
+            draw.ellipse([x, y, x + s * 2.5, y + s * 0.7], fill=tuple(int(v) for v in rng.integers(90, 150, size=3)))
+
+
+def _night(canvas: Image.Image, rng: np.random.Generator) -> Image.Image:
+    grey = np.asarray(canvas.convert("L"), dtype=np.float32)
+    darkness = rng.uniform(0.35, 0.6)
+    green = np.stack([grey * 0.35, grey, grey * 0.45], axis=-1) * darkness
+    green += rng.normal(0, 10, size=green.shape[:2] + (1,))
+    return Image.fromarray(np.clip(green, 0, 255).astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    path: str
+    label: str
+    boat: Boat
+    scale: float
+    seed: tuple[int, ...]
+
+
+def render(job: ImageJob) -> list[dict]:
+    """Draw one photo, save it as JPEG, return its fish boxes in original pixels."""
+    rng = np.random.default_rng(list(job.seed))
+    width, height = (max(32, round(v * job.scale)) for v in job.boat.size)
+    canvas = _deck(job.boat, rng, width, height)
+    _clutter(canvas, rng)
+    boxes = []
+    if job.label != "NoF":
+        count = 1 + int(rng.random() < 0.25) + int(rng.random() < 0.08)
+        for _ in range(count):
+            length = max(12, int(width * rng.uniform(0.10, 0.25)))
+            fish = draw_fish(job.label, length, rng).rotate(rng.uniform(0, 360), expand=True, resample=Image.BICUBIC)
+            left, top, right, bottom = fish.getchannel("A").getbbox()
+            x = int(rng.uniform(-left, width - right))
+            y = int(rng.uniform(max(-top, 0.15 * height - top), height - bottom))
+            canvas.paste(fish, (x, y), fish)
+            x0, y0 = max(0, x + left), max(0, y + top)
+            x1, y1 = min(width, x + right), min(height, y + bottom)
+            if x1 > x0 and y1 > y0:
+                boxes.append({"class": "rect", "x": float(x0), "y": float(y0), "width": float(x1 - x0), "height": float(y1 - y0)})
+    if rng.random() < job.boat.night_share:
+        canvas = _night(canvas, rng)
+    else:
+        canvas = Image.fromarray(np.clip(np.asarray(canvas, dtype=np.float32) * rng.uniform(0.75, 1.15), 0, 255).astype(np.uint8))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 1.2)))
+    Path(job.path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(job.path, quality=88)
+    return boxes
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+def _class_boat_mix(seed: int, boats: list[Boat]) -> dict[str, np.ndarray]:
+    """P(boat | class): each class favours a few boats, which is what makes image size leak."""
+    rng = np.random.default_rng([seed, 11])
+    return {c: rng.dirichlet(np.full(len(boats), 0.6)) for c in FISHERIES_CLASSES}
+
+
+def synthesize(
+    root: str | Path,
+    n_train: int = 1000,
+    n_test: int = 300,
+    n_stage2: int = 0,
+    seed: int = 0,
+    scale: float = 1.0,
+    workers: int | None = None,
+    on_image=None,
+) -> dict[str, int]:
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    train_boats = make_boats(seed, TRAIN_BOATS, 0)
+    new_boats = make_boats(seed, len(REAL_SIZES) - TRAIN_BOATS, TRAIN_BOATS)
+    mix = _class_boat_mix(seed, train_boats)
+
+    train_labels = [c for c, n in class_counts(n_train).items() for _ in range(n)]
+    rng.shuffle(train_labels)
+    weights = np.array([REAL_COUNTS[c] for c in FISHERIES_CLASSES], dtype=float)
+    test_labels = list(rng.choice(FISHERIES_CLASSES, size=n_test, p=weights / weights.sum()))
+    stage2_labels = list(rng.choice(FISHERIES_CLASSES, size=n_stage2, p=weights / weights.sum()))
+    numbers = rng.permutation(n_train + n_test) + 1  # train and stage-1 test share one numbering
+
+    jobs: list[tuple[str, str, ImageJob]] = []  # (split, row name, job)
+    for i, label in enumerate(train_labels):
+        boat = train_boats[rng.choice(len(train_boats), p=mix[label])]
+        name = f"img_{numbers[i]:05d}.jpg"
+        jobs.append(("train", name, ImageJob(str(root / "train" / label / name), label, boat, scale, (seed, 1, i))))
+    for i, label in enumerate(test_labels):
+        boat = train_boats[rng.choice(len(train_boats), p=mix[label])]
+        name = f"img_{numbers[n_train + i]:05d}.jpg"
+        jobs.append(("test_stg1", name, ImageJob(str(root / "test_stg1" / name), label, boat, scale, (seed, 2, i))))
+    for i, label in enumerate(stage2_labels):
+        boat = new_boats[int(rng.integers(len(new_boats)))]
+        name = f"image_{i + 1:05d}.jpg"
+        jobs.append(("test_stg2", f"test_stg2/{name}", ImageJob(str(root / "test_stg2" / name), label, boat, scale, (seed, 3, i))))
+
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    boxes: list[list[dict]] = []
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for result in pool.map(render, [job for _, _, job in jobs], chunksize=8):
+                boxes.append(result)
+                if on_image:
+                    on_image()
+    else:
+        for _, _, job in jobs:
+            boxes.append(render(job))
+            if on_image:
+                on_image()
+
+    _write_annotations(root, jobs, boxes, rng)
+    _write_csvs(root, jobs, n_stage2 > 0)
+    return {"train": n_train, "test_stg1": n_test, "test_stg2": n_stage2}
+
+
+def _write_annotations(root: Path, jobs, boxes, rng: np.random.Generator) -> None:
+    """The forum's files: one per fish class except OTHER, some names path-prefixed, as in the real ones."""
+    per_class: dict[str, list[dict]] = {c.lower(): [] for c in FISH_CLASSES if c != "OTHER"}
+    for (split, name, job), rects in zip(jobs, boxes):
+        if split != "train" or job.label.lower() not in per_class:
+            continue
+        filename = f"../data/fish/train/{job.label}/{name}" if rng.random() < 0.2 else name
+        per_class[job.label.lower()].append({"annotations": rects, "class": "image", "filename": filename})
+    (root / "annos").mkdir(parents=True, exist_ok=True)
+    for cls, entries in per_class.items():
+        (root / "annos" / f"{cls}_labels.json").write_text(json.dumps(entries, indent=1))
+
+
+def _write_csvs(root: Path, jobs, with_stage2: bool) -> None:
+    uniform = 1.0 / len(FISHERIES_CLASSES)
+    tests = [(split, name, job) for split, name, job in jobs if split != "train"]
+    stage1 = sorted(name for split, name, _ in tests if split == "test_stg1")
+    stage2 = sorted(name for split, name, _ in tests if split == "test_stg2")
+
+    def sample(rows: list[str]) -> pd.DataFrame:
+        frame = pd.DataFrame(uniform, index=rows, columns=FISHERIES_CLASSES)
+        frame.index.name = "image"
+        return frame.reset_index()
+
+    sample(stage1).to_csv(root / "sample_submission_stg1.csv", index=False)
+    if with_stage2:
+        sample(stage1 + stage2).to_csv(root / "sample_submission_stg2.csv", index=False)
+    truth = {name: job.label for _, name, job in tests}
+    solution = pd.DataFrame(0, index=stage1 + stage2, columns=FISHERIES_CLASSES)
+    for name in solution.index:
+        solution.loc[name, truth[name]] = 1
+    solution.index.name = "image"
+    solution.reset_index().to_csv(root / SOLUTION_FILE, index=False)

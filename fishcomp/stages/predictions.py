@@ -1,0 +1,57 @@
+"""The predictions that train and ensemble artifacts both hold, in one shape.
+
+`oof`: image, label, fold, then one probability column per class (NaN where never validated);
+`tests`: split -> image, then probabilities. Both are plain CSV in the artifact, so they can be
+read with anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fishcomp.cache import Artifact
+from fishcomp.data.layout import TEST_SPLITS
+from fishcomp.metrics import accuracy, log_loss
+
+OOF_COLUMNS = ["image", "label", "fold"]
+
+
+@dataclass
+class Predictions:
+    classes: list[str]
+    oof: pd.DataFrame
+    tests: dict[str, pd.DataFrame]
+
+    @property
+    def validated(self) -> pd.DataFrame:
+        return self.oof[self.oof.fold >= 0]
+
+    def oof_probs(self) -> np.ndarray:
+        return self.validated[self.classes].to_numpy(dtype=np.float64)
+
+    def oof_labels(self) -> np.ndarray:
+        return self.validated.label.to_numpy()
+
+    def oof_logloss(self) -> float:
+        return log_loss(self.oof_labels(), self.oof_probs())
+
+    def oof_accuracy(self) -> float:
+        return accuracy(self.oof_labels(), self.oof_probs())
+
+    def write(self, folder: Path) -> None:
+        self.oof.to_csv(folder / "oof.csv", index=False)
+        for split, frame in self.tests.items():
+            frame.to_csv(folder / f"{split}.csv", index=False)
+
+
+def read_predictions(artifact: Artifact) -> Predictions:
+    oof = pd.read_csv(artifact.file("oof.csv"))
+    classes = [c for c in oof.columns if c not in OOF_COLUMNS]
+    tests = {
+        split: pd.read_csv(artifact.file(f"{split}.csv")) for split in TEST_SPLITS if artifact.file(f"{split}.csv").is_file()
+    }
+    return Predictions(classes=classes, oof=oof, tests=tests)
