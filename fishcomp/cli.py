@@ -80,7 +80,7 @@ def precompute_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOp
     from fishcomp.stages.precompute import ensure_precompute
 
     loaded, ctx = _load(config, overrides), _context(data, work, overrides)
-    for member in member_configs(loaded, overrides) or [loaded]:
+    for member in member_configs(loaded) or [loaded]:
         ensure_precompute(ctx, member)
 
 
@@ -91,7 +91,7 @@ def train_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = P
     from fishcomp.stages.train import ensure_train
 
     loaded, ctx = _load(config, overrides), _context(data, work, overrides)
-    members = member_configs(loaded, overrides)
+    members = member_configs(loaded)
     if not members:
         raise FishcompError(f"{config}: nothing to train (no `head:` section and no ensemble members)")
     for member in members:

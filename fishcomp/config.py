@@ -163,6 +163,8 @@ class LoadedConfig(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     config: RunConfig
     path: Path
+    # `--set` values meant for an ensemble's members (model sections), passed on when they load.
+    member_overrides: list[str] = []
 
     @property
     def name(self) -> str:
@@ -211,6 +213,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise FishcompError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed)  # YAML 1.1 reads `1e-4` as a string; people mean a number
+        except ValueError:
+            pass
     return key.split("."), parsed
 
 
@@ -232,7 +239,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _describe_error(error: dict) -> str:
-    location = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    parts = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+    if parts[:1] == ["head"] and len(parts) > 2:
+        del parts[1]  # pydantic names the union member (`head.dense.x`); users wrote `head.x`
+    location = ".".join(parts)
     if error["type"] == "extra_forbidden":
         return f"unknown key `{location}`"
     if error["type"] == "union_tag_invalid":
@@ -240,19 +250,29 @@ def _describe_error(error: dict) -> str:
     return f"`{location}`: {error['msg']}" if location else error["msg"]
 
 
+# Sections that describe one model; on an ensemble config, `--set` for them reaches every member.
+MEMBER_SECTIONS = {"data", "precompute", "head", "train", "split"}
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
     path = Path(path)
-    raw = apply_overrides(_read_yaml(path), overrides or [])
+    raw = _read_yaml(path)
+    overrides = list(overrides or [])
+    member_overrides: list[str] = []
+    if "ensemble" in raw:
+        member_overrides = [o for o in overrides if o.split(".", 1)[0].strip() in MEMBER_SECTIONS]
+        overrides = [o for o in overrides if o not in member_overrides]
+    raw = apply_overrides(raw, overrides)
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise FishcompError(f"{path}: {_describe_error(first)}{more}") from exc
-    return LoadedConfig(config=config, path=path)
+    return LoadedConfig(config=config, path=path, member_overrides=member_overrides)
 
 
-def member_configs(loaded: LoadedConfig, overrides: list[str] | None = None) -> list[LoadedConfig]:
+def member_configs(loaded: LoadedConfig) -> list[LoadedConfig]:
     """The single-model configs an ensemble names (or the config itself when it trains)."""
     if loaded.config.ensemble is None:
         return [loaded] if loaded.config.trains else []
@@ -260,7 +280,7 @@ def member_configs(loaded: LoadedConfig, overrides: list[str] | None = None) -> 
     for member in loaded.config.ensemble.members:
         member_path = loaded.path.parent / member.config
         try:
-            members.append(load_config(member_path, overrides))
+            members.append(load_config(member_path, loaded.member_overrides))
         except FishcompError as exc:
             raise FishcompError(f"ensemble member of {loaded.path}: {exc}") from exc
         if not members[-1].config.trains:

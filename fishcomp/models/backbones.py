@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +88,18 @@ def create_backbone(config: PrecomputeConfig) -> Backbone:
         model.reset_classifier(0)
         overlay = OFFLINE_NORMALISATION
     elif weights == "hub":
+        hint = (
+            "offline, use weights: offline (efficientnet_lite0), "
+            "weights: /path/to/file.pth|.safetensors, or weights: none"
+        )
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            # Fail at once instead of after the hub client's retries.
+            raise FishcompError(f"could not download {config.backbone} weights: HF_HUB_OFFLINE is set; {hint}")
         try:
             model = timm.create_model(config.backbone, pretrained=True, num_classes=0)
         except Exception as exc:  # network errors come in many types (OSError, HTTP, hub-specific)
             raise FishcompError(
-                f"could not download {config.backbone} weights from the hub ({type(exc).__name__}); offline, use "
-                "weights: offline (efficientnet_lite0), weights: /path/to/file.pth|.safetensors, or weights: none"
+                f"could not download {config.backbone} weights from the hub ({type(exc).__name__}); {hint}"
             ) from exc
     elif weights == "none":
         model = timm.create_model(config.backbone, pretrained=False, num_classes=0)
@@ -102,13 +109,19 @@ def create_backbone(config: PrecomputeConfig) -> Backbone:
             raise FishcompError(
                 f"precompute.weights: no such file {path} (expected offline, hub, none, or a .pth/.safetensors path)"
             )
+        model = timm.create_model(config.backbone, pretrained=False, num_classes=0)
         try:
-            # timm's own loader: reads .safetensors or torch pickles and drops a mismatched classifier.
-            model = timm.create_model(
-                config.backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}
-            )
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0][:200]
+            # timm's own reader: .safetensors or torch pickles, nested `state_dict`/`model` keys.
+            state = timm.models.load_state_dict(str(path), use_ema=False)
+        except Exception as exc:  # unpicklers raise many types for a file that is not a checkpoint
+            raise FishcompError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from exc
+        classifier = model.pretrained_cfg.get("classifier", "classifier")
+        state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+        try:
+            # strict: a file for another architecture must fail, not leave random layers behind.
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:160]
             raise FishcompError(f"{path}: not weights for {config.backbone}: {first}") from exc
     MODEL_LOADS += 1
     model.eval()

@@ -53,7 +53,7 @@ def ensure_ensemble(ctx: Context, loaded: LoadedConfig) -> Artifact:
     config: EnsembleConfig | None = loaded.config.ensemble
     if config is None:
         raise FishcompError(f"{loaded.path} has no `ensemble` section")
-    members = member_configs(loaded, ctx.overrides)
+    members = member_configs(loaded)
     trained = [ensure_train(ctx, member) for member in members]
     key = cache_key(STAGE, [a.key for a in trained], key_payload(config))
     artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(loaded, members, trained, tmp))

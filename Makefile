@@ -1,0 +1,60 @@
+# fishcomp: `make demo` runs the whole pipeline on synthetic data; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/pipeline.yaml
+DATA ?= data
+WORK ?= artifacts
+OUT ?= submission.csv
+FISHCOMP := $(BIN)/fishcomp
+
+.DEFAULT_GOAL := help
+.PHONY: help install data demo test precompute train ensemble submit run check clean clean-all
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) DATA=$(DATA) WORK=$(WORK) OUT=$(OUT)"
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	# pip, not uv: torch 2.14.1 / torchvision 0.29.1 come from this machine's disk that way.
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install fishcomp with pip
+
+$(DATA)/train:
+	$(FISHCOMP) synth $(DATA) --n-train 800 --n-test 200 --n-stage2 100 --seed 0
+
+data: $(STAMP) $(DATA)/train ## Generate the synthetic dataset into DATA (if none is there)
+
+demo: install data ## Synthetic data -> features -> heads -> ensemble -> validated submission.csv
+	$(FISHCOMP) run -c $(CONFIG) --data $(DATA) --work $(WORK) --out $(OUT)
+
+test: install ## Run the test suite
+	$(BIN)/python -m pytest -q
+
+check: install ## Check the dataset layout and print its tables
+	$(FISHCOMP) check --data $(DATA)
+
+precompute: install ## Backbone features for CONFIG
+	$(FISHCOMP) precompute -c $(CONFIG) --data $(DATA) --work $(WORK)
+
+train: install ## Train the head(s) of CONFIG (e.g. make train CONFIG=configs/dense.yaml)
+	$(FISHCOMP) train -c $(CONFIG) --data $(DATA) --work $(WORK)
+
+ensemble: install ## Blend the members of CONFIG
+	$(FISHCOMP) ensemble -c $(CONFIG) --data $(DATA) --work $(WORK)
+
+submit: install ## Write and validate OUT from CONFIG
+	$(FISHCOMP) submit -c $(CONFIG) --data $(DATA) --work $(WORK) --out $(OUT)
+
+clean: ## Delete the artifact cache and submissions (keeps data and .venv)
+	rm -rf $(WORK) submission*.csv
+
+clean-all: clean ## Also delete the synthetic data and .venv
+	find $(DATA) -mindepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf $(VENV)

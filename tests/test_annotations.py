@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from fishcomp.data.annotations import Box, basename, clip_box, load_annotations
+from fishcomp.errors import FishcompError
+
+
+def write(folder, name, entries):
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(json.dumps(entries))
+
+
+def test_path_prefixed_names_empty_lists_and_largest_box(tmp_path):
+    annos = tmp_path / "annos"
+    write(annos, "alb_labels.json", [
+        {"annotations": [{"class": "rect", "x": 1, "y": 2, "width": 10, "height": 10},
+                         {"class": "rect", "x": 5, "y": 6, "width": 30.5, "height": 20}],
+         "class": "image", "filename": "../data/fish/train/ALB/img_00003.jpg"},
+        {"annotations": [], "class": "image", "filename": "img_00010.jpg"},
+    ])
+    write(annos, "yft_labels.json", [
+        {"annotations": [{"class": "rect", "x": 0, "y": 0, "width": 4, "height": 4}],
+         "class": "image", "filename": "C:\\fish\\img_00020.jpg"},
+    ])
+    result = load_annotations(annos)
+    assert set(result.boxes) == {"img_00003.jpg", "img_00010.jpg", "img_00020.jpg"}
+    assert result.largest("img_00003.jpg") == Box(5, 6, 30.5, 20)
+    assert result.largest("img_00010.jpg") is None
+    assert result.largest("img_00020.jpg") == Box(0, 0, 4, 4)
+    assert result.counts["boxes"] == 3
+
+
+def test_bad_rects_are_counted_not_fatal(tmp_path):
+    annos = tmp_path / "annos"
+    write(annos, "bet_labels.json", [
+        {"annotations": [{"class": "rect", "x": 1, "y": 1, "width": -5, "height": 3},
+                         {"class": "point", "x": 1, "y": 1},
+                         {"class": "rect", "x": "a", "y": 1, "width": 2, "height": 3},
+                         {"class": "rect", "x": 1, "y": 1, "width": 2, "height": 3}],
+         "filename": "img_1.jpg"},
+    ])
+    result = load_annotations(annos)
+    assert result.largest("img_1.jpg") == Box(1, 1, 2, 3)
+    assert result.counts["rects with non-positive size dropped"] == 1
+    assert result.counts["non-rect annotations ignored"] == 1
+    assert result.counts["rects with missing or non-numeric x/y/width/height"] == 1
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    annos = tmp_path / "annos"
+    annos.mkdir()
+    (annos / "dol_labels.json").write_text('[\n{"filename": "a.jpg",\n "annotations": [}\n]')
+    with pytest.raises(FishcompError, match=r"dol_labels.json: malformed JSON at line 3"):
+        load_annotations(annos)
+
+
+def test_missing_folder_means_no_boxes(tmp_path):
+    assert load_annotations(tmp_path / "nope").boxes == {}
+
+
+def test_basename_and_clip():
+    assert basename("../data/fish/train/ALB/img_00003.jpg") == "img_00003.jpg"
+    assert clip_box(Box(-10, 5, 30, 10), 100, 100) == Box(0, 5, 20, 10)
+    assert clip_box(Box(95, 95, 30, 30), 100, 100) == Box(95, 95, 5, 5)
+    assert clip_box(Box(200, 5, 30, 10), 100, 100) is None

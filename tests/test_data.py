@@ -1,0 +1,144 @@
+import hashlib
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fishcomp.data.images import load_rgb, read_size
+from fishcomp.data.layout import FISHERIES_CLASSES, load_dataset
+from fishcomp.data.synth import REAL_SIZES, TRAIN_BOATS, class_counts, synthesize
+from fishcomp.errors import FishcompError
+
+
+def test_synth_layout_is_the_competitions(tiny_data):
+    assert sorted(p.name for p in (tiny_data / "train").iterdir()) == sorted(FISHERIES_CLASSES)
+    stage1 = pd.read_csv(tiny_data / "sample_submission_stg1.csv")
+    stage2 = pd.read_csv(tiny_data / "sample_submission_stg2.csv")
+    assert list(stage1.columns) == ["image", *FISHERIES_CLASSES]
+    assert stage1.image.str.match(r"^img_\d{5}\.jpg$").all() and len(stage1) == 24
+    assert stage2.image.tolist()[:24] == stage1.image.tolist()
+    assert stage2.image.tolist()[24:] == [f"test_stg2/image_{i:05d}.jpg" for i in range(1, 13)]
+    solution = pd.read_csv(tiny_data / "solution.csv")
+    assert solution.image.tolist() == stage2.image.tolist()
+    assert (solution[FISHERIES_CLASSES].sum(axis=1) == 1).all()
+    assert sorted(p.name for p in (tiny_data / "annos").iterdir()) == [
+        f"{c}_labels.json" for c in ("alb", "bet", "dol", "lag", "shark", "yft")
+    ]
+
+
+def test_synth_class_mix_sizes_and_new_boats(tiny_data):
+    dataset = load_dataset(tiny_data)
+    counts = dataset.train.label.value_counts().sort_index()
+    assert dict(zip([dataset.classes[i] for i in counts.index], counts)) == class_counts(120)
+    assert class_counts(3777, minimum=0) == {"ALB": 1719, "BET": 200, "DOL": 117, "LAG": 67, "NoF": 465, "OTHER": 299, "SHARK": 176, "YFT": 734}
+    scaled = lambda sizes: {(round(w * 0.2), round(h * 0.2)) for w, h in sizes}  # noqa: E731
+    train_sizes = {read_size(tiny_data / p) for p in dataset.train.path}
+    stage2_sizes = {read_size(tiny_data / p) for p in dataset.images[dataset.images.split == "test_stg2"].path}
+    assert train_sizes <= scaled(REAL_SIZES[:TRAIN_BOATS]) and len(train_sizes) >= 4
+    assert stage2_sizes <= scaled(REAL_SIZES[TRAIN_BOATS:])  # boats never seen in train
+
+
+def test_synth_is_deterministic_whatever_the_worker_count(tmp_path):
+    def digest(root):
+        return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    synthesize(tmp_path / "a", n_train=20, n_test=4, seed=5, scale=0.1, workers=1)
+    synthesize(tmp_path / "b", n_train=20, n_test=4, seed=5, scale=0.1, workers=2)
+    synthesize(tmp_path / "c", n_train=20, n_test=4, seed=6, scale=0.1, workers=1)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_boxes_are_inside_the_image_and_fish_sized(tiny_data):
+    """Fish are 10-25 % of the image width, so their (rotated) boxes are never slivers."""
+    from fishcomp.data.annotations import load_annotations
+
+    annos = load_annotations(tiny_data / "annos")
+    dataset = load_dataset(tiny_data)
+    alb = dataset.train[dataset.train.label == 0].path.head(6)
+    for path in alb:
+        box = annos.largest(path.split("/")[-1])
+        assert box is not None
+        image = np.asarray(Image.open(tiny_data / path).convert("L"), dtype=float)
+        assert 0 <= box.x and box.x + box.w <= image.shape[1] + 1e-6
+        assert box.w >= image.shape[1] * 0.05
+
+
+def make_layout(root, extra=None):
+    for cls in ("ALB", "NoF"):
+        (root / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(root / "train" / cls / f"img_{cls}.jpg")
+    (root / "test_stg1").mkdir()
+    Image.new("RGB", (40, 30)).save(root / "test_stg1" / "img_t.jpg")
+    if extra:
+        extra(root)
+    return root
+
+
+def test_layout_errors_and_warnings(tmp_path):
+    with pytest.raises(FishcompError, match="data folder not found"):
+        load_dataset(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FishcompError, match="no train/ folder"):
+        load_dataset(tmp_path / "empty")
+
+    def duplicate(root):
+        Image.new("RGB", (4, 4)).save(root / "train" / "NoF" / "img_ALB.jpg")
+
+    with pytest.raises(FishcompError, match=r"same file name is in two class folders: .*ALB/img_ALB.jpg and .*NoF/img_ALB.jpg"):
+        load_dataset(make_layout(tmp_path / "dup", duplicate))
+
+    def stray(root):
+        (root / "train" / "sample_submission_stg1.csv").mkdir()
+        (root / "sample_submission_stg1.csv").write_text("image,ALB,NoF\n")
+
+    dataset = load_dataset(make_layout(tmp_path / "stray", stray))
+    assert dataset.classes == ["ALB", "NoF"]
+    assert any("not a class of this competition" in w for w in dataset.warnings)
+
+    def no_test(root):
+        (root / "test_stg1" / "img_t.jpg").unlink()
+
+    with pytest.raises(FishcompError, match="no test images"):
+        load_dataset(make_layout(tmp_path / "notest", no_test))
+
+
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [("L", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("RGB", "WEBP")],
+)
+def test_images_decode_by_content_whatever_the_name(tmp_path, mode, fmt):
+    source = Image.new("RGB", (64, 48), (200, 120, 40)).convert(mode) if mode != "I;16" else Image.fromarray(np.full((48, 64), 40000, np.uint16))
+    path = tmp_path / "img_x.jpg"  # the extension lies for PNG and WebP
+    buffer = io.BytesIO()
+    source.save(buffer, format=fmt)
+    path.write_bytes(buffer.getvalue())
+    image, size = load_rgb(path)
+    assert image.mode == "RGB" and size == (64, 48)
+    assert np.asarray(image).mean() > 30  # not blacked out (16-bit is rescaled, not clipped to 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    array = np.zeros((40, 80, 3), np.uint8)
+    array[:, :40] = 255  # left half white
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    path = tmp_path / "rot.jpg"
+    image.save(path, exif=exif)
+    upright, size = load_rgb(path)
+    assert size == (40, 80) == upright.size == read_size(path)
+    top = np.asarray(upright)[:20].mean()
+    assert top > 200  # the white half is on top once rotated
+
+
+def test_draft_decode_is_close_to_full_decode(tiny_data):
+    path = next((tiny_data / "train" / "ALB").iterdir())
+    full, _ = load_rgb(path)
+    fast, size = load_rgb(path, target=(64, 36))
+    assert size == full.size
+    a = np.asarray(full.resize((64, 36), Image.BILINEAR), dtype=float)
+    b = np.asarray(fast.resize((64, 36), Image.BILINEAR), dtype=float)
+    assert np.abs(a - b).mean() < 6

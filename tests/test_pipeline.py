@@ -1,0 +1,104 @@
+"""End to end through the real CLI: synth -> run -> validate, caching, and error exits."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fishcomp.models import backbones
+
+from conftest import CONFIGS, TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    out = work / "submission.csv"
+    args = ["run", "-c", CONFIGS / "pipeline.yaml", "--data", tiny_data, "--work", work, "--out", out]
+    for override in TINY:
+        args += ["--set", override]
+    return work, out, args
+
+
+def test_run_writes_a_valid_submission_that_beats_the_prior(demo_run, tiny_data, capsys):
+    work, out, args = demo_run
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    assert stdout.count("built") >= 6  # 2 precomputes, 2 trains, ensemble, submit
+    assert out.is_file() and out.with_name("submission_stg2.csv").is_file()
+    code, stdout, _ = run_cli(["validate", out, "--data", tiny_data], capsys)
+    assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
+    score = float(stdout.split("log loss on")[1].split(":")[1])
+    assert score < math.log(8) - 0.4  # the uniform prior scores ln 8 = 2.079
+    code, stdout, _ = run_cli(["validate", out.with_name("submission_stg2.csv"), "--data", tiny_data], capsys)
+    assert code == 0 and "valid test_stg2 submission, 36 rows" in stdout
+    # Models trained on features, not on noise: out-of-fold log loss beats the class prior.
+    train = json.loads(next((work / "train").glob("dense-*/summary.json")).read_text())
+    assert train["valid_logloss"] < train["prior_logloss"]
+    oof = pd.read_csv(next((work / "train").glob("dense-*/oof.csv")))
+    assert len(oof) == 120 and sorted(oof.fold.unique()) == [0, 1, 2]
+    assert not oof.isna().any().any()
+    np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_a_second_run_skips_every_stage_without_loading_a_model(demo_run, capsys):
+    work, out, args = demo_run
+    out.unlink(missing_ok=True)
+    loads = backbones.MODEL_LOADS
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    assert "built" not in stdout and stdout.count("cached") == 6
+    assert backbones.MODEL_LOADS == loads
+    assert out.is_file()
+
+
+def test_changing_an_ensemble_weight_redoes_only_the_ensemble(demo_run, capsys):
+    work, out, args = demo_run
+    code, stdout, _ = run_cli(args + ["--set", "ensemble.members=[{config: dense.yaml, weight: 2}, {config: dense_360x640.yaml}]"], capsys)
+    assert code == 0
+    lines = {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in ("precompute", "train", "ensemble", "submit")}
+    assert lines == {"precompute": "cached", "train": "cached", "ensemble": "built", "submit": "built"}
+
+
+def test_train_alone_builds_its_precompute(tiny_data, tmp_path, capsys):
+    args = ["train", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", tmp_path]
+    for override in TINY + ["split.kind=holdout", "train.phases=[{epochs: 2, lr: 0.001}]"]:
+        args += ["--set", override]
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    assert stdout.splitlines()[0].startswith("precompute built")
+    metrics = pd.read_csv(next((tmp_path / "train").glob("dense-*/metrics.csv")))
+    assert list(metrics.epoch) == [1, 2] and metrics.valid_logloss.notna().all()
+    assert len(list((tmp_path / "train").glob("dense-*/checkpoints/fold0.pt"))) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "-c", "nope.yaml"], "error: config file not found: nope.yaml"),
+        (["run", "-c", CONFIGS / "dense.yaml", "--set", "train.batch_sise=3"], "unknown key `train.batch_sise`"),
+        (["run", "-c", CONFIGS / "dense.yaml", "--set", "oops"], "expected dotted.key=value"),
+        (["run", "-c", CONFIGS / "dense.yaml", "--data", "/no/such/dir"], "data folder not found: /no/such/dir"),
+        (["validate", "/no/sub.csv", "--data", "/tmp"], "submission not found"),
+        (["ensemble", "-c", CONFIGS / "dense.yaml"], "has no `ensemble` section"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message, capsys):
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 2
+    assert message in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback(capsys):
+    code, _, stderr = run_cli(["--debug", "run", "-c", "nope.yaml"], capsys)
+    assert code == 2 and "Traceback" in stderr
+
+
+def test_check_prints_the_leakage_table(tiny_data, capsys):
+    code, stdout, _ = run_cli(["check", "--data", tiny_data], capsys)
+    assert code == 0
+    assert "train image size x class" in stdout and "256x144" in stdout
+    assert "unreadable files: 0" in stdout
