@@ -156,13 +156,16 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted; completed artifacts are kept, the unfinished one was discarded", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        # Usage errors: Typer may ship its own copy of click, so match click's exception protocol.
+        if isinstance(exc, click.exceptions.Abort) or type(exc).__name__ == "Abort":
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
     sys.exit(code if isinstance(code, int) else 0)

@@ -69,7 +69,75 @@ class DenseHeadConfig(Strict):
     input: Literal["pooled", "map"] = "pooled"
 
 
-HeadConfig = Annotated[Union[DenseHeadConfig], Field(discriminator="kind")]
+class GapHeadConfig(Strict):
+    """Global average pooling of the spatial map, then one linear layer: no dense layers, little dropout."""
+
+    kind: Literal["gap"] = "gap"
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class LeakageHeadConfig(Strict):
+    """The dense head plus a one-hot of the image's original size, batch-normalised and concatenated
+    before the last layer (the lesson's multi-input model)."""
+
+    kind: Literal["leakage"] = "leakage"
+    dropout: float = Field(0.6, ge=0.0, lt=1.0)
+    hidden: int = Field(512, ge=1)
+    input: Literal["pooled", "map"] = "pooled"
+
+
+class BboxHeadConfig(Strict):
+    """The dense trunk with two outputs: 4 box coordinates and the class softmax."""
+
+    kind: Literal["bbox"] = "bbox"
+    dropout: float = Field(0.6, ge=0.0, lt=1.0)
+    hidden: int = Field(512, ge=1)
+    input: Literal["pooled", "map"] = "map"
+    # Boxes are (x, y, w, h) as fractions of the image (0..1), so the weight is not in pixel units:
+    # the lesson's 0.001 on 224-pixel MSE corresponds to about 50 here.
+    box_weight: float = Field(20.0, ge=0.0)
+    box_loss: Literal["mse", "smooth_l1"] = "mse"
+    # skip: images without a box add no box loss; zero: the lesson's zero box for them.
+    missing_box: Literal["skip", "zero"] = "skip"
+
+
+class FcnHeadConfig(Strict):
+    """Fully convolutional: BN -> [Conv3x3 -> BN -> ReLU -> MaxPool] x blocks -> Conv to C maps ->
+    dropout -> global average pooling. The C maps are the class heatmaps."""
+
+    kind: Literal["fcn"] = "fcn"
+    channels: int = Field(128, ge=1)
+    blocks: int = Field(2, ge=0, le=5)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+class InceptionHeadConfig(Strict):
+    """Blocks of parallel 1x1, 1x1->5x5, 1x1->3x3->3x3 and avgpool->1x1 branches, concatenated,
+    then a conv to C maps and global average pooling."""
+
+    kind: Literal["inception"] = "inception"
+    blocks: int = Field(2, ge=1, le=5)
+    # Branch widths as in the lesson: 1x1 32; 1x1 24 -> 5x5 32; 1x1 32 -> 3x3 48 -> 3x3 48; pool -> 1x1 16.
+    width: float = Field(1.0, gt=0.0, description="multiplier on the lesson's branch widths")
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class ResblockHeadConfig(Strict):
+    """A 1x1 reduction, residual blocks (two 3x3 convs with an identity shortcut), global pooling."""
+
+    kind: Literal["resblock"] = "resblock"
+    channels: int = Field(128, ge=1)
+    blocks: int = Field(2, ge=1, le=8)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+HeadConfig = Annotated[
+    Union[
+        DenseHeadConfig, GapHeadConfig, LeakageHeadConfig, BboxHeadConfig,
+        FcnHeadConfig, InceptionHeadConfig, ResblockHeadConfig,
+    ],
+    Field(discriminator="kind"),
+]
 
 
 class Phase(Strict):
@@ -85,6 +153,11 @@ class TrainConfig(Strict):
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # constant: each phase at its lr (the lesson's); cosine: within each phase, anneal from its lr
+    # towards lr/100, which usually ends better for the same epochs.
+    schedule: Literal["constant", "cosine"] = "constant"
+    # Stop a fold after this many epochs without a better validation log loss (0: never).
+    early_stopping: int = Field(0, ge=0)
     seed: int = 0
     device: str = _runtime_only("auto")
 
@@ -96,7 +169,9 @@ class TrainConfig(Strict):
 class SplitConfig(Strict):
     # kfold gives out-of-fold predictions for every train image (what ensembles and clip tuning
     # need); holdout is faster and matches the lesson's 500-image validation set.
-    kind: Literal["holdout", "kfold"] = "kfold"
+    # group_kfold: folds never split a group of images with the same original size (the boat
+    # proxy), the honest estimate for a stage-2 test set of new boats.
+    kind: Literal["holdout", "kfold", "group_kfold"] = "kfold"
     folds: int = Field(5, ge=2, le=50)
     valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     seed: int = 0
@@ -174,8 +249,12 @@ class LoadedConfig(BaseModel):
 def _deep_merge(base: dict, changes: dict) -> dict:
     merged = dict(base)
     for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        base_value = merged.get(key)
+        # A section that switches `kind` (e.g. head: {kind: fcn}) starts afresh: the base's keys
+        # belong to another schema.
+        both_sections = isinstance(value, dict) and isinstance(base_value, dict)
+        if both_sections and not ("kind" in value and value["kind"] != base_value.get("kind")):
+            merged[key] = _deep_merge(base_value, value)
         else:
             merged[key] = value
     return merged

@@ -4,10 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from fishcomp.config import DenseHeadConfig
+from fishcomp.config import BboxHeadConfig, DenseHeadConfig, load_config
 from fishcomp.models.heads import create_head, head_uses_map, list_heads
 
-CONFIGS = {"dense": DenseHeadConfig(), "dense-map": DenseHeadConfig(input="map")}
+from conftest import CONFIGS as CONFIG_DIR
+
+# Every head as the shipped configs define it, plus variants on the other input.
+CONFIGS = {
+    **{path.stem: load_config(path).config.head for path in sorted(CONFIG_DIR.glob("*.yaml")) if load_config(path).config.head},
+    "dense-map": DenseHeadConfig(input="map"),
+    "bbox-pooled": BboxHeadConfig(input="pooled"),
+}
 
 
 def config_for(kind):
@@ -15,26 +22,33 @@ def config_for(kind):
 
 
 def shapes(config):
-    return (64, 5, 7) if head_uses_map(config) else (64,)
+    return (32, 6, 10) if head_uses_map(config) else (64,)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_forward_shapes_and_interface(name):
     config = config_for(name)
-    head = create_head(config, shapes(config), 8)
+    head = create_head(config, shapes(config), 8, num_sizes=5)
     head.eval()
     x = torch.randn(4, *shapes(config))
-    out = head(x)
+    size = torch.eye(5)[[0, 1, 4, 2]]
+    out = head(x, size=size)
     assert out["logits"].shape == (4, 8)
-    features = head.forward_features(x)
-    assert features.shape == (4, head.num_features)
+    features = head.forward_features(x, size)
+    assert features.shape[:2] == (4, head.num_features)
     torch.testing.assert_close(head.forward_head(features), out["logits"])
+    if "box" in out:
+        assert out["box"].shape == (4, 4) and ((out["box"] >= 0) & (out["box"] <= 1)).all()
+    if "heatmaps" in out:
+        assert out["heatmaps"].shape[:2] == (4, 8)
+        torch.testing.assert_close(out["heatmaps"].mean(dim=(2, 3)), out["logits"])
     head.reset_classifier(3)
-    assert head(x)["logits"].shape == (4, 3)
+    assert head(x, size=size)["logits"].shape == (4, 3)
 
 
-def test_every_registered_head_has_a_test_config():
-    assert set(list_heads()) <= {c.kind for c in CONFIGS.values()}
+def test_every_registered_head_has_a_shipped_config():
+    assert set(list_heads()) == {c.kind for c in CONFIGS.values()}
+    assert {"dense", "gap", "leakage", "bbox", "fcn", "inception", "resblock"} <= set(list_heads())
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -43,16 +57,77 @@ def test_short_training_lowers_the_loss(name):
     config = config_for(name)
     in_shape = shapes(config)
     labels = torch.arange(96) % 8
-    centres = torch.randn(8, *in_shape)
+    # Class signal spread over the whole map, so global pooling keeps it as well as flattening does.
+    centres = torch.randn(8, in_shape[0], *([1] * (len(in_shape) - 1))).expand(8, *in_shape)
     x = centres[labels] + 0.8 * torch.randn(96, *in_shape)
-    head = create_head(config, in_shape, 8)
-    optimiser = torch.optim.Adam(head.parameters(), lr=1e-3)
+    head = create_head(config, in_shape, 8, num_sizes=3)
+    size = torch.eye(3)[labels % 3]
+    optimiser = torch.optim.Adam(head.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(60):
         head.train()
-        loss = torch.nn.functional.cross_entropy(head(x)["logits"], labels)
+        loss = torch.nn.functional.cross_entropy(head(x, size=size)["logits"], labels)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+
+
+def _blob_maps(n, rng, height=6, width=10, channels=16):
+    """Feature maps with a class-coded blob at a random cell, and that cell as a box."""
+    labels = rng.integers(0, 8, n)
+    maps = rng.normal(0, 0.5, (n, channels, height, width)).astype(np.float32)
+    cells = np.stack([rng.integers(0, width, n), rng.integers(0, height, n)], axis=1)
+    codes = rng.normal(0, 1, (8, channels)).astype(np.float32)
+    for i, (cx, cy) in enumerate(cells):
+        maps[i, :, cy, cx] += 3 * codes[labels[i]]
+    boxes = np.stack([cells[:, 0] / width, cells[:, 1] / height, np.full(n, 1 / width), np.full(n, 1 / height)], axis=1)
+    return torch.from_numpy(maps), torch.from_numpy(labels), boxes.astype(np.float32)
+
+
+def test_bbox_iou_rises_with_training():
+    from fishcomp.models.losses import box_iou, head_loss
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x, labels, boxes = _blob_maps(256, rng)
+    config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_weight=50.0)
+    head = create_head(config, tuple(x.shape[1:]), 8)
+    optimiser = torch.optim.Adam(head.parameters(), lr=2e-3)
+
+    def iou():
+        head.eval()
+        with torch.no_grad():
+            return box_iou(head(x)["box"].numpy(), boxes).mean()
+
+    before = iou()
+    for _ in range(120):
+        head.train()
+        loss = head_loss(head(x), labels, torch.from_numpy(boxes), config, torch.nn.CrossEntropyLoss())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert iou() > max(0.2, 3 * before)
+
+
+def test_fcn_heatmap_peaks_in_the_box_far_more_often_than_chance():
+    from fishcomp.config import FcnHeadConfig
+    from fishcomp.models.losses import pointing_hits
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    x, labels, boxes = _blob_maps(320, rng)
+    head = create_head(FcnHeadConfig(channels=32, blocks=0, dropout=0.0), tuple(x.shape[1:]), 8)
+    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(200):
+        head.train()
+        loss = torch.nn.functional.cross_entropy(head(x)["logits"], labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    head.eval()
+    with torch.no_grad():
+        maps = head(x)["heatmaps"][torch.arange(len(labels)), labels].numpy()
+    chance = 1 / 60  # one cell of a 6x10 map
+    assert pointing_hits(maps, boxes).mean() > 20 * chance

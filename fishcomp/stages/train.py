@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from fishcomp.data.splits import assign_folds, fold_count
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
+from fishcomp.models.losses import box_iou, head_loss, pointing_hits
 from fishcomp.stages.context import Context, resolve_device
 from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
 from fishcomp.stages.predictions import Predictions
@@ -53,13 +55,18 @@ def ensure_train(ctx: Context, loaded: LoadedConfig) -> Artifact:
 
 
 class _Features:
-    """Rows of a memory-mapped feature array, fetched a batch at a time as float32 tensors."""
+    """Rows of a memory-mapped feature array (plus their size one-hot and box targets), fetched a
+    batch at a time as float32 tensors."""
 
-    def __init__(self, array: np.ndarray, rows: np.ndarray):
-        self.array, self.rows = array, rows
+    def __init__(self, array: np.ndarray, rows: np.ndarray, sizes: np.ndarray | None = None, boxes: np.ndarray | None = None):
+        self.array, self.rows, self.sizes, self.boxes = array, rows, sizes, boxes
         # Small arrays (pooled vectors) are worth holding in memory; maps stay on disk.
-        if array.nbytes < 1 << 30:
+        if isinstance(array, np.memmap) and array.nbytes < 1 << 30:
             self.array = np.ascontiguousarray(array)
+
+    def subset(self, positions: np.ndarray) -> "_Features":
+        pick = (lambda a: None if a is None else a[positions])  # noqa: E731
+        return _Features(self.array, self.rows[positions], pick(self.sizes), pick(self.boxes))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -68,30 +75,60 @@ class _Features:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.array.shape[1:])
 
-    def batch(self, positions: np.ndarray):
+    def batch(self, positions: np.ndarray, device) -> tuple:
         import torch
 
         rows = self.rows[positions]
         order = np.argsort(rows)  # sorted reads are sequential on a memory map
         data = np.empty((len(rows),) + self.shape, dtype=np.float32)
         data[order] = self.array[rows[order]]
-        return torch.from_numpy(data)
+        size = None if self.sizes is None else torch.from_numpy(self.sizes[positions]).to(device)
+        box = None if self.boxes is None else torch.from_numpy(self.boxes[positions]).to(device)
+        return torch.from_numpy(data).to(device), size, box
 
 
-def _predict(model, features: _Features, device, batch_size: int = 256) -> np.ndarray:
+def _predict(model, features: _Features, device, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Softmax probabilities, and boxes/heatmaps when the head makes them."""
     import torch
 
     model.eval()
-    outputs = []
+    outputs: dict[str, list] = {}
     with torch.inference_mode():
         for start in range(0, len(features), batch_size):
-            positions = np.arange(start, min(start + batch_size, len(features)))
-            logits = model(features.batch(positions).to(device))["logits"]
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, 0))
+            x, size, _ = features.batch(np.arange(start, min(start + batch_size, len(features))), device)
+            result = model(x, size=size)
+            outputs.setdefault("probs", []).append(torch.softmax(result["logits"].float(), dim=1).cpu().numpy())
+            for name in ("box", "heatmaps"):
+                if name in result:
+                    outputs.setdefault(name, []).append(result[name].float().cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 
-def _fit_fold(loaded, fold, train_rows, valid_rows, features, labels, num_classes, device, record, advance):
+def _extra_scores(predicted: dict[str, np.ndarray], boxes: np.ndarray | None) -> dict[str, float]:
+    """Mean box IoU (bbox heads) and heatmap pointing score (class-map heads) on images with a box."""
+    if boxes is None:
+        return {}
+    have = ~np.isnan(boxes).any(axis=1)
+    scores: dict[str, float] = {}
+    if not have.any():
+        return scores
+    if "box" in predicted:
+        scores["valid_iou"] = float(box_iou(predicted["box"][have], boxes[have]).mean())
+    if "heatmaps" in predicted:
+        classes = predicted["probs"].argmax(axis=1)
+        maps = predicted["heatmaps"][np.arange(len(classes)), classes]
+        scores["valid_pointing"] = float(pointing_hits(maps[have], boxes[have]).mean())
+    return scores
+
+
+def _lr_at(phase, step: int, steps: int, schedule: str) -> float:
+    if schedule == "cosine":
+        floor = phase.lr / 100
+        return floor + (phase.lr - floor) * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+    return phase.lr
+
+
+def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, valid_labels, num_classes, num_sizes, device, record, advance):
     import torch
     from torch import nn
 
@@ -101,30 +138,31 @@ def _fit_fold(loaded, fold, train_rows, valid_rows, features, labels, num_classe
     train_cfg = config.train
     torch.manual_seed(train_cfg.seed * 1000 + fold)
     generator = np.random.default_rng([train_cfg.seed, fold])
-    model = create_head(config.head, features.shape, num_classes).to(device)
+    model = create_head(config.head, train_set.shape, num_classes, num_sizes=num_sizes).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=train_cfg.phases[0].lr, weight_decay=train_cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
-    train_set = _Features(features.array, features.rows[train_rows])
-    valid_set = _Features(features.array, features.rows[valid_rows])
-    train_labels = torch.from_numpy(labels[train_rows])
-    valid_labels = labels[valid_rows]
+    train_labels = torch.from_numpy(labels)
     best = (np.inf, None, -1)
-    epoch = 0
+    epoch, stale = 0, 0
+    batches = max(1, math.ceil(len(train_set) / train_cfg.batch_size))
     for phase in train_cfg.phases:
-        for group in optimiser.param_groups:
-            group["lr"] = phase.lr
-        for _ in range(phase.epochs):
+        for phase_epoch in range(phase.epochs):
+            if train_cfg.early_stopping and stale >= train_cfg.early_stopping:
+                advance(1, note=f"fold {fold} stopped early")
+                continue
             started = time.time()
             model.train()
             order = generator.permutation(len(train_set))
             total, seen = 0.0, 0
-            for start in range(0, len(order), train_cfg.batch_size):
+            for batch_index, start in enumerate(range(0, len(order), train_cfg.batch_size)):
                 positions = order[start : start + train_cfg.batch_size]
                 if len(positions) < 2 and len(order) > 1:
                     continue  # BatchNorm cannot normalise a batch of one
-                x = train_set.batch(positions).to(device)
+                for group in optimiser.param_groups:
+                    group["lr"] = _lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
+                x, size, box = train_set.batch(positions, device)
                 y = train_labels[positions].to(device)
-                loss = criterion(model(x)["logits"], y)
+                loss = head_loss(model(x, size=size), y, box, config.head, criterion)
                 if not torch.isfinite(loss):
                     raise FishcompError(
                         f"[{loaded.name}] fold {fold} epoch {epoch + 1}: loss is {loss.item()}; "
@@ -135,7 +173,8 @@ def _fit_fold(loaded, fold, train_rows, valid_rows, features, labels, num_classe
                 optimiser.step()
                 total += loss.item() * len(positions)
                 seen += len(positions)
-            probs = _predict(model, valid_set, device)
+            predicted = _predict(model, valid_set, device)
+            probs = predicted["probs"]
             valid_logloss = log_loss(valid_labels, probs)
             # The training criterion on validation (log-probabilities are valid logits for it).
             log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-15))
@@ -145,14 +184,38 @@ def _fit_fold(loaded, fold, train_rows, valid_rows, features, labels, num_classe
                 {
                     "fold": fold, "epoch": epoch, "lr": phase.lr, "train_loss": total / max(seen, 1),
                     "valid_loss": valid_loss, "valid_logloss": valid_logloss,
-                    "valid_accuracy": accuracy(valid_labels, probs), "seconds": round(time.time() - started, 3),
+                    "valid_accuracy": accuracy(valid_labels, probs),
+                    **_extra_scores(predicted, valid_set.boxes),
+                    "seconds": round(time.time() - started, 3),
                 }
             )
             if valid_logloss < best[0]:
-                best = (valid_logloss, copy.deepcopy(model.state_dict()), epoch)
+                best, stale = (valid_logloss, copy.deepcopy(model.state_dict()), epoch), 0
+            else:
+                stale += 1
             advance(1, note=f"fold {fold} epoch {epoch} valid logloss {valid_logloss:.4f}")
     model.load_state_dict(best[1])
     return model, best[2]
+
+
+def size_vocabulary(train_index: pd.DataFrame) -> list[str]:
+    """The original sizes seen in train, most frequent first; any other size gets one extra slot."""
+    return (train_index.width.astype(str) + "x" + train_index.height.astype(str)).value_counts().index.tolist()
+
+
+def size_onehot(index: pd.DataFrame, vocabulary: list[str]) -> np.ndarray:
+    slots = {size: i for i, size in enumerate(vocabulary)}
+    keys = index.width.astype(str) + "x" + index.height.astype(str)
+    onehot = np.zeros((len(index), len(vocabulary) + 1), dtype=np.float32)
+    onehot[np.arange(len(index)), [slots.get(k, len(vocabulary)) for k in keys]] = 1.0
+    return onehot
+
+
+def normalised_boxes(index: pd.DataFrame) -> np.ndarray:
+    """Boxes as (x, y, w, h) fractions of the image: the same numbers in any resized frame."""
+    boxes = index[["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=np.float32)
+    scale = index[["width", "height", "width", "height"]].to_numpy(dtype=np.float32)
+    return boxes / np.where(scale > 0, scale, np.nan)
 
 
 def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict:
@@ -172,14 +235,25 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
     missing = [c for i, c in enumerate(classes) if not (labels == i).any()]
     if missing:
         warn(f"[{loaded.name}] no train images of {', '.join(missing)}: the model can only predict them from smoothing")
-    folds = assign_folds(labels, config.split)
+    usable_index = train_index.iloc[usable].reset_index(drop=True)
+    folds = assign_folds(labels, config.split, groups=usable_index.width.astype(str) + "x" + usable_index.height.astype(str))
     device = resolve_device(config.train.device)
-    train_features = _Features(load_features(features_artifact, "train", kind), usable)
+    vocabulary = size_vocabulary(usable_index)
+    train_features = _Features(
+        load_features(features_artifact, "train", kind), usable, size_onehot(usable_index, vocabulary), normalised_boxes(usable_index)
+    )
     test_splits = [s for s in ("test_stg1", "test_stg2") if (index.split == s).any()]
+    test_features = {}
+    for split in test_splits:
+        split_index = index[index.split == split]
+        array = load_features(features_artifact, split, kind)
+        test_features[split] = _Features(array, np.arange(len(array)), size_onehot(split_index, vocabulary))
 
     n_folds = fold_count(folds)
     oof = np.full((len(usable), len(classes)), np.nan)
-    test_probs = {split: [] for split in test_splits}
+    oof_boxes = np.full((len(usable), 4), np.nan)
+    test_probs: dict[str, list] = {split: [] for split in test_splits}
+    test_boxes: dict[str, list] = {split: [] for split in test_splits}
     records: list[dict] = []
     best_epochs = []
     (tmp / "checkpoints").mkdir()
@@ -187,16 +261,26 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
         for fold in range(n_folds):
             valid = np.flatnonzero(folds == fold)
             train = np.flatnonzero(folds != fold)
+            valid_set = train_features.subset(valid)
             model, best_epoch = _fit_fold(
-                loaded, fold, train, valid, train_features, labels, len(classes), device, records, advance
+                loaded, fold, train_features.subset(train), valid_set, labels[train], labels[valid],
+                len(classes), len(vocabulary) + 1, device, records, advance,
             )
             best_epochs.append(best_epoch)
-            oof[valid] = _predict(model, _Features(train_features.array, usable[valid]), device)
+            predicted = _predict(model, valid_set, device)
+            oof[valid] = predicted["probs"]
+            if "box" in predicted:
+                oof_boxes[valid] = predicted["box"]
             for split in test_splits:
-                array = load_features(features_artifact, split, kind)
-                test_probs[split].append(_predict(model, _Features(array, np.arange(len(array))), device))
+                predicted = _predict(model, test_features[split], device)
+                test_probs[split].append(predicted["probs"])
+                if "box" in predicted:
+                    test_boxes[split].append(predicted["box"])
             torch.save(
-                {"state_dict": model.state_dict(), "head": key_payload(config.head), "classes": classes, "in_shape": train_features.shape},
+                {
+                    "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": classes,
+                    "in_shape": train_features.shape, "size_vocabulary": vocabulary,
+                },
                 tmp / "checkpoints" / f"fold{fold}.pt",
             )
 
@@ -212,10 +296,25 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
     pd.DataFrame(records).to_csv(tmp / "metrics.csv", index=False)
 
     validated = folds >= 0
+    box_columns = ["box_x", "box_y", "box_w", "box_h"]  # fractions of the image
+    extra = {}
+    if any(test_boxes.values()):
+        pd.DataFrame(oof_boxes, columns=box_columns).assign(image=oof_frame.image).to_csv(tmp / "oof_boxes.csv", index=False)
+        for split in test_splits:
+            frame = pd.DataFrame(np.mean(test_boxes[split], axis=0), columns=box_columns)
+            frame.insert(0, "image", tests[split].image)
+            frame.to_csv(tmp / f"{split}_boxes.csv", index=False)
+    metrics = pd.DataFrame(records)
+    for score in ("valid_iou", "valid_pointing"):
+        if score in metrics:
+            # The score at each fold's best epoch, averaged over folds.
+            per_fold = [metrics[(metrics.fold == f) & (metrics.epoch == e)][score].iloc[0] for f, e in enumerate(best_epochs)]
+            extra[score] = float(np.mean(per_fold))
     summary = {
         "name": loaded.name,
         "head": config.head.kind,
         "features": kind,
+        "input_size": meta["size"],
         "split": config.split.kind,
         "folds": n_folds,
         "train_images": int(len(usable)),
@@ -223,6 +322,8 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
         "valid_logloss": log_loss(labels[validated], oof[validated]),
         "valid_accuracy": accuracy(labels[validated], oof[validated]),
         "prior_logloss": prior_log_loss(labels, labels[validated], len(classes)),
+        **extra,
+        "size_vocabulary": vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))

@@ -6,7 +6,8 @@ Every head has the same small interface:
 - `forward(x)`: a dict with `logits` (and whatever else the head predicts, e.g. `box`);
 - `num_features`: width of the representation `forward_head` reads;
 - `reset_classifier(num_classes)`: a fresh classifier for another class count;
-- `uses_map`: whether it reads the spatial feature map (True) or the pooled vector (False).
+- `uses_map`: whether it reads the spatial feature map (True) or the pooled vector (False);
+- `needs_size`: whether `forward(x, size=...)` needs the image-size one-hot (the leakage input).
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def head_uses_map(config) -> bool:
     return getattr(config, "input", "map") == "map"
 
 
-def create_head(config, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build the head named by `config.kind` for features of `in_shape` (without the batch axis)."""
-    return _REGISTRY[config.kind](config, in_shape, num_classes)
+def create_head(config, in_shape: tuple[int, ...], num_classes: int, num_sizes: int = 1) -> nn.Module:
+    """Build the head named by `config.kind` for features of `in_shape` (without the batch axis).
+
+    `num_sizes`: slots of the image-size one-hot, for heads with `needs_size`.
+    """
+    return _REGISTRY[config.kind](config, in_shape, num_classes, num_sizes=num_sizes)
 
 
 # Importing the families registers them.
-from fishcomp.models.heads import dense  # noqa: E402,F401
+from fishcomp.models.heads import convolutional, dense  # noqa: E402,F401

@@ -1,7 +1,9 @@
-"""The lesson's dense head: BN -> dropout p/4 -> [Dense -> ReLU -> BN -> dropout] x 2 -> Dense(C).
+"""The lesson's dense family: a shared trunk (BN -> dropout p/4 -> [Dense -> ReLU -> BN -> dropout] x 2)
+with three tops: the 8-way classifier (`dense`), plus the image-size one-hot (`leakage`), plus a
+box regressor (`bbox`).
 
-On the spatial map (`input: map`) it first max-pools 2x2 and flattens, as the lesson did on VGG's
-conv output; on the pooled vector it starts at the BN.
+On the spatial map (`input: map`) the trunk first max-pools 2x2 and flattens, as the lesson did on
+VGG's conv output; on the pooled vector it starts at the BN.
 """
 
 from __future__ import annotations
@@ -11,41 +13,39 @@ import math
 import torch
 from torch import nn
 
-from fishcomp.config import DenseHeadConfig
+from fishcomp.config import BboxHeadConfig, DenseHeadConfig, LeakageHeadConfig
 from fishcomp.models.heads import register_head
 
 
-class DenseHead(nn.Module):
-    def __init__(self, config: DenseHeadConfig, in_shape: tuple[int, ...], num_classes: int):
-        super().__init__()
-        p = config.dropout
-        self.uses_map = config.input == "map"
-        if self.uses_map:
+class DenseTrunk(nn.Sequential):
+    def __init__(self, in_shape: tuple[int, ...], input_kind: str, dropout: float, hidden: int):
+        if input_kind == "map":
             channels, height, width = in_shape
             # ceil_mode keeps odd-sized maps (e.g. 12x20 from 360x640) whole.
-            self.pool = nn.MaxPool2d(2, ceil_mode=True)
+            pool: nn.Module = nn.MaxPool2d(2, ceil_mode=True)
             flat = channels * math.ceil(height / 2) * math.ceil(width / 2)
         else:
-            self.pool = nn.Identity()
-            flat = in_shape[0]
-        self.trunk = nn.Sequential(
-            nn.Flatten(),
-            nn.BatchNorm1d(flat),
-            nn.Dropout(p / 4),
-            nn.Linear(flat, config.hidden),
-            nn.ReLU(inplace=True),
-            nn.BatchNorm1d(config.hidden),
-            nn.Dropout(p),
-            nn.Linear(config.hidden, config.hidden),
-            nn.ReLU(inplace=True),
-            nn.BatchNorm1d(config.hidden),
-            nn.Dropout(p / 2),
+            pool, flat = nn.Identity(), in_shape[0]
+        p = dropout
+        super().__init__(
+            pool, nn.Flatten(), nn.BatchNorm1d(flat), nn.Dropout(p / 4),
+            nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(p),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(p / 2),
         )
-        self.num_features = config.hidden
-        self.classifier = nn.Linear(config.hidden, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(self.pool(x))
+
+class DenseHead(nn.Module):
+    needs_size = False
+
+    def __init__(self, config: DenseHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
+        super().__init__()
+        self.uses_map = config.input == "map"
+        self.trunk = DenseTrunk(in_shape, config.input, config.dropout, config.hidden)
+        self.num_features = config.hidden
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+        return self.trunk(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)
@@ -53,10 +53,41 @@ class DenseHead(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.classifier = nn.Linear(self.num_features, num_classes)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.forward_head(self.forward_features(x))}
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"logits": self.forward_head(self.forward_features(x, size))}
 
 
-@register_head("dense")
-def create_dense(config: DenseHeadConfig, in_shape: tuple[int, ...], num_classes: int) -> DenseHead:
-    return DenseHead(config, in_shape, num_classes)
+class LeakageHead(DenseHead):
+    """Multi-input: the original image size (one-hot over the sizes seen in train, plus a slot for
+    any unseen size) joins the image features right before the classifier."""
+
+    needs_size = True
+
+    def __init__(self, config: LeakageHeadConfig, in_shape: tuple[int, ...], num_classes: int, num_sizes: int = 1, **_):
+        super().__init__(config, in_shape, num_classes)
+        self.size_norm = nn.BatchNorm1d(num_sizes)
+        self.num_features = config.hidden + num_sizes
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+        if size is None:
+            raise ValueError("the leakage head needs the image-size one-hot")
+        return torch.cat([self.trunk(x), self.size_norm(size)], dim=1)
+
+
+class BboxHead(DenseHead):
+    """Multi-output: the class logits and a box (x, y, w, h as fractions of the image)."""
+
+    def __init__(self, config: BboxHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
+        super().__init__(config, in_shape, num_classes)
+        # A sigmoid keeps predicted coordinates inside the image.
+        self.box = nn.Sequential(nn.Linear(self.num_features, 4), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        features = self.forward_features(x)
+        return {"logits": self.forward_head(features), "box": self.box(features)}
+
+
+register_head("dense")(DenseHead)
+register_head("leakage")(LeakageHead)
+register_head("bbox")(BboxHead)
