@@ -11,7 +11,7 @@ OUT ?= submission.csv
 FISHCOMP := $(BIN)/fishcomp
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test precompute train ensemble submit run check clean clean-all
+.PHONY: help install data demo test compare precompute train ensemble submit run check clean clean-all
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ demo: install data ## Synthetic data -> features -> heads -> ensemble -> validat
 
 test: install ## Run the test suite
 	$(BIN)/python -m pytest -q
+
+compare: install data ## Train every head on DATA and print the comparison table (COMPARE_SET="--set k=v")
+	$(BIN)/python scripts/compare.py --data $(DATA) --work $(WORK) $(COMPARE_SET)
 
 check: install ## Check the dataset layout and print its tables
 	$(FISHCOMP) check --data $(DATA)
