@@ -102,3 +102,9 @@ def test_check_prints_the_leakage_table(tiny_data, capsys):
     assert code == 0
     assert "train image size x class" in stdout and "256x144" in stdout
     assert "unreadable files: 0" in stdout
+
+
+def test_a_bad_device_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    args = ["precompute", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", tmp_path, "--set", "precompute.device=tpu9"]
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 2 and "device `tpu9` is not a torch device" in stderr

@@ -11,6 +11,7 @@ from fishcomp.config import DataConfig
 from fishcomp.console import warn
 from fishcomp.data.annotations import Annotations, load_annotations
 from fishcomp.data.layout import Dataset, load_dataset
+from fishcomp.errors import FishcompError
 
 
 @dataclass
@@ -51,4 +52,10 @@ def resolve_device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise FishcompError(f"device `{name}` is not a torch device (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FishcompError(f"device `{name}` asked for, but this machine has no usable CUDA GPU (use device: auto or cpu)")
+    return device
