@@ -128,6 +128,22 @@ def run_cli(
     run(_context(data, work, overrides), _load(config, overrides), out)
 
 
+@app.command("heatmap")
+def heatmap_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
+    split: Annotated[str, typer.Option("--split", help="valid (out-of-fold maps), test_stg1 or test_stg2.")] = "valid",
+    images: Annotated[Optional[list[str]], typer.Option("--image", help="An image file name to draw (repeatable).")] = None,
+    count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images, when none are named.")] = 8,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs [default: heatmaps/<run name>].")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Write PNG overlays of a class-map head's heatmaps (fcn, inception) on the original photos."""
+    from fishcomp.stages.heatmap import heatmaps
+
+    loaded = _load(config, overrides)
+    heatmaps(_context(data, work, overrides), loaded, split, list(images or []), count, out or Path("heatmaps") / loaded.name)
+
+
 @app.command("validate")
 def validate_cli(
     submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],

@@ -145,6 +145,19 @@ class Phase(Strict):
     lr: float = Field(gt=0)
 
 
+class PseudoConfig(Strict):
+    """Pseudo-labelling, the lesson's MixIterator: test images with an earlier run's predictions as
+    soft targets, mixed into every training batch. Only test images are added, so no validation
+    image is ever trained on."""
+
+    # A train or ensemble config (relative to the file that names it) whose test predictions become
+    # the targets. Its path is not hashed: the key holds the source artifact's own key instead.
+    source: str = Field(json_schema_extra={NOT_IN_KEY: True})
+    # Share of each batch taken by pseudo-labelled images (the lesson mixed about 1 in 4).
+    proportion: float = Field(0.25, gt=0.0, le=0.75)
+    splits: list[Literal["test_stg1", "test_stg2"]] = Field(default_factory=lambda: ["test_stg1"], min_length=1)
+
+
 class TrainConfig(Strict):
     # The lesson's two phases: Adam 1e-3 for 3 epochs, then 1e-4 for 7.
     phases: list[Phase] = Field(
@@ -159,6 +172,7 @@ class TrainConfig(Strict):
     # Stop a fold after this many epochs without a better validation log loss (0: never).
     early_stopping: int = Field(0, ge=0)
     seed: int = 0
+    pseudo: PseudoConfig | None = None
     device: str = _runtime_only("auto")
 
     @property
@@ -375,6 +389,8 @@ def key_payload(model: BaseModel) -> dict:
         if isinstance(extra, dict) and extra.get(NOT_IN_KEY):
             continue
         value = getattr(model, name)
+        if value is None and field.default is None:
+            continue  # an optional feature left off: adding one must not invalidate existing artifacts
         if isinstance(value, BaseModel):
             value = key_payload(value)
         elif isinstance(value, list):

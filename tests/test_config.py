@@ -115,3 +115,14 @@ def test_member_paths_resolve_against_the_config(tmp_path):
     missing = load_config(write(tmp_path, "ensemble: {members: [{config: gone.yaml}]}\n", "e.yaml"))
     with pytest.raises(FishcompError, match="ensemble member of .*e.yaml: config file not found"):
         member_configs(missing)
+
+
+def test_an_optional_feature_left_off_does_not_enter_the_key():
+    from fishcomp.config import PseudoConfig, TrainConfig, key_payload
+
+    plain = TrainConfig()
+    assert "pseudo" not in key_payload(plain)  # so adding the option kept every old artifact valid
+    with_pseudo = TrainConfig(pseudo=PseudoConfig(source="a.yaml"))
+    payload = key_payload(with_pseudo)
+    # The source is keyed by its artifact's key (added by the train stage), not by its path.
+    assert payload["pseudo"] == {"proportion": 0.25, "splits": ["test_stg1"]}

@@ -49,12 +49,13 @@ def _check_aligned(names: list[str], members: list[Predictions]) -> None:
                 raise FishcompError(f"ensemble members {names[0]} and {name} predicted different {split} images")
 
 
-def ensure_ensemble(ctx: Context, loaded: LoadedConfig) -> Artifact:
+def ensure_ensemble(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = ()) -> Artifact:
     config: EnsembleConfig | None = loaded.config.ensemble
     if config is None:
         raise FishcompError(f"{loaded.path} has no `ensemble` section")
     members = member_configs(loaded)
-    trained = [ensure_train(ctx, member) for member in members]
+    # `_chain`: the configs that asked for this one as a pseudo-label source (to catch loops).
+    trained = [ensure_train(ctx, member, _chain) for member in members]
     key = cache_key(STAGE, [a.key for a in trained], key_payload(config))
     artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(loaded, members, trained, tmp))
     summary = json.loads(artifact.file("summary.json").read_text())

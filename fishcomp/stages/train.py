@@ -30,28 +30,106 @@ from fishcomp.models.heads import head_uses_map
 from fishcomp.models.losses import box_iou, head_loss, pointing_hits
 from fishcomp.stages.context import Context, resolve_device
 from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
-from fishcomp.stages.predictions import Predictions
+from fishcomp.stages.predictions import Predictions, read_predictions
 
 STAGE = "train"
 
 
-def train_key(precompute_key: str, loaded: LoadedConfig) -> str:
+def train_key(precompute_key: str, loaded: LoadedConfig, pseudo_key: str | None = None) -> str:
     config = loaded.config
-    return cache_key(STAGE, precompute_key, key_payload(config.head), key_payload(config.train), key_payload(config.split))
+    parts = [precompute_key, key_payload(config.head), key_payload(config.train), key_payload(config.split)]
+    if pseudo_key is not None:
+        parts.append({"pseudo_source": pseudo_key})
+    return cache_key(STAGE, *parts)
 
 
-def ensure_train(ctx: Context, loaded: LoadedConfig) -> Artifact:
+def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = ()) -> Artifact:
     if not loaded.config.trains:
         raise FishcompError(f"{loaded.path}: nothing to train (add a `head:` section, or use an ensemble's members)")
     features = ensure_precompute(ctx, loaded)
-    key = train_key(features.key, loaded)
-    artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(loaded, features, tmp))
+    pseudo = _pseudo_source(ctx, loaded, _chain)
+    key = train_key(features.key, loaded, pseudo.key if pseudo else None)
+    artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(loaded, features, tmp, pseudo))
     summary = json.loads(artifact.file("summary.json").read_text())
     stage_line(
         STAGE, artifact.built, artifact.path,
         f"[{loaded.name}] valid logloss {summary['valid_logloss']:.4f}, accuracy {summary['valid_accuracy']:.3f}",
     )
     return artifact
+
+
+def _pseudo_source(ctx: Context, loaded: LoadedConfig, chain: tuple[Path, ...]) -> Artifact | None:
+    """Build (or find) the run whose test predictions become this run's pseudo-labels."""
+    settings = loaded.config.train.pseudo
+    if settings is None:
+        return None
+    from fishcomp.config import MEMBER_SECTIONS, load_config
+    from fishcomp.stages.ensemble import ensure_ensemble
+
+    path = loaded.path.parent / settings.source
+    here = loaded.path.resolve()
+    if path.resolve() in chain + (here,):
+        raise FishcompError(f"{loaded.path}: train.pseudo.source {settings.source} leads back to itself")
+    # The user's model-section `--set` values reach the source too (so a shrunken test run stays
+    # shrunken), except the pseudo settings, which belong to this run alone.
+    overrides = [
+        o for o in ctx.overrides
+        if o.split(".", 1)[0].strip() in MEMBER_SECTIONS and not o.replace(" ", "").startswith("train.pseudo")
+    ]
+    try:
+        source = load_config(path, overrides)
+    except FishcompError as exc:
+        raise FishcompError(f"train.pseudo.source of {loaded.path}: {exc}") from exc
+    if source.config.ensemble is not None:
+        return ensure_ensemble(ctx, source, chain + (here,))
+    if source.config.trains:
+        return ensure_train(ctx, source, chain + (here,))
+    raise FishcompError(f"{path}: a pseudo-label source must train a head or blend an ensemble")
+
+
+def _pseudo_targets(source: Artifact, index: pd.DataFrame, splits: list[str], classes: list[str], where: str) -> dict[str, np.ndarray]:
+    """The source's test probabilities, row-aligned with this run's test features."""
+    predictions = read_predictions(source)
+    if predictions.classes != list(classes):
+        raise FishcompError(f"{where}: the pseudo-label source predicts classes {predictions.classes}, not {classes}")
+    targets = {}
+    for split in splits:
+        images = index[index.split == split].image.reset_index(drop=True)
+        if images.empty:
+            raise FishcompError(f"{where}: train.pseudo.splits names {split}, but the data has no {split} images")
+        frame = predictions.tests.get(split)
+        if frame is None or not frame.image.reset_index(drop=True).equals(images):
+            raise FishcompError(f"{where}: the pseudo-label source did not predict the same {split} images; rebuild it on this data")
+        targets[split] = frame[classes].to_numpy(dtype=np.float32)
+    return targets
+
+
+def mixed_batches(n_train: int, n_pseudo: int, batch_size: int, proportion: float, rng: np.random.Generator):
+    """The lesson's MixIterator: one epoch over the train positions in shuffled batches, each topped
+    up with pseudo-labelled positions (cycled through, reshuffled on every pass) so that they make
+    `proportion` of the batch. Yields (train positions, pseudo positions)."""
+    pseudo_per_batch = min(batch_size - 1, max(1, round(batch_size * proportion))) if n_pseudo else 0
+    train_per_batch = batch_size - pseudo_per_batch
+    order = rng.permutation(n_train)
+    pseudo_order, cursor = (rng.permutation(n_pseudo) if n_pseudo else np.empty(0, dtype=np.int64)), 0
+    for start in range(0, n_train, train_per_batch):
+        train_positions = order[start : start + train_per_batch]
+        # Keep the mix at the stated proportion in a short last batch as well.
+        wanted = round(len(train_positions) * pseudo_per_batch / train_per_batch) if n_pseudo else 0
+        taken = []
+        while wanted > 0:
+            chunk = pseudo_order[cursor : cursor + wanted]
+            taken.append(chunk)
+            cursor += len(chunk)
+            wanted -= len(chunk)
+            if cursor >= n_pseudo:
+                pseudo_order, cursor = rng.permutation(n_pseudo), 0
+        yield train_positions, (np.concatenate(taken) if taken else np.empty(0, dtype=np.int64))
+
+
+def batches_per_epoch(n_train: int, batch_size: int, pseudo) -> int:
+    pseudo_per_batch = min(batch_size - 1, max(1, round(batch_size * pseudo.proportion))) if pseudo else 0
+    return max(1, math.ceil(n_train / (batch_size - pseudo_per_batch)))
 
 
 class _Features:
@@ -85,6 +163,15 @@ class _Features:
         size = None if self.sizes is None else torch.from_numpy(self.sizes[positions]).to(device)
         box = None if self.boxes is None else torch.from_numpy(self.boxes[positions]).to(device)
         return torch.from_numpy(data).to(device), size, box
+
+
+def _concat_features(parts: list[_Features]) -> _Features:
+    """Several test splits as one set (rows copied into memory: pseudo sets are test-sized)."""
+    if len(parts) == 1:
+        return parts[0]
+    arrays = [np.asarray(p.array[p.rows], dtype=np.float16) for p in parts]
+    array = np.concatenate(arrays)
+    return _Features(array, np.arange(len(array)), np.concatenate([p.sizes for p in parts]))
 
 
 def _predict(model, features: _Features, device, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -128,7 +215,11 @@ def _lr_at(phase, step: int, steps: int, schedule: str) -> float:
     return phase.lr
 
 
-def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, valid_labels, num_classes, num_sizes, device, record, advance):
+def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None):
+    """Train one fold's head, keeping the epoch with the best validation log loss.
+
+    `pseudo`: (features of the pseudo-labelled test images, their soft targets) or None.
+    """
     import torch
     from torch import nn
 
@@ -142,9 +233,10 @@ def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, 
     optimiser = torch.optim.Adam(model.parameters(), lr=train_cfg.phases[0].lr, weight_decay=train_cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
     train_labels = torch.from_numpy(labels)
+    pseudo_set, pseudo_targets = pseudo if pseudo is not None else (None, None)
     best = (np.inf, None, -1)
     epoch, stale = 0, 0
-    batches = max(1, math.ceil(len(train_set) / train_cfg.batch_size))
+    batches = batches_per_epoch(len(train_set), train_cfg.batch_size, train_cfg.pseudo if pseudo else None)
     for phase in train_cfg.phases:
         for phase_epoch in range(phase.epochs):
             if train_cfg.early_stopping and stale >= train_cfg.early_stopping:
@@ -152,17 +244,29 @@ def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, 
                 continue
             started = time.time()
             model.train()
-            order = generator.permutation(len(train_set))
+            mix = mixed_batches(
+                len(train_set), len(pseudo_set) if pseudo_set is not None else 0, train_cfg.batch_size,
+                train_cfg.pseudo.proportion if pseudo else 0.0, generator,
+            )
             total, seen = 0.0, 0
-            for batch_index, start in enumerate(range(0, len(order), train_cfg.batch_size)):
-                positions = order[start : start + train_cfg.batch_size]
-                if len(positions) < 2 and len(order) > 1:
+            for batch_index, (positions, pseudo_positions) in enumerate(mix):
+                if len(positions) + len(pseudo_positions) < 2 and len(train_set) > 1:
                     continue  # BatchNorm cannot normalise a batch of one
                 for group in optimiser.param_groups:
                     group["lr"] = _lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
                 x, size, box = train_set.batch(positions, device)
                 y = train_labels[positions].to(device)
-                loss = head_loss(model(x, size=size), y, box, config.head, criterion)
+                if len(pseudo_positions):
+                    # One forward pass over the mixed batch, so BatchNorm sees it whole.
+                    px, psize, _ = pseudo_set.batch(pseudo_positions, device)
+                    outputs = model(torch.cat([x, px]), size=None if size is None else torch.cat([size, psize]))
+                    n = len(positions)
+                    loss = head_loss({k: v[:n] for k, v in outputs.items()}, y, box, config.head, criterion)
+                    soft = torch.from_numpy(pseudo_targets[pseudo_positions]).to(device)
+                    pseudo_loss = criterion(outputs["logits"][n:], soft)
+                    loss = (n * loss + len(pseudo_positions) * pseudo_loss) / (n + len(pseudo_positions))
+                else:
+                    loss = head_loss(model(x, size=size), y, box, config.head, criterion)
                 if not torch.isfinite(loss):
                     raise FishcompError(
                         f"[{loaded.name}] fold {fold} epoch {epoch + 1}: loss is {loss.item()}; "
@@ -218,7 +322,7 @@ def normalised_boxes(index: pd.DataFrame) -> np.ndarray:
     return boxes / np.where(scale > 0, scale, np.nan)
 
 
-def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict:
+def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None) -> dict:
     import torch
 
     config = loaded.config
@@ -230,8 +334,7 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
     usable = np.flatnonzero(train_index.ok.to_numpy())
     if len(usable) < len(train_index):
         warn(f"[{loaded.name}] {len(train_index) - len(usable)} unreadable train image(s) left out of training")
-    labels_all = train_index.label.to_numpy()
-    labels = labels_all[usable]
+    labels = train_index.label.to_numpy()[usable]
     missing = [c for i, c in enumerate(classes) if not (labels == i).any()]
     if missing:
         warn(f"[{loaded.name}] no train images of {', '.join(missing)}: the model can only predict them from smoothing")
@@ -248,6 +351,15 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
         split_index = index[index.split == split]
         array = load_features(features_artifact, split, kind)
         test_features[split] = _Features(array, np.arange(len(array)), size_onehot(split_index, vocabulary))
+    pseudo, pseudo_summary = None, None
+    if pseudo_source is not None:
+        settings = config.train.pseudo
+        targets = _pseudo_targets(pseudo_source, index, settings.splits, classes, str(loaded.path))
+        pseudo = _concat_features([test_features[split] for split in settings.splits]), np.concatenate([targets[s] for s in settings.splits])
+        pseudo_summary = {
+            "source": pseudo_source.path.name, "source_key": pseudo_source.key, "splits": settings.splits,
+            "images": int(len(pseudo[1])), "proportion": settings.proportion,
+        }
 
     n_folds = fold_count(folds)
     oof = np.full((len(usable), len(classes)), np.nan)
@@ -264,7 +376,7 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
             valid_set = train_features.subset(valid)
             model, best_epoch = _fit_fold(
                 loaded, fold, train_features.subset(train), valid_set, labels[train], labels[valid],
-                len(classes), len(vocabulary) + 1, device, records, advance,
+                len(classes), len(vocabulary) + 1, device, records, advance, pseudo,
             )
             best_epochs.append(best_epoch)
             predicted = _predict(model, valid_set, device)
@@ -323,8 +435,27 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path) -> dict
         "valid_accuracy": accuracy(labels[validated], oof[validated]),
         "prior_logloss": prior_log_loss(labels, labels[validated], len(classes)),
         **extra,
+        "pseudo": pseudo_summary,
         "size_vocabulary": vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))
     return {"summary": summary}
+
+
+def load_fold_model(artifact: Artifact, fold: int, device):
+    """One fold's best head from a train artifact, rebuilt from its checkpoint, in eval mode."""
+    import torch
+    from pydantic import TypeAdapter
+
+    from fishcomp.config import HeadConfig
+    from fishcomp.models.heads import create_head
+
+    path = artifact.file(f"checkpoints/fold{fold}.pt")
+    if not path.is_file():
+        raise FishcompError(f"{artifact.path} has no checkpoint for fold {fold}")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    head = TypeAdapter(HeadConfig).validate_python(checkpoint["head"])
+    model = create_head(head, tuple(checkpoint["in_shape"]), len(checkpoint["classes"]), num_sizes=len(checkpoint["size_vocabulary"]) + 1)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval()

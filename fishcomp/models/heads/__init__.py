@@ -7,7 +7,8 @@ Every head has the same small interface:
 - `num_features`: width of the representation `forward_head` reads;
 - `reset_classifier(num_classes)`: a fresh classifier for another class count;
 - `uses_map`: whether it reads the spatial feature map (True) or the pooled vector (False);
-- `needs_size`: whether `forward(x, size=...)` needs the image-size one-hot (the leakage input).
+- `needs_size`: whether `forward(x, size=...)` needs the image-size one-hot (the leakage input);
+- `makes_heatmaps`: whether `forward` also returns `heatmaps`, one spatial map per class.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def list_heads() -> list[str]:
 def head_uses_map(config) -> bool:
     """Whether a head config needs the spatial map, without building the head."""
     return getattr(config, "input", "map") == "map"
+
+
+def list_heatmap_heads() -> list[str]:
+    """Kinds whose `forward` returns per-class heatmaps (known from the class, nothing is built)."""
+    return [kind for kind in list_heads() if getattr(_REGISTRY[kind], "makes_heatmaps", False)]
 
 
 def create_head(config, in_shape: tuple[int, ...], num_classes: int, num_sizes: int = 1) -> nn.Module:

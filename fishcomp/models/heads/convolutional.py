@@ -27,6 +27,7 @@ class _MapHead(nn.Module):
 
     uses_map = True
     needs_size = False
+    makes_heatmaps = False
 
     def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         return self.body(x)
@@ -37,6 +38,8 @@ class _MapHead(nn.Module):
 
 class _ClassMapHead(_MapHead):
     """Conv to one map per class -> dropout -> global average pooling (the lesson's FCN ending)."""
+
+    makes_heatmaps = True
 
     def _make_classifier(self, num_classes: int) -> None:
         self.classifier = nn.Conv2d(self.num_features, num_classes, 3, padding=1)
