@@ -106,26 +106,42 @@ def ensemble_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt 
     ensure_ensemble(_context(data, work, overrides), _load(config, overrides))
 
 
+GzipOpt = Annotated[bool, typer.Option("--gzip", help="Write the submission(s) as .csv.gz.")]
+
+
 @app.command("submit")
 def submit_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
-    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None,
+    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False,
+    kaggle: Annotated[bool, typer.Option("--kaggle", help="Upload with the kaggle CLI after validating (stage 2 when present).")] = False,
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Kaggle submission message.")] = None,
 ) -> None:
     """Clip, write and validate the submission CSV (stage 2 too when test_stg2/ exists)."""
-    from fishcomp.stages.submit import ensure_submit
+    from fishcomp.config import SubmitConfig
+    from fishcomp.stages.submit import ensure_submit, kaggle_submit, output_paths
 
-    ensure_submit(_context(data, work, overrides), _load(config, overrides), out)
+    if message is not None and not kaggle:
+        raise FishcompError("--message is the Kaggle submission message; add --kaggle to upload")
+    loaded = _load(config, overrides)
+    artifact = ensure_submit(_context(data, work, overrides), loaded, out, gzip=gzip)
+    if kaggle:
+        import json
+
+        files = output_paths(out, json.loads(artifact.file("summary.json").read_text())["files"], gzip)
+        upload = files.get("submission_stg2.csv", files["submission_stg1.csv"])
+        settings = loaded.config.submit or SubmitConfig()
+        kaggle_submit(upload, message or f"fishcomp {loaded.name} {artifact.key}", settings.competition)
 
 
 @app.command("run")
 def run_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
-    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None,
+    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False,
 ) -> None:
     """Run every stage the config names, in order, skipping those already cached."""
     from fishcomp.pipeline import run
 
-    run(_context(data, work, overrides), _load(config, overrides), out)
+    run(_context(data, work, overrides), _load(config, overrides), out, gzip=gzip)
 
 
 @app.command("heatmap")

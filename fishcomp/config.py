@@ -67,6 +67,9 @@ class DenseHeadConfig(Strict):
     # pooled: the backbone's global-average-pooled vector; map: max-pooled spatial map, flattened
     # (the lesson's variant, which needs `precompute.spatial`).
     input: Literal["pooled", "map"] = "pooled"
+    # On the map: a 1x1 conv to this many channels (BN, ReLU) before the 2x2 max-pool and flatten,
+    # so a 360x640 map (12x20x1280) does not need tens of millions of dense weights. None: the lesson's.
+    reduce: int | None = Field(None, ge=1)
 
 
 class GapHeadConfig(Strict):
@@ -84,6 +87,7 @@ class LeakageHeadConfig(Strict):
     dropout: float = Field(0.6, ge=0.0, lt=1.0)
     hidden: int = Field(512, ge=1)
     input: Literal["pooled", "map"] = "pooled"
+    reduce: int | None = Field(None, ge=1)
 
 
 class BboxHeadConfig(Strict):
@@ -93,6 +97,7 @@ class BboxHeadConfig(Strict):
     dropout: float = Field(0.6, ge=0.0, lt=1.0)
     hidden: int = Field(512, ge=1)
     input: Literal["pooled", "map"] = "map"
+    reduce: int | None = Field(None, ge=1)
     # Boxes are (x, y, w, h) as fractions of the image (0..1), so the weight is not in pixel units:
     # the lesson's 0.001 on 224-pixel MSE corresponds to about 50 here.
     box_weight: float = Field(20.0, ge=0.0)
@@ -201,6 +206,10 @@ class EnsembleConfig(Strict):
     members: list[EnsembleMember] = Field(min_length=1)
     # mean: weighted arithmetic mean of probabilities; geometric: weighted mean of log-probabilities.
     method: Literal["mean", "geometric"] = "mean"
+    # given: the members' `weight`s; fitted: non-negative weights summing to one that minimise the
+    # out-of-fold log loss (the given weights are ignored). The summary also reports the blend
+    # with weights fitted on the other folds only, an honest estimate of the fitted blend.
+    weights: Literal["given", "fitted"] = "given"
 
     @model_validator(mode="after")
     def _some_weight(self) -> EnsembleConfig:
@@ -210,14 +219,23 @@ class EnsembleConfig(Strict):
 
 
 class ClipConfig(Strict):
-    # do_clip: the lesson's clip(p, (1 - mx) / 7, mx); eps: clip to [eps, 1 - eps] and renormalise.
-    kind: Literal["none", "do_clip", "eps"] = "eps"
+    # do_clip: the lesson's clip(p, (1 - mx) / 7, mx); eps: clip to [eps, 1 - eps] and renormalise;
+    # auto: whichever of none, do_clip and eps, with its value, minimises the out-of-fold log loss
+    # (`clip: auto` is short for `clip: {kind: auto}`).
+    kind: Literal["none", "do_clip", "eps", "auto"] = "eps"
     mx: float = Field(0.82, gt=0.0, le=1.0)
     eps: float = Field(0.005, ge=0.0, lt=0.5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_word(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
 
 
 class SubmitConfig(Strict):
     clip: ClipConfig = Field(default_factory=ClipConfig)
+    # The Kaggle competition `fishcomp submit --kaggle` uploads to.
+    competition: str = _runtime_only("the-nature-conservancy-fisheries-monitoring")
 
 
 class RunConfig(Strict):

@@ -14,7 +14,7 @@ from fishcomp.errors import FishcompError
 from fishcomp.stages.context import Context
 
 
-def run(ctx: Context, loaded: LoadedConfig, out: Path | None) -> Artifact:
+def run(ctx: Context, loaded: LoadedConfig, out: Path | None, gzip: bool = False) -> Artifact:
     from fishcomp.stages.ensemble import ensure_ensemble
     from fishcomp.stages.precompute import ensure_precompute
     from fishcomp.stages.submit import ensure_submit
@@ -22,7 +22,7 @@ def run(ctx: Context, loaded: LoadedConfig, out: Path | None) -> Artifact:
 
     config = loaded.config
     if config.submit is not None:
-        return ensure_submit(ctx, loaded, out)
+        return ensure_submit(ctx, loaded, out, gzip=gzip)
     if config.ensemble is not None:
         return ensure_ensemble(ctx, loaded)
     if config.trains:

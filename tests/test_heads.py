@@ -14,6 +14,7 @@ CONFIGS = {
     **{path.stem: load_config(path).config.head for path in sorted(CONFIG_DIR.glob("*.yaml")) if load_config(path).config.head},
     "dense-map": DenseHeadConfig(input="map"),
     "bbox-pooled": BboxHeadConfig(input="pooled"),
+    "bbox-reduce": BboxHeadConfig(reduce=16),
 }
 
 

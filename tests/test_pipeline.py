@@ -62,6 +62,53 @@ def test_changing_an_ensemble_weight_redoes_only_the_ensemble(demo_run, capsys):
     assert lines == {"precompute": "cached", "train": "cached", "ensemble": "built", "submit": "built"}
 
 
+def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(demo_run, tiny_data, capsys):
+    work, out, args = demo_run
+    gz_out = out.with_name("fitted.csv")
+    fitted = [*args[:-2], "--out", gz_out, "--gzip", "--set", "ensemble.weights=fitted", "--set", "submit.clip=auto"]
+    code, stdout, stderr = run_cli(fitted, capsys)
+    assert code == 0, stderr
+    summary = json.loads(next(p for p in (work / "ensemble").glob("pipeline-*/summary.json") if json.loads(p.read_text())["weights"] == "fitted").read_text())
+    weights = [m["weight"] for m in summary["members"]]
+    assert min(weights) >= 0 and abs(sum(weights) - 1) < 1e-6
+    # Fitted on the out-of-fold rows, the blend is never worse there than its best member.
+    assert summary["valid_logloss"] <= min(m["valid_logloss"] for m in summary["members"]) + 1e-9
+    assert summary["valid_logloss_cross_fitted"] is not None
+    submit = json.loads(next(p for p in (work / "submit").glob("pipeline-*/summary.json") if json.loads(p.read_text())["clip"]["kind"] == "auto").read_text())
+    assert submit["oof_logloss_clipped"] <= submit["oof_logloss_raw"] + 1e-12
+    assert submit["clip_used"] in stdout
+    assert gz_out.with_name("fitted.csv.gz").is_file() and gz_out.with_name("fitted_stg2.csv.gz").is_file()
+    code, stdout, _ = run_cli(["validate", gz_out.with_name("fitted_stg2.csv.gz"), "--data", tiny_data], capsys)
+    assert code == 0 and "valid test_stg2 submission, 36 rows" in stdout
+
+
+def test_kaggle_upload_uses_the_kaggle_cli_after_validation(demo_run, tmp_path, capsys, monkeypatch):
+    work, out, args = demo_run
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "kaggle"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'Successfully submitted'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    submit = ["submit", *args[1:], "--kaggle", "-m", "first try"]
+    code, stdout, stderr = run_cli(submit, capsys)
+    assert code == 0, stderr
+    sent = calls.read_text().split()
+    assert sent[:4] == ["competitions", "submit", "-c", "the-nature-conservancy-fisheries-monitoring"]
+    assert sent[5].endswith("submission_stg2.csv") and " ".join(sent[7:]) == "first try"
+    assert "Successfully submitted" in stdout
+
+    fake.write_text("#!/bin/sh\necho '401 - Unauthorized' >&2\nexit 1\n")
+    code, _, stderr = run_cli(submit, capsys)
+    assert code == 2 and "kaggle competitions submit failed: 401 - Unauthorized" in stderr
+
+    fake.unlink()
+    code, _, stderr = run_cli(submit, capsys)
+    assert code == 2 and "pip install kaggle" in stderr and len(stderr.strip().splitlines()) == 1
+
+
 def test_train_alone_builds_its_precompute(tiny_data, tmp_path, capsys):
     args = ["train", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", tmp_path]
     for override in TINY + ["split.kind=holdout", "train.phases=[{epochs: 2, lr: 0.001}]"]:

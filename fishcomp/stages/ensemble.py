@@ -15,7 +15,7 @@ from fishcomp.cache import Artifact
 from fishcomp.config import EnsembleConfig, LoadedConfig, cache_key, dump_yaml, key_payload, member_configs
 from fishcomp.console import stage_line
 from fishcomp.errors import FishcompError
-from fishcomp.metrics import KAGGLE_EPS, normalise_rows
+from fishcomp.metrics import KAGGLE_EPS, log_loss, normalise_rows
 from fishcomp.stages.context import Context
 from fishcomp.stages.predictions import Predictions, read_predictions
 from fishcomp.stages.train import ensure_train
@@ -31,6 +31,46 @@ def blend(probabilities: list[np.ndarray], weights: list[float], method: str) ->
         logs = np.log(np.clip(stacked, KAGGLE_EPS, 1.0))
         return normalise_rows(np.exp(np.tensordot(w, logs, axes=1)))
     return np.tensordot(w, stacked, axes=1)
+
+
+def fit_weights(probabilities: list[np.ndarray], labels: np.ndarray, method: str) -> np.ndarray:
+    """Non-negative weights summing to one that minimise the blend's log loss on these rows.
+
+    Started from every single member and from equal weights, and the best of all those points is
+    kept, so the fitted blend is never worse than its best member on the rows it was fitted on.
+    """
+    from scipy.optimize import minimize
+
+    count = len(probabilities)
+
+    def loss(weights: np.ndarray) -> float:
+        weights = np.clip(weights, 0.0, None)
+        return log_loss(labels, blend(probabilities, weights / max(weights.sum(), 1e-12), method))
+
+    starts = [np.eye(count)[i] for i in range(count)] + [np.full(count, 1.0 / count)]
+    best = min(starts, key=loss)
+    result = minimize(
+        loss, np.full(count, 1.0 / count), method="SLSQP", bounds=[(0.0, 1.0)] * count,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}], options={"ftol": 1e-10, "maxiter": 200},
+    )
+    if result.success and loss(result.x) < loss(best):
+        best = result.x
+    best = np.clip(best, 0.0, None)
+    return best / best.sum()
+
+
+def cross_fitted_blend(probabilities: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, method: str) -> np.ndarray | None:
+    """Each fold blended with weights fitted on the other folds: what fitting really gains.
+    None when there is only one validated fold (a hold-out split)."""
+    validated = sorted(f for f in np.unique(folds) if f >= 0)
+    if len(validated) < 2:
+        return None
+    blended = np.full_like(probabilities[0], np.nan, dtype=np.float64)
+    for fold in validated:
+        rest, this = (folds >= 0) & (folds != fold), folds == fold
+        weights = fit_weights([p[rest] for p in probabilities], labels[rest], method)
+        blended[this] = blend([p[this] for p in probabilities], weights, method)
+    return blended
 
 
 def _check_aligned(names: list[str], members: list[Predictions]) -> None:
@@ -59,7 +99,7 @@ def ensure_ensemble(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...]
     key = cache_key(STAGE, [a.key for a in trained], key_payload(config))
     artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(loaded, members, trained, tmp))
     summary = json.loads(artifact.file("summary.json").read_text())
-    scores = ", ".join(f"{m['name']} {m['valid_logloss']:.4f}" for m in summary["members"])
+    scores = ", ".join(f"{m['name']} {m['valid_logloss']:.4f} x{m['weight']:.2f}" for m in summary["members"])
     stage_line(STAGE, artifact.built, artifact.path, f"blend {summary['valid_logloss']:.4f} ({scores})")
     return artifact
 
@@ -69,11 +109,20 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
     names = [m.name for m in members]
     predictions = [read_predictions(a) for a in trained]
     _check_aligned(names, predictions)
-    weights = [m.weight for m in config.members]
     first = predictions[0]
     classes = first.classes
+    member_oof = [p.oof[classes].to_numpy(dtype=np.float64) for p in predictions]
+    validated = (first.oof.fold >= 0).to_numpy()
+    labels, folds = first.oof.label.to_numpy(), first.oof.fold.to_numpy()
+    weights = [m.weight for m in config.members]
+    cross_fitted = None
+    if config.weights == "fitted":
+        weights = fit_weights([p[validated] for p in member_oof], labels[validated], config.method).tolist()
+        blended_cv = cross_fitted_blend([p[validated] for p in member_oof], labels[validated], folds[validated], config.method)
+        if blended_cv is not None:
+            cross_fitted = log_loss(labels[validated], blended_cv)
     oof = first.oof.copy()
-    oof[classes] = blend([p.oof[classes].to_numpy() for p in predictions], weights, config.method)
+    oof[classes] = blend(member_oof, weights, config.method)
     tests = {}
     for split, frame in first.tests.items():
         tests[split] = frame.copy()
@@ -83,11 +132,14 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
     summary = {
         "name": loaded.name,
         "method": config.method,
+        "weights": config.weights,
         "members": [
-            {"name": name, "weight": weight, "valid_logloss": p.oof_logloss(), "valid_accuracy": p.oof_accuracy()}
+            {"name": name, "weight": weight / sum(weights), "valid_logloss": p.oof_logloss(), "valid_accuracy": p.oof_accuracy()}
             for name, weight, p in zip(names, weights, predictions)
         ],
         "valid_logloss": blended.oof_logloss(),
+        # Fitted weights only: each fold blended with weights fitted on the other folds.
+        "valid_logloss_cross_fitted": cross_fitted,
         "valid_accuracy": blended.oof_accuracy(),
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

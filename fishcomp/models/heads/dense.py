@@ -3,7 +3,8 @@ with three tops: the 8-way classifier (`dense`), plus the image-size one-hot (`l
 box regressor (`bbox`).
 
 On the spatial map (`input: map`) the trunk first max-pools 2x2 and flattens, as the lesson did on
-VGG's conv output; on the pooled vector it starts at the BN.
+VGG's conv output (optionally after a 1x1 conv that reduces the channels, `reduce`); on the pooled
+vector it starts at the BN.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ from fishcomp.models.heads import register_head
 
 
 class DenseTrunk(nn.Sequential):
-    def __init__(self, in_shape: tuple[int, ...], input_kind: str, dropout: float, hidden: int):
+    def __init__(self, in_shape: tuple[int, ...], input_kind: str, dropout: float, hidden: int, reduce: int | None = None):
         if input_kind == "map":
             channels, height, width = in_shape
             # ceil_mode keeps odd-sized maps (e.g. 12x20 from 360x640) whole.
-            pool: nn.Module = nn.MaxPool2d(2, ceil_mode=True)
+            pool: list[nn.Module] = [nn.MaxPool2d(2, ceil_mode=True)]
+            if reduce is not None:
+                pool = [nn.BatchNorm2d(channels), nn.Conv2d(channels, reduce, 1, bias=False), nn.BatchNorm2d(reduce), nn.ReLU(inplace=True), *pool]
+                channels = reduce
             flat = channels * math.ceil(height / 2) * math.ceil(width / 2)
         else:
-            pool, flat = nn.Identity(), in_shape[0]
+            pool, flat = [], in_shape[0]
         p = dropout
         super().__init__(
-            pool, nn.Flatten(), nn.BatchNorm1d(flat), nn.Dropout(p / 4),
+            *pool, nn.Flatten(), nn.BatchNorm1d(flat), nn.Dropout(p / 4),
             nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(p),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(p / 2),
         )
@@ -40,7 +44,7 @@ class DenseHead(nn.Module):
     def __init__(self, config: DenseHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
         super().__init__()
         self.uses_map = config.input == "map"
-        self.trunk = DenseTrunk(in_shape, config.input, config.dropout, config.hidden)
+        self.trunk = DenseTrunk(in_shape, config.input, config.dropout, config.hidden, config.reduce)
         self.num_features = config.hidden
         self.classifier = nn.Linear(self.num_features, num_classes)
 

@@ -1,0 +1,63 @@
+"""Fitted ensemble weights and tuned clipping, on predictions with known properties."""
+
+import numpy as np
+import pytest
+
+from fishcomp.config import ClipConfig, SubmitConfig
+from fishcomp.metrics import log_loss
+from fishcomp.stages.ensemble import blend, cross_fitted_blend, fit_weights
+from fishcomp.stages.submit import apply_clip, tune_clip
+
+
+def _predictions(labels, sharpness, noise, rng):
+    logits = rng.normal(0, noise, (len(labels), 8))
+    logits[np.arange(len(labels)), labels] += sharpness
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("method", ["mean", "geometric"])
+def test_fitted_weights_favour_the_informative_member_and_never_lose_to_the_best(method):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 400)
+    good, weak, noise = _predictions(labels, 2.0, 1.0, rng), _predictions(labels, 0.7, 1.0, rng), _predictions(labels, 0.0, 1.0, rng)
+    weights = fit_weights([good, weak, noise], labels, method)
+    assert weights.min() >= 0 and weights.sum() == pytest.approx(1.0)
+    assert weights[0] > weights[1] > weights[2] - 1e-6
+    fitted = log_loss(labels, blend([good, weak, noise], weights, method))
+    assert fitted <= min(log_loss(labels, p) for p in (good, weak, noise)) + 1e-12
+    assert fitted <= log_loss(labels, blend([good, weak, noise], [1, 1, 1], method)) + 1e-12
+
+
+def test_cross_fitted_blend_scores_each_fold_with_weights_from_the_others():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 8, 300)
+    members = [_predictions(labels, 1.5, 1.0, rng), _predictions(labels, 1.0, 1.0, rng)]
+    folds = np.arange(300) % 3
+    blended = cross_fitted_blend(members, labels, folds, "mean")
+    assert blended.shape == (300, 8) and not np.isnan(blended).any()
+    # It differs from the in-sample fit (weights are refitted per fold) but stays close to it.
+    in_sample = blend(members, fit_weights(members, labels, "mean"), "mean")
+    assert abs(log_loss(labels, blended) - log_loss(labels, in_sample)) < 0.05
+    assert cross_fitted_blend(members, labels, np.zeros(300, dtype=int), "mean") is None  # one fold: nothing to cross-fit
+
+
+def test_tuned_clip_rescues_overconfident_predictions_and_never_hurts():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 8, 500)
+    # 99.9 % sure every time, and wrong on 15 % of the rows.
+    predicted = np.where(rng.random(500) < 0.85, labels, (labels + rng.integers(1, 8, 500)) % 8)
+    overconfident = np.full((500, 8), 0.001 / 7)
+    overconfident[np.arange(500), predicted] = 0.999
+    clip = tune_clip(labels, overconfident)
+    assert clip.kind in ("eps", "do_clip")
+    assert log_loss(labels, apply_clip(overconfident, clip)) < log_loss(labels, overconfident) - 0.5
+    for probs in (overconfident, _predictions(labels, 1.0, 1.0, rng), np.full((500, 8), 1 / 8)):
+        tuned = tune_clip(labels, probs)
+        assert log_loss(labels, apply_clip(probs, tuned)) <= log_loss(labels, probs) + 1e-12
+
+
+def test_clip_auto_is_a_word_in_the_config():
+    assert SubmitConfig.model_validate({"clip": "auto"}).clip == ClipConfig(kind="auto")
+    with pytest.raises(ValueError):
+        apply_clip(np.full((2, 8), 1 / 8), ClipConfig(kind="auto"))
