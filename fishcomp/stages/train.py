@@ -29,7 +29,8 @@ from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
 from fishcomp.models.losses import box_iou, head_loss, pointing_hits
 from fishcomp.stages.context import Context, resolve_device
-from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
+from fishcomp.stages.feature_sets import FeatureSet, concat, predict
+from fishcomp.stages.precompute import ensure_precompute, load_augmented, load_features, load_index, load_views
 from fishcomp.stages.predictions import Predictions, read_predictions
 
 STAGE = "train"
@@ -40,7 +41,15 @@ def train_key(precompute_key: str, loaded: LoadedConfig, pseudo_key: str | None 
     parts = [precompute_key, key_payload(config.head), key_payload(config.train), key_payload(config.split)]
     if pseudo_key is not None:
         parts.append({"pseudo_source": pseudo_key})
+    if _tta_combine(loaded):
+        parts.append({"tta_combine": _tta_combine(loaded)})
     return cache_key(STAGE, *parts)
+
+
+def _tta_combine(loaded: LoadedConfig) -> str | None:
+    """How test-time views are combined, when the features have them (precompute.tta)."""
+    tta = loaded.config.precompute.tta
+    return tta.combine if tta is not None and tta.views > 1 else None
 
 
 def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = ()) -> Artifact:
@@ -53,7 +62,8 @@ def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = 
     summary = json.loads(artifact.file("summary.json").read_text())
     stage_line(
         STAGE, artifact.built, artifact.path,
-        f"[{loaded.name}] valid logloss {summary['valid_logloss']:.4f}, accuracy {summary['valid_accuracy']:.3f}",
+        f"[{loaded.name}] valid logloss {summary['valid_logloss']:.4f}, accuracy {summary['valid_accuracy']:.3f}"
+        + (f" (TTA x{summary['tta_views']}; {summary['valid_logloss_without_tta']:.4f} without)" if summary.get("tta_views", 1) > 1 else ""),
     )
     return artifact
 
@@ -132,65 +142,6 @@ def batches_per_epoch(n_train: int, batch_size: int, pseudo) -> int:
     return max(1, math.ceil(n_train / (batch_size - pseudo_per_batch)))
 
 
-class _Features:
-    """Rows of a memory-mapped feature array (plus their size one-hot and box targets), fetched a
-    batch at a time as float32 tensors."""
-
-    def __init__(self, array: np.ndarray, rows: np.ndarray, sizes: np.ndarray | None = None, boxes: np.ndarray | None = None):
-        self.array, self.rows, self.sizes, self.boxes = array, rows, sizes, boxes
-        # Small arrays (pooled vectors) are worth holding in memory; maps stay on disk.
-        if isinstance(array, np.memmap) and array.nbytes < 1 << 30:
-            self.array = np.ascontiguousarray(array)
-
-    def subset(self, positions: np.ndarray) -> "_Features":
-        pick = (lambda a: None if a is None else a[positions])  # noqa: E731
-        return _Features(self.array, self.rows[positions], pick(self.sizes), pick(self.boxes))
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape[1:])
-
-    def batch(self, positions: np.ndarray, device) -> tuple:
-        import torch
-
-        rows = self.rows[positions]
-        order = np.argsort(rows)  # sorted reads are sequential on a memory map
-        data = np.empty((len(rows),) + self.shape, dtype=np.float32)
-        data[order] = self.array[rows[order]]
-        size = None if self.sizes is None else torch.from_numpy(self.sizes[positions]).to(device)
-        box = None if self.boxes is None else torch.from_numpy(self.boxes[positions]).to(device)
-        return torch.from_numpy(data).to(device), size, box
-
-
-def _concat_features(parts: list[_Features]) -> _Features:
-    """Several test splits as one set (rows copied into memory: pseudo sets are test-sized)."""
-    if len(parts) == 1:
-        return parts[0]
-    arrays = [np.asarray(p.array[p.rows], dtype=np.float16) for p in parts]
-    array = np.concatenate(arrays)
-    return _Features(array, np.arange(len(array)), np.concatenate([p.sizes for p in parts]))
-
-
-def _predict(model, features: _Features, device, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Softmax probabilities, and boxes/heatmaps when the head makes them."""
-    import torch
-
-    model.eval()
-    outputs: dict[str, list] = {}
-    with torch.inference_mode():
-        for start in range(0, len(features), batch_size):
-            x, size, _ = features.batch(np.arange(start, min(start + batch_size, len(features))), device)
-            result = model(x, size=size)
-            outputs.setdefault("probs", []).append(torch.softmax(result["logits"].float(), dim=1).cpu().numpy())
-            for name in ("box", "heatmaps"):
-                if name in result:
-                    outputs.setdefault(name, []).append(result[name].float().cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in outputs.items()}
-
-
 def _extra_scores(predicted: dict[str, np.ndarray], boxes: np.ndarray | None) -> dict[str, float]:
     """Mean box IoU (bbox heads) and heatmap pointing score (class-map heads) on images with a box."""
     if boxes is None:
@@ -215,7 +166,7 @@ def _lr_at(phase, step: int, steps: int, schedule: str) -> float:
     return phase.lr
 
 
-def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None):
+def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None):
     """Train one fold's head, keeping the epoch with the best validation log loss.
 
     `pseudo`: (features of the pseudo-labelled test images, their soft targets) or None.
@@ -248,13 +199,15 @@ def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, 
                 len(train_set), len(pseudo_set) if pseudo_set is not None else 0, train_cfg.batch_size,
                 train_cfg.pseudo.proportion if pseudo else 0.0, generator,
             )
+            # One of the original and its augmented copies per image for this epoch.
+            copy_choice = generator.integers(0, train_set.copy_count, size=len(train_set))
             total, seen = 0.0, 0
             for batch_index, (positions, pseudo_positions) in enumerate(mix):
                 if len(positions) + len(pseudo_positions) < 2 and len(train_set) > 1:
                     continue  # BatchNorm cannot normalise a batch of one
                 for group in optimiser.param_groups:
                     group["lr"] = _lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
-                x, size, box = train_set.batch(positions, device)
+                x, size, box = train_set.batch(positions, device, copies=copy_choice[positions])
                 y = train_labels[positions].to(device)
                 if len(pseudo_positions):
                     # One forward pass over the mixed batch, so BatchNorm sees it whole.
@@ -277,7 +230,7 @@ def _fit_fold(loaded, fold, train_set: _Features, valid_set: _Features, labels, 
                 optimiser.step()
                 total += loss.item() * len(positions)
                 seen += len(positions)
-            predicted = _predict(model, valid_set, device)
+            predicted = predict(model, valid_set, device)
             probs = predicted["probs"]
             valid_logloss = log_loss(valid_labels, probs)
             # The training criterion on validation (log-probabilities are valid logits for it).
@@ -342,20 +295,26 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_
     folds = assign_folds(labels, config.split, groups=usable_index.width.astype(str) + "x" + usable_index.height.astype(str))
     device = resolve_device(config.train.device)
     vocabulary = size_vocabulary(usable_index)
-    train_features = _Features(
-        load_features(features_artifact, "train", kind), usable, size_onehot(usable_index, vocabulary), normalised_boxes(usable_index)
+    copies, copy_boxes = load_augmented(features_artifact, kind)
+    train_features = FeatureSet(
+        load_features(features_artifact, "train", kind), usable, size_onehot(usable_index, vocabulary), normalised_boxes(usable_index),
+        copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, usable],
+        views=load_views(features_artifact, "train", kind),
     )
     test_splits = [s for s in ("test_stg1", "test_stg2") if (index.split == s).any()]
     test_features = {}
     for split in test_splits:
         split_index = index[index.split == split]
         array = load_features(features_artifact, split, kind)
-        test_features[split] = _Features(array, np.arange(len(array)), size_onehot(split_index, vocabulary))
+        test_features[split] = FeatureSet(
+            array, np.arange(len(array)), size_onehot(split_index, vocabulary), views=load_views(features_artifact, split, kind)
+        )
+    tta = _tta_combine(loaded)
     pseudo, pseudo_summary = None, None
     if pseudo_source is not None:
         settings = config.train.pseudo
         targets = _pseudo_targets(pseudo_source, index, settings.splits, classes, str(loaded.path))
-        pseudo = _concat_features([test_features[split] for split in settings.splits]), np.concatenate([targets[s] for s in settings.splits])
+        pseudo = concat([test_features[split] for split in settings.splits]), np.concatenate([targets[s] for s in settings.splits])
         pseudo_summary = {
             "source": pseudo_source.path.name, "source_key": pseudo_source.key, "splits": settings.splits,
             "images": int(len(pseudo[1])), "proportion": settings.proportion,
@@ -363,6 +322,7 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_
 
     n_folds = fold_count(folds)
     oof = np.full((len(usable), len(classes)), np.nan)
+    oof_original = np.full((len(usable), len(classes)), np.nan)  # without TTA, to measure its gain
     oof_boxes = np.full((len(usable), 4), np.nan)
     test_probs: dict[str, list] = {split: [] for split in test_splits}
     test_boxes: dict[str, list] = {split: [] for split in test_splits}
@@ -379,12 +339,13 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_
                 len(classes), len(vocabulary) + 1, device, records, advance, pseudo,
             )
             best_epochs.append(best_epoch)
-            predicted = _predict(model, valid_set, device)
+            predicted = predict(model, valid_set, device, tta=tta)
             oof[valid] = predicted["probs"]
+            oof_original[valid] = predicted.get("probs_original", predicted["probs"])
             if "box" in predicted:
                 oof_boxes[valid] = predicted["box"]
             for split in test_splits:
-                predicted = _predict(model, test_features[split], device)
+                predicted = predict(model, test_features[split], device, tta=tta)
                 test_probs[split].append(predicted["probs"])
                 if "box" in predicted:
                     test_boxes[split].append(predicted["box"])
@@ -433,6 +394,9 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_
         "best_epochs": best_epochs,
         "valid_logloss": log_loss(labels[validated], oof[validated]),
         "valid_accuracy": accuracy(labels[validated], oof[validated]),
+        "tta_views": train_features.view_count if tta else 1,
+        "valid_logloss_without_tta": log_loss(labels[validated], oof_original[validated]),
+        "augment_copies": train_features.copy_count - 1,
         "prior_logloss": prior_log_loss(labels, labels[validated], len(classes)),
         **extra,
         "pseudo": pseudo_summary,

@@ -1,0 +1,133 @@
+"""Cached features as training and prediction read them.
+
+A `FeatureSet` is a list of rows of a feature array (memory-mapped or in memory) with what goes
+with each row: the image-size one-hot, the box target, the augmented copies training draws from,
+and the test-time views prediction averages over.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fishcomp.metrics import KAGGLE_EPS, normalise_rows
+
+
+def _in_memory(array: np.ndarray) -> np.ndarray:
+    # Small arrays (pooled vectors) are worth holding in memory; maps stay on disk.
+    if isinstance(array, np.memmap) and array.nbytes < 1 << 30:
+        return np.ascontiguousarray(array)
+    return array
+
+
+def _gather(array: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+    order = np.argsort(rows)  # sorted reads are sequential on a memory map
+    out[order] = array[rows[order]]
+
+
+class FeatureSet:
+    """Rows of cached features, fetched a batch at a time as float32 tensors.
+
+    - `copies`: augmented versions of `array` (same row layout); training picks one per image and
+      epoch, `copy_boxes[k]` holding copy k+1's moved boxes (aligned with this set's positions);
+    - `views`: test-time views of `array` (same row layout), averaged by `predict`.
+    """
+
+    def __init__(self, array, rows, sizes=None, boxes=None, copies=(), copy_boxes=None, views=()):
+        self.array, self.rows, self.sizes, self.boxes = _in_memory(array), rows, sizes, boxes
+        self.copies = [_in_memory(c) for c in copies]
+        self.copy_boxes = copy_boxes
+        self.views = [_in_memory(v) for v in views]
+
+    def subset(self, positions: np.ndarray) -> FeatureSet:
+        pick = (lambda a: None if a is None else a[positions])  # noqa: E731
+        copy_boxes = None if self.copy_boxes is None else self.copy_boxes[:, positions]
+        return FeatureSet(self.array, self.rows[positions], pick(self.sizes), pick(self.boxes), self.copies, copy_boxes, self.views)
+
+    def view(self, number: int) -> FeatureSet:
+        """View 0 is the original; views 1.. are the test-time augmentations."""
+        array = self.array if number == 0 else self.views[number - 1]
+        return FeatureSet(array, self.rows, self.sizes, self.boxes)
+
+    @property
+    def view_count(self) -> int:
+        return 1 + len(self.views)
+
+    @property
+    def copy_count(self) -> int:
+        return 1 + len(self.copies)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    def batch(self, positions: np.ndarray, device, copies: np.ndarray | None = None) -> tuple:
+        """(features, size one-hot, boxes) of these positions; `copies` picks, per position, the
+        original (0) or an augmented copy (k), whose boxes then come from that copy."""
+        import torch
+
+        rows = self.rows[positions]
+        data = np.empty((len(rows),) + self.shape, dtype=np.float32)
+        boxes = None if self.boxes is None else self.boxes[positions].copy()
+        if copies is None or not self.copies:
+            _gather(self.array, rows, data)
+        else:
+            for k in np.unique(copies):
+                chosen = copies == k
+                part = np.empty((int(chosen.sum()),) + self.shape, dtype=np.float32)
+                _gather(self.array if k == 0 else self.copies[k - 1], rows[chosen], part)
+                data[chosen] = part
+                if k > 0 and boxes is not None and self.copy_boxes is not None:
+                    boxes[chosen] = self.copy_boxes[k - 1][positions[chosen]]
+        size = None if self.sizes is None else torch.from_numpy(self.sizes[positions]).to(device)
+        box = None if boxes is None else torch.from_numpy(boxes).to(device)
+        return torch.from_numpy(data).to(device), size, box
+
+
+def concat(parts: list[FeatureSet]) -> FeatureSet:
+    """Several test splits as one set (rows copied into memory: such sets are test-sized)."""
+    if len(parts) == 1:
+        return parts[0]
+    array = np.concatenate([np.asarray(p.array[p.rows], dtype=np.float16) for p in parts])
+    return FeatureSet(array, np.arange(len(array)), np.concatenate([p.sizes for p in parts]))
+
+
+def combine_views(probabilities: list[np.ndarray], method: str) -> np.ndarray:
+    """Average the views' probabilities: arithmetic mean, or geometric mean renormalised."""
+    stacked = np.stack(probabilities).astype(np.float64)
+    if method == "geometric":
+        return normalise_rows(np.exp(np.log(np.clip(stacked, KAGGLE_EPS, 1.0)).mean(axis=0)))
+    return stacked.mean(axis=0)
+
+
+def predict(model, features: FeatureSet, device, tta: str | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Softmax probabilities, and boxes/heatmaps when the head makes them (from the original view).
+
+    With `tta` ("mean" or "geometric") and views present, `probs` combines every view and
+    `probs_original` keeps the original view's alone, so the gain can be measured.
+    """
+    import torch
+
+    model.eval()
+
+    def run(view: FeatureSet, keep_extras: bool) -> dict[str, np.ndarray]:
+        outputs: dict[str, list] = {}
+        with torch.inference_mode():
+            for start in range(0, len(view), batch_size):
+                x, size, _ = view.batch(np.arange(start, min(start + batch_size, len(view))), device)
+                result = model(x, size=size)
+                outputs.setdefault("probs", []).append(torch.softmax(result["logits"].float(), dim=1).cpu().numpy())
+                for name in ("box", "heatmaps") if keep_extras else ():
+                    if name in result:
+                        outputs.setdefault(name, []).append(result[name].float().cpu().numpy())
+        return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+    predicted = run(features.view(0), keep_extras=True)
+    if tta and features.view_count > 1:
+        # Boxes and heatmaps of a flipped view are in flipped coordinates, so only probabilities are combined.
+        others = [run(features.view(v), keep_extras=False)["probs"] for v in range(1, features.view_count)]
+        predicted["probs_original"] = predicted["probs"]
+        predicted["probs"] = combine_views([predicted["probs"], *others], tta)
+    return predicted
