@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -184,10 +184,32 @@ class ResblockHeadConfig(Strict):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
 
 
+class FinetuneHeadConfig(Strict):
+    """End-to-end fine-tuning: the backbone unfrozen, images decoded and augmented on the fly.
+    What a GPU user runs; on a CPU only with small images. The learning rates come from
+    `train.phases`, the input size and weights from `precompute`."""
+
+    kind: Literal["finetune"] = "finetune"
+    # Reads images, not cached maps (only the pooled features, for the warm-up).
+    input: ClassVar[str] = "pooled"
+    # Epochs that train only the new classifier, on the cached pooled features: a warm start that
+    # keeps random classifier gradients from wrecking the pretrained backbone, for almost no time.
+    warmup_epochs: int = Field(3, ge=0)
+    warmup_lr: float = Field(1e-3, gt=0)
+    # Discriminative learning rates via timm's layer-wise decay: each layer group nearer the input
+    # trains at this factor of the next one's rate (1: one rate for all).
+    layer_decay: float = Field(0.85, gt=0.0, le=1.0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    # Keep BatchNorm statistics frozen: small fine-tuning batches estimate them badly.
+    freeze_bn: bool = True
+    # Augment on the fly with precompute.augment.transforms (or the default list when absent).
+    augment: bool = True
+
+
 HeadConfig = Annotated[
     Union[
         DenseHeadConfig, GapHeadConfig, LeakageHeadConfig, BboxHeadConfig,
-        FcnHeadConfig, InceptionHeadConfig, ResblockHeadConfig,
+        FcnHeadConfig, InceptionHeadConfig, ResblockHeadConfig, FinetuneHeadConfig,
     ],
     Field(discriminator="kind"),
 ]
@@ -305,6 +327,8 @@ class RunConfig(Strict):
             self.head = DenseHeadConfig()
         if self.head is not None and self.train is None:
             self.train = TrainConfig()
+        if self.head is not None and self.head.kind == "finetune" and self.train.pseudo is not None:
+            raise ValueError("train.pseudo works with heads on cached features, not with head.kind: finetune")
         return self
 
     @property

@@ -56,7 +56,7 @@ def precompute_key(ctx: Context, loaded: LoadedConfig) -> str:
     )
 
 
-class _Images:
+class DecodedImages:
     """A map-style dataset of decoded, resized uint8 images (normalised later, on the device).
 
     With a `transform` (an albumentations Compose), each image is augmented after resizing with a
@@ -102,7 +102,7 @@ def _raw_box(annotations, name: str) -> tuple[float, float, float, float]:
     return (np.nan,) * 4 if box is None else (box.x, box.y, box.w, box.h)
 
 
-def _workers(setting: int | str) -> int:
+def loader_workers(setting: int | str) -> int:
     if setting != "auto":
         return int(setting)
     cores = os.cpu_count() or 1
@@ -180,9 +180,9 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
             rows = train_rows if kind == "augment" else np.arange(len(images))
             seed = (augment.seed if kind == "augment" else tta.seed if kind == "tta" else 0) * 1000 + number
             loader = DataLoader(
-                _Images(dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed, raw_boxes[rows] if kind == "augment" else None),
+                DecodedImages(dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed, raw_boxes[rows] if kind == "augment" else None),
                 batch_size=config.batch_size,
-                num_workers=_workers(config.workers),
+                num_workers=loader_workers(config.workers),
                 pin_memory=device.type == "cuda",
             )
             for batch, local, orig_w, orig_h, good, boxes in loader:

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = 
     features = ensure_precompute(ctx, loaded)
     pseudo = _pseudo_source(ctx, loaded, _chain)
     key = train_key(features.key, loaded, pseudo.key if pseudo else None)
-    artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(loaded, features, tmp, pseudo))
+    artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(ctx, loaded, features, tmp, pseudo))
     summary = json.loads(artifact.file("summary.json").read_text())
     stage_line(
         STAGE, artifact.built, artifact.path,
@@ -159,7 +160,7 @@ def _extra_scores(predicted: dict[str, np.ndarray], boxes: np.ndarray | None) ->
     return scores
 
 
-def _lr_at(phase, step: int, steps: int, schedule: str) -> float:
+def lr_at(phase, step: int, steps: int, schedule: str) -> float:
     if schedule == "cosine":
         floor = phase.lr / 100
         return floor + (phase.lr - floor) * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
@@ -206,7 +207,7 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
                 if len(positions) + len(pseudo_positions) < 2 and len(train_set) > 1:
                     continue  # BatchNorm cannot normalise a batch of one
                 for group in optimiser.param_groups:
-                    group["lr"] = _lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
+                    group["lr"] = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
                 x, size, box = train_set.batch(positions, device, copies=copy_choice[positions])
                 y = train_labels[positions].to(device)
                 if len(pseudo_positions):
@@ -275,13 +276,38 @@ def normalised_boxes(index: pd.DataFrame) -> np.ndarray:
     return boxes / np.where(scale > 0, scale, np.nan)
 
 
-def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None) -> dict:
-    import torch
+@dataclass
+class TrainData:
+    """What every trainer reads: the usable train images with labels and folds, and the test splits."""
 
+    loaded: LoadedConfig
+    meta: dict
+    classes: list[str]
+    index: pd.DataFrame  # the precompute index, every split
+    usable: np.ndarray  # positions, in the train split, of the readable train images
+    usable_index: pd.DataFrame  # their index rows
+    labels: np.ndarray
+    folds: np.ndarray
+    vocabulary: list[str]  # image sizes seen in train (the leakage head's one-hot)
+    test_splits: list[str]
+    device: object
+
+
+@dataclass
+class FoldResult:
+    valid_probs: np.ndarray
+    valid_probs_original: np.ndarray  # without test-time augmentation
+    valid_boxes: np.ndarray | None
+    test_probs: dict[str, np.ndarray]
+    test_boxes: dict[str, np.ndarray]
+    best_epoch: int
+    checkpoint: dict
+
+
+def _prepare(loaded: LoadedConfig, features_artifact: Artifact) -> TrainData:
     config = loaded.config
     meta = json.loads(features_artifact.file("meta.json").read_text())
     classes = meta["classes"]
-    kind = "map" if head_uses_map(config.head) else "pooled"
     index = load_index(features_artifact)
     train_index = index[index.split == "train"].reset_index(drop=True)
     usable = np.flatnonzero(train_index.ok.to_numpy())
@@ -293,78 +319,120 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_
         warn(f"[{loaded.name}] no train images of {', '.join(missing)}: the model can only predict them from smoothing")
     usable_index = train_index.iloc[usable].reset_index(drop=True)
     folds = assign_folds(labels, config.split, groups=usable_index.width.astype(str) + "x" + usable_index.height.astype(str))
-    device = resolve_device(config.train.device)
-    vocabulary = size_vocabulary(usable_index)
-    copies, copy_boxes = load_augmented(features_artifact, kind)
-    train_features = FeatureSet(
-        load_features(features_artifact, "train", kind), usable, size_onehot(usable_index, vocabulary), normalised_boxes(usable_index),
-        copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, usable],
-        views=load_views(features_artifact, "train", kind),
+    return TrainData(
+        loaded=loaded, meta=meta, classes=classes, index=index, usable=usable, usable_index=usable_index,
+        labels=labels, folds=folds, vocabulary=size_vocabulary(usable_index),
+        test_splits=[s for s in ("test_stg1", "test_stg2") if (index.split == s).any()],
+        device=resolve_device(config.train.device),
     )
-    test_splits = [s for s in ("test_stg1", "test_stg2") if (index.split == s).any()]
-    test_features = {}
-    for split in test_splits:
-        split_index = index[index.split == split]
-        array = load_features(features_artifact, split, kind)
-        test_features[split] = FeatureSet(
-            array, np.arange(len(array)), size_onehot(split_index, vocabulary), views=load_views(features_artifact, split, kind)
+
+
+class _CachedFeatureFolds:
+    """Trains a head on the cached features, one fold at a time."""
+
+    def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None):
+        loaded = data.loaded
+        config = loaded.config
+        self.data = data
+        self.kind = "map" if head_uses_map(config.head) else "pooled"
+        self.tta = _tta_combine(loaded)
+        copies, copy_boxes = load_augmented(features_artifact, self.kind)
+        self.train_features = FeatureSet(
+            load_features(features_artifact, "train", self.kind), data.usable, size_onehot(data.usable_index, data.vocabulary),
+            normalised_boxes(data.usable_index), copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, data.usable],
+            views=load_views(features_artifact, "train", self.kind),
         )
-    tta = _tta_combine(loaded)
-    pseudo, pseudo_summary = None, None
-    if pseudo_source is not None:
-        settings = config.train.pseudo
-        targets = _pseudo_targets(pseudo_source, index, settings.splits, classes, str(loaded.path))
-        pseudo = concat([test_features[split] for split in settings.splits]), np.concatenate([targets[s] for s in settings.splits])
-        pseudo_summary = {
-            "source": pseudo_source.path.name, "source_key": pseudo_source.key, "splits": settings.splits,
-            "images": int(len(pseudo[1])), "proportion": settings.proportion,
+        self.test_features = {}
+        for split in data.test_splits:
+            array = load_features(features_artifact, split, self.kind)
+            self.test_features[split] = FeatureSet(
+                array, np.arange(len(array)), size_onehot(data.index[data.index.split == split], data.vocabulary),
+                views=load_views(features_artifact, split, self.kind),
+            )
+        self.pseudo, self.pseudo_summary = None, None
+        if pseudo_source is not None:
+            settings = config.train.pseudo
+            targets = _pseudo_targets(pseudo_source, data.index, settings.splits, data.classes, str(loaded.path))
+            self.pseudo = concat([self.test_features[s] for s in settings.splits]), np.concatenate([targets[s] for s in settings.splits])
+            self.pseudo_summary = {
+                "source": pseudo_source.path.name, "source_key": pseudo_source.key, "splits": settings.splits,
+                "images": int(len(self.pseudo[1])), "proportion": settings.proportion,
+            }
+
+    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance) -> FoldResult:
+        data = self.data
+        config = data.loaded.config
+        valid_set = self.train_features.subset(valid)
+        model, best_epoch = _fit_fold(
+            data.loaded, fold, self.train_features.subset(train), valid_set, data.labels[train], data.labels[valid],
+            len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo,
+        )
+        predicted = predict(model, valid_set, data.device, tta=self.tta)
+        tests = {split: predict(model, self.test_features[split], data.device, tta=self.tta) for split in data.test_splits}
+        return FoldResult(
+            valid_probs=predicted["probs"], valid_probs_original=predicted.get("probs_original", predicted["probs"]),
+            valid_boxes=predicted.get("box"),
+            test_probs={split: t["probs"] for split, t in tests.items()},
+            test_boxes={split: t["box"] for split, t in tests.items() if "box" in t},
+            best_epoch=best_epoch,
+            checkpoint={
+                "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": data.classes,
+                "in_shape": self.train_features.shape, "size_vocabulary": data.vocabulary,
+            },
+        )
+
+    def summary(self) -> dict:
+        return {
+            "features": self.kind,
+            "tta_views": self.train_features.view_count if self.tta else 1,
+            "augment_copies": self.train_features.copy_count - 1,
+            "pseudo": self.pseudo_summary,
         }
 
+
+def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None) -> dict:
+    import torch
+
+    config = loaded.config
+    data = _prepare(loaded, features_artifact)
+    if config.head.kind == "finetune":
+        from fishcomp.stages.finetune import FinetuneFolds
+
+        trainer = FinetuneFolds(data, ctx.dataset().root, features_artifact)
+    else:
+        trainer = _CachedFeatureFolds(data, features_artifact, pseudo_source)
+    labels, folds, classes = data.labels, data.folds, data.classes
     n_folds = fold_count(folds)
-    oof = np.full((len(usable), len(classes)), np.nan)
-    oof_original = np.full((len(usable), len(classes)), np.nan)  # without TTA, to measure its gain
-    oof_boxes = np.full((len(usable), 4), np.nan)
-    test_probs: dict[str, list] = {split: [] for split in test_splits}
-    test_boxes: dict[str, list] = {split: [] for split in test_splits}
+    oof = np.full((len(labels), len(classes)), np.nan)
+    oof_original = np.full((len(labels), len(classes)), np.nan)
+    oof_boxes = np.full((len(labels), 4), np.nan)
+    test_probs: dict[str, list] = {split: [] for split in data.test_splits}
+    test_boxes: dict[str, list] = {split: [] for split in data.test_splits}
     records: list[dict] = []
     best_epochs = []
     (tmp / "checkpoints").mkdir()
     with progress(f"train {loaded.name}", n_folds * config.train.epochs) as advance:
         for fold in range(n_folds):
-            valid = np.flatnonzero(folds == fold)
-            train = np.flatnonzero(folds != fold)
-            valid_set = train_features.subset(valid)
-            model, best_epoch = _fit_fold(
-                loaded, fold, train_features.subset(train), valid_set, labels[train], labels[valid],
-                len(classes), len(vocabulary) + 1, device, records, advance, pseudo,
-            )
-            best_epochs.append(best_epoch)
-            predicted = predict(model, valid_set, device, tta=tta)
-            oof[valid] = predicted["probs"]
-            oof_original[valid] = predicted.get("probs_original", predicted["probs"])
-            if "box" in predicted:
-                oof_boxes[valid] = predicted["box"]
-            for split in test_splits:
-                predicted = predict(model, test_features[split], device, tta=tta)
-                test_probs[split].append(predicted["probs"])
-                if "box" in predicted:
-                    test_boxes[split].append(predicted["box"])
-            torch.save(
-                {
-                    "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": classes,
-                    "in_shape": train_features.shape, "size_vocabulary": vocabulary,
-                },
-                tmp / "checkpoints" / f"fold{fold}.pt",
-            )
+            valid, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+            result = trainer.fit(fold, train, valid, records, advance)
+            best_epochs.append(result.best_epoch)
+            oof[valid], oof_original[valid] = result.valid_probs, result.valid_probs_original
+            if result.valid_boxes is not None:
+                oof_boxes[valid] = result.valid_boxes
+            for split in data.test_splits:
+                test_probs[split].append(result.test_probs[split])
+                if split in result.test_boxes:
+                    test_boxes[split].append(result.test_boxes[split])
+            torch.save(result.checkpoint, tmp / "checkpoints" / f"fold{fold}.pt")
 
     oof_frame = pd.DataFrame(oof, columns=classes)
     oof_frame.insert(0, "fold", folds)
     oof_frame.insert(0, "label", labels)
-    oof_frame.insert(0, "image", train_index.image.to_numpy()[usable])
+    oof_frame.insert(0, "image", data.usable_index.image.to_numpy())
     tests = {}
-    for split in test_splits:
+    for split in data.test_splits:
         tests[split] = pd.DataFrame(np.mean(test_probs[split], axis=0), columns=classes)
-        tests[split].insert(0, "image", index[index.split == split].image.to_numpy())
+        tests[split].insert(0, "image", data.index[data.index.split == split].image.to_numpy())
     Predictions(classes=list(classes), oof=oof_frame, tests=tests).write(tmp)
     pd.DataFrame(records).to_csv(tmp / "metrics.csv", index=False)
 
@@ -373,7 +441,7 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_
     extra = {}
     if any(test_boxes.values()):
         pd.DataFrame(oof_boxes, columns=box_columns).assign(image=oof_frame.image).to_csv(tmp / "oof_boxes.csv", index=False)
-        for split in test_splits:
+        for split in data.test_splits:
             frame = pd.DataFrame(np.mean(test_boxes[split], axis=0), columns=box_columns)
             frame.insert(0, "image", tests[split].image)
             frame.to_csv(tmp / f"{split}_boxes.csv", index=False)
@@ -386,21 +454,18 @@ def _build(loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_
     summary = {
         "name": loaded.name,
         "head": config.head.kind,
-        "features": kind,
-        "input_size": meta["size"],
+        "input_size": data.meta["size"],
         "split": config.split.kind,
         "folds": n_folds,
-        "train_images": int(len(usable)),
+        "train_images": int(len(labels)),
         "best_epochs": best_epochs,
         "valid_logloss": log_loss(labels[validated], oof[validated]),
         "valid_accuracy": accuracy(labels[validated], oof[validated]),
-        "tta_views": train_features.view_count if tta else 1,
         "valid_logloss_without_tta": log_loss(labels[validated], oof_original[validated]),
-        "augment_copies": train_features.copy_count - 1,
         "prior_logloss": prior_log_loss(labels, labels[validated], len(classes)),
         **extra,
-        "pseudo": pseudo_summary,
-        "size_vocabulary": vocabulary,
+        **trainer.summary(),
+        "size_vocabulary": data.vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))

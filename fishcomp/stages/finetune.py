@@ -1,0 +1,203 @@
+"""End-to-end fine-tuning (`head.kind: finetune`): the whole backbone trains on decoded images.
+
+Each fold: a new classifier warmed up on the cached pooled features (the backbone frozen, which
+costs almost nothing since the features exist), then every layer unfrozen with timm's layer-wise
+learning-rate decay, images decoded and augmented on the fly, mixed precision on a GPU. Its
+out-of-fold and test predictions have the same shape as any head's, so it joins ensembles.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fishcomp.cache import Artifact
+from fishcomp.config import key_payload
+from fishcomp.data.augment import DEFAULT_AUGMENT, build_transform
+from fishcomp.errors import FishcompError
+from fishcomp.metrics import accuracy, log_loss
+from fishcomp.stages.precompute import DecodedImages, loader_workers, load_features, resolved_precompute
+from fishcomp.stages.train import FoldResult, TrainData, lr_at
+
+
+class FinetuneFolds:
+    def __init__(self, data: TrainData, root: Path, features_artifact: Artifact):
+        config = data.loaded.config
+        self.data, self.root, self.head = data, root, config.head
+        self.precompute = resolved_precompute(data.loaded)
+        self.pooled = np.asarray(load_features(features_artifact, "train", "pooled"), dtype=np.float32)[data.usable]
+        self.paths = data.usable_index.path.to_numpy()
+        self.test_paths = {split: data.index[data.index.split == split].path.to_numpy() for split in data.test_splits}
+        augment = self.precompute.augment
+        self.transform = build_transform(augment.transforms if augment else DEFAULT_AUGMENT) if self.head.augment else None
+
+    # -- pieces -----------------------------------------------------------------------------------
+
+    def _model(self):
+        from fishcomp.models.backbones import create_backbone
+
+        backbone = create_backbone(self.precompute)
+        model = backbone.model
+        model.reset_classifier(len(self.data.classes))
+        model.drop_rate = self.head.dropout
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        self.mean = np.asarray(backbone.mean, dtype=np.float32) * 255
+        self.std = np.asarray(backbone.std, dtype=np.float32) * 255
+        return model.to(self.data.device)
+
+    def _loader(self, paths, transform=None, seed: int = 0, shuffle: bool = False):
+        import torch
+        from torch.utils.data import DataLoader
+
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = self.data.loaded.config.train.batch_size
+        return DataLoader(
+            DecodedImages(self.root, list(paths), tuple(self.precompute.size), transform, seed),
+            batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
+            num_workers=loader_workers(self.precompute.workers), pin_memory=self.data.device.type == "cuda",
+            drop_last=shuffle and len(paths) > batch_size,
+        )
+
+    def _inputs(self, batch):
+        import torch
+
+        device = self.data.device
+        mean = torch.from_numpy(self.mean).view(1, 3, 1, 1).to(device)
+        std = torch.from_numpy(self.std).view(1, 3, 1, 1).to(device)
+        return batch.to(device, non_blocking=True).float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+    def _autocast(self):
+        import torch
+
+        device = self.data.device
+        if device.type != "cuda":
+            return torch.autocast("cpu", enabled=False)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _warm_up(self, model, train: np.ndarray, labels: np.ndarray, fold: int) -> None:
+        """Train the new classifier alone on the cached pooled features (what the frozen backbone gives)."""
+        import torch
+        from torch import nn
+
+        if self.head.warmup_epochs == 0:
+            return
+        classifier = model.get_classifier()
+        optimiser = torch.optim.Adam(classifier.parameters(), lr=self.head.warmup_lr)
+        criterion = nn.CrossEntropyLoss(label_smoothing=self.data.loaded.config.train.label_smoothing)
+        features = torch.from_numpy(self.pooled[train]).to(self.data.device)
+        targets = torch.from_numpy(labels).to(self.data.device)
+        generator = np.random.default_rng([self.data.loaded.config.train.seed, fold, 7])
+        batch_size = self.data.loaded.config.train.batch_size
+        for _ in range(self.head.warmup_epochs):
+            order = generator.permutation(len(train))
+            for start in range(0, len(order), batch_size):
+                pick = torch.from_numpy(order[start : start + batch_size]).to(self.data.device)
+                loss = criterion(classifier(nn.functional.dropout(features[pick], self.head.dropout)), targets[pick])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+
+    def _train_mode(self, model) -> None:
+        from torch import nn
+
+        model.train()
+        if self.head.freeze_bn:
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def predict(self, model, paths) -> np.ndarray:
+        import torch
+
+        model.eval()
+        outputs = []
+        with torch.inference_mode():
+            for batch, *_ in self._loader(paths):
+                with self._autocast():
+                    logits = model(self._inputs(batch))
+                outputs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(outputs)
+
+    # -- one fold ---------------------------------------------------------------------------------
+
+    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance) -> FoldResult:
+        import timm.optim
+        import torch
+        from torch import nn
+
+        data = self.data
+        train_cfg = data.loaded.config.train
+        torch.manual_seed(train_cfg.seed * 1000 + fold)
+        labels, valid_labels = data.labels[train], data.labels[valid]
+        model = self._model()
+        self._warm_up(model, train, labels, fold)
+        optimiser = timm.optim.create_optimizer_v2(
+            model, opt="adamw", lr=train_cfg.phases[0].lr, weight_decay=train_cfg.weight_decay, layer_decay=self.head.layer_decay
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=data.device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
+        targets = torch.from_numpy(labels)
+        best, epoch, stale = (np.inf, None, -1), 0, 0
+        batch_size = train_cfg.batch_size
+        batches = max(1, len(train) // batch_size if len(train) > batch_size else 1)
+        for phase in train_cfg.phases:
+            for phase_epoch in range(phase.epochs):
+                if train_cfg.early_stopping and stale >= train_cfg.early_stopping:
+                    advance(1, note=f"fold {fold} stopped early")
+                    continue
+                started = time.time()
+                self._train_mode(model)
+                # A new augmentation draw every epoch, reproducible from (seed, fold, epoch).
+                loader = self._loader(self.paths[train], self.transform, seed=(train_cfg.seed * 1000 + fold) * 1000 + epoch, shuffle=True)
+                total, seen = 0.0, 0
+                for batch_index, (images, local, *_rest) in enumerate(loader):
+                    for group in optimiser.param_groups:
+                        group["lr"] = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule) * group.get("lr_scale", 1.0)
+                    y = targets[local].to(data.device)
+                    with self._autocast():
+                        loss = criterion(model(self._inputs(images)).float(), y)
+                    if not torch.isfinite(loss):
+                        raise FishcompError(
+                            f"[{data.loaded.name}] fold {fold} epoch {epoch + 1}: fine-tuning loss is {loss.item()}; lower train.phases lr"
+                        )
+                    optimiser.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimiser)
+                    scaler.update()
+                    total += loss.item() * len(local)
+                    seen += len(local)
+                probs = self.predict(model, self.paths[valid])
+                valid_logloss = log_loss(valid_labels, probs)
+                epoch += 1
+                records.append(
+                    {
+                        "fold": fold, "epoch": epoch, "lr": phase.lr, "train_loss": total / max(seen, 1),
+                        "valid_loss": valid_logloss, "valid_logloss": valid_logloss,
+                        "valid_accuracy": accuracy(valid_labels, probs), "seconds": round(time.time() - started, 3),
+                    }
+                )
+                if valid_logloss < best[0]:
+                    best, stale = (valid_logloss, copy.deepcopy(model.state_dict()), epoch), 0
+                else:
+                    stale += 1
+                advance(1, note=f"fold {fold} epoch {epoch} valid logloss {valid_logloss:.4f}")
+        if best[1] is not None:
+            model.load_state_dict(best[1])
+        valid_probs = self.predict(model, self.paths[valid]) if len(valid) else np.empty((0, len(data.classes)))
+        return FoldResult(
+            valid_probs=valid_probs, valid_probs_original=valid_probs, valid_boxes=None,
+            test_probs={split: self.predict(model, paths) for split, paths in self.test_paths.items()},
+            test_boxes={}, best_epoch=best[2],
+            checkpoint={
+                "state_dict": model.state_dict(), "head": key_payload(self.head), "classes": data.classes,
+                "backbone": self.precompute.backbone, "size": list(self.precompute.size), "mean": self.mean.tolist(), "std": self.std.tolist(),
+            },
+        )
+
+    def summary(self) -> dict:
+        return {"features": "images", "tta_views": 1, "augment_copies": 0, "pseudo": None, "layer_decay": self.head.layer_decay}
