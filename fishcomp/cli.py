@@ -160,6 +160,19 @@ def heatmap_cli(
     heatmaps(_context(data, work, overrides), loaded, split, list(images or []), count, out or Path("heatmaps") / loaded.name)
 
 
+@app.command("report")
+def report_cli(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Config files or artifact folders of train/ensemble runs.")] = None,
+    data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for index.html and the PNGs.")] = Path("reports"),
+    overrides: SetOpt = None,
+) -> None:
+    """Write PNG figures and an index.html: curves, confusion, top losses, boxes, heatmaps, leakage."""
+    from fishcomp.stages.report import report
+
+    report(_context(data, work, overrides), list(runs or []), out)
+
+
 @app.command("validate")
 def validate_cli(
     submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],

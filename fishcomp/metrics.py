@@ -38,3 +38,62 @@ def do_clip(probs: np.ndarray, mx: float) -> np.ndarray:
 def eps_clip(probs: np.ndarray, eps: float) -> np.ndarray:
     """Clip to [eps, 1 - eps] and renormalise so rows still sum to one."""
     return normalise_rows(np.clip(probs, eps, 1 - eps))
+
+
+def per_class_scores(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> list[dict]:
+    """Each class's image count, log loss (its images' share of the total) and recall."""
+    labels = np.asarray(labels)
+    rows = []
+    for index, name in enumerate(classes):
+        mine = labels == index
+        if not mine.any():
+            rows.append({"class": name, "images": 0, "log_loss": float("nan"), "accuracy": float("nan")})
+            continue
+        rows.append(
+            {"class": name, "images": int(mine.sum()), "log_loss": log_loss(labels[mine], probs[mine]), "accuracy": accuracy(labels[mine], probs[mine])}
+        )
+    return rows
+
+
+def size_only_log_loss(labels: np.ndarray, sizes: np.ndarray, folds: np.ndarray, num_classes: int) -> tuple[float, float]:
+    """The leakage as one number: out-of-fold log loss of a model that sees only the image size
+    (class frequencies per size, +1 smoothed, the prior for a size unseen in training), next to
+    the prior's on the same folds. Equal when sizes carry no information."""
+    labels, sizes, folds = np.asarray(labels), np.asarray(sizes).astype(str), np.asarray(folds)
+    by_size = np.zeros((len(labels), num_classes))
+    prior = np.zeros((len(labels), num_classes))
+    for fold in np.unique(folds[folds >= 0]):
+        train, valid = (folds != fold), folds == fold
+        counts = np.bincount(labels[train], minlength=num_classes) + 1.0
+        prior[valid] = counts / counts.sum()
+        for size in np.unique(sizes[valid]):
+            seen = train & (sizes == size)
+            table = np.bincount(labels[seen], minlength=num_classes) + 1.0 if seen.any() else counts
+            by_size[valid & (sizes == size)] = table / table.sum()
+    validated = folds >= 0
+    return log_loss(labels[validated], by_size[validated]), log_loss(labels[validated], prior[validated])
+
+
+def attention_scores(maps: np.ndarray, boxes: np.ndarray) -> dict[str, float]:
+    """Does a class heatmap look at the fish? Over images with a box ((x, y, w, h) fractions):
+    `pointing`, the share whose peak lies in the box; `mass`, the mean share of the map's mass
+    (shifted to be non-negative) on cells inside the box; `chance`, the mean box area share,
+    which both scores equal for a map that ignores where the fish is."""
+    n, h, w = maps.shape
+    xs, ys = (np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h
+    inside = (
+        (xs[None, None, :] >= boxes[:, 0, None, None]) & (xs[None, None, :] <= (boxes[:, 0] + boxes[:, 2])[:, None, None])
+        & (ys[None, :, None] >= boxes[:, 1, None, None]) & (ys[None, :, None] <= (boxes[:, 1] + boxes[:, 3])[:, None, None])
+    )
+    flat = maps.reshape(n, -1)
+    peak = np.zeros_like(flat, dtype=bool)
+    peak[np.arange(n), flat.argmax(axis=1)] = True
+    shifted = maps - maps.reshape(n, -1).min(axis=1)[:, None, None]
+    total = shifted.reshape(n, -1).sum(axis=1)
+    mass = np.where(total > 0, (shifted * inside).reshape(n, -1).sum(axis=1) / np.maximum(total, 1e-12), inside.reshape(n, -1).mean(axis=1))
+    return {
+        "pointing": float(inside.reshape(n, -1)[peak].mean()),
+        "mass": float(mass.mean()),
+        "chance": float(np.clip(boxes[:, 2] * boxes[:, 3], 0, 1).mean()),
+        "images": int(n),
+    }

@@ -76,3 +76,85 @@ def heatmap_grid(panels: list[tuple[Image.Image, np.ndarray, str, np.ndarray | N
         axis.set_title(title, fontsize=8)
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def training_curves(metrics, path: Path) -> Path:
+    """Train and validation loss, and validation log loss, per epoch; one line per fold."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for fold, rows in metrics.groupby("fold"):
+        line = left.plot(rows.epoch, rows.train_loss, label=f"fold {fold} train")[0]
+        left.plot(rows.epoch, rows.valid_loss, linestyle="--", color=line.get_color(), label=f"fold {fold} valid")
+        right.plot(rows.epoch, rows.valid_logloss, color=line.get_color(), label=f"fold {fold}")
+    left.set(title="loss (solid: train, dashed: validation)", xlabel="epoch")
+    right.set(title="validation log loss", xlabel="epoch")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def confusion_matrices(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
+    """Counts, and rows normalised to the share of each true class."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    for axis, values, title, fmt in ((axes[0], matrix, "counts", "{:.0f}"), (axes[1], shares, "share of the true class", "{:.2f}")):
+        axis.imshow(values, cmap="Blues")
+        axis.set(title=title, xlabel="predicted", ylabel="true", xticks=range(len(classes)), yticks=range(len(classes)))
+        axis.set_xticklabels(classes, rotation=45)
+        axis.set_yticklabels(classes)
+        top = values.max() if values.size else 1
+        for (i, j), value in np.ndenumerate(values):
+            axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7, color="white" if value > top / 2 else "black")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def image_grid(panels: list[tuple], path: Path, columns: int = 4) -> Path:
+    """Photos with a title and boxes: panels of (image, title, [(box fractions, colour), ...])."""
+    plt = _pyplot()
+    rows = max(1, -(-len(panels) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.7 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, (image, title, boxes) in zip(axes.ravel(), panels):
+        axis.imshow(image)
+        for box, colour in boxes:
+            _draw_box(axis, box, image.size, colour)
+        axis.set_title(title, fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def histogram(values: np.ndarray, path: Path, title: str, xlabel: str, bins: int = 20) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.hist(values, bins=bins, range=(0, 1), color="tab:blue", edgecolor="white")
+    axis.set(title=title, xlabel=xlabel, ylabel="images")
+    return save_figure(figure, path)
+
+
+def bar_chart(names: list[str], values: list[float], path: Path, title: str, highlight: str | None = None) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 3.5))
+    colours = ["tab:orange" if name == highlight else "tab:blue" for name in names]
+    axis.bar(names, values, color=colours)
+    for i, value in enumerate(values):
+        axis.text(i, value, f"{value:.4f}", ha="center", va="bottom", fontsize=8)
+    axis.set(title=title)
+    axis.tick_params(axis="x", rotation=30)
+    return save_figure(figure, path)
+
+
+def matrix_plot(matrix: np.ndarray, rows: list[str], columns: list[str], path: Path, title: str, fmt: str = "{:.2f}") -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(1 + 0.8 * len(columns), 1 + 0.45 * len(rows)))
+    axis.imshow(matrix, cmap="viridis", aspect="auto")
+    axis.set(title=title, xticks=range(len(columns)), yticks=range(len(rows)))
+    axis.set_xticklabels(columns, rotation=45)
+    axis.set_yticklabels(rows)
+    top = np.nanmax(matrix) if matrix.size else 1
+    for (i, j), value in np.ndenumerate(matrix):
+        axis.text(j, i, fmt.format(value), ha="center", va="center", fontsize=7, color="black" if value > top / 2 else "white")
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -134,8 +134,11 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
         "method": config.method,
         "weights": config.weights,
         "members": [
-            {"name": name, "weight": weight / sum(weights), "valid_logloss": p.oof_logloss(), "valid_accuracy": p.oof_accuracy()}
-            for name, weight, p in zip(names, weights, predictions)
+            {
+                "name": name, "weight": weight / sum(weights), "valid_logloss": p.oof_logloss(), "valid_accuracy": p.oof_accuracy(),
+                "artifact": artifact.path.name,
+            }
+            for name, weight, p, artifact in zip(names, weights, predictions, trained)
         ],
         "valid_logloss": blended.oof_logloss(),
         # Fitted weights only: each fold blended with weights fitted on the other folds.

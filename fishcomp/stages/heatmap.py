@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig
 from fishcomp.console import info
 from fishcomp.data.images import UnreadableImage, load_rgb
@@ -20,12 +21,45 @@ from fishcomp.errors import FishcompError
 from fishcomp.models.heads import list_heatmap_heads
 from fishcomp.models.losses import pointing_hits
 from fishcomp.stages.context import Context, resolve_device
-from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
 from fishcomp.stages.feature_sets import FeatureSet, predict
+from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
 from fishcomp.stages.train import ensure_train, load_fold_model, normalised_boxes, size_onehot
 from fishcomp.viz import heatmap_grid, heatmap_overlay
 
 SPLITS = ("valid", "test_stg1", "test_stg2")
+
+
+def candidates(trained: Artifact, features: Artifact, split: str) -> pd.DataFrame:
+    """The images of a split that can be drawn, with their feature `row` and the `fold` whose model
+    predicts them (-1: every fold's model, averaged)."""
+    index = load_index(features)
+    source = "train" if split == "valid" else split
+    split_index = index[index.split == source].reset_index(drop=True)
+    if split_index.empty:
+        raise FishcompError(f"the data has no {source} images")
+    split_index["row"] = np.arange(len(split_index))
+    if split == "valid":
+        oof = pd.read_csv(trained.file("oof.csv"))[["image", "fold"]]
+        return split_index.merge(oof[oof.fold >= 0], on="image")
+    return split_index[split_index.ok].assign(fold=-1)
+
+
+def class_maps(trained: Artifact, features: Artifact, split: str, chosen: pd.DataFrame, device) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (N, C) and the predicted class's heatmap (N, h, w) of the chosen images."""
+    summary = json.loads(trained.file("summary.json").read_text())
+    array = load_features(features, "train" if split == "valid" else split, "map")
+    models = {fold: load_fold_model(trained, fold, device) for fold in range(summary["folds"])}
+    # Only the chosen rows are read from the memory map.
+    chosen_features = FeatureSet(np.asarray(array[chosen.row.to_numpy()]), np.arange(len(chosen)), size_onehot(chosen, summary["size_vocabulary"]))
+    all_probs, all_maps = [], []
+    for number, fold in enumerate(chosen.fold.to_numpy()):
+        rows = chosen_features.subset(np.array([number]))
+        outputs = [predict(models[f], rows, device) for f in ([fold] if fold >= 0 else list(models))]
+        probs = np.mean([o["probs"][0] for o in outputs], axis=0)
+        predicted = int(probs.argmax())
+        all_probs.append(probs)
+        all_maps.append(np.mean([o["heatmaps"][0, predicted] for o in outputs], axis=0))
+    return np.array(all_probs), np.array(all_maps)
 
 
 def _choose(candidates: pd.DataFrame, images: list[str], count: int, split: str) -> pd.DataFrame:
@@ -38,63 +72,49 @@ def _choose(candidates: pd.DataFrame, images: list[str], count: int, split: str)
     return chosen.set_index("image").loc[images].reset_index()
 
 
+def check_heatmap_head(loaded: LoadedConfig) -> None:
+    config = loaded.config
+    if not config.trains or config.head.kind not in list_heatmap_heads():
+        raise FishcompError(f"{loaded.path}: heatmaps need a head that makes class maps ({', '.join(list_heatmap_heads())})")
+
+
+def draw_heatmaps(
+    root: Path, classes: list[str], split: str, chosen: pd.DataFrame, probs: np.ndarray, maps: np.ndarray, out: Path
+) -> tuple[list[Path], Path]:
+    """One overlay PNG per image plus `grid.png` of them all."""
+    panels, written = [], []
+    boxes = normalised_boxes(chosen)
+    for record, image_probs, heatmap, box in zip(chosen.itertuples(index=False), probs, maps, boxes):
+        try:
+            photo, _ = load_rgb(root / record.path)
+        except UnreadableImage as exc:
+            raise FishcompError(f"cannot draw {record.image}: {exc}") from exc
+        predicted = int(image_probs.argmax())
+        truth = f"true {classes[int(record.label)]}, " if split == "valid" else ""
+        title = f"{record.image}: {truth}predicted {classes[predicted]} {image_probs[predicted]:.2f}"
+        written.append(heatmap_overlay(photo, heatmap, title, out / f"{Path(record.image).stem}.png", box))
+        panels.append((photo, heatmap, title, box))
+    return written, heatmap_grid(panels, out / "grid.png")
+
+
 def heatmaps(ctx: Context, loaded: LoadedConfig, split: str, images: list[str], count: int, out: Path) -> dict:
     """Write one overlay PNG per chosen image plus `grid.png`; returns their paths and the pointing score."""
     if split not in SPLITS:
         raise FishcompError(f"--split {split}: choose one of {', '.join(SPLITS)}")
-    config = loaded.config
-    if not config.trains or config.head.kind not in list_heatmap_heads():
-        raise FishcompError(f"{loaded.path}: heatmaps need a head that makes class maps ({', '.join(list_heatmap_heads())})")
+    check_heatmap_head(loaded)
     trained = ensure_train(ctx, loaded)
     features = ensure_precompute(ctx, loaded)
-    summary = json.loads(trained.file("summary.json").read_text())
-    index = load_index(features)
-    source = "train" if split == "valid" else split
-    split_index = index[index.split == source].reset_index(drop=True)
-    if split_index.empty:
-        raise FishcompError(f"the data has no {source} images")
-    split_index["row"] = np.arange(len(split_index))
-    classes = json.loads(features.file("meta.json").read_text())["classes"]
-    if split == "valid":
-        oof = pd.read_csv(trained.file("oof.csv"))[["image", "fold"]]
-        candidates = split_index.merge(oof[oof.fold >= 0], on="image")
-    else:
-        candidates = split_index[split_index.ok].assign(fold=-1)
-    chosen = _choose(candidates, images, count, split)
+    chosen = _choose(candidates(trained, features, split), images, count, split)
     if chosen.empty:
         raise FishcompError(f"no {split} images to draw")
-
-    device = resolve_device(config.train.device)
-    array = load_features(features, source, "map")
-    vocabulary = summary["size_vocabulary"]
-    models = {fold: load_fold_model(trained, fold, device) for fold in range(summary["folds"])}
-    panels, written, maps_for_score, boxes_for_score = [], [], [], []
-    # Only the chosen rows are read from the memory map.
-    chosen_features = FeatureSet(np.asarray(array[chosen.row.to_numpy()]), np.arange(len(chosen)), size_onehot(chosen, vocabulary))
-    for number, record in enumerate(chosen.itertuples(index=False)):
-        one = chosen.iloc[[number]]
-        rows = chosen_features.subset(np.array([number]))
-        folds = [record.fold] if record.fold >= 0 else list(models)
-        outputs = [predict(models[fold], rows, device) for fold in folds]
-        probs = np.mean([o["probs"][0] for o in outputs], axis=0)
-        predicted = int(probs.argmax())
-        heatmap = np.mean([o["heatmaps"][0, predicted] for o in outputs], axis=0)
-        box = normalised_boxes(one)[0]
-        try:
-            photo, _ = load_rgb(ctx.data_dir / record.path)
-        except UnreadableImage as exc:
-            raise FishcompError(f"cannot draw {record.image}: {exc}") from exc
-        truth = f"true {classes[int(record.label)]}, " if split == "valid" else ""
-        title = f"{record.image}: {truth}predicted {classes[predicted]} {probs[predicted]:.2f}"
-        written.append(heatmap_overlay(photo, heatmap, title, out / split / f"{Path(record.image).stem}.png", box))
-        panels.append((photo, heatmap, title, box))
-        if not np.isnan(box).any():
-            maps_for_score.append(heatmap)
-            boxes_for_score.append(box)
-    grid = heatmap_grid(panels, out / split / "grid.png")
-    result = {"images": written, "grid": grid, "pointing": None, "boxed": len(boxes_for_score)}
-    if boxes_for_score:
-        result["pointing"] = float(pointing_hits(np.stack(maps_for_score), np.stack(boxes_for_score)).mean())
+    classes = json.loads(features.file("meta.json").read_text())["classes"]
+    probs, maps = class_maps(trained, features, split, chosen, resolve_device(loaded.config.train.device))
+    written, grid = draw_heatmaps(ctx.data_dir, classes, split, chosen, probs, maps, out / split)
+    boxes = normalised_boxes(chosen)
+    boxed = ~np.isnan(boxes).any(axis=1)
+    result = {"images": written, "grid": grid, "pointing": None, "boxed": int(boxed.sum())}
+    if boxed.any():
+        result["pointing"] = float(pointing_hits(maps[boxed], boxes[boxed]).mean())
     pointing = (
         f"; heatmap peak inside the box for {result['pointing']:.0%} of {result['boxed']} boxed image(s)"
         if result["pointing"] is not None else ""

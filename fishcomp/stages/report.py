@@ -1,0 +1,355 @@
+"""`fishcomp report`: PNG figures and one static `index.html` for runs and for the dataset.
+
+Runs are named by config file (built first if not cached) or by artifact folder. Everything is
+computed from the artifacts' own files (summary.json, metrics.csv, oof.csv, checkpoints), so the
+page shows exactly what the runs recorded.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fishcomp.cache import Artifact, write_atomic
+from fishcomp.config import LoadedConfig, RunConfig, SplitConfig, load_config, member_configs
+from fishcomp.console import info, progress
+from fishcomp.data.images import UnreadableImage, load_rgb, read_size
+from fishcomp.data.splits import assign_folds
+from fishcomp.errors import FishcompError
+from fishcomp.metrics import attention_scores, log_loss, per_class_scores, size_only_log_loss
+from fishcomp.models.heads import list_heatmap_heads
+from fishcomp.models.losses import box_iou
+from fishcomp.stages.context import Context, resolve_device
+from fishcomp.stages.predictions import read_predictions
+from fishcomp import viz
+
+TOP_LOSSES = 12
+SAMPLES = 8
+
+
+@dataclass
+class Section:
+    title: str
+    numbers: dict[str, str] = field(default_factory=dict)
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name relative to the page, caption)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# -- resolving what to report ---------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    loaded: LoadedConfig
+    artifact: Artifact
+    stage: str  # train or ensemble
+    members: list[Run] = field(default_factory=list)
+
+
+def _artifact(path: Path) -> Artifact:
+    return Artifact(stage=path.parent.name, key=path.name.rsplit("-", 1)[-1], path=path, built=False)
+
+
+def _resolve(ctx: Context, spec: str) -> Run:
+    from fishcomp.stages.ensemble import ensure_ensemble
+    from fishcomp.stages.train import ensure_train
+
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "manifest.json").is_file() or path.parent.name not in ("train", "ensemble"):
+            raise FishcompError(f"{path}: not a finished train or ensemble artifact (expected <work>/train/<name>-<key>/)")
+        artifact = _artifact(path)
+        config = RunConfig.model_validate(_read_yaml(path / "config.yaml"))
+        loaded = LoadedConfig(config=config, path=path / "config.yaml")
+        members = []
+        if artifact.stage == "ensemble":
+            summary = json.loads(artifact.file("summary.json").read_text())
+            for member in summary["members"]:
+                folder = path.parent.parent / "train" / member.get("artifact", "")
+                if member.get("artifact") and folder.is_dir():
+                    members.append(_resolve(ctx, str(folder)))
+        return Run(loaded, artifact, artifact.stage, members)
+    if path.suffix not in (".yaml", ".yml"):
+        raise FishcompError(f"{spec}: name a run by its config file (.yaml) or its artifact folder")
+    loaded = load_config(path, ctx.overrides)
+    if loaded.config.ensemble is not None:
+        members = [Run(m, ensure_train(ctx, m), "train") for m in member_configs(loaded)]
+        return Run(loaded, ensure_ensemble(ctx, loaded), "ensemble", members)
+    return Run(loaded, ensure_train(ctx, loaded), "train")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+# -- sections -------------------------------------------------------------------------------------
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _photo(root: Path, relative: str):
+    try:
+        return load_rgb(root / relative, target=(480, 270))[0]
+    except UnreadableImage:
+        return None
+
+
+def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
+    artifact, summary = run.artifact, json.loads(run.artifact.file("summary.json").read_text())
+    section = Section(title=f"run {summary['name']} ({summary['head']}, {'x'.join(map(str, summary['input_size']))})")
+    section.numbers = {
+        "artifact": str(artifact.path),
+        "valid log loss": _fmt(summary["valid_logloss"]),
+        "valid accuracy": _fmt(summary["valid_accuracy"]),
+        "prior log loss": _fmt(summary["prior_logloss"]),
+    }
+    if summary.get("tta_views", 1) > 1:
+        section.numbers["valid log loss without TTA"] = _fmt(summary["valid_logloss_without_tta"])
+    for key in ("valid_iou", "valid_pointing"):
+        if key in summary:
+            section.numbers[key.replace("_", " ")] = _fmt(summary[key])
+    metrics = pd.read_csv(artifact.file("metrics.csv"))
+    section.figures.append((viz.training_curves(metrics, out / f"{prefix}curves.png").name, "training curves per fold"))
+
+    predictions = read_predictions(artifact)
+    validated = predictions.validated
+    labels, probs = predictions.oof_labels(), predictions.oof_probs()
+    classes = predictions.classes
+    matrix = np.zeros((len(classes), len(classes)), dtype=int)
+    np.add.at(matrix, (labels, probs.argmax(axis=1)), 1)
+    section.figures.append((viz.confusion_matrices(matrix, classes, out / f"{prefix}confusion.png").name, "out-of-fold confusion matrix"))
+    section.tables.append(("per class, out of fold", pd.DataFrame(per_class_scores(labels, probs, classes))))
+
+    paths = ctx.dataset().images.set_index("image").path
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1))
+    worst = np.argsort(-losses)[:TOP_LOSSES]
+    panels = []
+    for i in worst:
+        image = validated.image.iloc[i]
+        photo = _photo(ctx.data_dir, paths.get(image, ""))
+        if photo is not None:
+            guess = int(probs[i].argmax())
+            panels.append((photo, f"{image}: true {classes[labels[i]]}, said {classes[guess]} {probs[i, guess]:.2f} (loss {losses[i]:.2f})", []))
+    if panels:
+        section.figures.append((viz.image_grid(panels, out / f"{prefix}top_losses.png").name, "validation images with the highest loss"))
+
+    if artifact.file("oof_boxes.csv").is_file():
+        _box_figures(ctx, run, out, prefix, section, paths)
+    if run.loaded.config.head is not None and run.loaded.config.head.kind in list_heatmap_heads():
+        _attention(ctx, run, out, prefix, section)
+    return section
+
+
+def _features(ctx: Context, run: Run) -> Artifact:
+    from fishcomp.stages.precompute import precompute_key
+
+    found = ctx.cache.find("precompute", precompute_key(ctx, run.loaded))
+    if found is None:
+        raise FishcompError(f"{run.artifact.path}: its features are no longer in {ctx.work_dir}; run the config again")
+    return _artifact(found)
+
+
+def _box_figures(ctx: Context, run: Run, out: Path, prefix: str, section: Section, paths) -> None:
+    from fishcomp.stages.precompute import load_index
+    from fishcomp.stages.train import normalised_boxes
+
+    index = load_index(_features(ctx, run)).set_index("image")
+    predicted = pd.read_csv(run.artifact.file("oof_boxes.csv")).set_index("image")
+    train = index.loc[predicted.index]
+    truth = normalised_boxes(train.reset_index())
+    guess = predicted[["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=np.float32)
+    have = ~np.isnan(truth).any(axis=1) & ~np.isnan(guess).any(axis=1)
+    if not have.any():
+        return
+    ious = box_iou(guess[have], truth[have])
+    section.numbers["mean box IoU (validation images with a box)"] = _fmt(float(ious.mean()))
+    section.figures.append((viz.histogram(ious, out / f"{prefix}iou.png", "box IoU, validation", "IoU").name, "IoU histogram"))
+    panels = []
+    for image, true_box, box, iou in list(zip(predicted.index[have], truth[have], guess[have], ious))[:SAMPLES]:
+        photo = _photo(ctx.data_dir, paths.get(image, ""))
+        if photo is not None:
+            panels.append((photo, f"{image}: IoU {iou:.2f}", [(true_box, "lime"), (box, "red")]))
+    section.figures.append((viz.image_grid(panels, out / f"{prefix}boxes_valid.png").name, "validation: true box green, predicted red"))
+    for split in ("test_stg1", "test_stg2"):
+        if run.artifact.file(f"{split}_boxes.csv").is_file():
+            test = pd.read_csv(run.artifact.file(f"{split}_boxes.csv")).head(SAMPLES)
+            panels = []
+            for row in test.itertuples(index=False):
+                photo = _photo(ctx.data_dir, paths.get(row.image, ""))
+                if photo is not None:
+                    panels.append((photo, row.image, [(np.array([row.box_x, row.box_y, row.box_w, row.box_h]), "red")]))
+            section.figures.append((viz.image_grid(panels, out / f"{prefix}boxes_{split}.png").name, f"{split}: predicted boxes"))
+            break
+
+
+def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:
+    """The attention-vs-box score, over every validation image with a box."""
+    from fishcomp.stages.heatmap import candidates, class_maps, draw_heatmaps
+    from fishcomp.stages.train import normalised_boxes
+
+    features = _features(ctx, run)
+    chosen = candidates(run.artifact, features, "valid")
+    boxes = normalised_boxes(chosen)
+    boxed = chosen[~np.isnan(boxes).any(axis=1)].reset_index(drop=True)
+    if boxed.empty:
+        section.notes.append("no validation image has a box: no attention score")
+        return
+    probs, maps = class_maps(run.artifact, features, "valid", boxed, resolve_device("cpu"))
+    scores = attention_scores(maps, normalised_boxes(boxed))
+    section.numbers.update(
+        {
+            "attention: heatmap peak inside the box (pointing)": _fmt(scores["pointing"]),
+            "attention: share of heatmap mass inside the box": _fmt(scores["mass"]),
+            "attention: chance (mean box area / image area)": _fmt(scores["chance"]),
+            "attention: images with a box": str(scores["images"]),
+        }
+    )
+    classes = json.loads(features.file("meta.json").read_text())["classes"]
+    folder = out / f"{prefix}heatmaps"
+    _, grid = draw_heatmaps(ctx.data_dir, classes, "valid", boxed.head(SAMPLES), probs[:SAMPLES], maps[:SAMPLES], folder)
+    section.figures.append((f"{folder.name}/{grid.name}", "predicted-class heatmaps on validation images (true box green)"))
+
+
+def ensemble_section(run: Run, out: Path, prefix: str) -> Section:
+    summary = json.loads(run.artifact.file("summary.json").read_text())
+    section = Section(title=f"ensemble {summary['name']} ({summary['method']}, weights {summary.get('weights', 'given')})")
+    section.numbers = {"artifact": str(run.artifact.path), "blend valid log loss": _fmt(summary["valid_logloss"])}
+    if summary.get("valid_logloss_cross_fitted") is not None:
+        section.numbers["blend with weights fitted on the other folds"] = _fmt(summary["valid_logloss_cross_fitted"])
+    members = summary["members"]
+    section.tables.append(("members", pd.DataFrame(members).drop(columns=["artifact"], errors="ignore")))
+    names = [m["name"] for m in members] + ["blend"]
+    values = [m["valid_logloss"] for m in members] + [summary["valid_logloss"]]
+    section.figures.append((viz.bar_chart(names, values, out / f"{prefix}members.png", "out-of-fold log loss", highlight="blend").name, "members vs blend"))
+    if len(run.members) > 1:
+        predictions = [read_predictions(m.artifact) for m in run.members]
+        flat = np.stack([p.oof_probs().ravel() for p in predictions])
+        corr = np.corrcoef(flat)
+        labels = [json.loads(m.artifact.file("summary.json").read_text())["name"] for m in run.members]
+        section.figures.append(
+            (viz.matrix_plot(corr, labels, labels, out / f"{prefix}correlation.png", "correlation of out-of-fold probabilities").name, "member correlation")
+        )
+    return section
+
+
+def _looks_like_night(photo) -> bool:
+    """Night infrared frames are dark and nearly colourless (or green-tinted)."""
+    array = np.asarray(photo.resize((64, 36)), dtype=np.float32)
+    brightness = array.mean()
+    red, green, blue = array[..., 0].mean(), array[..., 1].mean(), array[..., 2].mean()
+    saturation = (array.max(axis=2) - array.min(axis=2)).mean()
+    return brightness < 90 and (saturation < 20 or green > (red + blue) / 2 + 12)
+
+
+def dataset_section(ctx: Context, out: Path) -> Section:
+    dataset = ctx.dataset()
+    train = dataset.images[dataset.images.split == "train"].reset_index(drop=True)
+    classes = dataset.classes
+    section = Section(title=f"dataset {dataset.root}")
+    counts = train.label.value_counts().reindex(range(len(classes)), fill_value=0).to_numpy()
+    section.figures.append((viz.bar_chart(classes, counts.astype(float).tolist(), out / "data_classes.png", "train images per class").name, "class counts"))
+    sizes, nights = [], []
+    with progress("report: reading image sizes", len(train)) as advance:
+        for path in train.path:
+            try:
+                width, height = read_size(dataset.root / path)
+                sizes.append(f"{width}x{height}")
+            except UnreadableImage:
+                sizes.append("unreadable")
+            advance(1)
+    train["size"] = sizes
+    table = pd.crosstab(train["size"], train.label.map(lambda i: classes[i])).reindex(columns=classes, fill_value=0)
+    section.tables.append(("train image size x class (size identifies the boat)", table.reset_index()))
+    section.figures.append(
+        (viz.matrix_plot(table.to_numpy(dtype=float), list(table.index), classes, out / "data_size_class.png", "images per size and class", fmt="{:.0f}").name, "size x class")
+    )
+    folds = assign_folds(train.label.to_numpy(), SplitConfig(kind="kfold", folds=5))
+    by_size, prior = size_only_log_loss(train.label.to_numpy(), train["size"].to_numpy(), folds, len(classes))
+    section.numbers = {
+        "train images": str(len(train)),
+        "log loss from image size alone (5-fold)": _fmt(by_size),
+        "log loss of the class prior (same folds)": _fmt(prior),
+    }
+    annotations = ctx.annotations(RunConfig().data)
+    boxed = train.image.map(lambda name: annotations.largest(name) is not None)
+    coverage = boxed.groupby(train.label.map(lambda i: classes[i])).mean().reindex(classes)
+    section.tables.append(("share of train images with an annotated box", coverage.rename("with box").reset_index().rename(columns={"label": "class"})))
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(classes):
+        mine = train[train.label == index]
+        if mine.empty:
+            continue
+        picked = mine.iloc[rng.permutation(len(mine))[:SAMPLES]]
+        panels = []
+        for row in picked.itertuples(index=False):
+            photo = _photo(dataset.root, row.path)
+            if photo is not None:
+                panels.append((photo, f"{row.image} ({row.size})", []))
+                nights.append(_looks_like_night(photo))
+        if panels:
+            section.figures.append((viz.image_grid(panels, out / f"data_contact_{name}.png").name, f"contact sheet: {name}"))
+    if nights:
+        section.numbers["night share (estimated on the contact-sheet images)"] = f"{np.mean(nights):.2f}"
+    return section
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, classes="table")
+
+
+def write_page(sections: list[Section], out: Path) -> Path:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>fishcomp report</title><style>",
+        "body{font-family:sans-serif;max-width:1300px;margin:auto;padding:1em} img{max-width:100%;border:1px solid #ddd}"
+        " table{border-collapse:collapse;margin:.5em 0} td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:right}"
+        " dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px} dt{color:#555}",
+        "</style></head><body><h1>fishcomp report</h1>",
+    ]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2><dl>")
+        for name, value in section.numbers.items():
+            parts.append(f"<dt>{html.escape(name)}</dt><dd class='number' data-name='{html.escape(name)}'>{html.escape(value)}</dd>")
+        parts.append("</dl>")
+        for note in section.notes:
+            parts.append(f"<p>{html.escape(note)}</p>")
+        for caption, frame in section.tables:
+            parts.append(f"<h3>{html.escape(caption)}</h3>{_table_html(frame)}")
+        for name, caption in section.figures:
+            parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    page = out / "index.html"
+    write_atomic(page, "\n".join(parts))
+    return page
+
+
+def report(ctx: Context, specs: list[str], out: Path, include_dataset: bool = True) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [dataset_section(ctx, out)] if include_dataset else []
+    seen: set[Path] = set()
+    for spec in specs:
+        run = _resolve(ctx, spec)
+        for item in [run, *run.members]:
+            if item.artifact.path in seen:
+                continue
+            seen.add(item.artifact.path)
+            prefix = f"{item.artifact.path.name}_"
+            if item.stage == "ensemble":
+                sections.append(ensemble_section(item, out, prefix))
+            else:
+                sections.append(train_section(ctx, item, out, prefix))
+    page = write_page(sections, out)
+    info(f"report     wrote   {page}")
+    return page

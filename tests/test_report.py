@@ -1,0 +1,114 @@
+"""`fishcomp report`: the page, its PNGs and its numbers, and the scores it is built on."""
+
+import json
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fishcomp.metrics import attention_scores, size_only_log_loss
+
+from conftest import CONFIGS, TINY, run_cli
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.numbers, self._name = [], {}, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "dd" and attrs.get("class") == "number":
+            self._name = attrs["data-name"]
+            self.numbers.setdefault(self._name, [])
+
+    def handle_data(self, data):
+        if self._name is not None:
+            self.numbers[self._name].append(data.strip())
+            self._name = None
+
+
+@pytest.fixture(scope="module")
+def report_page(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    blend = root / "blend.yaml"
+    blend.write_text(
+        "name: blend\nensemble:\n  weights: fitted\n  members:\n"
+        f"    - {{config: {CONFIGS / 'bbox.yaml'}}}\n    - {{config: {CONFIGS / 'fcn.yaml'}}}\n"
+    )
+    args = ["report", blend, "--data", tiny_data, "--work", root / "work", "--out", root / "out", "--set", "precompute.size=[224,224]"]
+    for override in TINY:
+        args += ["--set", override]
+    return root, args
+
+
+def test_the_page_its_pictures_and_its_numbers(report_page, capsys):
+    root, args = report_page
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    page = root / "out" / "index.html"
+    assert f"report     wrote   {page}" in stdout
+    parser = _Page()
+    parser.feed(page.read_text())
+    assert len(parser.images) >= 15
+    for name in parser.images:
+        with Image.open(root / "out" / name) as image:
+            image.load()
+            assert image.format == "PNG" and image.width > 100
+    names = set(parser.images)
+    assert {"data_classes.png", "data_size_class.png"} <= names
+    assert any(n.endswith("_iou.png") for n in names) and any(n.endswith("_boxes_valid.png") for n in names)
+    assert any("heatmaps/grid.png" in n for n in names) and any(n.endswith("_correlation.png") for n in names)
+    assert any(n.endswith("_top_losses.png") for n in names) and any(n.endswith("_confusion.png") for n in names)
+
+    # The numbers on the page are the runs' own.
+    for folder in (root / "work" / "train").glob("*-*"):
+        summary = json.loads((folder / "summary.json").read_text())
+        shown = [v for v in parser.numbers["valid log loss"]]
+        assert f"{summary['valid_logloss']:.4f}" in shown
+    blend = json.loads(next((root / "work" / "ensemble").glob("blend-*/summary.json")).read_text())
+    assert parser.numbers["blend valid log loss"] == [f"{blend['valid_logloss']:.4f}"]
+    pointing, chance = (float(parser.numbers[k][0]) for k in ("attention: heatmap peak inside the box (pointing)", "attention: chance (mean box area / image area)"))
+    assert 0 <= pointing <= 1 and 0 < chance < 0.5
+    by_size, prior = (float(parser.numbers[k][0]) for k in ("log loss from image size alone (5-fold)", "log loss of the class prior (same folds)"))
+    assert by_size < prior  # synthetic boats leak their class mix through the image size, as real ones do
+
+
+def test_a_run_can_be_named_by_its_artifact_folder(report_page, capsys):
+    root, args = report_page
+    folder = next((root / "work" / "train").glob("bbox-*"))
+    code, stdout, stderr = run_cli(["report", folder, *args[2:6], "--out", root / "by_folder"], capsys)
+    assert code == 0, stderr
+    assert re.search(r"bbox-\w+_boxes_valid\.png", (root / "by_folder" / "index.html").read_text())
+
+
+def test_a_bad_run_name_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    code, _, stderr = run_cli(["report", tmp_path, "--data", tiny_data, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "not a finished train or ensemble artifact" in stderr
+
+
+def test_attention_scores_are_one_when_the_peak_is_in_the_box_and_chance_when_random():
+    rng = np.random.default_rng(0)
+    boxes = np.column_stack([rng.uniform(0, 0.7, 400), rng.uniform(0, 0.7, 400), np.full(400, 0.2), np.full(400, 0.25)])
+    maps = rng.normal(size=(400, 12, 20))
+    random = attention_scores(maps, boxes)
+    assert random["chance"] == pytest.approx(0.05)
+    assert abs(random["pointing"] - 0.05) < 0.03 and abs(random["mass"] - 0.05) < 0.02
+    aimed = maps.copy()
+    for i, (x, y, w, h) in enumerate(boxes):
+        aimed[i, int((y + h / 2) * 12), int((x + w / 2) * 20)] = 50.0
+    assert attention_scores(aimed, boxes)["pointing"] == 1.0
+
+
+def test_size_only_log_loss_is_the_prior_without_information_and_far_lower_with_it():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 8, 500)
+    folds = np.arange(500) % 5
+    same, prior = size_only_log_loss(labels, np.full(500, "1280x720"), folds, 8)
+    assert same == pytest.approx(prior)
+    telling, prior = size_only_log_loss(labels, np.array([f"{100 + label}x100" for label in labels]), folds, 8)
+    assert telling < prior / 5
