@@ -31,7 +31,7 @@ class FinetuneFolds:
         self.pooled = np.asarray(load_features(features_artifact, "train", "pooled"), dtype=np.float32)[data.usable]
         self.paths = data.usable_index.path.to_numpy()
         self.test_paths = {split: data.index[data.index.split == split].path.to_numpy() for split in data.test_splits}
-        augment = self.precompute.augment
+        augment = config.precompute.augment  # its transforms; the resolved precompute drops the copies
         self.transform = build_transform(augment.transforms if augment else DEFAULT_AUGMENT) if self.head.augment else None
 
     # -- pieces -----------------------------------------------------------------------------------

@@ -42,10 +42,15 @@ def resolved_precompute(loaded: LoadedConfig) -> PrecomputeConfig:
     config = loaded.config
     needs_map = config.head is not None and head_uses_map(config.head)
     tta = config.precompute.tta
-    # One view is the original alone: no TTA, and the same artifact as without the section.
-    return config.precompute.model_copy(
-        update={"spatial": config.precompute.spatial or needs_map, "tta": tta if tta is not None and tta.views > 1 else None}
-    )
+    update = {
+        "spatial": config.precompute.spatial or needs_map,
+        # One view is the original alone: no TTA, and the same artifact as without the section.
+        "tta": tta if tta is not None and tta.views > 1 else None,
+    }
+    if config.head is not None and config.head.kind == "finetune":
+        # Fine-tuning augments decoded images itself; it reads only the original pooled features.
+        update.update(augment=None, tta=None)
+    return config.precompute.model_copy(update=update)
 
 
 def precompute_key(ctx: Context, loaded: LoadedConfig) -> str:

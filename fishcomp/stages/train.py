@@ -31,7 +31,9 @@ from fishcomp.models.heads import head_uses_map
 from fishcomp.models.losses import box_iou, head_loss, pointing_hits
 from fishcomp.stages.context import Context, resolve_device
 from fishcomp.stages.feature_sets import FeatureSet, concat, predict
-from fishcomp.stages.precompute import ensure_precompute, load_augmented, load_features, load_index, load_views
+from fishcomp.stages.precompute import (
+    ensure_precompute, load_augmented, load_features, load_index, load_views, resolved_precompute,
+)
 from fishcomp.stages.predictions import Predictions, read_predictions
 
 STAGE = "train"
@@ -49,8 +51,8 @@ def train_key(precompute_key: str, loaded: LoadedConfig, pseudo_key: str | None 
 
 def _tta_combine(loaded: LoadedConfig) -> str | None:
     """How test-time views are combined, when the features have them (precompute.tta)."""
-    tta = loaded.config.precompute.tta
-    return tta.combine if tta is not None and tta.views > 1 else None
+    tta = resolved_precompute(loaded).tta
+    return tta.combine if tta is not None else None
 
 
 def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = ()) -> Artifact:
@@ -304,7 +306,7 @@ class FoldResult:
     checkpoint: dict
 
 
-def _prepare(loaded: LoadedConfig, features_artifact: Artifact) -> TrainData:
+def prepare_training(loaded: LoadedConfig, features_artifact: Artifact) -> TrainData:
     config = loaded.config
     meta = json.loads(features_artifact.file("meta.json").read_text())
     classes = meta["classes"]
@@ -327,7 +329,7 @@ def _prepare(loaded: LoadedConfig, features_artifact: Artifact) -> TrainData:
     )
 
 
-class _CachedFeatureFolds:
+class CachedFeatureFolds:
     """Trains a head on the cached features, one fold at a time."""
 
     def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None):
@@ -390,17 +392,21 @@ class _CachedFeatureFolds:
         }
 
 
+def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None = None):
+    """The fold trainer for the config's head: cached features, or fine-tuning on images."""
+    if data.loaded.config.head.kind == "finetune":
+        from fishcomp.stages.finetune import FinetuneFolds
+
+        return FinetuneFolds(data, ctx.dataset().root, features_artifact)
+    return CachedFeatureFolds(data, features_artifact, pseudo_source)
+
+
 def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None) -> dict:
     import torch
 
     config = loaded.config
-    data = _prepare(loaded, features_artifact)
-    if config.head.kind == "finetune":
-        from fishcomp.stages.finetune import FinetuneFolds
-
-        trainer = FinetuneFolds(data, ctx.dataset().root, features_artifact)
-    else:
-        trainer = _CachedFeatureFolds(data, features_artifact, pseudo_source)
+    data = prepare_training(loaded, features_artifact)
+    trainer = make_trainer(ctx, data, features_artifact, pseudo_source)
     labels, folds, classes = data.labels, data.folds, data.classes
     n_folds = fold_count(folds)
     oof = np.full((len(labels), len(classes)), np.nan)

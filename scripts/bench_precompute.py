@@ -1,0 +1,114 @@
+"""Precompute speed against the bare backbone, and memory against the number of images.
+
+    python scripts/bench_precompute.py [--images 96] [--sizes 224x224 360x640]
+
+Speed: images per second of the real precompute stage (decode, resize, backbone, float16
+memory-mapped writes) on synthetic camera-sized JPEGs, against the backbone's forward pass alone
+on random tensors of the same shape, batch size and torch thread count, in the same process.
+Memory: the peak RSS (main process plus loader workers) of `fishcomp precompute` in a fresh
+process for N and for 4N images. Last line: `ratio=<precompute/bare at the first size> target=0.85`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "dense.yaml"
+
+
+def make_data(root: Path, images: int) -> Path:
+    from fishcomp.data.synth import synthesize
+
+    if not (root / "train").is_dir():
+        synthesize(root, n_train=images, n_test=1, n_stage2=0, seed=11)
+    return root
+
+
+def bare_backbone(size: tuple[int, int], batch_size: int, images: int) -> float:
+    """Images per second of forward_features + pooling on random tensors: the ceiling."""
+    import torch
+
+    from fishcomp.config import PrecomputeConfig
+    from fishcomp.models.backbones import create_backbone
+
+    model = create_backbone(PrecomputeConfig(size=size)).model.to(memory_format=torch.channels_last)
+    batch = torch.randn(batch_size, 3, *size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        model.forward_head(model.forward_features(batch), pre_logits=True)  # warm-up
+        started, done = time.perf_counter(), 0
+        while done < images:
+            model.forward_head(model.forward_features(batch), pre_logits=True)
+            done += batch_size
+    return done / (time.perf_counter() - started)
+
+
+def precompute_speed(data: Path, size: tuple[int, int], work: Path) -> tuple[float, dict]:
+    from fishcomp.config import load_config
+    from fishcomp.stages.context import Context
+    from fishcomp.stages.precompute import ensure_precompute
+
+    loaded = load_config(CONFIG, [f"precompute.size=[{size[0]},{size[1]}]"])
+    artifact = ensure_precompute(Context(data_dir=data, work_dir=work), loaded)
+    meta = json.loads(artifact.file("meta.json").read_text())
+    return meta["images_per_second"], meta
+
+
+def peak_rss_mib(data: Path, work: Path) -> float:
+    """Peak RSS of a fresh `fishcomp precompute` process and its loader workers, in MiB."""
+    code = (
+        "import resource, sys; from fishcomp.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print('RSS', own + workers)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "precompute", "-c", str(CONFIG), "--data", str(data), "--work", str(work)],
+        capture_output=True, text=True, env={**os.environ, "FISHCOMP_NO_PROGRESS": "1"}, check=True,
+    )
+    line = [l for l in result.stdout.splitlines() if l.startswith("RSS")][-1]
+    return int(line.split()[1]) / 1024
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--sizes", nargs="*", default=["224x224", "360x640"])
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("FISHCOMP_NO_PROGRESS", "1")
+    from fishcomp.stages.precompute import loader_workers
+
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"{loader_workers('auto')} loader worker(s)")
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_data(tmp / "data", args.images)
+        for text in args.sizes:
+            size = tuple(int(v) for v in text.split("x"))
+            fast, meta = precompute_speed(data, size, tmp / f"work-{text}")
+            bare = bare_backbone(size, 32, meta["counts"]["total"])
+            ratios.append(fast / bare)
+            print(f"{text}: precompute {fast:.1f} img/s, bare backbone {bare:.1f} img/s, ratio {fast / bare:.2f}")
+        if not args.skip_memory:
+            small = peak_rss_mib(data, tmp / "rss-n")
+            large_data = make_data(tmp / "data4", 4 * args.images)
+            large = peak_rss_mib(large_data, tmp / "rss-4n")
+            print(f"peak RSS: {args.images} images {small:.0f} MiB, {4 * args.images} images {large:.0f} MiB, "
+                  f"ratio {large / small:.2f} (target <= 1.2)")
+    print(f"ratio={ratios[0]:.3f} target=0.85")
+
+
+if __name__ == "__main__":
+    main()
