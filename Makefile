@@ -8,10 +8,11 @@ CONFIG ?= configs/pipeline.yaml
 DATA ?= data
 WORK ?= artifacts
 OUT ?= submission.csv
+REPORT ?= reports/demo
 FISHCOMP := $(BIN)/fishcomp
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test compare precompute train ensemble submit run check clean clean-all
+.PHONY: help install data demo test compare report bench precompute train ensemble submit run check clean clean-all
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -31,14 +32,23 @@ $(DATA)/train:
 
 data: $(STAMP) $(DATA)/train ## Generate the synthetic dataset into DATA (if none is there)
 
-demo: install data ## Synthetic data -> features -> heads -> ensemble -> validated submission.csv
+demo: install data ## Synthetic data -> features -> heads -> ensemble -> validated submission.csv -> report
 	$(FISHCOMP) run -c $(CONFIG) --data $(DATA) --work $(WORK) --out $(OUT)
+	$(FISHCOMP) report $(CONFIG) --data $(DATA) --work $(WORK) --out $(REPORT)
+
+report: install data ## Figures + index.html for CONFIG's runs and the dataset, in REPORT
+	$(FISHCOMP) report $(CONFIG) --data $(DATA) --work $(WORK) --out $(REPORT)
 
 test: install ## Run the test suite
 	$(BIN)/python -m pytest -q
 
 compare: install data ## Train every head on DATA and print the comparison table (COMPARE_SET="--set k=v")
 	$(BIN)/python scripts/compare.py --data $(DATA) --work $(WORK) $(COMPARE_SET)
+
+bench: install ## Run the benchmark scripts (each ends with ratio=... target=...)
+	$(BIN)/python scripts/bench_precompute.py
+	$(BIN)/python scripts/bench_rerun.py --data $(DATA)
+	$(BIN)/python scripts/bench_heads.py
 
 check: install ## Check the dataset layout and print its tables
 	$(FISHCOMP) check --data $(DATA)
@@ -56,7 +66,7 @@ submit: install ## Write and validate OUT from CONFIG
 	$(FISHCOMP) submit -c $(CONFIG) --data $(DATA) --work $(WORK) --out $(OUT)
 
 clean: ## Delete the artifact cache and submissions (keeps data and .venv)
-	rm -rf $(WORK) submission*.csv
+	rm -rf $(WORK) submission*.csv reports heatmaps
 
 clean-all: clean ## Also delete the synthetic data and .venv
 	find $(DATA) -mindepth 1 ! -name README.md -exec rm -rf {} +
