@@ -20,6 +20,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from fishcomp import __version__
+from fishcomp.console import warn
 from fishcomp.errors import FishcompError
 
 MANIFEST = "manifest.json"
@@ -64,8 +65,35 @@ def _manifest_entries(folder: Path) -> dict[str, dict]:
     entries = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = file.relative_to(folder).as_posix()
-        entries[rel] = {"bytes": file.stat().st_size, "sha256": file_digest(file)}
+        stat = file.stat()
+        entries[rel] = {"bytes": stat.st_size, "sha256": file_digest(file), "mtime_ns": stat.st_mtime_ns}
     return entries
+
+
+def damage(folder: Path) -> str | None:
+    """Why a finished artifact cannot be trusted, or None when it is whole.
+
+    Sizes are checked on every lookup (cheap). A file whose modification time differs from the
+    manifest's was touched after the artifact was finished, so its SHA-256 is checked too: the
+    common case costs a stat per file, and a same-size corruption is still caught.
+    """
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest: never finished"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "unreadable manifest"
+    for rel, entry in entries.items():
+        file = folder / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        stat = file.stat()
+        if stat.st_size != entry["bytes"]:
+            return f"{rel} has {stat.st_size} bytes, the manifest says {entry['bytes']}"
+        if "mtime_ns" in entry and stat.st_mtime_ns != entry["mtime_ns"] and file_digest(file) != entry["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
 
 
 class Cache:
@@ -76,30 +104,19 @@ class Cache:
         return self.root / stage / f"{label}-{key}"
 
     def find(self, stage: str, key: str) -> Path | None:
-        """The complete artifact with this key, whatever label it was built under."""
+        """The complete, undamaged artifact with this key, whatever label it was built under."""
         stage_dir = self.root / stage
         if not stage_dir.is_dir():
             return None
         for candidate in stage_dir.glob(f"*-{key}"):
-            if self._is_whole(candidate):
+            if not candidate.name.startswith(".") and damage(candidate) is None:
                 return candidate
         return None
 
-    @staticmethod
-    def _is_whole(folder: Path) -> bool:
-        manifest = folder / MANIFEST
-        if not manifest.is_file():
-            return False
-        try:
-            entries = json.loads(manifest.read_text())["files"]
-        except (OSError, ValueError, KeyError):
-            return False
-        # Sizes are checked on every lookup (cheap); a deleted or truncated file means rebuild.
-        for rel, entry in entries.items():
-            file = folder / rel
-            if not file.is_file() or file.stat().st_size != entry["bytes"]:
-                return False
-        return True
+    def _damaged(self, stage: str, key: str) -> list[tuple[Path, str]]:
+        stage_dir = self.root / stage
+        found = [(c, damage(c)) for c in stage_dir.glob(f"*-{key}") if not c.name.startswith(".")] if stage_dir.is_dir() else []
+        return [(c, reason) for c, reason in found if reason is not None]
 
     def ensure(
         self,
@@ -116,6 +133,8 @@ class Cache:
         found = self.find(stage, key)
         if found is not None:
             return Artifact(stage, key, found, built=False)
+        for folder, reason in self._damaged(stage, key):
+            warn(f"{folder} is damaged ({reason}); rebuilding it")
         stage_dir = self.root / stage
         try:
             stage_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +146,8 @@ class Cache:
         except Timeout:
             if on_wait:
                 on_wait()
+            else:
+                warn(f"another fishcomp process is building {stage} {label}-{key}; waiting for it to finish")
             lock.acquire()  # another process builds the same artifact: wait, then use its result
         try:
             found = self.find(stage, key)

@@ -61,3 +61,64 @@ def test_write_atomic_replaces_whole(tmp_path):
     write_atomic(target, b"c,d\n")
     assert target.read_text() == "c,d\n"
     assert [p.name for p in target.parent.iterdir()] == ["s.csv"]
+
+
+@pytest.mark.parametrize(
+    "damage_it, reason",
+    [
+        (lambda path: (path / "sub" / "b.bin").unlink(), "sub/b.bin is missing"),
+        (lambda path: (path / "a.txt").write_text("alp"), "a.txt has 3 bytes"),
+        # Same size, other bytes: only the checksum can tell.
+        (lambda path: (path / "sub" / "b.bin").write_bytes(b"\x01" * 100), "sub/b.bin does not match its checksum"),
+    ],
+)
+def test_damage_after_completion_is_detected_reported_and_rebuilt(tmp_path, capsys, damage_it, reason):
+    import time
+
+    cache = Cache(tmp_path)
+    artifact = cache.ensure("stage", "label", "k4", build_two_files)
+    time.sleep(0.01)
+    damage_it(artifact.path)
+    again = cache.ensure("stage", "label", "k4", build_two_files)
+    assert again.built
+    assert f"is damaged ({reason}" in capsys.readouterr().err
+    assert cache.ensure("stage", "label", "k4", build_two_files).built is False
+
+
+def test_an_untouched_artifact_is_not_rehashed(tmp_path, monkeypatch):
+    from fishcomp import cache as cache_module
+
+    cache = Cache(tmp_path)
+    cache.ensure("stage", "label", "k5", build_two_files)
+    hashed = []
+    monkeypatch.setattr(cache_module, "file_digest", lambda path, *a: hashed.append(path) or "x")
+    assert cache.find("stage", "k5") is not None and hashed == []
+
+
+def _build_slowly(root, key, log):
+    import time
+
+    def build(folder):
+        with open(log, "a") as handle:
+            handle.write("start\n")
+        time.sleep(1.0)
+        (folder / "a.txt").write_text("alpha")
+        with open(log, "a") as handle:
+            handle.write("end\n")
+
+    Cache(root).ensure("stage", "label", key, build)
+
+
+def test_two_processes_building_the_same_artifact_never_interleave(tmp_path):
+    import multiprocessing
+
+    log = tmp_path / "log.txt"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_build_slowly, args=(tmp_path / "cache", "k6", log)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert log.read_text() == "start\nend\n"  # built once; the other waited and reused it
+    assert (Cache(tmp_path / "cache").find("stage", "k6") / "a.txt").read_text() == "alpha"
