@@ -6,8 +6,10 @@ anywhere on the line shows the traceback instead.
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,10 +34,20 @@ SetOpt = Annotated[
 OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the stage-1 submission CSV.")]
 
 
-def _context(data: Path, work: Path, overrides: list[str] | None):
+class OnBadTest(str, Enum):
+    fail = "fail"
+    prior = "prior"
+
+
+BadTestOpt = Annotated[
+    OnBadTest, typer.Option("--on-bad-test", help="An unreadable test image: fail, or predict the class prior for it.")
+]
+
+
+def _context(data: Path, work: Path, overrides: list[str] | None, on_bad_test: str = "fail"):
     from fishcomp.stages.context import Context
 
-    return Context(data_dir=data, work_dir=work, overrides=list(overrides or []))
+    return Context(data_dir=data, work_dir=work, overrides=list(overrides or []), on_bad_test=OnBadTest(on_bad_test).value)
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -74,23 +86,29 @@ def check_cli(data: DataOpt = Path("data")) -> None:
 
 
 @app.command("precompute")
-def precompute_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None) -> None:
+def precompute_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None,
+    on_bad_test: BadTestOpt = OnBadTest.fail,
+) -> None:
     """Compute (or find cached) backbone features for every model the config names."""
     from fishcomp.config import member_configs
     from fishcomp.stages.precompute import ensure_precompute
 
-    loaded, ctx = _load(config, overrides), _context(data, work, overrides)
+    loaded, ctx = _load(config, overrides), _context(data, work, overrides, on_bad_test)
     for member in member_configs(loaded) or [loaded]:
         ensure_precompute(ctx, member)
 
 
 @app.command("train")
-def train_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None) -> None:
+def train_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None,
+    on_bad_test: BadTestOpt = OnBadTest.fail,
+) -> None:
     """Train the head(s) the config names, building their features first if needed."""
     from fishcomp.config import member_configs
     from fishcomp.stages.train import ensure_train
 
-    loaded, ctx = _load(config, overrides), _context(data, work, overrides)
+    loaded, ctx = _load(config, overrides), _context(data, work, overrides, on_bad_test)
     members = member_configs(loaded)
     if not members:
         raise FishcompError(f"{config}: nothing to train (no `head:` section and no ensemble members)")
@@ -99,11 +117,14 @@ def train_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = P
 
 
 @app.command("ensemble")
-def ensemble_cli(config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None) -> None:
+def ensemble_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None,
+    on_bad_test: BadTestOpt = OnBadTest.fail,
+) -> None:
     """Blend the members the config lists (training them first if needed)."""
     from fishcomp.stages.ensemble import ensure_ensemble
 
-    ensure_ensemble(_context(data, work, overrides), _load(config, overrides))
+    ensure_ensemble(_context(data, work, overrides, on_bad_test), _load(config, overrides))
 
 
 GzipOpt = Annotated[bool, typer.Option("--gzip", help="Write the submission(s) as .csv.gz.")]
@@ -112,7 +133,7 @@ GzipOpt = Annotated[bool, typer.Option("--gzip", help="Write the submission(s) a
 @app.command("submit")
 def submit_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
-    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False,
+    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False, on_bad_test: BadTestOpt = OnBadTest.fail,
     kaggle: Annotated[bool, typer.Option("--kaggle", help="Upload with the kaggle CLI after validating (stage 2 when present).")] = False,
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="Kaggle submission message.")] = None,
 ) -> None:
@@ -123,7 +144,7 @@ def submit_cli(
     if message is not None and not kaggle:
         raise FishcompError("--message is the Kaggle submission message; add --kaggle to upload")
     loaded = _load(config, overrides)
-    artifact = ensure_submit(_context(data, work, overrides), loaded, out, gzip=gzip)
+    artifact = ensure_submit(_context(data, work, overrides, on_bad_test), loaded, out, gzip=gzip)
     if kaggle:
         import json
 
@@ -136,12 +157,12 @@ def submit_cli(
 @app.command("run")
 def run_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
-    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False,
+    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False, on_bad_test: BadTestOpt = OnBadTest.fail,
 ) -> None:
     """Run every stage the config names, in order, skipping those already cached."""
     from fishcomp.pipeline import run
 
-    run(_context(data, work, overrides), _load(config, overrides), out, gzip=gzip)
+    run(_context(data, work, overrides, on_bad_test), _load(config, overrides), out, gzip=gzip)
 
 
 @app.command("heatmap")
@@ -157,7 +178,7 @@ def heatmap_cli(
     from fishcomp.stages.heatmap import heatmaps
 
     loaded = _load(config, overrides)
-    heatmaps(_context(data, work, overrides), loaded, split, list(images or []), count, out or Path("heatmaps") / loaded.name)
+    heatmaps(_context(data, work, overrides, "prior"), loaded, split, list(images or []), count, out or Path("heatmaps") / loaded.name)
 
 
 @app.command("report")
@@ -170,7 +191,7 @@ def report_cli(
     """Write PNG figures and an index.html: curves, confusion, top losses, boxes, heatmaps, leakage."""
     from fishcomp.stages.report import report
 
-    report(_context(data, work, overrides), list(runs or []), out)
+    report(_context(data, work, overrides, "prior"), list(runs or []), out)
 
 
 @app.command("validate")
@@ -190,7 +211,24 @@ def validate_cli(
         info(f"log loss on {solution}: {score_submission(read_submission(submission), solution):.4f}")
 
 
+INTERRUPTED = "interrupted; finished artifacts are kept, the unfinished one was discarded (run again to redo it)"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so the artifact being built is
+    discarded cleanly instead of the process dying mid-write."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test runner's worker thread)
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
+    _stop_on_sigterm()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
@@ -202,15 +240,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("interrupted; completed artifacts are kept, the unfinished one was discarded", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
         # Usage errors: Typer may ship its own copy of click, so match click's exception protocol.
         if isinstance(exc, click.exceptions.Abort) or type(exc).__name__ == "Abort":
-            print("interrupted", file=sys.stderr)
+            print(INTERRUPTED, file=sys.stderr)
             sys.exit(130)
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:  # Typer turns Ctrl-C (and our SIGTERM) into a silent 130 when not standalone
+        print(INTERRUPTED, file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

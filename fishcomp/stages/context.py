@@ -19,7 +19,10 @@ class Context:
     data_dir: Path
     work_dir: Path
     overrides: list[str] = field(default_factory=list)
+    # fail: an unreadable test image stops the run; prior: it is predicted as the class prior.
+    on_bad_test: str = "fail"
     _dataset: Dataset | None = None
+    _annotations: dict[Path, Annotations] = field(default_factory=dict)
 
     @property
     def cache(self) -> Cache:
@@ -36,7 +39,13 @@ class Context:
         return Path(data.annotations) if data.annotations else self.data_dir / "annos"
 
     def annotations(self, data: DataConfig) -> Annotations:
-        return load_annotations(self.annotations_dir(data))
+        folder = self.annotations_dir(data)
+        if folder not in self._annotations:
+            loaded = self._annotations[folder] = load_annotations(folder)
+            for reason, count in sorted(loaded.counts.items()):
+                if reason != "boxes":
+                    warn(f"annotations in {folder}: {count} {reason}")
+        return self._annotations[folder]
 
     def annotations_digest(self, data: DataConfig) -> str:
         folder = self.annotations_dir(data)

@@ -101,6 +101,17 @@ class DecodedImages:
         return torch.from_numpy(np.array(array, order="C")).permute(2, 0, 1), index, orig_w, orig_h, ok, torch.from_numpy(box)
 
 
+def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A writable .npy memory map whose disk blocks are allocated up front: a full disk fails here
+    with ENOSPC (a clear error) instead of as a SIGBUS crash at some later page write."""
+    from numpy.lib.format import open_memmap
+
+    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
+    return array
+
+
 def _raw_box(annotations, name: str) -> tuple[float, float, float, float]:
     """The largest annotated box in original pixels (unclipped: sizes are known only once decoded)."""
     box = annotations.largest(name)
@@ -123,6 +134,18 @@ def ensure_precompute(ctx: Context, loaded: LoadedConfig) -> Artifact:
     meta = json.loads(artifact.file("meta.json").read_text())
     detail = f"{meta['counts']['total']} images, {meta['images_per_second']:.1f} img/s" if artifact.built else ""
     stage_line(STAGE, artifact.built, artifact.path, detail)
+    train_bad = [path for path in meta["unreadable"] if path.startswith("train/")]
+    if train_bad:
+        warn(f"{len(train_bad)} unreadable train image(s) skipped (listed in {artifact.file('meta.json')})")
+    test_bad = [path for path in meta["unreadable"] if not path.startswith("train/")]
+    if test_bad:
+        listed = ", ".join(test_bad[:5]) + (" ..." if len(test_bad) > 5 else "")
+        if ctx.on_bad_test != "prior":
+            raise FishcompError(
+                f"{len(test_bad)} unreadable test image(s): {listed}; replace them, or pass --on-bad-test prior "
+                "to predict the class prior for them"
+            )
+        warn(f"{len(test_bad)} unreadable test image(s) will be predicted as the class prior: {listed}")
     return artifact
 
 
@@ -148,8 +171,6 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     map_shape = tuple(probe.shape[1:])
     pooled_dim = backbone.num_features
 
-    from numpy.lib.format import open_memmap
-
     splits = images.split.to_numpy()
     position = np.zeros(len(images), dtype=np.int64)
     for split in images.split.unique():
@@ -158,8 +179,8 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     augment, tta = config.augment, config.tta
 
     def arrays(name: str, count: int, leading: tuple[int, ...] = ()) -> tuple[np.memmap, np.memmap | None]:
-        pooled = open_memmap(tmp / f"{name}_pooled.npy", mode="w+", dtype=np.float16, shape=leading + (count, pooled_dim))
-        spatial = open_memmap(tmp / f"{name}_map.npy", mode="w+", dtype=np.float16, shape=leading + (count,) + map_shape) if config.spatial else None
+        pooled = reserved_memmap(tmp / f"{name}_pooled.npy", np.float16, leading + (count, pooled_dim))
+        spatial = reserved_memmap(tmp / f"{name}_map.npy", np.float16, leading + (count,) + map_shape) if config.spatial else None
         return pooled, spatial
 
     # Pass 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
@@ -168,7 +189,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     if augment:
         augment_transform = build_transform(augment.transforms)
         augmented = arrays("train_aug", len(train_rows), (augment.copies,))
-        augmented_boxes = open_memmap(tmp / "train_aug_boxes.npy", mode="w+", dtype=np.float32, shape=(augment.copies, len(train_rows), 4))
+        augmented_boxes = reserved_memmap(tmp / "train_aug_boxes.npy", np.float32, (augment.copies, len(train_rows), 4))
         passes += [("augment", augment_transform, c) for c in range(augment.copies)]
     if tta:
         tta_transform = build_transform(tta.transforms)
@@ -227,12 +248,10 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
 
     index = images.assign(width=sizes[:, 0], height=sizes[:, 1], ok=ok)
     bad = index[~index.ok]
-    bad_test = bad[bad.split != "train"]
-    if len(bad_test):
-        listed = ", ".join(bad_test.path.head(5)) + (" ..." if len(bad_test) > 5 else "")
-        raise FishcompError(f"{len(bad_test)} unreadable test image(s): {listed}")
-    for path in bad.path:
-        warn(f"unreadable image skipped: {path}")
+    # Unreadable test images are recorded, not fatal here: whether they stop the run is the
+    # caller's choice (--on-bad-test), checked on every use of the artifact, cached or not.
+    for path in bad[bad.split == "train"].path:
+        warn(f"unreadable train image skipped: {path}")
 
     boxes = np.full((len(index), 4), np.nan)
     box_counts = {"train images with a box": 0, "boxes clipped": 0, "boxes outside the image dropped": 0}

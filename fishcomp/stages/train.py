@@ -436,9 +436,15 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
     oof_frame.insert(0, "label", labels)
     oof_frame.insert(0, "image", data.usable_index.image.to_numpy())
     tests = {}
+    prior = np.bincount(labels, minlength=len(classes)) + 1.0
     for split in data.test_splits:
-        tests[split] = pd.DataFrame(np.mean(test_probs[split], axis=0), columns=classes)
-        tests[split].insert(0, "image", data.index[data.index.split == split].image.to_numpy())
+        split_index = data.index[data.index.split == split]
+        probs = np.mean(test_probs[split], axis=0)
+        # An unreadable test image (allowed by --on-bad-test prior) gets the class prior, not a
+        # prediction from the zeros that stand in for its features.
+        probs[~split_index.ok.to_numpy(dtype=bool)] = prior / prior.sum()
+        tests[split] = pd.DataFrame(probs, columns=classes)
+        tests[split].insert(0, "image", split_index.image.to_numpy())
     Predictions(classes=list(classes), oof=oof_frame, tests=tests).write(tmp)
     pd.DataFrame(records).to_csv(tmp / "metrics.csv", index=False)
 

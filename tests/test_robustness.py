@@ -1,0 +1,158 @@
+"""Nothing lost, nothing silent: bad inputs and faults, case by case, through the real CLI."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fishcomp.data.images import load_rgb
+
+from conftest import CONFIGS, run_cli
+
+QUICK = ["--set", "split.kind=holdout", "--set", "train.phases=[{epochs: 2, lr: 1.0e-3}]", "--set", "train.batch_size=32"]
+
+
+@pytest.fixture
+def data(tiny_data, tmp_path):
+    """A private copy of the tiny dataset, to break."""
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_data, copy)
+    return copy
+
+
+def _train(data, work, capsys, *extra):
+    return run_cli(["train", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", work, *QUICK, *extra], capsys)
+
+
+def _no_traceback(stderr):
+    assert "Traceback" not in stderr
+
+
+def _break_files(folder):
+    (folder / "zero.jpg").write_bytes(b"")
+    good = next(p for p in sorted(folder.iterdir()) if p.suffix == ".jpg" and p.stat().st_size > 0)
+    (folder / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    (folder / "notes.jpg").write_text("not an image at all")
+
+
+def test_unreadable_train_files_are_skipped_counted_and_reported(data, tmp_path, capsys):
+    _break_files(data / "train" / "ALB")
+    code, stdout, stderr = _train(data, tmp_path / "work", capsys)
+    assert code == 0, stderr
+    _no_traceback(stderr)
+    assert "3 unreadable train image(s) left out of training" in stderr
+    meta = json.loads(next((tmp_path / "work" / "precompute").glob("eff*/meta.json")).read_text())
+    assert sorted(meta["unreadable"]) == ["train/ALB/notes.jpg", "train/ALB/truncated.jpg", "train/ALB/zero.jpg"]
+    summary = json.loads(next((tmp_path / "work" / "train").glob("dense-*/summary.json")).read_text())
+    assert summary["train_images"] == 120
+
+
+def test_unreadable_test_files_stop_the_run_unless_the_prior_is_asked_for(data, tmp_path, capsys):
+    _break_files(data / "test_stg1")
+    for name in ("zero.jpg", "truncated.jpg", "notes.jpg"):  # the sample submission lists them too
+        with open(data / "sample_submission_stg1.csv", "a") as handle:
+            handle.write(f"{name}," + ",".join(["0.125"] * 8) + "\n")
+    work, out = tmp_path / "work", tmp_path / "sub.csv"
+    command = ["run", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", work, "--out", out, *QUICK]
+    code, _, stderr = run_cli(command, capsys)
+    assert code == 2 and "3 unreadable test image(s): test_stg1/notes.jpg, test_stg1/truncated.jpg, test_stg1/zero.jpg" in stderr
+    assert "--on-bad-test prior" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = run_cli([*command, "--on-bad-test", "prior"], capsys)
+    assert code == 0, stderr
+    assert "3 unreadable test image(s) will be predicted as the class prior" in stderr
+    submission = pd.read_csv(out).set_index("image")
+    bad = submission.loc[["zero.jpg", "truncated.jpg", "notes.jpg"]].to_numpy()
+    assert np.allclose(bad, bad[0]) and not np.allclose(submission.drop(index=["zero.jpg", "truncated.jpg", "notes.jpg"]).iloc[0], bad[0])
+    # The same cached features without the option still stop.
+    code, _, stderr = run_cli(command, capsys)
+    assert code == 2 and "unreadable test image" in stderr
+
+
+def test_an_unknown_class_folder_is_skipped_and_an_empty_class_still_trains(data, tmp_path, capsys):
+    (data / "train" / "SALMON").mkdir()
+    Image.new("RGB", (64, 36)).save(data / "train" / "SALMON" / "img_salmon.jpg")
+    shutil.rmtree(data / "train" / "LAG")
+    (data / "train" / "LAG").mkdir()
+    code, _, stderr = _train(data, tmp_path / "work", capsys)
+    assert code == 0, stderr
+    assert "SALMON" in stderr and "LAG" in stderr
+    assert "no train images of LAG" in stderr
+    oof = pd.read_csv(next((tmp_path / "work" / "train").glob("dense-*/oof.csv")))
+    assert "img_salmon.jpg" not in set(oof.image)
+
+
+def test_annotation_problems_are_counted_warnings(data, tmp_path, capsys):
+    extra = [
+        {"filename": "img_99999.jpg", "annotations": [{"class": "rect", "x": 1, "y": 1, "width": 5, "height": 5}]},
+        {"filename": "whatever.jpg", "annotations": [{"class": "salmon", "x": 1, "y": 1, "width": 5, "height": 5}]},
+        {"filename": "x.jpg", "annotations": [{"class": "rect", "x": 1, "y": 1, "width": -5, "height": 5}]},
+    ]
+    (data / "annos" / "zz_labels.json").write_text(json.dumps(extra))
+    code, _, stderr = _train(data, tmp_path / "work", capsys)
+    assert code == 0, stderr
+    assert "1 non-rect annotations ignored" in stderr
+    assert "1 rects with non-positive size dropped" in stderr
+    assert "annotation entries name no train image" in stderr
+    (data / "annos" / "zz_labels.json").write_text('[{"filename": "a.jpg",\n  "annotations": [}]')
+    code, _, stderr = _train(data, tmp_path / "work2", capsys)
+    assert code == 2 and "zz_labels.json: malformed JSON at line 2" in stderr
+
+
+def test_a_huge_photo_decodes(tmp_path):
+    path = tmp_path / "huge.jpg"
+    Image.new("RGB", (8000, 6000), (30, 90, 150)).save(path, quality=70)
+    image, size = load_rgb(path, target=(640, 360))
+    assert size == (8000, 6000) and image.width >= 640 and np.asarray(image).mean() > 50
+
+
+def test_a_nan_loss_stops_with_one_line_and_keeps_no_model(data, tmp_path, capsys):
+    code, _, stderr = _train(data, tmp_path / "work", capsys, "--set", "train.phases=[{epochs: 3, lr: 1.0e+30}]")
+    assert code == 2 and "epoch" in stderr and "loss is nan" in stderr.lower() and "lower the learning rate" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not list((tmp_path / "work" / "train").glob("dense-*")) and not list((tmp_path / "work" / "train").glob(".tmp-*"))
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_artifact(data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    code, _, stderr = run_cli(["precompute", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", tmp_path / "work"], capsys)
+    assert code == 2 and "writing precompute artifact failed: No space left on device" in stderr
+    _no_traceback(stderr)
+    assert not [p for p in (tmp_path / "work" / "precompute").iterdir() if not p.name.endswith(".lock")]
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_precompute_leaves_nothing_complete_and_the_rerun_equals_a_clean_run(data, tmp_path, capsys, how):
+    work = tmp_path / "work"
+    command = [sys.executable, "-m", "fishcomp", "precompute", "-c", str(CONFIGS / "dense.yaml"), "--data", str(data),
+               "--work", str(work), "--set", "precompute.batch_size=4", "--set", "precompute.size=[320,320]"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FISHCOMP_NO_PROGRESS": "1"})
+    deadline = time.time() + 120
+    while not list(work.glob("precompute/.tmp-*/train_pooled.npy")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # some batches written, far from all
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert not [p for p in (work / "precompute").iterdir() if not p.name.endswith(".lock")]  # no half artifact, no temp folder
+
+    arrays = []
+    for folder in (work, tmp_path / "clean"):
+        code, _, stderr = run_cli(["precompute", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", folder, "--set", "precompute.size=[320,320]"], capsys)
+        assert code == 0, stderr
+        artifact = next((folder / "precompute").glob("eff*"))
+        arrays.append([np.load(artifact / f"{split}_pooled.npy") for split in ("train", "test_stg1")])
+    for a, b in zip(*arrays):
+        np.testing.assert_array_equal(a, b)
