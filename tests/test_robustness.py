@@ -90,7 +90,14 @@ def test_an_unknown_class_folder_is_skipped_and_an_empty_class_still_trains(data
 
 
 def test_annotation_problems_are_counted_warnings(data, tmp_path, capsys):
+    lag = sorted(p.name for p in (data / "train" / "LAG").iterdir())
+    with Image.open(data / "train" / "LAG" / lag[0]) as image:
+        width, height = image.size
     extra = [
+        # Partly outside: clipped. Wholly outside: dropped. Both counted.
+        # (made the largest box of their image, so they are the ones kept).
+        {"filename": lag[0], "annotations": [{"class": "rect", "x": width - 10, "y": 0, "width": width, "height": height}]},
+        {"filename": lag[1], "annotations": [{"class": "rect", "x": width + 10, "y": 0, "width": width, "height": height}]},
         {"filename": "img_99999.jpg", "annotations": [{"class": "rect", "x": 1, "y": 1, "width": 5, "height": 5}]},
         {"filename": "whatever.jpg", "annotations": [{"class": "salmon", "x": 1, "y": 1, "width": 5, "height": 5}]},
         {"filename": "x.jpg", "annotations": [{"class": "rect", "x": 1, "y": 1, "width": -5, "height": 5}]},
@@ -101,6 +108,10 @@ def test_annotation_problems_are_counted_warnings(data, tmp_path, capsys):
     assert "1 non-rect annotations ignored" in stderr
     assert "1 rects with non-positive size dropped" in stderr
     assert "annotation entries name no train image" in stderr
+    meta = json.loads(next((tmp_path / "work" / "precompute").glob("eff*/meta.json")).read_text())
+    assert meta["annotations"]["boxes clipped"] >= 1 and meta["annotations"]["boxes outside the image dropped"] >= 1
+    index = pd.read_csv(next((tmp_path / "work" / "precompute").glob("eff*/index.csv"))).set_index("image")
+    assert index.loc[lag[0], "box_x"] + index.loc[lag[0], "box_w"] <= width
     (data / "annos" / "zz_labels.json").write_text('[{"filename": "a.jpg",\n  "annotations": [}]')
     code, _, stderr = _train(data, tmp_path / "work2", capsys)
     assert code == 2 and "zz_labels.json: malformed JSON at line 2" in stderr
