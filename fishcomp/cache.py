@@ -103,6 +103,10 @@ class Cache:
     def folder(self, stage: str, label: str, key: str) -> Path:
         return self.root / stage / f"{label}-{key}"
 
+    def temp_folder(self, stage: str, label: str, key: str) -> Path:
+        """Where an artifact is built before it is published (known to every rank of a run)."""
+        return self.root / stage / f".tmp-{label}-{key}"
+
     def find(self, stage: str, key: str) -> Path | None:
         """The complete, undamaged artifact with this key, whatever label it was built under."""
         stage_dir = self.root / stage
@@ -154,7 +158,7 @@ class Cache:
             if found is not None:
                 return Artifact(stage, key, found, built=False)
             final = self.folder(stage, label, key)
-            tmp = stage_dir / f".tmp-{label}-{key}"
+            tmp = self.temp_folder(stage, label, key)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             started = time.time()

@@ -227,12 +227,44 @@ def _stop_on_sigterm() -> None:
         pass
 
 
+def _split_nproc(args: list[str]) -> tuple[int, list[str]]:
+    """`--nproc N` (this same command under torchrun with N processes): N and the other arguments."""
+    if "--nproc" not in args:
+        return 1, args
+    at = args.index("--nproc")
+    try:
+        count = int(args[at + 1])
+    except (IndexError, ValueError):
+        raise FishcompError("--nproc needs a number of processes, e.g. --nproc 2") from None
+    if count < 1:
+        raise FishcompError("--nproc must be at least 1")
+    return count, args[:at] + args[at + 2 :]
+
+
 def main(argv: list[str] | None = None) -> None:
-    _stop_on_sigterm()
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        count, args = _split_nproc(args)
+    except FishcompError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    if count > 1:
+        import subprocess
+
+        # torchrun itself: rendezvous, one process per rank, and all stopped when one fails.
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
+        sys.exit(subprocess.call([*launcher, "-m", "fishcomp", *args]))
+    main_inner(args)
+
+
+def main_inner(args: list[str]) -> None:
+    _stop_on_sigterm()
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
+        from fishcomp.distributed import setup
+
+        setup()
         code = app(args=args, prog_name="fishcomp", standalone_mode=False)
     except FishcompError as exc:
         if debug:

@@ -14,12 +14,19 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _speaks() -> bool:
+    # Under torchrun every rank runs the same command; rank 0 speaks for all of them.
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def info(message: str) -> None:
-    out.print(message, markup=False)
+    if _speaks():
+        out.print(message, markup=False)
 
 
 def warn(message: str) -> None:
-    err.print(f"warning: {message}", markup=False, style="yellow")
+    if _speaks():
+        err.print(f"warning: {message}", markup=False, style="yellow")
 
 
 def stage_line(stage: str, built: bool, path: object, detail: str = "") -> None:
@@ -30,7 +37,7 @@ def stage_line(stage: str, built: bool, path: object, detail: str = "") -> None:
 @contextmanager
 def progress(description: str, total: int):
     """A progress bar on stderr; silent when FISHCOMP_NO_PROGRESS is set or stderr is not a terminal."""
-    quiet = bool(os.environ.get("FISHCOMP_NO_PROGRESS")) or not sys.stderr.isatty()
+    quiet = bool(os.environ.get("FISHCOMP_NO_PROGRESS")) or not sys.stderr.isatty() or not _speaks()
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -30,6 +30,7 @@ from fishcomp.console import progress, stage_line, warn
 from fishcomp.data.annotations import Box, clip_box
 from fishcomp.data.augment import build_transform
 from fishcomp.data.images import UnreadableImage, load_rgb
+from fishcomp.distributed import barrier, device_for, ensure_together, gather_to_main, world
 from fishcomp.errors import FishcompError
 from fishcomp.models.heads import head_uses_map
 from fishcomp.stages.context import Context, resolve_device
@@ -69,16 +70,24 @@ class DecodedImages:
     `boxes` (original pixels, NaN for none) then come back transformed, as fractions of the image.
     """
 
-    def __init__(self, root: Path, paths: list[str], size: tuple[int, int], transform=None, seed: int = 0, boxes: np.ndarray | None = None):
+    def __init__(
+        self, root: Path, paths: list[str], size: tuple[int, int], transform=None, seed: int = 0,
+        boxes: np.ndarray | None = None, positions: np.ndarray | None = None,
+    ):
         self.root, self.paths, self.size = root, paths, size
         self.transform, self.seed, self.boxes = transform, seed, boxes
+        # This process's share of the paths (all by default); an item's seed and returned index
+        # are its position in `paths`, so a share gives exactly what the whole run gives there.
+        self.positions = np.arange(len(paths)) if positions is None else np.asarray(positions)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.positions)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int):
         import torch
         from PIL import Image
+
+        index = int(self.positions[item])
 
         height, width = self.size
         box = np.full(4, np.nan, dtype=np.float32)
@@ -99,6 +108,25 @@ class DecodedImages:
             array, moved = apply_transform(self.transform, array, pixels, seed=self.seed * 1_000_003 + index)
             box = moved / np.array([width, height, width, height], dtype=np.float32)
         return torch.from_numpy(np.array(array, order="C")).permute(2, 0, 1), index, orig_w, orig_h, ok, torch.from_numpy(box)
+
+
+class _Deferred:
+    """A file rank 0 is creating; opened once the ranks have met at the barrier."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+
+def _open(array):
+    return np.load(array.path, mmap_mode="r+") if isinstance(array, _Deferred) else array
+
+
+def share_of_batches(count: int, batch_size: int) -> np.ndarray:
+    """This rank's positions among `count`: whole batches, dealt round-robin, so every batch holds
+    the images a single process would put in it (the same numbers come out)."""
+    here = world()
+    starts = range(here.rank * batch_size, count, here.size * batch_size)
+    return np.concatenate([np.arange(s, min(s + batch_size, count)) for s in starts] or [np.empty(0, dtype=np.int64)]).astype(np.int64)
 
 
 def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
@@ -130,7 +158,8 @@ def ensure_precompute(ctx: Context, loaded: LoadedConfig) -> Artifact:
     config = resolved_precompute(loaded)
     key = precompute_key(ctx, loaded)
     label = f"{config.backbone}-{config.size[0]}x{config.size[1]}"
-    artifact = ctx.cache.ensure(STAGE, label, key, lambda tmp: _build(ctx, loaded, config, tmp))
+    # Under torchrun every rank embeds its share of the images; rank 0 publishes.
+    artifact = ensure_together(ctx.cache, STAGE, label, key, lambda tmp: _build(ctx, loaded, config, tmp))
     meta = json.loads(artifact.file("meta.json").read_text())
     detail = f"{meta['counts']['total']} images, {meta['images_per_second']:.1f} img/s" if artifact.built else ""
     stage_line(STAGE, artifact.built, artifact.path, detail)
@@ -158,7 +187,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     dataset = ctx.dataset()
     annotations = ctx.annotations(loaded.config.data)
     images = dataset.images.reset_index(drop=True)
-    device = resolve_device(config.device)
+    device = resolve_device(device_for(config.device))
     backbone = create_backbone(config)
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
@@ -178,9 +207,15 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     train_rows = np.flatnonzero(splits == "train")
     augment, tta = config.augment, config.tta
 
+    here = world()
+
+    def shared(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+        # Rank 0 creates every output file; the other ranks open them once it has (see the barrier below).
+        return reserved_memmap(path, dtype, shape) if here.is_main else _Deferred(path)
+
     def arrays(name: str, count: int, leading: tuple[int, ...] = ()) -> tuple[np.memmap, np.memmap | None]:
-        pooled = reserved_memmap(tmp / f"{name}_pooled.npy", np.float16, leading + (count, pooled_dim))
-        spatial = reserved_memmap(tmp / f"{name}_map.npy", np.float16, leading + (count,) + map_shape) if config.spatial else None
+        pooled = shared(tmp / f"{name}_pooled.npy", np.float16, leading + (count, pooled_dim))
+        spatial = shared(tmp / f"{name}_map.npy", np.float16, leading + (count,) + map_shape) if config.spatial else None
         return pooled, spatial
 
     # Pass 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
@@ -189,13 +224,20 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     if augment:
         augment_transform = build_transform(augment.transforms)
         augmented = arrays("train_aug", len(train_rows), (augment.copies,))
-        augmented_boxes = reserved_memmap(tmp / "train_aug_boxes.npy", np.float32, (augment.copies, len(train_rows), 4))
+        augmented_boxes = shared(tmp / "train_aug_boxes.npy", np.float32, (augment.copies, len(train_rows), 4))
         passes += [("augment", augment_transform, c) for c in range(augment.copies)]
     if tta:
         tta_transform = build_transform(tta.transforms)
         views = {split: arrays(f"{split}_tta", int((splits == split).sum()), (tta.views - 1,)) for split in images.split.unique()}
         passes += [("tta", tta_transform, v) for v in range(tta.views - 1)]
     raw_boxes = np.array([_raw_box(annotations, name) for name in images.image], dtype=np.float32)
+    if here.distributed:
+        barrier()
+        originals = {split: tuple(_open(a) for a in pair) for split, pair in originals.items()}
+        if augment:
+            augmented, augmented_boxes = tuple(_open(a) for a in augmented), _open(augmented_boxes)
+        if tta:
+            views = {split: tuple(_open(a) for a in pair) for split, pair in views.items()}
 
     sizes = np.zeros((len(images), 2), dtype=np.int64)
     ok = np.zeros(len(images), dtype=bool)
@@ -206,7 +248,10 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
             rows = train_rows if kind == "augment" else np.arange(len(images))
             seed = (augment.seed if kind == "augment" else tta.seed if kind == "tta" else 0) * 1000 + number
             loader = DataLoader(
-                DecodedImages(dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed, raw_boxes[rows] if kind == "augment" else None),
+                DecodedImages(
+                    dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed,
+                    raw_boxes[rows] if kind == "augment" else None, positions=share_of_batches(len(rows), config.batch_size),
+                ),
                 batch_size=config.batch_size,
                 num_workers=loader_workers(config.workers),
                 pin_memory=device.type == "cuda",
@@ -240,11 +285,22 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
                             map_out[target] = feature_map[mine]
                 advance(len(index))
     seconds = time.time() - started
+    for item in [*originals.values(), *(views.values() if tta else ()), *((augmented, (augmented_boxes,)) if augment else ())]:
+        for array in item:
+            if array is not None:
+                array.flush()
     del originals, passes
     if augment:
         del augmented, augmented_boxes
     if tta:
         del views
+    if here.distributed:
+        # Each rank saw sizes and readability of its own share of the images; rank 0 gets them all.
+        shares = gather_to_main((sizes, ok, share_of_batches(len(images), config.batch_size)))
+        if not here.is_main:
+            return None
+        for other_sizes, other_ok, rows in shares[1:]:
+            sizes[rows], ok[rows] = other_sizes[rows], other_ok[rows]
 
     index = images.assign(width=sizes[:, 0], height=sizes[:, 1], ok=ok)
     bad = index[~index.ok]

@@ -25,6 +25,7 @@ from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, cache_key, dump_yaml, key_payload
 from fishcomp.console import progress, stage_line, warn
 from fishcomp.data.splits import assign_folds, fold_count
+from fishcomp.distributed import device_for, ensure_together, gather_to_main, world
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
@@ -61,7 +62,8 @@ def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = 
     features = ensure_precompute(ctx, loaded)
     pseudo = _pseudo_source(ctx, loaded, _chain)
     key = train_key(features.key, loaded, pseudo.key if pseudo else None)
-    artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(ctx, loaded, features, tmp, pseudo))
+    # Under torchrun the folds are dealt to the ranks; rank 0 gathers them and publishes.
+    artifact = ensure_together(ctx.cache, STAGE, loaded.name, key, lambda tmp: _build(ctx, loaded, features, tmp, pseudo))
     summary = json.loads(artifact.file("summary.json").read_text())
     stage_line(
         STAGE, artifact.built, artifact.path,
@@ -325,7 +327,7 @@ def prepare_training(loaded: LoadedConfig, features_artifact: Artifact) -> Train
         loaded=loaded, meta=meta, classes=classes, index=index, usable=usable, usable_index=usable_index,
         labels=labels, folds=folds, vocabulary=size_vocabulary(usable_index),
         test_splits=[s for s in ("test_stg1", "test_stg2") if (index.split == s).any()],
-        device=resolve_device(config.train.device),
+        device=resolve_device(device_for(config.train.device)),
     )
 
 
@@ -416,20 +418,37 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
     test_boxes: dict[str, list] = {split: [] for split in data.test_splits}
     records: list[dict] = []
     best_epochs = []
-    (tmp / "checkpoints").mkdir()
-    with progress(f"train {loaded.name}", n_folds * config.train.epochs) as advance:
-        for fold in range(n_folds):
+    here = world()
+    # Folds are independent: with several ranks each trains its own folds (fold f on rank f mod N),
+    # which gives exactly the single-process result, and rank 0 gathers them.
+    mine = [fold for fold in range(n_folds) if fold % here.size == here.rank]
+    results = {}
+    with progress(f"train {loaded.name}", len(mine) * config.train.epochs) as advance:
+        for fold in mine:
             valid, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
-            result = trainer.fit(fold, train, valid, records, advance)
-            best_epochs.append(result.best_epoch)
-            oof[valid], oof_original[valid] = result.valid_probs, result.valid_probs_original
-            if result.valid_boxes is not None:
-                oof_boxes[valid] = result.valid_boxes
-            for split in data.test_splits:
-                test_probs[split].append(result.test_probs[split])
-                if split in result.test_boxes:
-                    test_boxes[split].append(result.test_boxes[split])
-            torch.save(result.checkpoint, tmp / "checkpoints" / f"fold{fold}.pt")
+            results[fold] = trainer.fit(fold, train, valid, records, advance)
+    if here.distributed:
+        shares = gather_to_main((results, records))
+        if not here.is_main:
+            return None
+        results, records = {}, []
+        for other_results, other_records in shares:
+            results.update(other_results)
+            records += other_records
+        records.sort(key=lambda r: (r["fold"], r["epoch"]))
+    (tmp / "checkpoints").mkdir()
+    for fold in range(n_folds):
+        valid = np.flatnonzero(folds == fold)
+        result = results[fold]
+        best_epochs.append(result.best_epoch)
+        oof[valid], oof_original[valid] = result.valid_probs, result.valid_probs_original
+        if result.valid_boxes is not None:
+            oof_boxes[valid] = result.valid_boxes
+        for split in data.test_splits:
+            test_probs[split].append(result.test_probs[split])
+            if split in result.test_boxes:
+                test_boxes[split].append(result.test_boxes[split])
+        torch.save(result.checkpoint, tmp / "checkpoints" / f"fold{fold}.pt")
 
     oof_frame = pd.DataFrame(oof, columns=classes)
     oof_frame.insert(0, "fold", folds)

@@ -1,0 +1,122 @@
+"""Several processes through torchrun (torch.distributed), not a home-made launcher.
+
+Under `torchrun --nproc_per_node N -m fishcomp <stage> ...` (or `fishcomp <stage> --nproc N`, which
+starts exactly that), every rank runs the same command. Ranks split the work and rank 0 alone
+writes and publishes artifacts, after a barrier, so an artifact made by N processes is the one a
+single process makes, under the same cache key. Backend: NCCL when each rank has a GPU, gloo
+otherwise. A rank that fails exits non-zero; torchrun then stops the others (SIGTERM, which
+fishcomp turns into a clean interrupt), so nothing half-built is ever marked complete.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place, from the variables torchrun sets (a plain run is rank 0 of 1)."""
+    return World(
+        rank=int(os.environ.get("RANK", 0)),
+        size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    )
+
+
+def setup() -> World:
+    """Join the process group once (no-op for a single process); share the cores between ranks."""
+    here = world()
+    if not here.distributed:
+        return here
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and torch.cuda.device_count() >= here.local_size
+        if use_nccl:
+            torch.cuda.set_device(here.local_rank)
+        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
+    if "OMP_NUM_THREADS" not in os.environ:
+        # N ranks on one machine would each take every core; give each its share instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // here.local_size))
+    return here
+
+
+def barrier() -> None:
+    if world().distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def gather_to_main(value):
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere)."""
+    here = world()
+    if not here.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * here.size if here.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` on every rank (so all ranks take the same decision)."""
+    if not world().distributed:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def device_for(name: str) -> str:
+    """`auto` on a multi-GPU run means this rank's own GPU."""
+    here = world()
+    if name == "auto" and here.distributed:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{here.local_rank}"
+    return name
+
+
+def ensure_together(cache, stage: str, label: str, key: str, build):
+    """`cache.ensure` for a build that every rank takes part in.
+
+    All ranks call `build`: rank 0 inside the cache's lock and temp folder, the others with the
+    same temp folder path (to write their share into files rank 0 created, or to send their part
+    to rank 0). Rank 0 alone publishes; the others wait at a barrier and then use the artifact.
+    """
+    from fishcomp.cache import Artifact
+
+    here = world()
+    if not here.distributed:
+        return cache.ensure(stage, label, key, build)
+    cached = broadcast_from_main(cache.find(stage, key) is not None)
+    artifact = None
+    if here.is_main:
+        artifact = cache.ensure(stage, label, key, build)
+    elif not cached:
+        build(cache.temp_folder(stage, label, key))
+    barrier()
+    return artifact or Artifact(stage, key, cache.find(stage, key), built=not cached)

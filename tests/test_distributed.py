@@ -1,0 +1,87 @@
+"""Several processes through torchrun (gloo on this CPU): same artifacts as one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import CONFIGS, TINY
+
+# One thread per process in both runs, so the arithmetic is the same bit for bit.
+ENV = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def fishcomp(*args, nproc=1):
+    command = [sys.executable, "-m", "fishcomp", *map(str, args)]
+    if nproc > 1:
+        command += ["--nproc", str(nproc)]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    results = {}
+    for nproc in (1, 2):
+        work, out = root / f"work{nproc}", root / f"sub{nproc}.csv"
+        args = ["run", "-c", CONFIGS / "pipeline.yaml", "--data", tiny_data, "--work", work, "--out", out]
+        for override in TINY:
+            args += ["--set", override]
+        done = fishcomp(*args, nproc=nproc)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[nproc] = (work, out, done)
+    return results
+
+
+def test_the_pipeline_on_two_processes_writes_the_same_submission(runs):
+    (_, one, _), (_, two, log) = runs[1], runs[2]
+    for name in (one.name, one.name.replace(".csv", "_stg2.csv")):
+        a, b = pd.read_csv(one.with_name(name)), pd.read_csv(two.with_name(name.replace("sub1", "sub2")))
+        assert a.image.equals(b.image)
+        assert np.abs(a.iloc[:, 1:].to_numpy() - b.iloc[:, 1:].to_numpy()).max() <= 1e-4
+    assert log.stdout.count("precompute built") == 2  # rank 0 speaks for both
+
+
+def test_precompute_on_two_processes_gives_the_same_arrays_and_index_under_the_same_key(runs):
+    (one, _, _), (two, _, _) = runs[1], runs[2]
+    folders = sorted(p.name for p in (one / "precompute").glob("eff*"))
+    assert folders == sorted(p.name for p in (two / "precompute").glob("eff*")) and len(folders) == 2
+    for name in folders:
+        assert (one / "precompute" / name / "index.csv").read_text() == (two / "precompute" / name / "index.csv").read_text()
+        for array in sorted((one / "precompute" / name).glob("*.npy")):
+            np.testing.assert_array_equal(np.load(array), np.load(two / "precompute" / name / array.name))
+
+
+def test_heads_trained_on_two_processes_reach_the_same_validation_log_loss(runs):
+    import json
+
+    (one, _, _), (two, _, _) = runs[1], runs[2]
+    for summary in (one / "train").glob("*/summary.json"):
+        other = json.loads((two / "train" / summary.parent.name / "summary.json").read_text())
+        assert other["valid_logloss"] == pytest.approx(json.loads(summary.read_text())["valid_logloss"], abs=1e-6)
+
+
+def test_a_failure_on_one_rank_stops_both_and_marks_nothing_complete(tiny_data, tmp_path):
+    work = tmp_path / "work"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(Path(__file__).with_name("distributed_fault.py")),
+        "precompute", "-c", str(CONFIGS / "dense.yaml"), "--data", str(tiny_data), "--work", str(work),
+        "--set", "precompute.workers=0",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode != 0
+    assert "disk read error on rank 1" in done.stderr
+    finished = [p for p in (work / "precompute").iterdir() if (p / "manifest.json").is_file()] if (work / "precompute").is_dir() else []
+    assert finished == []
+
+
+def test_nproc_needs_a_number(capsys):
+    from conftest import run_cli
+
+    code, _, stderr = run_cli(["run", "-c", CONFIGS / "dense.yaml", "--nproc", "two"], capsys)
+    assert code == 2 and "--nproc needs a number of processes" in stderr
