@@ -194,6 +194,62 @@ def report_cli(
     report(_context(data, work, overrides, "prior"), list(runs or []), out)
 
 
+scratch_app = typer.Typer(no_args_is_help=True, help="Recurrent nets from first principles (NumPy, hand-written backward pass).")
+app.add_typer(scratch_app, name="scratch")
+CellOpt = Annotated[str, typer.Option("--cell", help="rnn or gru.")]
+
+
+@scratch_app.command("gradcheck")
+def scratch_gradcheck_cli(cell: Annotated[Optional[str], typer.Option("--cell", help="rnn or gru (default: both).")] = None) -> None:
+    """Compare every hand-written gradient with PyTorch autograd and with finite differences (float64)."""
+    from fishcomp.console import info
+    from fishcomp.scratch.check import gradcheck
+    from fishcomp.scratch.rnn import CELLS
+
+    if cell is not None and cell not in CELLS:
+        raise FishcompError(f"--cell {cell}: choose rnn or gru")
+    worst = 0.0
+    for name in [cell] if cell else list(CELLS):
+        for parameter, (autograd, finite) in gradcheck(name).items():
+            info(f"{name:4} {parameter:4} max rel error vs autograd {autograd:.2e}, vs finite differences {finite:.2e}")
+            worst = max(worst, autograd, finite)
+    info(f"max_rel_error={worst:.3e}")
+
+
+@scratch_app.command("train")
+def scratch_train_cli(
+    text_file: Annotated[Path, typer.Argument(help="A plain text file to learn from.")],
+    cell: CellOpt = "gru",
+    hidden: Annotated[int, typer.Option("--hidden", min=1)] = 128,
+    seq: Annotated[int, typer.Option("--seq", min=2)] = 32,
+    steps: Annotated[int, typer.Option("--steps", min=1)] = 500,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Train a character-level language model with the hand-written passes, then print a sample."""
+    import math
+
+    from fishcomp.console import info, progress
+    from fishcomp.scratch.charlm import train_charlm
+    from fishcomp.scratch.rnn import CELLS
+
+    if cell not in CELLS:
+        raise FishcompError(f"--cell {cell}: choose rnn or gru")
+    if not text_file.is_file():
+        raise FishcompError(f"text file not found: {text_file}")
+    try:
+        text = text_file.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise FishcompError(f"{text_file}: {exc.strerror}") from exc
+    with progress(f"scratch {cell}", steps) as advance:
+        try:
+            model, losses = train_charlm(text, cell, hidden, seq, steps, seed=seed, on_step=lambda step, loss: advance(1, note=f"loss {loss:.3f}"))
+        except ValueError as exc:
+            raise FishcompError(f"{text_file}: {exc}") from exc
+    tail = losses[-max(1, steps // 10):]
+    info(f"{cell}: loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} (uniform over {len(model.chars)} characters: {math.log(len(model.chars)):.3f})")
+    info(model.sample(text[:seq // 2], 200, seed=seed))
+
+
 @app.command("validate")
 def validate_cli(
     submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
