@@ -53,6 +53,20 @@ def read_size(path: Path) -> tuple[int, int]:
         raise UnreadableImage(f"{path}: {exc}") from exc
 
 
+def size_labels(root: Path, paths, on_each=None) -> list[str]:
+    """`WIDTHxHEIGHT` of each image (upright, from the header only), or `unreadable`."""
+    labels = []
+    for path in paths:
+        try:
+            width, height = read_size(root / path)
+            labels.append(f"{width}x{height}")
+        except UnreadableImage:
+            labels.append("unreadable")
+        if on_each:
+            on_each(1)
+    return labels
+
+
 def load_rgb(path: Path, target: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `path` upright as RGB. Returns the image and its full-resolution (width, height).
 

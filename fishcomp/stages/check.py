@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fishcomp.config import DataConfig
-from fishcomp.data.images import UnreadableImage, read_size
+from fishcomp.data.images import size_labels
 from fishcomp.stages.context import Context
 
 
@@ -28,15 +28,8 @@ def check(ctx: Context, data: DataConfig | None = None) -> CheckReport:
     dataset = ctx.dataset()
     annotations = ctx.annotations(data or DataConfig())
     images = dataset.images.copy()
-    sizes, unreadable = [], []
-    for path in images.path:
-        try:
-            width, height = read_size(dataset.root / path)
-            sizes.append(f"{width}x{height}")
-        except UnreadableImage:
-            sizes.append("unreadable")
-            unreadable.append(path)
-    images["size"] = sizes
+    images["size"] = size_labels(dataset.root, images.path)
+    unreadable = images.path[images["size"] == "unreadable"].tolist()
     images["class"] = [dataset.classes[i] if i >= 0 else "(test)" for i in images.label]
     counts = pd.crosstab(images.split, images["class"])
     train = images[images.split == "train"]

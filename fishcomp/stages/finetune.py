@@ -8,8 +8,6 @@ out-of-fold and test predictions have the same shape as any head's, so it joins 
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,9 @@ import numpy as np
 from fishcomp.cache import Artifact
 from fishcomp.config import key_payload
 from fishcomp.data.augment import DEFAULT_AUGMENT, build_transform
-from fishcomp.errors import FishcompError
 from fishcomp.metrics import accuracy, log_loss
 from fishcomp.stages.precompute import DecodedImages, loader_workers, load_features, resolved_precompute
-from fishcomp.stages.train import FoldResult, TrainData, lr_at
+from fishcomp.stages.train import FoldResult, TrainData, check_finite, lr_at, run_phases
 
 
 class FinetuneFolds:
@@ -142,57 +139,41 @@ class FinetuneFolds:
         scaler = torch.amp.GradScaler("cuda", enabled=data.device.type == "cuda" and not torch.cuda.is_bf16_supported())
         criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
         targets = torch.from_numpy(labels)
-        best, epoch, stale = (np.inf, None, -1), 0, 0
         batch_size = train_cfg.batch_size
         batches = max(1, len(train) // batch_size if len(train) > batch_size else 1)
-        for phase in train_cfg.phases:
-            for phase_epoch in range(phase.epochs):
-                if train_cfg.early_stopping and stale >= train_cfg.early_stopping:
-                    advance(1, note=f"fold {fold} stopped early")
-                    continue
-                started = time.time()
-                self._train_mode(model)
-                # A new augmentation draw every epoch, reproducible from (seed, fold, epoch).
-                loader = self._loader(self.paths[train], self.transform, seed=(train_cfg.seed * 1000 + fold) * 1000 + epoch, shuffle=True)
-                total, seen = 0.0, 0
-                for batch_index, (images, local, *_rest) in enumerate(loader):
-                    for group in optimiser.param_groups:
-                        group["lr"] = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule) * group.get("lr_scale", 1.0)
-                    y = targets[local].to(data.device)
-                    with self._autocast():
-                        loss = criterion(model(self._inputs(images)).float(), y)
-                    if not torch.isfinite(loss):
-                        raise FishcompError(
-                            f"[{data.loaded.name}] fold {fold} epoch {epoch + 1}: fine-tuning loss is {loss.item()}; lower train.phases lr"
-                        )
-                    optimiser.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimiser)
-                    scaler.update()
-                    total += loss.item() * len(local)
-                    seen += len(local)
-                probs = self.predict(model, self.paths[valid])
-                valid_logloss = log_loss(valid_labels, probs)
-                epoch += 1
-                records.append(
-                    {
-                        "fold": fold, "epoch": epoch, "lr": phase.lr, "train_loss": total / max(seen, 1),
-                        "valid_loss": valid_logloss, "valid_logloss": valid_logloss,
-                        "valid_accuracy": accuracy(valid_labels, probs), "seconds": round(time.time() - started, 3),
-                    }
-                )
-                if valid_logloss < best[0]:
-                    best, stale = (valid_logloss, copy.deepcopy(model.state_dict()), epoch), 0
-                else:
-                    stale += 1
-                advance(1, note=f"fold {fold} epoch {epoch} valid logloss {valid_logloss:.4f}")
-        if best[1] is not None:
-            model.load_state_dict(best[1])
+
+        def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
+            self._train_mode(model)
+            # A new augmentation draw every epoch, reproducible from (seed, fold, epoch).
+            loader = self._loader(self.paths[train], self.transform, seed=(train_cfg.seed * 1000 + fold) * 1000 + epoch, shuffle=True)
+            total, seen = 0.0, 0
+            for batch_index, (images, local, *_rest) in enumerate(loader):
+                for group in optimiser.param_groups:
+                    step_lr = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
+                    group["lr"] = step_lr * group.get("lr_scale", 1.0)  # timm's layer-wise decay
+                y = targets[local].to(data.device)
+                with self._autocast():
+                    loss = criterion(model(self._inputs(images)).float(), y)
+                check_finite(loss, data.loaded.name, fold, epoch, "lower the fine-tuning learning rate (train.phases)")
+                optimiser.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+                total += loss.item() * len(local)
+                seen += len(local)
+            return total / max(seen, 1)
+
+        def validate() -> dict:
+            probs = self.predict(model, self.paths[valid])
+            score = log_loss(valid_labels, probs)
+            return {"valid_loss": score, "valid_logloss": score, "valid_accuracy": accuracy(valid_labels, probs)}
+
+        best_epoch = run_phases(train_cfg, fold, model, records, advance, train_epoch, validate)
         valid_probs = self.predict(model, self.paths[valid]) if len(valid) else np.empty((0, len(data.classes)))
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_probs, valid_boxes=None,
             test_probs={split: self.predict(model, paths) for split, paths in self.test_paths.items()},
-            test_boxes={}, best_epoch=best[2],
+            test_boxes={}, best_epoch=best_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(self.head), "classes": data.classes,
                 "backbone": self.precompute.backbone, "size": list(self.precompute.size), "mean": self.mean.tolist(), "std": self.std.tolist(),

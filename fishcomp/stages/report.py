@@ -18,10 +18,10 @@ import pandas as pd
 from fishcomp.cache import Artifact, write_atomic
 from fishcomp.config import LoadedConfig, RunConfig, SplitConfig, load_config, member_configs
 from fishcomp.console import info, progress
-from fishcomp.data.images import UnreadableImage, load_rgb, read_size
+from fishcomp.data.images import UnreadableImage, load_rgb, size_labels
 from fishcomp.data.splits import assign_folds
 from fishcomp.errors import FishcompError
-from fishcomp.metrics import attention_scores, log_loss, per_class_scores, size_only_log_loss
+from fishcomp.metrics import attention_scores, per_class_scores, size_only_log_loss
 from fishcomp.models.heads import list_heatmap_heads
 from fishcomp.models.losses import box_iou
 from fishcomp.stages.context import Context, resolve_device
@@ -258,16 +258,9 @@ def dataset_section(ctx: Context, out: Path) -> Section:
     section = Section(title=f"dataset {dataset.root}")
     counts = train.label.value_counts().reindex(range(len(classes)), fill_value=0).to_numpy()
     section.figures.append((viz.bar_chart(classes, counts.astype(float).tolist(), out / "data_classes.png", "train images per class").name, "class counts"))
-    sizes, nights = [], []
+    nights = []
     with progress("report: reading image sizes", len(train)) as advance:
-        for path in train.path:
-            try:
-                width, height = read_size(dataset.root / path)
-                sizes.append(f"{width}x{height}")
-            except UnreadableImage:
-                sizes.append("unreadable")
-            advance(1)
-    train["size"] = sizes
+        train["size"] = size_labels(dataset.root, train.path, advance)
     table = pd.crosstab(train["size"], train.label.map(lambda i: classes[i])).reindex(columns=classes, fill_value=0)
     section.tables.append(("train image size x class (size identifies the boat)", table.reset_index()))
     section.figures.append(

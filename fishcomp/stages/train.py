@@ -190,74 +190,96 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
     train_labels = torch.from_numpy(labels)
     pseudo_set, pseudo_targets = pseudo if pseudo is not None else (None, None)
+    batches = batches_per_epoch(len(train_set), train_cfg.batch_size, train_cfg.pseudo if pseudo else None)
+
+    def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
+        model.train()
+        mix = mixed_batches(
+            len(train_set), len(pseudo_set) if pseudo_set is not None else 0, train_cfg.batch_size,
+            train_cfg.pseudo.proportion if pseudo else 0.0, generator,
+        )
+        # One of the original and its augmented copies per image for this epoch.
+        copy_choice = generator.integers(0, train_set.copy_count, size=len(train_set))
+        total, seen = 0.0, 0
+        for batch_index, (positions, pseudo_positions) in enumerate(mix):
+            if len(positions) + len(pseudo_positions) < 2 and len(train_set) > 1:
+                continue  # BatchNorm cannot normalise a batch of one
+            for group in optimiser.param_groups:
+                group["lr"] = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
+            x, size, box = train_set.batch(positions, device, copies=copy_choice[positions])
+            y = train_labels[positions].to(device)
+            if len(pseudo_positions):
+                # One forward pass over the mixed batch, so BatchNorm sees it whole.
+                px, psize, _ = pseudo_set.batch(pseudo_positions, device)
+                outputs = model(torch.cat([x, px]), size=None if size is None else torch.cat([size, psize]))
+                n = len(positions)
+                loss = head_loss({k: v[:n] for k, v in outputs.items()}, y, box, config.head, criterion)
+                soft = torch.from_numpy(pseudo_targets[pseudo_positions]).to(device)
+                pseudo_loss = criterion(outputs["logits"][n:], soft)
+                loss = (n * loss + len(pseudo_positions) * pseudo_loss) / (n + len(pseudo_positions))
+            else:
+                loss = head_loss(model(x, size=size), y, box, config.head, criterion)
+            check_finite(loss, loaded.name, fold, epoch, "lower the learning rate (train.phases) or check the features for NaN")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(positions)
+            seen += len(positions)
+        return total / max(seen, 1)
+
+    def validate() -> dict:
+        predicted = predict(model, valid_set, device)
+        probs = predicted["probs"]
+        # The training criterion on validation (log-probabilities are valid logits for it).
+        log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-15))
+        return {
+            "valid_loss": float(criterion(log_probs, torch.from_numpy(valid_labels)).item()),
+            "valid_logloss": log_loss(valid_labels, probs),
+            "valid_accuracy": accuracy(valid_labels, probs),
+            **_extra_scores(predicted, valid_set.boxes),
+        }
+
+    best_epoch = run_phases(train_cfg, fold, model, record, advance, train_epoch, validate)
+    return model, best_epoch
+
+
+def check_finite(loss, name: str, fold: int, epoch: int, advice: str) -> None:
+    """A NaN or infinite loss stops the run with one line (and, raised inside the build, keeps nothing)."""
+    import torch
+
+    if not torch.isfinite(loss):
+        raise FishcompError(f"[{name}] fold {fold} epoch {epoch + 1}: loss is {loss.item()}; {advice}")
+
+
+def run_phases(train_cfg, fold: int, model, records: list, advance, train_epoch, validate) -> int:
+    """The loop every trainer shares: the config's phases, one record per epoch, early stopping on
+    validation log loss, and the best epoch's weights restored at the end. Returns that epoch.
+
+    `train_epoch(phase, phase_epoch, epoch)` trains one epoch and returns its mean loss;
+    `validate()` returns the validation scores (with `valid_logloss`).
+    """
     best = (np.inf, None, -1)
     epoch, stale = 0, 0
-    batches = batches_per_epoch(len(train_set), train_cfg.batch_size, train_cfg.pseudo if pseudo else None)
     for phase in train_cfg.phases:
         for phase_epoch in range(phase.epochs):
             if train_cfg.early_stopping and stale >= train_cfg.early_stopping:
                 advance(1, note=f"fold {fold} stopped early")
                 continue
             started = time.time()
-            model.train()
-            mix = mixed_batches(
-                len(train_set), len(pseudo_set) if pseudo_set is not None else 0, train_cfg.batch_size,
-                train_cfg.pseudo.proportion if pseudo else 0.0, generator,
-            )
-            # One of the original and its augmented copies per image for this epoch.
-            copy_choice = generator.integers(0, train_set.copy_count, size=len(train_set))
-            total, seen = 0.0, 0
-            for batch_index, (positions, pseudo_positions) in enumerate(mix):
-                if len(positions) + len(pseudo_positions) < 2 and len(train_set) > 1:
-                    continue  # BatchNorm cannot normalise a batch of one
-                for group in optimiser.param_groups:
-                    group["lr"] = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
-                x, size, box = train_set.batch(positions, device, copies=copy_choice[positions])
-                y = train_labels[positions].to(device)
-                if len(pseudo_positions):
-                    # One forward pass over the mixed batch, so BatchNorm sees it whole.
-                    px, psize, _ = pseudo_set.batch(pseudo_positions, device)
-                    outputs = model(torch.cat([x, px]), size=None if size is None else torch.cat([size, psize]))
-                    n = len(positions)
-                    loss = head_loss({k: v[:n] for k, v in outputs.items()}, y, box, config.head, criterion)
-                    soft = torch.from_numpy(pseudo_targets[pseudo_positions]).to(device)
-                    pseudo_loss = criterion(outputs["logits"][n:], soft)
-                    loss = (n * loss + len(pseudo_positions) * pseudo_loss) / (n + len(pseudo_positions))
-                else:
-                    loss = head_loss(model(x, size=size), y, box, config.head, criterion)
-                if not torch.isfinite(loss):
-                    raise FishcompError(
-                        f"[{loaded.name}] fold {fold} epoch {epoch + 1}: loss is {loss.item()}; "
-                        "lower the learning rate (train.phases) or check the features for NaN"
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(positions)
-                seen += len(positions)
-            predicted = predict(model, valid_set, device)
-            probs = predicted["probs"]
-            valid_logloss = log_loss(valid_labels, probs)
-            # The training criterion on validation (log-probabilities are valid logits for it).
-            log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-15))
-            valid_loss = float(criterion(log_probs, torch.from_numpy(valid_labels)).item())
+            train_loss = train_epoch(phase, phase_epoch, epoch)
+            scores = validate()
             epoch += 1
-            record.append(
-                {
-                    "fold": fold, "epoch": epoch, "lr": phase.lr, "train_loss": total / max(seen, 1),
-                    "valid_loss": valid_loss, "valid_logloss": valid_logloss,
-                    "valid_accuracy": accuracy(valid_labels, probs),
-                    **_extra_scores(predicted, valid_set.boxes),
-                    "seconds": round(time.time() - started, 3),
-                }
+            records.append(
+                {"fold": fold, "epoch": epoch, "lr": phase.lr, "train_loss": train_loss, **scores, "seconds": round(time.time() - started, 3)}
             )
-            if valid_logloss < best[0]:
-                best, stale = (valid_logloss, copy.deepcopy(model.state_dict()), epoch), 0
+            if scores["valid_logloss"] < best[0]:
+                best, stale = (scores["valid_logloss"], copy.deepcopy(model.state_dict()), epoch), 0
             else:
                 stale += 1
-            advance(1, note=f"fold {fold} epoch {epoch} valid logloss {valid_logloss:.4f}")
-    model.load_state_dict(best[1])
-    return model, best[2]
+            advance(1, note=f"fold {fold} epoch {epoch} valid logloss {scores['valid_logloss']:.4f}")
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+    return best[2]
 
 
 def size_vocabulary(train_index: pd.DataFrame) -> list[str]:
