@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "pipeline.yaml")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
-        fishcomp("synth", str(args.data), "--n-train", "600", "--n-test", "150", "--n-stage2", "100", "--seed", "0")
+        # The data `make demo` makes.
+        fishcomp("synth", str(args.data), "--n-train", "800", "--n-test", "200", "--n-stage2", "100", "--seed", "0")
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "submission.csv"
         common = ["run", "-c", str(args.config), "--data", str(args.data), "--work", work, "--out", str(out)]
