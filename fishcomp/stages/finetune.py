@@ -16,7 +16,7 @@ from fishcomp.cache import Artifact
 from fishcomp.config import key_payload
 from fishcomp.data.augment import DEFAULT_AUGMENT, build_transform
 from fishcomp.metrics import accuracy, log_loss
-from fishcomp.stages.precompute import DecodedImages, loader_workers, load_features, resolved_precompute
+from fishcomp.stages.precompute import DecodedImages, load_features, loader_workers, resolved_precompute, to_model_input
 from fishcomp.stages.train import FoldResult, TrainData, check_finite, lr_at, run_phases
 
 
@@ -65,7 +65,7 @@ class FinetuneFolds:
         device = self.data.device
         mean = torch.from_numpy(self.mean).view(1, 3, 1, 1).to(device)
         std = torch.from_numpy(self.std).view(1, 3, 1, 1).to(device)
-        return batch.to(device, non_blocking=True).float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+        return to_model_input(batch, device, mean, std)
 
     def _autocast(self):
         import torch
