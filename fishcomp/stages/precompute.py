@@ -16,6 +16,7 @@ many images there are.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -144,8 +145,15 @@ def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
     from numpy.lib.format import open_memmap
 
     array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    with open(path, "r+b") as handle:
-        os.posix_fallocate(handle.fileno(), 0, os.path.getsize(path))
+    allocate = getattr(os, "posix_fallocate", None)  # absent on macOS: there the map stays sparse
+    if allocate is not None:
+        with open(path, "r+b") as handle:
+            try:
+                allocate(handle.fileno(), 0, os.path.getsize(path))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A file system that cannot preallocate (EOPNOTSUPP, EINVAL) is not an error.
     return array
 
 
