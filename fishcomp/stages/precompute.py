@@ -94,8 +94,7 @@ class DecodedImages:
         box = np.full(4, np.nan, dtype=np.float32)
         try:
             image, (orig_w, orig_h) = load_rgb(self.root / self.paths[index], target=(width, height))
-            # reducing_gap: an integer box reduction first, then bilinear: 40 % faster, no visible change.
-            array = np.asarray(image.resize((width, height), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+            array = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
             ok = True
         except UnreadableImage:
             array, orig_w, orig_h, ok = np.zeros((height, width, 3), np.uint8), 0, 0, False
