@@ -105,10 +105,9 @@ class PrecomputeConfig(Strict):
         return value
 
 
-class DenseHeadConfig(Strict):
-    """The lesson's dense head: BN, dropout p/4, 2 x (Dense, BN, dropout), softmax."""
+class _DenseFamily(Strict):
+    """What the dense-trunk heads share (see fishcomp/models/heads/dense.py)."""
 
-    kind: Literal["dense"] = "dense"
     # p = 0.6 in the lesson; the three dropouts are p/4, p and p/2.
     dropout: float = Field(0.6, ge=0.0, lt=1.0)
     hidden: int = Field(512, ge=1)
@@ -120,6 +119,12 @@ class DenseHeadConfig(Strict):
     reduce: int | None = Field(None, ge=1)
 
 
+class DenseHeadConfig(_DenseFamily):
+    """The lesson's dense head: BN, dropout p/4, 2 x (Dense, BN, dropout), softmax."""
+
+    kind: Literal["dense"] = "dense"
+
+
 class GapHeadConfig(Strict):
     """Global average pooling of the spatial map, then one linear layer: no dense layers, little dropout."""
 
@@ -127,25 +132,18 @@ class GapHeadConfig(Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
 
-class LeakageHeadConfig(Strict):
+class LeakageHeadConfig(_DenseFamily):
     """The dense head plus a one-hot of the image's original size, batch-normalised and concatenated
     before the last layer (the lesson's multi-input model)."""
 
     kind: Literal["leakage"] = "leakage"
-    dropout: float = Field(0.6, ge=0.0, lt=1.0)
-    hidden: int = Field(512, ge=1)
-    input: Literal["pooled", "map"] = "pooled"
-    reduce: int | None = Field(None, ge=1)
 
 
-class BboxHeadConfig(Strict):
+class BboxHeadConfig(_DenseFamily):
     """The dense trunk with two outputs: 4 box coordinates and the class softmax."""
 
     kind: Literal["bbox"] = "bbox"
-    dropout: float = Field(0.6, ge=0.0, lt=1.0)
-    hidden: int = Field(512, ge=1)
     input: Literal["pooled", "map"] = "map"
-    reduce: int | None = Field(None, ge=1)
     # Boxes are (x, y, w, h) as fractions of the image (0..1), so the weight is not in pixel units:
     # the lesson's 0.001 on 224-pixel MSE corresponds to about 50 here.
     box_weight: float = Field(20.0, ge=0.0)

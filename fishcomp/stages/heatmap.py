@@ -51,15 +51,21 @@ def class_maps(trained: Artifact, features: Artifact, split: str, chosen: pd.Dat
     models = {fold: load_fold_model(trained, fold, device) for fold in range(summary["folds"])}
     # Only the chosen rows are read from the memory map.
     chosen_features = FeatureSet(np.asarray(array[chosen.row.to_numpy()]), np.arange(len(chosen)), size_onehot(chosen, summary["size_vocabulary"]))
-    all_probs, all_maps = [], []
-    for number, fold in enumerate(chosen.fold.to_numpy()):
-        rows = chosen_features.subset(np.array([number]))
-        outputs = [predict(models[f], rows, device) for f in ([fold] if fold >= 0 else list(models))]
-        probs = np.mean([o["probs"][0] for o in outputs], axis=0)
-        predicted = int(probs.argmax())
-        all_probs.append(probs)
-        all_maps.append(np.mean([o["heatmaps"][0, predicted] for o in outputs], axis=0))
-    return np.array(all_probs), np.array(all_maps)
+    folds = chosen.fold.to_numpy()
+    probs = heat = None
+    # One batch per fold model: its own validation images, and every test image (folds averaged).
+    for fold, model in models.items():
+        pick = np.flatnonzero((folds == fold) | (folds < 0))
+        if not len(pick):
+            continue
+        out = predict(model, chosen_features.subset(pick), device)
+        weight = np.where(folds[pick] < 0, 1.0 / len(models), 1.0)
+        if probs is None:
+            probs = np.zeros((len(chosen),) + out["probs"].shape[1:])
+            heat = np.zeros((len(chosen),) + out["heatmaps"].shape[1:])
+        probs[pick] += out["probs"] * weight[:, None]
+        heat[pick] += out["heatmaps"] * weight[:, None, None, None]
+    return probs, heat[np.arange(len(chosen)), probs.argmax(axis=1)]
 
 
 def _choose(candidates: pd.DataFrame, images: list[str], count: int, split: str) -> pd.DataFrame:

@@ -79,8 +79,13 @@ def _resolve(ctx: Context, spec: str) -> Run:
         raise FishcompError(f"{spec}: name a run by its config file (.yaml) or its artifact folder")
     loaded = load_config(path, ctx.overrides)
     if loaded.config.ensemble is not None:
-        members = [Run(m, ensure_train(ctx, m), "train") for m in member_configs(loaded)]
-        return Run(loaded, ensure_ensemble(ctx, loaded), "ensemble", members)
+        blend = ensure_ensemble(ctx, loaded)  # trains its members first
+        built = json.loads(blend.file("summary.json").read_text())["members"]
+        members = [
+            Run(m, _artifact(ctx.work_dir / "train" / info["artifact"]) if "artifact" in info else ensure_train(ctx, m), "train")
+            for m, info in zip(member_configs(loaded), built)
+        ]
+        return Run(loaded, blend, "ensemble", members)
     return Run(loaded, ensure_train(ctx, loaded), "train")
 
 

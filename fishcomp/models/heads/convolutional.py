@@ -41,6 +41,13 @@ class _ClassMapHead(_MapHead):
 
     makes_heatmaps = True
 
+    def _finish(self, layers: list[nn.Module], channels: int, dropout: float, num_classes: int) -> None:
+        """The body's layers (ending with `channels` maps), then dropout and the class-map conv."""
+        self.body = nn.Sequential(*layers)
+        self.num_features = channels
+        self.drop = nn.Dropout(dropout)
+        self._make_classifier(num_classes)
+
     def _make_classifier(self, num_classes: int) -> None:
         self.classifier = nn.Conv2d(self.num_features, num_classes, 3, padding=1)
 
@@ -81,10 +88,7 @@ class FcnHead(_ClassMapHead):
         for _ in range(config.blocks):
             layers += [conv_bn_relu(channels, config.channels, 3), nn.MaxPool2d(2, ceil_mode=True)]
             channels = config.channels
-        self.body = nn.Sequential(*layers)
-        self.num_features = channels
-        self.drop = nn.Dropout(config.dropout)
-        self._make_classifier(num_classes)
+        self._finish(layers, channels, config.dropout, num_classes)
 
 
 class InceptionBlock(nn.Module):
@@ -116,10 +120,7 @@ class InceptionHead(_ClassMapHead):
             block = InceptionBlock(channels, config.width)
             layers.append(block)
             channels = block.out_channels
-        self.body = nn.Sequential(*layers)
-        self.num_features = channels
-        self.drop = nn.Dropout(config.dropout)
-        self._make_classifier(num_classes)
+        self._finish(layers, channels, config.dropout, num_classes)
 
 
 class ResidualBlock(nn.Module):
