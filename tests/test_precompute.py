@@ -7,22 +7,30 @@ from PIL import Image
 from fishcomp.data.images import load_rgb
 from fishcomp.config import load_config
 from fishcomp.stages.context import Context
-from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
+from fishcomp.stages.precompute import ensure_precompute, load_index
 
 from conftest import CONFIGS
 
 
-def test_loader_workers_give_exactly_the_same_features(tiny_data, tmp_path):
-    arrays = []
-    for workers in (0, 2):
-        loaded = load_config(CONFIGS / "dense.yaml", [f"precompute.workers={workers}", "precompute.batch_size=7"])
+def test_loader_workers_and_decoding_threads_give_exactly_the_same_features(tiny_data, tmp_path):
+    """No loader, two worker processes, and `auto` on the CPU (a thread per core, alternating with the
+    model): the same rows in the same order, augmented copies and test-time views included."""
+    outputs = []
+    for workers in (0, 2, "auto"):
+        loaded = load_config(
+            CONFIGS / "dense_aug.yaml",
+            [f"precompute.workers={workers}", "precompute.batch_size=7", "precompute.device=cpu",
+             "precompute.augment.copies=1", "precompute.tta.views=2"],
+        )
         artifact = ensure_precompute(Context(data_dir=tiny_data, work_dir=tmp_path / f"w{workers}"), loaded)
-        index = load_index(artifact)
-        arrays.append((index.to_csv(), [np.asarray(load_features(artifact, s, "pooled")) for s in ("train", "test_stg1", "test_stg2")]))
-    (index_a, features_a), (index_b, features_b) = arrays
-    assert index_a == index_b
-    for a, b in zip(features_a, features_b):
-        np.testing.assert_array_equal(a, b)
+        arrays = {path.name: np.load(path) for path in sorted(artifact.path.glob("*.npy"))}
+        outputs.append((load_index(artifact).to_csv(), arrays))
+    (index_a, arrays_a), *others = outputs
+    assert {"train_pooled.npy", "train_aug_pooled.npy", "train_aug_boxes.npy", "test_stg1_tta_pooled.npy"} <= set(arrays_a)
+    for index_b, arrays_b in others:
+        assert index_a == index_b and arrays_a.keys() == arrays_b.keys()
+        for name, array in arrays_a.items():
+            np.testing.assert_array_equal(array, arrays_b[name], err_msg=name)
 
 
 @pytest.mark.parametrize("target", [(224, 224), (640, 360)])

@@ -80,6 +80,18 @@ class DecodedImages:
         # This process's share of the paths (all by default); an item's seed and returned index
         # are its position in `paths`, so a share gives exactly what the whole run gives there.
         self.positions = np.arange(len(paths)) if positions is None else np.asarray(positions)
+        self._thread_transforms: dict[int, object] = {}
+
+    def _transform(self):
+        """This thread's own copy of the transform: seeding a shared one from two decoding threads
+        at once would make augmentation depend on thread timing."""
+        import copy
+        import threading
+
+        ident = threading.get_ident()
+        if ident not in self._thread_transforms:
+            self._thread_transforms[ident] = copy.deepcopy(self.transform)
+        return self._thread_transforms[ident]
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -106,7 +118,7 @@ class DecodedImages:
                 clipped = clip_box(Box(*self.boxes[index]), orig_w, orig_h)
                 if clipped is not None:
                     pixels = np.array([clipped.x * width / orig_w, clipped.y * height / orig_h, clipped.w * width / orig_w, clipped.h * height / orig_h], dtype=np.float32)
-            array, moved = apply_transform(self.transform, array, pixels, seed=self.seed * 1_000_003 + index)
+            array, moved = apply_transform(self._transform(), array, pixels, seed=self.seed * 1_000_003 + index)
             box = moved / np.array([width, height, width, height], dtype=np.float32)
         # Height x width x channels, as decoded: batched, it is already the channels_last layout the
         # backbone runs fastest on (see `to_model_input`), so no copy is spent reordering it.
@@ -170,6 +182,31 @@ def loader_workers(setting: int | str) -> int:
     return max(1, min(8, cores // 2))
 
 
+def image_batches(images: DecodedImages, batch_size: int, workers: int | str, device):
+    """Collated batches of `images`, in order, decoded the fastest way for where the model runs.
+
+    On a GPU (or with an explicit number of `workers`): DataLoader worker processes decode while
+    the model runs. On the CPU with `workers: auto`, the backbone already keeps every core busy,
+    and a concurrent decoder does not fill idle time: it pre-empts one of the backbone's OpenMP
+    threads, and its partner then stalls at their next barrier, so each millisecond of decoding
+    costs two. There, decoding alternates with the model instead: each batch is decoded by one
+    thread per core (PIL and NumPy release the GIL), then embedded with every core.
+    """
+    import torch
+    from torch.utils.data import DataLoader, default_collate
+
+    if workers != "auto" or device.type != "cpu":
+        yield from DataLoader(
+            images, batch_size=batch_size, num_workers=loader_workers(workers), pin_memory=device.type == "cuda"
+        )
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        for start in range(0, len(images), batch_size):
+            yield default_collate(list(pool.map(images.__getitem__, range(start, min(start + batch_size, len(images))))))
+
+
 def ensure_precompute(ctx: Context, loaded: LoadedConfig) -> Artifact:
     config = resolved_precompute(loaded)
     key = precompute_key(ctx, loaded)
@@ -196,7 +233,6 @@ def ensure_precompute(ctx: Context, loaded: LoadedConfig) -> Artifact:
 
 def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Path) -> dict:
     import torch
-    from torch.utils.data import DataLoader
 
     from fishcomp.models.backbones import create_backbone
 
@@ -263,14 +299,12 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         for kind, transform, number in passes:
             rows = train_rows if kind == "augment" else np.arange(len(images))
             seed = (augment.seed if kind == "augment" else tta.seed if kind == "tta" else 0) * 1000 + number
-            loader = DataLoader(
+            loader = image_batches(
                 DecodedImages(
                     dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed,
                     raw_boxes[rows] if kind == "augment" else None, positions=share_of_batches(len(rows), config.batch_size),
                 ),
-                batch_size=config.batch_size,
-                num_workers=loader_workers(config.workers),
-                pin_memory=device.type == "cuda",
+                config.batch_size, config.workers, device,
             )
             for batch, local, orig_w, orig_h, good, boxes in loader:
                 batch = to_model_input(batch, device, mean, std)
