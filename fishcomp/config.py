@@ -247,6 +247,11 @@ class TrainConfig(Strict):
     seed: int = 0
     pseudo: PseudoConfig | None = None
     device: str = _runtime_only("auto")
+    # Under torchrun: `folds` deals whole folds to the ranks (no gradient traffic, and exactly the
+    # single-process numbers); `data` trains each fold on every rank with DistributedDataParallel,
+    # each rank taking its share of every batch (batch_size stays the global batch); `auto` deals
+    # folds when there are at least as many as ranks, else goes data-parallel (a hold-out split).
+    parallel: Literal["auto", "folds", "data"] = _runtime_only("auto")
 
     @property
     def epochs(self) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class World:
@@ -87,6 +89,92 @@ def broadcast_from_main(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def all_gather(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    here = world()
+    if not here.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * here.size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def sum_across(*numbers: float) -> tuple[float, ...]:
+    """The sums of `numbers` over all ranks (the numbers themselves in a single process)."""
+    if not world().distributed:
+        return numbers
+    import torch
+    import torch.distributed as dist
+
+    # NCCL reduces only tensors on the rank's GPU; gloo those in host memory.
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor(numbers, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return tuple(totals.tolist())
+
+
+def my_rows(count: int) -> np.ndarray:
+    """This rank's share of `count` rows: every size-th row from its rank (all rows in one process),
+    the split DistributedSampler makes, without its padding."""
+    here = world()
+    return np.arange(here.rank, count, here.size)
+
+
+def gather_rows(local: dict, count: int) -> dict:
+    """Arrays of `count` rows, reassembled on every rank from each rank's `my_rows(count)` part."""
+    if not world().distributed:
+        return local
+    parts = all_gather(local)
+    whole = {}
+    for rank, part in enumerate(parts):
+        rows = np.arange(rank, count, len(parts))
+        for name, values in part.items():
+            if name not in whole:
+                whole[name] = np.empty((count,) + values.shape[1:], dtype=values.dtype)
+            whole[name][rows] = values
+    return whole
+
+
+def data_parallel(setting: str, folds: int) -> bool:
+    """Whether every fold trains on all ranks (DistributedDataParallel, each rank a share of every
+    batch) rather than whole folds being dealt to the ranks. `auto` deals folds when there are at
+    least as many as ranks: no gradient traffic at all, and bit-for-bit the single-process result;
+    a hold-out split (one fold) or fewer folds than ranks take the data-parallel way."""
+    here = world()
+    if not here.distributed:
+        return False
+    return setting == "data" or (setting == "auto" and folds < here.size)
+
+
+def wrap_data_parallel(model, device):
+    """`model` in DistributedDataParallel, which averages gradients over the ranks at each step.
+
+    On GPUs, BatchNorm layers become SyncBatchNorm (in place, keeping their parameters), so they
+    normalise over the global batch as one process would. PyTorch has no CPU SyncBatchNorm: on
+    gloo each rank normalises its own share, which trains slightly differently (noisier
+    statistics from a smaller batch), not worse.
+    """
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        for name, child in list(model.named_children()):
+            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)
+
+
+def sync_buffers(model) -> None:
+    """Rank 0's BatchNorm running statistics on every rank (each rank updated its own from its own
+    share of the last batch), so that every rank validates, and keeps, the same model."""
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def device_for(name: str) -> str:

@@ -65,6 +65,55 @@ def test_heads_trained_on_two_processes_reach_the_same_validation_log_loss(runs)
         assert other["valid_logloss"] == pytest.approx(json.loads(summary.read_text())["valid_logloss"], abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "config, overrides, tolerance",
+    [
+        # BatchNorm trains on each rank's half batch (no SyncBatchNorm on the CPU), dropout differs.
+        ("dense.yaml", [], 0.05),
+        # BatchNorm frozen and no dropout: only the order of the sums differs, so the numbers agree.
+        ("finetune.yaml", ["head.dropout=0", "precompute.size=[96,160]", "train.phases=[{epochs: 2, lr: 3.0e-4}]", "train.batch_size=16"], 0.002),
+    ],
+    ids=["dense", "finetune"],
+)
+def test_a_hold_out_fold_trains_data_parallel_to_the_same_log_loss(tiny_data, tmp_path, config, overrides, tolerance):
+    """One fold cannot be dealt to two ranks: both train it with DistributedDataParallel, each on
+    half of every global batch, and land where one process does."""
+    import json
+
+    summaries, curves = {}, {}
+    for nproc in (1, 2):
+        work = tmp_path / f"work{nproc}"
+        args = ["train", "-c", CONFIGS / config, "--data", tiny_data, "--work", work, "--set", "split.kind=holdout"]
+        for override in overrides:
+            args += ["--set", override]
+        done = fishcomp(*args, nproc=nproc)
+        assert done.returncode == 0, done.stderr[-2000:]
+        folder = next((work / "train").glob("*/summary.json")).parent
+        summaries[nproc] = json.loads((folder / "summary.json").read_text())
+        curves[nproc] = pd.read_csv(folder / "metrics.csv")
+    assert (summaries[1]["processes"], summaries[1]["parallel"]) == (1, None)
+    assert (summaries[2]["processes"], summaries[2]["parallel"]) == (2, "data")
+    # Same epochs and steps (the global batch, not the per-rank one, sets them), and it learns.
+    assert len(curves[1]) == len(curves[2])
+    assert curves[2].train_loss.iloc[-1] < curves[2].train_loss.iloc[0]
+    assert summaries[2]["valid_logloss"] < summaries[2]["prior_logloss"]
+    assert summaries[2]["valid_logloss"] == pytest.approx(summaries[1]["valid_logloss"], rel=tolerance)
+
+
+def test_the_ranks_shares_of_a_batch_make_up_exactly_the_batch(monkeypatch):
+    from fishcomp.stages.train import share_of_batch
+
+    positions, pseudo = np.array([9, 4, 7, 1, 3]), np.array([20, 22])
+    shares = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        shares.append(share_of_batch(positions, pseudo))
+    assert sorted(np.concatenate([s[0] for s in shares])) == sorted(positions)
+    assert sorted(np.concatenate([s[1] for s in shares])) == sorted(pseudo)
+    assert [len(s[0]) + len(s[1]) for s in shares] == [3, 2, 2]  # as even as it can be
+
+
 def test_a_failure_on_one_rank_stops_both_and_marks_nothing_complete(tiny_data, tmp_path):
     work = tmp_path / "work"
     command = [

@@ -15,6 +15,8 @@ import numpy as np
 from fishcomp.cache import Artifact
 from fishcomp.config import key_payload
 from fishcomp.data.augment import DEFAULT_AUGMENT, build_transform
+from fishcomp.distributed import world
+from fishcomp.errors import FishcompError
 from fishcomp.metrics import accuracy, log_loss
 from fishcomp.stages.precompute import DecodedImages, load_features, loader_workers, resolved_precompute, to_model_input
 from fishcomp.stages.train import FoldResult, TrainData, check_finite, lr_at, run_phases
@@ -46,17 +48,20 @@ class FinetuneFolds:
         self.std = np.asarray(backbone.std, dtype=np.float32) * 255
         return model.to(self.data.device)
 
-    def _loader(self, paths, transform=None, seed: int = 0, shuffle: bool = False):
-        import torch
-        from torch.utils.data import DataLoader
+    def _loader(self, paths, transform=None, seed: int = 0, shuffle: bool = False, spread: bool = False):
+        """Batches of decoded `paths`. Shuffled for training, through a DistributedSampler: with
+        `spread` each rank gets its share of every global batch (per-rank batch = batch_size /
+        ranks), and the ranks' shares make up exactly the batches one process trains on."""
+        from torch.utils.data import DataLoader, DistributedSampler
 
-        generator = torch.Generator().manual_seed(seed)
+        ranks, rank = (world().size, world().rank) if spread else (1, 0)
         batch_size = self.data.loaded.config.train.batch_size
+        images = DecodedImages(self.root, list(paths), tuple(self.precompute.size), transform, seed)
+        drop_last = shuffle and len(paths) > batch_size
+        sampler = DistributedSampler(images, num_replicas=ranks, rank=rank, seed=seed) if shuffle else None
         return DataLoader(
-            DecodedImages(self.root, list(paths), tuple(self.precompute.size), transform, seed),
-            batch_size=batch_size, shuffle=shuffle, generator=generator if shuffle else None,
+            images, batch_size=batch_size // ranks if shuffle else batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=loader_workers(self.precompute.workers), pin_memory=self.data.device.type == "cuda",
-            drop_last=shuffle and len(paths) > batch_size,
         )
 
     def _inputs(self, batch):
@@ -108,9 +113,14 @@ class FinetuneFolds:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
-    def predict(self, model, paths) -> np.ndarray:
+    def predict(self, model, paths, spread: bool = False) -> np.ndarray:
+        """Softmax probabilities of `paths`; `spread`: each rank decodes and runs its share of them."""
         import torch
 
+        from fishcomp.distributed import gather_rows, my_rows
+
+        if spread and len(paths) >= world().size:
+            return gather_rows({"probs": self.predict(model, paths[my_rows(len(paths))])}, len(paths))["probs"]
         model.eval()
         outputs = []
         with torch.inference_mode():
@@ -122,17 +132,30 @@ class FinetuneFolds:
 
     # -- one fold ---------------------------------------------------------------------------------
 
-    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance) -> FoldResult:
+    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
+        """One fold. `spread`: on every rank with DistributedDataParallel, each rank decoding and
+        training on its share of every batch and predicting its share of every set."""
         import timm.optim
         import torch
         from torch import nn
 
+        from fishcomp.distributed import sum_across, sync_buffers, wrap_data_parallel
+
         data = self.data
         train_cfg = data.loaded.config.train
+        here = world()
+        if spread and train_cfg.batch_size % here.size:
+            raise FishcompError(
+                f"train.batch_size {train_cfg.batch_size} does not split evenly over {here.size} processes; "
+                f"use a multiple of {here.size}"
+            )
         torch.manual_seed(train_cfg.seed * 1000 + fold)
         labels, valid_labels = data.labels[train], data.labels[valid]
         model = self._model()
+        # The warm-up is the same on every rank (same seed, same cached features); the wrapper then
+        # broadcasts rank 0's weights anyway, so all ranks start fine-tuning from one model.
         self._warm_up(model, train, labels, fold)
+        net = wrap_data_parallel(model, data.device) if spread else model
         optimiser = timm.optim.create_optimizer_v2(
             model, opt="adamw", lr=train_cfg.phases[0].lr, weight_decay=train_cfg.weight_decay, layer_decay=self.head.layer_decay
         )
@@ -143,9 +166,9 @@ class FinetuneFolds:
         batches = max(1, len(train) // batch_size if len(train) > batch_size else 1)
 
         def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
-            self._train_mode(model)
+            self._train_mode(net)
             # A new augmentation draw every epoch, reproducible from (seed, fold, epoch).
-            loader = self._loader(self.paths[train], self.transform, seed=(train_cfg.seed * 1000 + fold) * 1000 + epoch, shuffle=True)
+            loader = self._loader(self.paths[train], self.transform, seed=(train_cfg.seed * 1000 + fold) * 1000 + epoch, shuffle=True, spread=spread)
             total, seen = 0.0, 0
             for batch_index, (images, local, *_rest) in enumerate(loader):
                 for group in optimiser.param_groups:
@@ -153,7 +176,7 @@ class FinetuneFolds:
                     group["lr"] = step_lr * group.get("lr_scale", 1.0)  # timm's layer-wise decay
                 y = targets[local].to(data.device)
                 with self._autocast():
-                    loss = criterion(model(self._inputs(images)).float(), y)
+                    loss = criterion(net(self._inputs(images)).float(), y)
                 check_finite(loss, data.loaded.name, fold, epoch, "lower the fine-tuning learning rate (train.phases)")
                 optimiser.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -161,18 +184,22 @@ class FinetuneFolds:
                 scaler.update()
                 total += loss.item() * len(local)
                 seen += len(local)
+            total, seen = sum_across(total, seen) if spread else (total, seen)
             return total / max(seen, 1)
 
         def validate() -> dict:
-            probs = self.predict(model, self.paths[valid])
+            if spread:
+                sync_buffers(model)
+            probs = self.predict(model, self.paths[valid], spread)
             score = log_loss(valid_labels, probs)
             return {"valid_loss": score, "valid_logloss": score, "valid_accuracy": accuracy(valid_labels, probs)}
 
         best_epoch = run_phases(train_cfg, fold, model, records, advance, train_epoch, validate)
-        valid_probs = self.predict(model, self.paths[valid]) if len(valid) else np.empty((0, len(data.classes)))
+        valid_probs = self.predict(model, self.paths[valid], spread) if len(valid) else np.empty((0, len(data.classes)))
+        test_probs = {split: self.predict(model, paths, spread) for split, paths in self.test_paths.items()}
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_probs, valid_boxes=None,
-            test_probs={split: self.predict(model, paths) for split, paths in self.test_paths.items()},
+            test_probs=test_probs,
             test_boxes={}, best_epoch=best_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(self.head), "classes": data.classes,

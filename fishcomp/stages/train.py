@@ -25,7 +25,7 @@ from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, cache_key, dump_yaml, key_payload
 from fishcomp.console import progress, stage_line, warn
 from fishcomp.data.splits import assign_folds, fold_count
-from fishcomp.distributed import device_for, ensure_together, gather_to_main, world
+from fishcomp.distributed import data_parallel, device_for, ensure_together, gather_to_main, world
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
@@ -171,29 +171,47 @@ def lr_at(phase, step: int, steps: int, schedule: str) -> float:
     return phase.lr
 
 
-def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None):
+def share_of_batch(positions: np.ndarray, pseudo_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's part of a global batch (train then pseudo positions): every size-th item from
+    its rank, so the ranks' parts make up exactly the batch a single process trains on."""
+    here = world()
+    mine = np.arange(here.rank, len(positions) + len(pseudo_positions), here.size)
+    return positions[mine[mine < len(positions)]], pseudo_positions[mine[mine >= len(positions)] - len(positions)]
+
+
+def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False):
     """Train one fold's head, keeping the epoch with the best validation log loss.
 
     `pseudo`: (features of the pseudo-labelled test images, their soft targets) or None.
+    `spread`: train on every rank with DistributedDataParallel, each rank taking its share of
+    every batch and of the validation set; every rank ends with the same model.
     """
     import torch
     from torch import nn
 
+    from fishcomp.distributed import sum_across, sync_buffers, wrap_data_parallel
     from fishcomp.models.heads import create_head
 
     config = loaded.config
     train_cfg = config.train
+    here = world()
     torch.manual_seed(train_cfg.seed * 1000 + fold)
+    # Every rank draws the same batches from this generator, and takes its own share of each.
     generator = np.random.default_rng([train_cfg.seed, fold])
     model = create_head(config.head, train_set.shape, num_classes, num_sizes=num_sizes).to(device)
+    net = wrap_data_parallel(model, device) if spread else model
+    if spread:
+        torch.manual_seed(train_cfg.seed * 1000 + fold + 7919 * here.rank)  # own dropout masks per rank
     optimiser = torch.optim.Adam(model.parameters(), lr=train_cfg.phases[0].lr, weight_decay=train_cfg.weight_decay)
     criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
     train_labels = torch.from_numpy(labels)
     pseudo_set, pseudo_targets = pseudo if pseudo is not None else (None, None)
     batches = batches_per_epoch(len(train_set), train_cfg.batch_size, train_cfg.pseudo if pseudo else None)
+    # BatchNorm cannot normalise a batch of one, on any rank.
+    smallest_batch = 2 * here.size if spread else 2
 
     def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
-        model.train()
+        net.train()
         mix = mixed_batches(
             len(train_set), len(pseudo_set) if pseudo_set is not None else 0, train_cfg.batch_size,
             train_cfg.pseudo.proportion if pseudo else 0.0, generator,
@@ -202,33 +220,44 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
         copy_choice = generator.integers(0, train_set.copy_count, size=len(train_set))
         total, seen = 0.0, 0
         for batch_index, (positions, pseudo_positions) in enumerate(mix):
-            if len(positions) + len(pseudo_positions) < 2 and len(train_set) > 1:
-                continue  # BatchNorm cannot normalise a batch of one
+            batch_items = len(positions) + len(pseudo_positions)
+            if batch_items < smallest_batch and len(train_set) > 1:
+                continue
+            if spread:
+                positions, pseudo_positions = share_of_batch(positions, pseudo_positions)
             for group in optimiser.param_groups:
                 group["lr"] = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
-            x, size, box = train_set.batch(positions, device, copies=copy_choice[positions])
-            y = train_labels[positions].to(device)
-            if len(pseudo_positions):
-                # One forward pass over the mixed batch, so BatchNorm sees it whole.
+            n, m = len(positions), len(pseudo_positions)
+            inputs, sizes = [], []
+            if n:
+                x, size, box = train_set.batch(positions, device, copies=copy_choice[positions])
+                inputs.append(x), sizes.append(size)
+            if m:
                 px, psize, _ = pseudo_set.batch(pseudo_positions, device)
-                outputs = model(torch.cat([x, px]), size=None if size is None else torch.cat([size, psize]))
-                n = len(positions)
-                loss = head_loss({k: v[:n] for k, v in outputs.items()}, y, box, config.head, criterion)
-                soft = torch.from_numpy(pseudo_targets[pseudo_positions]).to(device)
-                pseudo_loss = criterion(outputs["logits"][n:], soft)
-                loss = (n * loss + len(pseudo_positions) * pseudo_loss) / (n + len(pseudo_positions))
-            else:
-                loss = head_loss(model(x, size=size), y, box, config.head, criterion)
+                inputs.append(px), sizes.append(psize)
+            # One forward pass over the mixed batch, so BatchNorm sees it whole.
+            outputs = net(torch.cat(inputs) if len(inputs) > 1 else inputs[0], size=None if sizes[0] is None else torch.cat(sizes))
+            if n:
+                y = train_labels[positions].to(device)
+                train_loss = head_loss({k: v[:n] for k, v in outputs.items()} if m else outputs, y, box, config.head, criterion)
+            if m:
+                pseudo_loss = criterion(outputs["logits"][n:], torch.from_numpy(pseudo_targets[pseudo_positions]).to(device))
+            loss = pseudo_loss if not n else train_loss if not m else (n * train_loss + m * pseudo_loss) / (n + m)
             check_finite(loss, loaded.name, fold, epoch, "lower the learning rate (train.phases) or check the features for NaN")
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            # DistributedDataParallel averages the ranks' gradients; weighting each rank's mean by
+            # its share of the batch makes that average the gradient of the whole batch's mean.
+            (loss * (n + m) * here.size / batch_items if spread else loss).backward()
             optimiser.step()
-            total += loss.item() * len(positions)
-            seen += len(positions)
+            total += loss.item() * n
+            seen += n
+        total, seen = sum_across(total, seen) if spread else (total, seen)
         return total / max(seen, 1)
 
     def validate() -> dict:
-        predicted = predict(model, valid_set, device)
+        if spread:
+            sync_buffers(model)
+        predicted = predict_spread(model, valid_set, device) if spread else predict(model, valid_set, device)
         probs = predicted["probs"]
         # The training criterion on validation (log-probabilities are valid logits for it).
         log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-15))
@@ -241,6 +270,15 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
 
     best_epoch = run_phases(train_cfg, fold, model, record, advance, train_epoch, validate)
     return model, best_epoch
+
+
+def predict_spread(model, features: FeatureSet, device, tta: str | None = None) -> dict[str, np.ndarray]:
+    """`predict`, each rank taking its share of the rows; every rank gets all of them."""
+    from fishcomp.distributed import gather_rows, my_rows
+
+    if len(features) < world().size:
+        return predict(model, features, device, tta=tta)
+    return gather_rows(predict(model, features.subset(my_rows(len(features))), device, tta=tta), len(features))
 
 
 def check_finite(loss, name: str, fold: int, epoch: int, advice: str) -> None:
@@ -385,14 +423,16 @@ class CachedFeatureFolds:
                 "images": int(len(self.pseudo[1])), "proportion": settings.proportion,
             }
 
-    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance) -> FoldResult:
+    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
         data = self.data
         config = data.loaded.config
         valid_set = self.train_features.subset(valid)
         model, best_epoch = _fit_fold(
             data.loaded, fold, self.train_features.subset(train), valid_set, data.labels[train], data.labels[valid],
-            len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo,
+            len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo, spread,
         )
+        if spread and not world().is_main:
+            return None  # every rank holds the same model; rank 0 predicts (a head's pass is cheap)
         predicted = predict(model, valid_set, data.device, tta=self.tta)
         tests = {split: predict(model, self.test_features[split], data.device, tta=self.tta) for split in data.test_splits}
         return FoldResult(
@@ -441,15 +481,18 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
     records: list[dict] = []
     best_epochs = []
     here = world()
-    # Folds are independent: with several ranks each trains its own folds (fold f on rank f mod N),
-    # which gives exactly the single-process result, and rank 0 gathers them.
-    mine = [fold for fold in range(n_folds) if fold % here.size == here.rank]
+    # Under torchrun, either every fold trains on all ranks (data-parallel), or folds are dealt to
+    # the ranks (fold f on rank f mod N: exactly the single-process result); rank 0 gathers them.
+    spread = data_parallel(config.train.parallel, n_folds)
+    mine = [fold for fold in range(n_folds) if spread or fold % here.size == here.rank]
     results = {}
     with progress(f"train {loaded.name}", len(mine) * config.train.epochs) as advance:
         for fold in mine:
             valid, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
-            results[fold] = trainer.fit(fold, train, valid, records, advance)
-    if here.distributed:
+            results[fold] = trainer.fit(fold, train, valid, records, advance, spread=spread)
+    if spread and not here.is_main:
+        return None
+    if here.distributed and not spread:
         shares = gather_to_main((results, records))
         if not here.is_main:
             return None
@@ -518,6 +561,9 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
         "prior_logloss": prior_log_loss(labels, labels[validated], len(classes)),
         **extra,
         **trainer.summary(),
+        # Runtime facts (not in the key): how many processes trained it, and how they shared it.
+        "processes": here.size,
+        "parallel": ("data" if spread else "folds") if here.distributed else None,
         "size_vocabulary": data.vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
