@@ -231,6 +231,43 @@ class PseudoConfig(Strict):
     splits: list[Literal["test_stg1", "test_stg2"]] = Field(default_factory=lambda: ["test_stg1"], min_length=1)
 
 
+class JitterConfig(Strict):
+    """Augmented crops of the train images around their annotated boxes (the predicted box where
+    an image has none), each moved and resized at random: the classifier learns from the exact
+    fish and from the slightly-off boxes a detector gives."""
+
+    copies: int = Field(2, ge=1, le=16)
+    shift: float = Field(0.1, ge=0.0, le=1.0, description="centre moved by up to this share of the box size")
+    scale: float = Field(0.15, ge=0.0, le=1.0, description="box sides scaled by up to exp(+-scale)")
+    seed: int = 0
+
+
+class NofBlendConfig(Strict):
+    """A predicted box on an empty deck is a crop of nothing, so a whole-image model is the better
+    judge of NoF: its NoF probability is blended in, and the fish classes share the rest."""
+
+    # A config (relative to the file that names it) of a whole-image head on the same folds; its
+    # path is not hashed: the key holds its artifact's own key instead.
+    whole: str = Field(json_schema_extra={NOT_IN_KEY: True})
+    weight: float = Field(0.5, ge=0.0, le=1.0, description="share of the whole-image model in P(NoF)")
+
+
+class CropsConfig(Strict):
+    """Detect, then classify: crops around the fish, cut from the full-resolution photo and
+    embedded by `precompute`'s backbone at `precompute.size`; `head` then trains on them."""
+
+    # A config whose bbox head predicts the boxes: out-of-fold boxes for train images (the kind
+    # the classifier will see at test time), fold-averaged ones for test images. Not hashed: its
+    # artifact's key is.
+    boxes: str = Field(json_schema_extra={NOT_IN_KEY: True})
+    # Each side enlarged by this share of the box size, so a slightly-off box still holds the fish.
+    margin: float = Field(0.25, ge=0.0, le=2.0)
+    # Grow the shorter side to make the crop square (the backbone sees the fish undistorted).
+    square: bool = True
+    jitter: JitterConfig | None = Field(default_factory=JitterConfig)
+    nof: NofBlendConfig | None = None
+
+
 class TrainConfig(Strict):
     # The lesson's two phases: Adam 1e-3 for 3 epochs, then 1e-4 for 7.
     phases: list[Phase] = Field(
@@ -319,6 +356,7 @@ class RunConfig(Strict):
     head: HeadConfig | None = None
     train: TrainConfig | None = None
     split: SplitConfig = Field(default_factory=SplitConfig)
+    crops: CropsConfig | None = None
     ensemble: EnsembleConfig | None = None
     submit: SubmitConfig | None = None
 
@@ -332,6 +370,11 @@ class RunConfig(Strict):
             self.train = TrainConfig()
         if self.head is not None and self.head.kind == "finetune" and self.train.pseudo is not None:
             raise ValueError("train.pseudo works with heads on cached features, not with head.kind: finetune")
+        if self.crops is not None:
+            if self.head is None:
+                raise ValueError("`crops` needs a `head` to classify the crops")
+            if self.head.kind == "finetune" or getattr(self.head, "input", "map") != "pooled":
+                raise ValueError(f"crops are embedded as pooled vectors: use a head on pooled features (dense, leakage), not {self.head.kind}")
         return self
 
     @property

@@ -150,6 +150,8 @@ def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
 
     if artifact.file("oof_boxes.csv").is_file():
         _box_figures(ctx, run, out, prefix, section, paths)
+    if "crops" in summary:
+        _crop_sheet(ctx, summary, validated, labels, probs, classes, out, prefix, section, paths)
     if run.loaded.config.head is not None and run.loaded.config.head.kind in list_heatmap_heads():
         _attention(ctx, run, out, prefix, section)
     return section
@@ -195,6 +197,38 @@ def _box_figures(ctx: Context, run: Run, out: Path, prefix: str, section: Sectio
                     panels.append((photo, row.image, [(np.array([row.box_x, row.box_y, row.box_w, row.box_h]), "red")]))
             section.figures.append((viz.image_grid(panels, out / f"{prefix}boxes_{split}.png").name, f"{split}: predicted boxes"))
             break
+
+
+def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, out: Path, prefix: str, section: Section, paths) -> None:
+    """Detect-then-classify runs: the crops the classifier saw on validation images, true vs
+    predicted class, and its log loss next to the whole-image model's."""
+    from PIL import Image
+
+    blend = summary.get("nof_blend")
+    if blend:
+        section.numbers["crop classifier alone, valid log loss"] = _fmt(blend["crops_alone"])
+        section.numbers[f"whole-image model ({blend['whole']}), valid log loss"] = _fmt(blend["whole_image"])
+        section.numbers[f"blended (whole image's P(NoF) at weight {blend['weight']})"] = _fmt(blend["blended"])
+    found = ctx.cache.find("crops", summary["crops"]["key"])
+    if found is None:
+        return
+    rectangles = pd.read_csv(found / "crop_boxes.csv")
+    rectangles = rectangles[(rectangles.split == "train") & (rectangles["copy"] == 0)].set_index("image")
+    panels = []
+    for i in range(min(SAMPLES * 2, len(validated))):
+        image = validated.image.iloc[i]
+        if image not in rectangles.index or np.isnan(rectangles.loc[image, "w"]):
+            continue
+        try:
+            photo, _ = load_rgb(ctx.data_dir / paths.get(image, ""))
+        except UnreadableImage:
+            continue
+        x, y, w, h = rectangles.loc[image, ["x", "y", "w", "h"]]
+        crop = photo.crop((round(x), round(y), round(x + w), round(y + h))).resize((192, 192), Image.BILINEAR)
+        guess = int(probs[i].argmax())
+        panels.append((crop, f"true {classes[labels[i]]}, said {classes[guess]} {probs[i, guess]:.2f}", []))
+    if panels:
+        section.figures.append((viz.image_grid(panels, out / f"{prefix}crops.png", columns=6).name, "crops of validation images (out-of-fold boxes): true vs predicted class"))
 
 
 def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:

@@ -40,13 +40,15 @@ from fishcomp.stages.predictions import Predictions, read_predictions
 STAGE = "train"
 
 
-def train_key(precompute_key: str, loaded: LoadedConfig, pseudo_key: str | None = None) -> str:
+def train_key(precompute_key: str, loaded: LoadedConfig, pseudo_key: str | None = None, whole_key: str | None = None) -> str:
     config = loaded.config
     parts = [precompute_key, key_payload(config.head), key_payload(config.train), key_payload(config.split)]
     if pseudo_key is not None:
         parts.append({"pseudo_source": pseudo_key})
     if _tta_combine(loaded):
         parts.append({"tta_combine": _tta_combine(loaded)})
+    if whole_key is not None:
+        parts.append({"nof": key_payload(config.crops.nof), "whole": whole_key})
     return cache_key(STAGE, *parts)
 
 
@@ -59,18 +61,46 @@ def _tta_combine(loaded: LoadedConfig) -> str | None:
 def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = ()) -> Artifact:
     if not loaded.config.trains:
         raise FishcompError(f"{loaded.path}: nothing to train (add a `head:` section, or use an ensemble's members)")
-    features = ensure_precompute(ctx, loaded)
+    crops = loaded.config.crops
+    if crops is not None:
+        from fishcomp.stages.crops import ensure_crops
+
+        features = ensure_crops(ctx, loaded)  # same layout as precompute's, so any pooled head reads it
+    else:
+        features = ensure_precompute(ctx, loaded)
     pseudo = _pseudo_source(ctx, loaded, _chain)
-    key = train_key(features.key, loaded, pseudo.key if pseudo else None)
+    whole = None
+    if crops is not None and crops.nof is not None:
+        whole = ensure_train(ctx, referenced_config(ctx, loaded, crops.nof.whole, "crops.nof.whole"), _chain + (loaded.path.resolve(),))
+    key = train_key(features.key, loaded, pseudo.key if pseudo else None, whole.key if whole else None)
     # Under torchrun the folds are dealt to the ranks; rank 0 gathers them and publishes.
-    artifact = ensure_together(ctx.cache, STAGE, loaded.name, key, lambda tmp: _build(ctx, loaded, features, tmp, pseudo))
+    artifact = ensure_together(ctx.cache, STAGE, loaded.name, key, lambda tmp: _build(ctx, loaded, features, tmp, pseudo, whole))
     summary = json.loads(artifact.file("summary.json").read_text())
     stage_line(
         STAGE, artifact.built, artifact.path,
         f"[{loaded.name}] valid logloss {summary['valid_logloss']:.4f}, accuracy {summary['valid_accuracy']:.3f}"
-        + (f" (TTA x{summary['tta_views']}; {summary['valid_logloss_without_tta']:.4f} without)" if summary.get("tta_views", 1) > 1 else ""),
+        + (f" (TTA x{summary['tta_views']}; {summary['valid_logloss_without_tta']:.4f} without)" if summary.get("tta_views", 1) > 1 else "")
+        + (f" (crops alone {summary['nof_blend']['crops_alone']:.4f}, whole image {summary['nof_blend']['whole_image']:.4f})" if summary.get("nof_blend") else ""),
     )
     return artifact
+
+
+def referenced_config(ctx: Context, loaded: LoadedConfig, relative: str, field: str, chain: tuple[Path, ...] = ()) -> LoadedConfig:
+    """The config another one names (`field`: relative to the naming file), loaded with the user's
+    model-section `--set` values (so a shrunken test run stays shrunken), except the naming field's."""
+    from fishcomp.config import MEMBER_SECTIONS, load_config
+
+    path = loaded.path.parent / relative
+    if path.resolve() in chain + (loaded.path.resolve(),):
+        raise FishcompError(f"{loaded.path}: {field} {relative} leads back to itself")
+    overrides = [
+        o for o in ctx.overrides
+        if o.split(".", 1)[0].strip() in MEMBER_SECTIONS and not o.replace(" ", "").startswith(field)
+    ]
+    try:
+        return load_config(path, overrides)
+    except FishcompError as exc:
+        raise FishcompError(f"{field} of {loaded.path}: {exc}") from exc
 
 
 def _pseudo_source(ctx: Context, loaded: LoadedConfig, chain: tuple[Path, ...]) -> Artifact | None:
@@ -78,28 +108,15 @@ def _pseudo_source(ctx: Context, loaded: LoadedConfig, chain: tuple[Path, ...]) 
     settings = loaded.config.train.pseudo
     if settings is None:
         return None
-    from fishcomp.config import MEMBER_SECTIONS, load_config
     from fishcomp.stages.ensemble import ensure_ensemble
 
-    path = loaded.path.parent / settings.source
+    source = referenced_config(ctx, loaded, settings.source, "train.pseudo", chain)
     here = loaded.path.resolve()
-    if path.resolve() in chain + (here,):
-        raise FishcompError(f"{loaded.path}: train.pseudo.source {settings.source} leads back to itself")
-    # The user's model-section `--set` values reach the source too (so a shrunken test run stays
-    # shrunken), except the pseudo settings, which belong to this run alone.
-    overrides = [
-        o for o in ctx.overrides
-        if o.split(".", 1)[0].strip() in MEMBER_SECTIONS and not o.replace(" ", "").startswith("train.pseudo")
-    ]
-    try:
-        source = load_config(path, overrides)
-    except FishcompError as exc:
-        raise FishcompError(f"train.pseudo.source of {loaded.path}: {exc}") from exc
     if source.config.ensemble is not None:
         return ensure_ensemble(ctx, source, chain + (here,))
     if source.config.trains:
         return ensure_train(ctx, source, chain + (here,))
-    raise FishcompError(f"{path}: a pseudo-label source must train a head or blend an ensemble")
+    raise FishcompError(f"{source.path}: a pseudo-label source must train a head or blend an ensemble")
 
 
 def _pseudo_targets(source: Artifact, index: pd.DataFrame, splits: list[str], classes: list[str], where: str) -> dict[str, np.ndarray]:
@@ -429,7 +446,7 @@ class CachedFeatureFolds:
         valid_set = self.train_features.subset(valid)
         model, best_epoch = _fit_fold(
             data.loaded, fold, self.train_features.subset(train), valid_set, data.labels[train], data.labels[valid],
-            len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo, spread,
+            len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo, spread=spread,
         )
         if spread and not world().is_main:
             return None  # every rank holds the same model; rank 0 predicts (a head's pass is cheap)
@@ -465,7 +482,7 @@ def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pse
     return CachedFeatureFolds(data, features_artifact, pseudo_source)
 
 
-def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None) -> dict:
+def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None) -> dict:
     import torch
 
     config = loaded.config
@@ -529,12 +546,15 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
         probs[~split_index.ok.to_numpy(dtype=bool)] = prior / prior.sum()
         tests[split] = pd.DataFrame(probs, columns=classes)
         tests[split].insert(0, "image", split_index.image.to_numpy())
+    extra = {}
+    if whole is not None:
+        extra["nof_blend"] = _blend_nof_with_whole(loaded, whole, oof_frame, tests, labels, folds >= 0)
+        oof = oof_frame[classes].to_numpy()
     Predictions(classes=list(classes), oof=oof_frame, tests=tests).write(tmp)
     pd.DataFrame(records).to_csv(tmp / "metrics.csv", index=False)
 
     validated = folds >= 0
     box_columns = ["box_x", "box_y", "box_w", "box_h"]  # fractions of the image
-    extra = {}
     if any(test_boxes.values()):
         pd.DataFrame(oof_boxes, columns=box_columns).assign(image=oof_frame.image).to_csv(tmp / "oof_boxes.csv", index=False)
         for split in data.test_splits:
@@ -561,6 +581,8 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
         "prior_logloss": prior_log_loss(labels, labels[validated], len(classes)),
         **extra,
         **trainer.summary(),
+        # The crops it trained on (detect-then-classify runs), for reports to find.
+        **({"crops": {"artifact": features_artifact.path.name, "key": features_artifact.key}} if config.crops else {}),
         # Runtime facts (not in the key): how many processes trained it, and how they shared it.
         "processes": here.size,
         "parallel": ("data" if spread else "folds") if here.distributed else None,
@@ -569,6 +591,43 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))
     return {"summary": summary}
+
+
+def _blend_nof_with_whole(loaded: LoadedConfig, whole: Artifact, oof: pd.DataFrame, tests: dict, labels, validated) -> dict:
+    """Blend the whole-image model's P(NoF) into the crop classifier's predictions, in place."""
+    from fishcomp.stages.crops import blend_nof
+
+    settings = loaded.config.crops.nof
+    classes = [c for c in oof.columns if c not in ("image", "label", "fold")]
+    if "NoF" not in classes:
+        raise FishcompError(f"{loaded.path}: crops.nof needs a NoF class; the data has {', '.join(classes)}")
+    nof = classes.index("NoF")
+    other = read_predictions(whole)
+    if other.classes != classes:
+        raise FishcompError(f"crops.nof.whole of {loaded.path}: {whole.path.name} predicts classes {other.classes}, not {classes}")
+
+    def aligned(frame: pd.DataFrame, images: pd.Series, what: str) -> np.ndarray:
+        found = frame.set_index("image").reindex(images)[classes]
+        if found.isna().any(axis=None):
+            raise FishcompError(
+                f"crops.nof.whole of {loaded.path}: {whole.path.name} has no {what} prediction for some images "
+                "(a hold-out split?); use a k-fold whole-image model"
+            )
+        return found.to_numpy()
+
+    crops_alone = log_loss(labels[validated], oof[classes].to_numpy()[validated])
+    whole_oof = aligned(other.oof, oof.image[validated], "out-of-fold")
+    blended = oof[classes].to_numpy(copy=True)
+    blended[validated] = blend_nof(blended[validated], whole_oof, settings.weight, nof)
+    oof[classes] = blended
+    for split, frame in tests.items():
+        if split not in other.tests:
+            raise FishcompError(f"crops.nof.whole of {loaded.path}: {whole.path.name} did not predict {split}; rebuild it on this data")
+        frame[classes] = blend_nof(frame[classes].to_numpy(), aligned(other.tests[split], frame.image, split), settings.weight, nof)
+    return {
+        "whole": whole.path.name, "weight": settings.weight, "crops_alone": crops_alone,
+        "whole_image": log_loss(labels[validated], whole_oof), "blended": log_loss(labels[validated], blended[validated]),
+    }
 
 
 def load_fold_model(artifact: Artifact, fold: int, device):

@@ -1,0 +1,268 @@
+"""Detect, then classify: crops around the fish, cut from the full-resolution photo, embedded.
+
+The fish fill a few percent of a 1280x720 photo, so at 224x224 the backbone sees them with few
+pixels. A bbox head (`crops.boxes`) finds them; this stage crops each photo around its box,
+enlarged by `crops.margin` (and made square), decodes the photo once at full resolution for all
+its crops, and embeds the crops with `precompute`'s backbone. Box sources:
+
+- train images, original copy: the bbox head's *out-of-fold* box, so the classifier validates on
+  (and learns from) the kind of box it will get at test time, never one its own fold's detector saw;
+- train images, augmented copies (`crops.jitter`): the annotated box (the predicted one where the
+  image has none, e.g. NoF), shifted and resized at random;
+- test images: the bbox head's box, averaged over its fold models.
+
+The artifact has the precompute layout (`index.csv`, `<split>_pooled.npy`, `train_aug_pooled.npy`,
+`meta.json`), so every head on pooled features trains on it unchanged, plus `crop_boxes.csv`: the
+rectangle each crop was cut from, in original pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fishcomp.cache import Artifact
+from fishcomp.config import CropsConfig, LoadedConfig, cache_key, dump_yaml, key_payload
+from fishcomp.console import progress, stage_line
+from fishcomp.data.images import UnreadableImage, load_rgb
+from fishcomp.errors import FishcompError
+from fishcomp.stages.context import Context, resolve_device
+
+STAGE = "crops"
+BOX_COLUMNS = ["box_x", "box_y", "box_w", "box_h"]
+
+
+# -- geometry (boxes as x, y, w, h in original pixels) ----------------------------------------------
+
+
+def enlarge(box: np.ndarray, margin: float, square: bool) -> np.ndarray:
+    """The box grown by `margin` of its size on each side, and to a square around its centre."""
+    x, y, w, h = box
+    w, h = w * (1 + 2 * margin), h * (1 + 2 * margin)
+    if square:
+        w = h = max(w, h)
+    cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
+    return np.array([cx - w / 2, cy - h / 2, w, h])
+
+
+def fit_inside(box: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The box moved (not shrunk, unless larger than the photo) to lie inside it: a fish at the
+    edge keeps its whole crop instead of half a crop of black."""
+    x, y, w, h = box
+    w, h = min(w, width), min(h, height)
+    x = min(max(x, 0.0), width - w)
+    y = min(max(y, 0.0), height - h)
+    return np.array([x, y, max(w, 1.0), max(h, 1.0)])
+
+
+def jittered(box: np.ndarray, rng: np.random.Generator, shift: float, scale: float) -> np.ndarray:
+    x, y, w, h = box
+    cx = x + w / 2 + rng.uniform(-shift, shift) * w
+    cy = y + h / 2 + rng.uniform(-shift, shift) * h
+    w, h = w * np.exp(rng.uniform(-scale, scale)), h * np.exp(rng.uniform(-scale, scale))
+    return np.array([cx - w / 2, cy - h / 2, w, h])
+
+
+def crop_rectangle(box: np.ndarray, config: CropsConfig, width: int, height: int) -> np.ndarray:
+    return fit_inside(enlarge(box, config.margin, config.square), width, height)
+
+
+# -- the images --------------------------------------------------------------------------------------
+
+
+class CroppedImages:
+    """One item per photo: its crops (K, H, W, 3) uint8, decoded once at full resolution.
+
+    `boxes[i, k]`: crop k of photo i as (x, y, w, h) fractions of the photo (the crop rectangle
+    is computed once the photo's size is known). Also returns the whole-pixel rectangles cut.
+    """
+
+    def __init__(self, root: Path, paths: list[str], boxes: np.ndarray, config: CropsConfig, size: tuple[int, int]):
+        self.root, self.paths, self.boxes, self.config, self.size = root, paths, boxes, config, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        import torch
+        from PIL import Image
+
+        height, width = self.size
+        count = self.boxes.shape[1]
+        crops = np.zeros((count, height, width, 3), np.uint8)
+        rectangles = np.full((count, 4), np.nan, dtype=np.float32)
+        try:
+            photo, (photo_w, photo_h) = load_rgb(self.root / self.paths[index])
+            ok = True
+        except UnreadableImage:
+            ok = False
+        if ok:
+            scale = np.array([photo_w, photo_h, photo_w, photo_h])
+            for k in range(count):
+                box = self.boxes[index, k] * scale
+                if np.isnan(box).any():
+                    box = np.array([0.0, 0.0, photo_w, photo_h])  # no box at all: the whole photo
+                x, y, w, h = crop_rectangle(box, self.config, photo_w, photo_h)
+                left, top = round(x), round(y)
+                right, bottom = max(left + 1, round(x + w)), max(top + 1, round(y + h))
+                rectangles[k] = (left, top, right - left, bottom - top)  # the pixels actually cut
+                region = photo.crop((left, top, right, bottom))
+                crops[k] = np.asarray(region.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+        return torch.from_numpy(crops), index, ok, torch.from_numpy(rectangles)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+
+def box_source(ctx: Context, loaded: LoadedConfig) -> tuple[LoadedConfig, Artifact]:
+    """The config named by `crops.boxes`, and its trained bbox artifact (built if needed)."""
+    from fishcomp.stages.train import ensure_train, referenced_config
+
+    source = referenced_config(ctx, loaded, loaded.config.crops.boxes, "crops.boxes")
+    config = source.config
+    if config.head is None or config.head.kind != "bbox":
+        raise FishcompError(f"crops.boxes of {loaded.path}: {source.path} must train a bbox head (head.kind: bbox)")
+    if config.split.kind == "holdout":
+        raise FishcompError(
+            f"crops.boxes of {loaded.path}: {source.path} uses a hold-out split, so most train images get no "
+            "out-of-fold box; use split.kind kfold or group_kfold"
+        )
+    return source, ensure_train(ctx, source)
+
+
+def crops_key(ctx: Context, loaded: LoadedConfig, boxes: Artifact) -> str:
+    config = loaded.config
+    return cache_key(
+        STAGE, key_payload(config.crops), key_payload(config.precompute.model_copy(update={"augment": None, "tta": None})),
+        ctx.dataset().fingerprint(), ctx.annotations_digest(config.data), {"boxes": boxes.key},
+    )
+
+
+def ensure_crops(ctx: Context, loaded: LoadedConfig) -> Artifact:
+    from fishcomp.stages.precompute import ensure_precompute, load_index
+
+    source, boxes = box_source(ctx, loaded)
+    index = load_index(ensure_precompute(ctx, source))
+    key = crops_key(ctx, loaded, boxes)
+    size = loaded.config.precompute.size
+    artifact = ctx.cache.ensure(STAGE, f"{loaded.name}-{size[0]}x{size[1]}", key, lambda tmp: _build(ctx, loaded, index, boxes, tmp))
+    meta = json.loads(artifact.file("meta.json").read_text())
+    stage_line(STAGE, artifact.built, artifact.path, f"{meta['crops']} crops of {meta['counts']['total']} images, boxes from {boxes.path.name}")
+    return artifact
+
+
+def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> tuple[np.ndarray, list[str]]:
+    """(images, 1 + copies, 4) box fractions per image and crop (NaN where none), and for each image
+    where its original crop's box came from."""
+    copies = config.jitter.copies if config.jitter else 0
+    planned = np.full((len(index), 1 + copies, 4), np.nan)
+    predicted = pd.read_csv(boxes.file("oof_boxes.csv")).set_index("image")[BOX_COLUMNS]
+    for split in index.split.unique():
+        if split != "train":
+            path = boxes.file(f"{split}_boxes.csv")
+            if not path.is_file():
+                raise FishcompError(f"{boxes.path} has no {split} boxes; rebuild it on this data")
+            predicted = pd.concat([predicted, pd.read_csv(path).set_index("image")[BOX_COLUMNS]])
+    predicted = predicted[~predicted.index.duplicated()]
+    ok = index.ok.to_numpy(dtype=bool)
+    have = index.image.isin(predicted.index).to_numpy() | ~ok
+    if not have.all():
+        missing = index.image[~have]
+        raise FishcompError(f"{boxes.path} predicts no box for {len(missing)} image(s) (e.g. {missing.iloc[0]}); rebuild it on this data")
+    planned[ok, 0] = predicted.loc[index.image[ok]].to_numpy()
+    sources = ["predicted (out of fold)" if split == "train" else "predicted" for split in index.split]
+    if copies:
+        rng = np.random.default_rng([config.jitter.seed, 17])
+        sizes = index[["width", "height", "width", "height"]].to_numpy(dtype=float)
+        annotated = index[BOX_COLUMNS].to_numpy(dtype=float) / np.where(sizes > 0, sizes, np.nan)
+        for row in np.flatnonzero((index.split == "train").to_numpy() & ok):
+            centre = annotated[row] if not np.isnan(annotated[row]).any() else planned[row, 0]
+            for k in range(copies):
+                planned[row, 1 + k] = jittered(centre, rng, config.jitter.shift, config.jitter.scale)
+    return planned, sources
+
+
+def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artifact, tmp: Path) -> dict:
+    import torch
+
+    from fishcomp.models.backbones import create_backbone
+    from fishcomp.stages.precompute import image_batches, reserved_memmap, to_model_input
+
+    config, precompute = loaded.config.crops, loaded.config.precompute
+    dataset = ctx.dataset()
+    device = resolve_device(precompute.device)
+    backbone = create_backbone(precompute)
+    model = backbone.model.to(device).to(memory_format=torch.channels_last)
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
+    planned, sources = planned_boxes(index, boxes, config)
+    copies = planned.shape[1] - 1
+    dim = backbone.num_features
+    splits = index.split.to_numpy()
+
+    outputs = {split: reserved_memmap(tmp / f"{split}_pooled.npy", np.float16, (int((splits == split).sum()), dim)) for split in index.split.unique()}
+    train_rows = np.flatnonzero(splits == "train")
+    augmented = reserved_memmap(tmp / "train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
+    rectangles = np.full(planned.shape, np.nan, dtype=np.float32)
+    ok = index.ok.to_numpy(dtype=bool).copy()
+    started = time.time()
+    # Train photos carry their jittered copies; the test photos only the predicted crop.
+    with progress(f"crops {precompute.size[0]}x{precompute.size[1]}", len(index)) as advance, torch.inference_mode():
+        for split in index.split.unique():
+            rows = np.flatnonzero(splits == split)
+            count = 1 + copies if split == "train" else 1
+            images = CroppedImages(dataset.root, index.path.to_numpy()[rows].tolist(), planned[rows, :count], config, precompute.size)
+            for batch, local, good, cut in image_batches(images, precompute.batch_size, precompute.workers, device):
+                n = len(local)
+                flat = to_model_input(batch.flatten(0, 1), device, mean, std)
+                pooled = model.forward_head(model.forward_features(flat), pre_logits=True).float().cpu().numpy().reshape(n, count, dim)
+                position = local.numpy()
+                outputs[split][position] = pooled[:, 0]
+                if split == "train" and copies:
+                    augmented[:, position] = pooled[:, 1:].transpose(1, 0, 2)
+                rectangles[rows[position], :count] = cut.numpy()
+                ok[rows[position]] &= good.numpy()
+                advance(n)
+    for array in [*outputs.values(), *([augmented] if copies else [])]:
+        array.flush()
+    del outputs, augmented
+    if copies:
+        # Copies carry no box target (the crop classifier has none); NaN says so to the trainer.
+        np.save(tmp / "train_aug_boxes.npy", np.full((copies, len(train_rows), 4), np.nan, dtype=np.float32))
+
+    index.assign(ok=ok).to_csv(tmp / "index.csv", index=False)
+    table = []
+    for row, (image, split) in enumerate(zip(index.image, index.split)):
+        for k in range(1 + copies if split == "train" else 1):
+            x, y, w, h = rectangles[row, k]
+            table.append({"image": image, "split": split, "copy": k, "source": sources[row] if k == 0 else "jittered",
+                          "x": x, "y": y, "w": w, "h": h})
+    pd.DataFrame(table).to_csv(tmp / "crop_boxes.csv", index=False)
+    meta = {
+        "backbone": precompute.backbone, "weights": precompute.weights, "size": list(precompute.size),
+        "mean": list(backbone.mean), "std": list(backbone.std), "pooled_dim": dim, "map_shape": None,
+        "augment_copies": copies, "tta_views": 1, "classes": dataset.classes,
+        "counts": {"total": len(index), **index.split.value_counts().to_dict()},
+        "unreadable": index.path[~ok].tolist(), "boxes_from": boxes.path.name, "boxes_key": boxes.key,
+        "crops": len(table), "seconds": round(time.time() - started, 2),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
+    return {"crops": len(table)}
+
+
+# -- NoF -----------------------------------------------------------------------------------------------
+
+
+def blend_nof(crop_probs: np.ndarray, whole_probs: np.ndarray, weight: float, nof: int) -> np.ndarray:
+    """P(NoF) mixed from both models; the fish classes keep the crop model's proportions."""
+    blended = np.array(crop_probs, dtype=np.float64)
+    p_nof = (1 - weight) * crop_probs[:, nof] + weight * whole_probs[:, nof]
+    fish = np.delete(blended, nof, axis=1)
+    fish *= ((1 - p_nof) / np.clip(fish.sum(axis=1), 1e-12, None))[:, None]
+    blended = np.insert(fish, nof, p_nof, axis=1)
+    return blended

@@ -1,0 +1,169 @@
+"""Detect, then classify: crops from out-of-fold boxes, jittered annotated crops, the NoF blend."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fishcomp.cli import main
+from fishcomp.config import load_config
+from fishcomp.stages.context import Context
+from fishcomp.stages.crops import blend_nof, crop_rectangle, enlarge, fit_inside
+
+from conftest import CONFIGS, TINY, run_cli
+
+
+def _sets(overrides):
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def crops_run(tiny_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("crops")
+    out = work / "submission.csv"
+    with pytest.raises(SystemExit) as done:
+        main([str(a) for a in ["run", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(TINY)]])
+    assert done.value.code == 0
+    return work, out
+
+
+def _folder(work, stage, name):
+    return next((work / stage).glob(f"{name}-*/meta.json" if stage == "crops" else f"{name}-*/summary.json")).parent
+
+
+def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops_run, tiny_data, capsys):
+    work, out = crops_run
+    code, stdout, _ = run_cli(["validate", out, "--data", tiny_data], capsys)
+    assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
+    summary = json.loads((_folder(work, "train", "crops") / "summary.json").read_text())
+    blend = summary["nof_blend"]
+    assert blend["whole"].startswith("dense-") and blend["weight"] == 0.5
+    assert summary["valid_logloss"] == pytest.approx(blend["blended"])
+    assert summary["valid_logloss"] < summary["prior_logloss"]
+    # The crop classifier trained on the original crop and two jittered copies per train image.
+    assert summary["augment_copies"] == 2
+    np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
+    """The original crop of train image i is cut around the box predicted by the bbox model of the
+    fold that validated i, never one that trained on i."""
+    import torch
+
+    from fishcomp.stages.train import load_fold_model
+
+    work, _ = crops_run
+    bbox = _folder(work, "train", "bbox")
+    oof = pd.read_csv(bbox / "oof.csv")
+    boxes = pd.read_csv(bbox / "oof_boxes.csv")
+    crops = pd.read_csv(_folder(work, "crops", "crops") / "crop_boxes.csv")
+    index = pd.read_csv(_folder(work, "crops", "crops") / "index.csv")
+    train_index = index[index.split == "train"].reset_index(drop=True)
+    features_folder = next(p for p in (work / "precompute").iterdir() if (p / "train_map.npy").is_file())
+    maps = np.load(features_folder / "train_map.npy")
+    original = crops[(crops.split == "train") & (crops["copy"] == 0)].set_index("image")
+    assert (original.source == "predicted (out of fold)").all()
+
+    class Artifact:
+        path = bbox
+
+        def file(self, name):
+            return bbox / name
+
+    models = {fold: load_fold_model(Artifact(), fold, "cpu") for fold in sorted(oof.fold.unique())}
+    config = load_config(CONFIGS / "crops.yaml").config.crops
+    for row in range(0, len(oof), 10):
+        image, fold = oof.image[row], oof.fold[row]
+        position = int(np.flatnonzero(train_index.image == image)[0])
+        with torch.inference_mode():
+            x = torch.from_numpy(maps[position : position + 1].astype(np.float32))
+            predicted = {f: m(x)["box"][0].numpy() for f, m in models.items()}
+        np.testing.assert_allclose(boxes.loc[row, ["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=float), predicted[fold], atol=1e-5)
+        assert all(np.abs(predicted[f] - predicted[fold]).max() > 1e-4 for f in predicted if f != fold)
+        width, height = train_index.width[position], train_index.height[position]
+        expected = crop_rectangle(predicted[fold] * [width, height, width, height], config, width, height)
+        np.testing.assert_allclose(original.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float), expected, atol=1.0)  # whole pixels
+
+
+def test_crops_of_annotated_train_images_contain_the_drawn_fish(tiny_data, tmp_path):
+    """Unjittered copies are cut around the annotated box (the fish's drawn pixels, in the synthetic
+    data): every annotated fish lies inside its crop, and the crop's pixels are the photo's."""
+    from PIL import Image
+
+    from fishcomp.data.images import load_rgb
+    from fishcomp.stages.crops import CroppedImages, planned_boxes
+    from fishcomp.stages.precompute import ensure_precompute, load_index
+
+    loaded = load_config(CONFIGS / "crops.yaml", ["crops.jitter={copies: 1, shift: 0, scale: 0}", *TINY])
+    ctx = Context(data_dir=tiny_data, work_dir=tmp_path)
+    index = load_index(ensure_precompute(ctx, load_config(CONFIGS / "bbox.yaml", TINY)))
+    train = index[(index.split == "train") & index.box_w.notna()].reset_index(drop=True).head(12)
+    fake_oof = tmp_path / "boxes"
+    fake_oof.mkdir()
+    pd.DataFrame({"image": index.image, "box_x": 0.1, "box_y": 0.1, "box_w": 0.2, "box_h": 0.2}).to_csv(fake_oof / "oof_boxes.csv", index=False)
+    for split in ("test_stg1", "test_stg2"):
+        pd.DataFrame({"image": index.image[index.split == split], "box_x": 0.1, "box_y": 0.1, "box_w": 0.2, "box_h": 0.2}).to_csv(fake_oof / f"{split}_boxes.csv", index=False)
+    source = type("A", (), {"file": lambda self, name: fake_oof / name, "path": fake_oof})()
+    planned, _ = planned_boxes(train, source, loaded.config.crops)
+    images = CroppedImages(tiny_data, train.path.tolist(), planned, loaded.config.crops, (64, 64))
+    for i in range(len(train)):
+        crops, _, ok, rectangles = images[i]
+        assert ok
+        x, y, w, h = rectangles[1].numpy()
+        fish = train.loc[i, ["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=float)
+        assert x <= fish[0] + 0.5 and y <= fish[1] + 0.5
+        assert x + w >= fish[0] + fish[2] - 0.5 and y + h >= fish[1] + fish[3] - 0.5
+        photo, _ = load_rgb(tiny_data / train.path[i])
+        region = photo.crop((int(x), int(y), int(x + w), int(y + h))).resize((64, 64), Image.BILINEAR)
+        np.testing.assert_array_equal(crops[1].numpy(), np.asarray(region))
+
+
+def test_the_crop_cache_key_changes_with_the_box_source(tiny_data, tmp_path):
+    from fishcomp.stages.crops import box_source, crops_key
+
+    ctx = Context(data_dir=tiny_data, work_dir=tmp_path, overrides=TINY)
+    loaded = load_config(CONFIGS / "crops.yaml", TINY)
+    _, boxes = box_source(ctx, loaded)
+    other = tmp_path / "bbox_l1.yaml"
+    other.write_text(f"extends: {CONFIGS / 'bbox.yaml'}\nhead: {{box_loss: smooth_l1}}\n")
+    moved = tmp_path / "crops.yaml"
+    moved.write_text(f"extends: {CONFIGS / 'crops.yaml'}\ncrops: {{boxes: bbox_l1.yaml, nof: {{whole: {CONFIGS / 'dense.yaml'}}}}}\n")
+    loaded_other = load_config(moved, TINY)
+    _, other_boxes = box_source(ctx, loaded_other)
+    assert other_boxes.key != boxes.key
+    assert crops_key(ctx, loaded_other, other_boxes) != crops_key(ctx, loaded, boxes)
+    # Same source, other margin: another artifact too; a path spelled differently but naming the
+    # same bbox artifact is not.
+    assert crops_key(ctx, load_config(CONFIGS / "crops.yaml", [*TINY, "crops.margin=0.5"]), boxes) != crops_key(ctx, loaded, boxes)
+
+
+def test_blend_nof_mixes_only_the_nof_probability():
+    crop = np.array([[0.6, 0.2, 0.2], [0.1, 0.1, 0.8]])
+    whole = np.array([[0.1, 0.8, 0.1], [0.3, 0.1, 0.6]])
+    blended = blend_nof(crop, whole, 0.5, nof=2)
+    np.testing.assert_allclose(blended[:, 2], [0.15, 0.7])
+    np.testing.assert_allclose(blended.sum(axis=1), 1.0)
+    np.testing.assert_allclose(blended[:, 0] / blended[:, 1], crop[:, 0] / crop[:, 1])  # fish proportions kept
+    np.testing.assert_allclose(blend_nof(crop, whole, 0.0, nof=2), crop)
+
+
+def test_crop_geometry_grows_squares_and_stays_inside_the_photo():
+    box = np.array([100.0, 50.0, 40.0, 20.0])
+    grown = enlarge(box, 0.25, square=True)
+    np.testing.assert_allclose(grown, [90.0, 30.0, 60.0, 60.0])  # 60 = 40 * 1.5, centred on (120, 60)
+    np.testing.assert_allclose(enlarge(box, 0.0, square=False), box)
+    np.testing.assert_allclose(fit_inside(np.array([-10.0, 690.0, 50.0, 50.0]), 1280, 720), [0.0, 670.0, 50.0, 50.0])
+    np.testing.assert_allclose(fit_inside(np.array([-10.0, -10.0, 2000.0, 50.0]), 1280, 720), [0.0, 0.0, 1280.0, 50.0])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["head={kind: fcn}"], "use a head on pooled features"),
+        (["crops.boxes=dense.yaml"], "must train a bbox head"),
+    ],
+)
+def test_crops_config_mistakes_are_one_line_errors(tiny_data, tmp_path, capsys, overrides, message):
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path, *_sets(overrides)], capsys)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
