@@ -142,6 +142,12 @@ class LeakageHeadConfig(_DenseFamily):
 class BboxHeadConfig(_DenseFamily):
     """The dense trunk with two outputs: 4 box coordinates and the class softmax."""
 
+    @model_validator(mode="after")
+    def _grid_needs_map(self) -> BboxHeadConfig:
+        if self.box_from == "grid" and self.input != "map":
+            raise ValueError("box_from: grid reads the spatial map; set input: map")
+        return self
+
     kind: Literal["bbox"] = "bbox"
     input: Literal["pooled", "map"] = "map"
     # Boxes are (x, y, w, h) as fractions of the image (0..1), so the weight is not in pixel units:
@@ -150,6 +156,14 @@ class BboxHeadConfig(_DenseFamily):
     box_loss: Literal["mse", "smooth_l1"] = "mse"
     # skip: images without a box add no box loss; zero: the lesson's zero box for them.
     missing_box: Literal["skip", "zero"] = "skip"
+    # Where the box comes from. None (the lesson's): a regression on the dense trunk, which sees
+    # the map max-pooled and flattened, so it finds the fish only roughly. grid: a small conv
+    # branch on the map scores every cell for holding the box centre and regresses the centre's
+    # offset in the cell and the box size there (one-object CenterNet); needs `input: map`.
+    box_from: Literal["trunk", "grid"] | None = None
+    # Also regress the fish's head and tail (needs point annotations, `*_points.json`), for
+    # crops rotated so the fish lies horizontally (crops.align). None: no point output.
+    points_weight: float | None = Field(None, ge=0.0)
 
 
 class FcnHeadConfig(Strict):
@@ -266,6 +280,9 @@ class CropsConfig(Strict):
     square: bool = True
     jitter: JitterConfig | None = Field(default_factory=JitterConfig)
     nof: NofBlendConfig | None = None
+    # Turn each crop so the fish lies horizontally, head left (the top teams' alignment): needs a
+    # box source that also predicts head and tail (head.points_weight, point annotations).
+    align: bool = False
 
 
 class TrainConfig(Strict):

@@ -43,7 +43,7 @@ def test_bad_rects_are_counted_not_fatal(tmp_path):
     result = load_annotations(annos)
     assert result.largest("img_1.jpg") == Box(1, 1, 2, 3)
     assert result.counts["rects with non-positive size dropped"] == 1
-    assert result.counts["non-rect annotations ignored"] == 1
+    assert result.counts["points"] == 1  # read as a point (half of a head/tail pair), not a box
     assert result.counts["rects with missing or non-numeric x/y/width/height"] == 1
 
 
@@ -64,3 +64,25 @@ def test_basename_and_clip():
     assert clip_box(Box(-10, 5, 30, 10), 100, 100) == Box(0, 5, 20, 10)
     assert clip_box(Box(95, 95, 30, 30), 100, 100) == Box(95, 95, 5, 5)
     assert clip_box(Box(200, 5, 30, 10), 100, 100) is None
+
+
+def test_head_tail_points_pair_up_and_follow_the_largest_box(tmp_path):
+    annos = tmp_path / "annos"
+    write(annos, "alb_labels.json", [
+        {"annotations": [{"class": "rect", "x": 0, "y": 0, "width": 10, "height": 10},
+                         {"class": "rect", "x": 100, "y": 100, "width": 50, "height": 40}],
+         "filename": "img_1.jpg"},
+    ])
+    write(annos, "alb_points.json", [
+        {"annotations": [{"class": "point", "x": 2, "y": 3}, {"class": "point", "x": 8, "y": 7},
+                         {"class": "point", "x": 140, "y": 110}, {"class": "point", "x": 105, "y": 130}],
+         "filename": "../train/ALB/img_1.jpg"},
+        {"annotations": [{"class": "point", "x": 1, "y": 1}], "filename": "img_2.jpg"},
+        {"annotations": [{"class": "point", "x": "?", "y": 1}], "filename": "img_3.jpg"},
+    ])
+    result = load_annotations(annos)
+    assert result.head_tail("img_1.jpg") == (140.0, 110.0, 105.0, 130.0)  # the pair inside the largest box
+    assert result.largest("img_1.jpg") == Box(100, 100, 50, 40)  # the points file adds no boxes
+    assert result.head_tail("img_2.jpg") is None  # half a pair
+    assert result.head_tail("img_9.jpg") is None
+    assert result.counts["points with missing or non-numeric x/y"] == 1

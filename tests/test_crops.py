@@ -105,10 +105,10 @@ def test_crops_of_annotated_train_images_contain_the_drawn_fish(tiny_data, tmp_p
     for split in ("test_stg1", "test_stg2"):
         pd.DataFrame({"image": index.image[index.split == split], "box_x": 0.1, "box_y": 0.1, "box_w": 0.2, "box_h": 0.2}).to_csv(fake_oof / f"{split}_boxes.csv", index=False)
     source = type("A", (), {"file": lambda self, name: fake_oof / name, "path": fake_oof})()
-    planned, _ = planned_boxes(train, source, loaded.config.crops)
+    planned, _, _ = planned_boxes(train, source, loaded.config.crops)
     images = CroppedImages(tiny_data, train.path.tolist(), planned, loaded.config.crops, (64, 64))
     for i in range(len(train)):
-        crops, _, ok, rectangles = images[i]
+        crops, _, ok, rectangles, _ = images[i]
         assert ok
         x, y, w, h = rectangles[1].numpy()
         fish = train.loc[i, ["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=float)
@@ -167,3 +167,51 @@ def test_crop_geometry_grows_squares_and_stays_inside_the_photo():
 def test_crops_config_mistakes_are_one_line_errors(tiny_data, tmp_path, capsys, overrides, message):
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path, *_sets(overrides)], capsys)
     assert code == 2 and message in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("kind, tolerance", [("DOL", 3.0), ("YFT", 3.0), ("ALB", 3.0), ("SHARK", 5.0)])
+def test_alignment_turns_a_fish_with_known_head_and_tail_horizontal_head_left(kind, tolerance):
+    """A synthetic fish at several angles, with its true head and tail: the aligned crop's fish
+    pixels have a horizontal principal axis, and its eye is in the left half."""
+    import math
+
+    from PIL import Image
+
+    from fishcomp.config import CropsConfig
+    from fishcomp.data.synth import draw_fish, head_and_tail
+    from fishcomp.stages.crops import aligned_crop
+
+    rng = np.random.default_rng(1)
+    deck = (0, 90, 160)
+    for angle in (0, 37, 90, 150, 222, 300):
+        upright = draw_fish(kind, 160, rng)
+        fish = upright.rotate(angle, expand=True, resample=Image.BICUBIC)
+        photo = Image.new("RGB", (640, 480), deck)
+        x, y = 200, 120
+        photo.paste(fish, (x, y), fish)
+        (head_x, head_y), (tail_x, tail_y) = head_and_tail(upright, 160, angle, fish.size)
+        left, top, right, bottom = fish.getchannel("A").getbbox()
+        rectangle = crop_rectangle(np.array([x + left, y + top, right - left, bottom - top], dtype=float), CropsConfig(boxes="b.yaml", margin=0.1), 640, 480)
+        crop = np.asarray(aligned_crop(photo, rectangle, np.array([x + head_x, y + head_y, x + tail_x, y + tail_y]))).astype(int)
+        ys, xs = np.nonzero(np.abs(crop - np.array(deck)).sum(axis=2) > 60)
+        major = np.linalg.eigh(np.cov(np.stack([xs, ys])))[1][:, -1]
+        tilt = abs(math.degrees(math.atan2(major[1], major[0]))) % 180
+        assert min(tilt, 180 - tilt) < tolerance, (angle, tilt)
+        eye_columns = np.nonzero((crop < 40).all(axis=2))[1]  # the eye is the only near-black part
+        assert eye_columns.mean() < crop.shape[1] / 2, angle
+
+
+def test_aligned_crops_use_predicted_points_and_need_a_source_that_predicts_them(tiny_data, tmp_path, capsys):
+    small = [*TINY, "precompute.size=[96,160]", "crops.nof=null", "crops.jitter.copies=1"]
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path,
+                               *_sets([*small, "crops.boxes=bbox.yaml", "crops.align=true"])], capsys)
+    assert code == 2 and "crops.align needs head/tail points" in stderr
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path,
+                               *_sets([*small, "crops.boxes=bbox_grid.yaml", "crops.align=true"])], capsys)
+    assert code == 0, stderr
+    bbox = json.loads((_folder(tmp_path, "train", "bbox_grid") / "summary.json").read_text())
+    assert "valid_points_error" in bbox and (_folder(tmp_path, "train", "bbox_grid") / "test_stg1_points.csv").is_file()
+    table = pd.read_csv(_folder(tmp_path, "crops", "crops") / "crop_boxes.csv")
+    readable = table.dropna(subset=["x"])
+    assert readable.turned_degrees.notna().all()  # every crop was turned by its points
+    assert readable.turned_degrees.std() > 10  # by different amounts: the fish lie every way

@@ -23,9 +23,9 @@ def test_synth_layout_is_the_competitions(tiny_data):
     solution = pd.read_csv(tiny_data / "solution.csv")
     assert solution.image.tolist() == stage2.image.tolist()
     assert (solution[FISHERIES_CLASSES].sum(axis=1) == 1).all()
-    assert sorted(p.name for p in (tiny_data / "annos").iterdir()) == [
-        f"{c}_labels.json" for c in ("alb", "bet", "dol", "lag", "shark", "yft")
-    ]
+    assert sorted(p.name for p in (tiny_data / "annos").iterdir()) == sorted(
+        f"{c}_{kind}.json" for c in ("alb", "bet", "dol", "lag", "shark", "yft") for kind in ("labels", "points")
+    )
 
 
 def test_synth_class_mix_sizes_and_new_boats(tiny_data):

@@ -92,13 +92,16 @@ def _blob_maps(n, rng, height=6, width=10, channels=16):
     return torch.from_numpy(maps), torch.from_numpy(labels), boxes.astype(np.float32)
 
 
-def test_bbox_iou_rises_with_training():
+@pytest.mark.parametrize("box_from, floor", [(None, 0.2), ("grid", 0.6)])
+def test_bbox_iou_rises_with_training(box_from, floor):
+    """Both box branches learn; the grid locator, which keeps the map's cells, finds the blob's
+    cell far better than the regression on the pooled, flattened trunk."""
     from fishcomp.models.losses import box_iou, head_loss
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     x, labels, boxes = _blob_maps(256, rng)
-    config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_weight=50.0)
+    config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_weight=50.0, box_from=box_from)
     head = create_head(config, tuple(x.shape[1:]), 8)
     optimiser = torch.optim.Adam(head.parameters(), lr=2e-3)
 
@@ -114,7 +117,39 @@ def test_bbox_iou_rises_with_training():
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    assert iou() > max(0.2, 3 * before)
+    assert iou() > max(floor, 3 * before)
+
+
+def test_bbox_head_learns_head_and_tail_points_where_they_are_given():
+    from fishcomp.models.losses import head_loss
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    x, labels, boxes = _blob_maps(256, rng)
+    # The head at the blob's cell centre, the tail a little to its left; a quarter have no points.
+    centre = boxes[:, :2] + boxes[:, 2:] / 2
+    points = np.concatenate([centre, centre - [0.08, 0.0]], axis=1).astype(np.float32)
+    points[::4] = np.nan
+    targets = torch.from_numpy(np.concatenate([boxes, points], axis=1))
+    config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_weight=50.0, box_from="grid", points_weight=50.0)
+    head = create_head(config, tuple(x.shape[1:]), 8)
+    optimiser = torch.optim.Adam(head.parameters(), lr=2e-3)
+    have = ~np.isnan(points).any(axis=1)
+
+    def error():
+        head.eval()
+        with torch.no_grad():
+            return np.abs(head(x)["points"].numpy()[have] - points[have]).mean()
+
+    before = error()
+    for _ in range(150):
+        head.train()
+        loss = head_loss(head(x), labels, targets, config, torch.nn.CrossEntropyLoss())
+        assert torch.isfinite(loss)  # images without points add nothing, not NaN
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert error() < before / 3
 
 
 def test_fcn_heatmap_peaks_in_the_box_far_more_often_than_chance():

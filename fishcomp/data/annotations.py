@@ -6,6 +6,9 @@
 x, y is the top-left corner in original pixels. Filenames may carry a path prefix
 (`../data/fish/train/ALB/img_00003.jpg`), so entries are keyed by basename. The lesson kept the
 largest box of an image; so does `largest_boxes`.
+
+Head/tail points (the forum's other files, `*_points.json`, same format, or inside the label
+files) are `{"class": "point", "x": .., "y": ..}` entries, two per fish: the head, then the tail.
 """
 
 from __future__ import annotations
@@ -35,12 +38,27 @@ class Box:
 @dataclass
 class Annotations:
     boxes: dict[str, list[Box]] = field(default_factory=dict)  # basename -> boxes (may be empty)
+    points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # basename -> head, tail, head, tail, ...
     files: list[Path] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # what was read, skipped and why
 
     def largest(self, name: str) -> Box | None:
         boxes = self.boxes.get(name)
         return max(boxes, key=lambda box: box.area) if boxes else None
+
+    def head_tail(self, name: str) -> tuple[float, float, float, float] | None:
+        """(head x, head y, tail x, tail y) of the fish in the largest box (the pair whose midpoint
+        lies in it; the first pair when no box says), or None without point annotations."""
+        points = self.points.get(name) or []
+        pairs = [(*points[i], *points[i + 1]) for i in range(0, len(points) - 1, 2)]
+        if not pairs:
+            return None
+        box = self.largest(name)
+        for pair in pairs:
+            mx, my = (pair[0] + pair[2]) / 2, (pair[1] + pair[3]) / 2
+            if box is not None and box.x <= mx <= box.x + box.w and box.y <= my <= box.y + box.h:
+                return pair
+        return pairs[0]
 
 
 def basename(filename: str) -> str:
@@ -63,17 +81,24 @@ def load_annotations(folder: Path | None) -> Annotations:
     result = Annotations()
     if folder is None or not folder.is_dir():
         return result
-    for path in sorted(folder.glob("*_labels.json")):
+    for path in sorted([*folder.glob("*_labels.json"), *folder.glob("*_points.json")]):
         result.files.append(path)
         for entry in parse_label_file(path):
             if not isinstance(entry, dict) or "filename" not in entry:
                 result.counts["entries without filename"] += 1
                 continue
             name = basename(str(entry["filename"]))
-            boxes = result.boxes.setdefault(name, [])
+            boxes = result.boxes.setdefault(name, []) if path.name.endswith("_labels.json") else None
             for rect in entry.get("annotations") or []:
-                if not isinstance(rect, dict) or rect.get("class", "rect") != "rect":
-                    result.counts["non-rect annotations ignored"] += 1
+                if isinstance(rect, dict) and rect.get("class") == "point":
+                    try:
+                        result.points.setdefault(name, []).append((float(rect["x"]), float(rect["y"])))
+                        result.counts["points"] += 1
+                    except (KeyError, TypeError, ValueError):
+                        result.counts["points with missing or non-numeric x/y"] += 1
+                    continue
+                if not isinstance(rect, dict) or rect.get("class", "rect") != "rect" or boxes is None:
+                    result.counts["annotations other than rects and points ignored"] += 1
                     continue
                 try:
                     box = Box(*(float(rect[k]) for k in ("x", "y", "width", "height")))

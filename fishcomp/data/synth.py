@@ -243,18 +243,36 @@ class ImageJob:
     seed: tuple[int, ...]
 
 
-def render(job: ImageJob) -> list[dict]:
-    """Draw one photo, save it as JPEG, return its fish boxes in original pixels."""
+def head_and_tail(upright: Image.Image, length: int, angle: float, rotated_size: tuple[int, int]) -> list[tuple[float, float]]:
+    """Where the snout and the tail fork of a fish drawn by `draw_fish` (head right, `length`
+    long, centred) end up once rotated by `angle` degrees (PIL: counter-clockwise, canvas
+    expanded), in the rotated canvas's pixels."""
+    pad = (upright.width - length) / 2
+    cy = upright.height / 2
+    body_start = pad + length * 0.22  # the tail fin is the first 22 % of the length
+    snout, fork = (pad + length, cy), (body_start - length * 0.22 * 0.35, cy)
+    theta = math.radians(angle)
+    cx, cy0, ncx, ncy = upright.width / 2, upright.height / 2, rotated_size[0] / 2, rotated_size[1] / 2
+    return [
+        (ncx + (px - cx) * math.cos(theta) + (py - cy0) * math.sin(theta), ncy - (px - cx) * math.sin(theta) + (py - cy0) * math.cos(theta))
+        for px, py in (snout, fork)
+    ]
+
+
+def render(job: ImageJob) -> tuple[list[dict], list[dict]]:
+    """Draw one photo, save it as JPEG, return its fish boxes and head/tail points in original pixels."""
     rng = np.random.default_rng(list(job.seed))
     width, height = (max(32, round(v * job.scale)) for v in job.boat.size)
     canvas = _deck(job.boat, rng, width, height)
     _clutter(canvas, rng)
-    boxes = []
+    boxes, points = [], []
     if job.label != "NoF":
         count = 1 + int(rng.random() < 0.25) + int(rng.random() < 0.08)
         for _ in range(count):
             length = max(12, int(width * rng.uniform(0.10, 0.25)))
-            fish = draw_fish(job.label, length, rng).rotate(rng.uniform(0, 360), expand=True, resample=Image.BICUBIC)
+            upright = draw_fish(job.label, length, rng)
+            angle = rng.uniform(0, 360)
+            fish = upright.rotate(angle, expand=True, resample=Image.BICUBIC)
             left, top, right, bottom = fish.getchannel("A").getbbox()
             x = int(rng.uniform(-left, width - right))
             y = int(rng.uniform(max(-top, 0.15 * height - top), height - bottom))
@@ -263,6 +281,8 @@ def render(job: ImageJob) -> list[dict]:
             x1, y1 = min(width, x + right), min(height, y + bottom)
             if x1 > x0 and y1 > y0:
                 boxes.append({"class": "rect", "x": float(x0), "y": float(y0), "width": float(x1 - x0), "height": float(y1 - y0)})
+                for px, py in head_and_tail(upright, length, angle, fish.size):
+                    points.append({"class": "point", "x": float(x + px), "y": float(y + py)})
     if rng.random() < job.boat.night_share:
         canvas = _night(canvas, rng)
     else:
@@ -270,7 +290,7 @@ def render(job: ImageJob) -> list[dict]:
     canvas = canvas.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 1.2)))
     Path(job.path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(job.path, quality=88)
-    return boxes
+    return boxes, points
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -320,7 +340,7 @@ def synthesize(
         jobs.append(("test_stg2", f"test_stg2/{name}", ImageJob(str(root / "test_stg2" / name), label, boat, scale, (seed, 3, i))))
 
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    boxes: list[list[dict]] = []
+    boxes: list[tuple[list[dict], list[dict]]] = []
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             for result in pool.map(render, [job for _, _, job in jobs], chunksize=8):
@@ -338,17 +358,21 @@ def synthesize(
     return {"train": n_train, "test_stg1": n_test, "test_stg2": n_stage2}
 
 
-def _write_annotations(root: Path, jobs, boxes, rng: np.random.Generator) -> None:
-    """The forum's files: one per fish class except OTHER, some names path-prefixed, as in the real ones."""
+def _write_annotations(root: Path, jobs, drawn, rng: np.random.Generator) -> None:
+    """The forum's files: boxes, one file per fish class except OTHER, some names path-prefixed, as
+    in the real ones; and head/tail points (`<class>_points.json`: head, then tail, per fish)."""
     per_class: dict[str, list[dict]] = {c.lower(): [] for c in FISH_CLASSES if c != "OTHER"}
-    for (split, name, job), rects in zip(jobs, boxes):
+    points: dict[str, list[dict]] = {c.lower(): [] for c in FISH_CLASSES if c != "OTHER"}
+    for (split, name, job), (rects, ends) in zip(jobs, drawn):
         if split != "train" or job.label.lower() not in per_class:
             continue
         filename = f"../data/fish/train/{job.label}/{name}" if rng.random() < 0.2 else name
         per_class[job.label.lower()].append({"annotations": rects, "class": "image", "filename": filename})
+        points[job.label.lower()].append({"annotations": ends, "class": "image", "filename": name})
     (root / "annos").mkdir(parents=True, exist_ok=True)
     for cls, entries in per_class.items():
         (root / "annos" / f"{cls}_labels.json").write_text(json.dumps(entries, indent=1))
+        (root / "annos" / f"{cls}_points.json").write_text(json.dumps(points[cls], indent=1))
 
 
 def _write_csvs(root: Path, jobs, with_stage2: bool) -> None:

@@ -8,18 +8,42 @@ import torch.nn.functional as F
 
 
 def head_loss(outputs: dict, labels: torch.Tensor, boxes: torch.Tensor | None, head_config, criterion) -> torch.Tensor:
-    """Cross-entropy, plus `box_weight * box_loss` for heads that predict a box."""
+    """Cross-entropy, plus `box_weight * box_loss` for heads that predict a box, plus
+    `points_weight * MSE` of head and tail for those that predict them (`boxes` columns 4:8)."""
     loss = criterion(outputs["logits"], labels)
-    if "box" not in outputs or boxes is None or head_config.box_weight == 0:
+    if boxes is None:
         return loss
-    if head_config.missing_box == "zero":
-        target, have = torch.nan_to_num(boxes, nan=0.0), torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
-    else:
-        target, have = boxes, ~torch.isnan(boxes).any(dim=1)
-    if not have.any():
-        return loss
-    box_fn = F.mse_loss if head_config.box_loss == "mse" else F.smooth_l1_loss
-    return loss + head_config.box_weight * box_fn(outputs["box"][have], target[have])
+    if "box" in outputs and head_config.box_weight:
+        box_targets = boxes[:, :4]
+        if head_config.missing_box == "zero":
+            target, have = torch.nan_to_num(box_targets, nan=0.0), torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+        else:
+            target, have = box_targets, ~torch.isnan(box_targets).any(dim=1)
+        box_fn = F.mse_loss if head_config.box_loss == "mse" else F.smooth_l1_loss
+        if "box_cells" in outputs:
+            have = ~torch.isnan(box_targets).any(dim=1)  # a grid has no "zero box" to point at
+            if have.any():
+                loss = loss + grid_box_loss(outputs["box_cells"][have], outputs["box_geometry"][have], box_targets[have], head_config.box_weight, box_fn)
+        elif have.any():
+            loss = loss + head_config.box_weight * box_fn(outputs["box"][have], target[have])
+    if "points" in outputs and boxes.shape[1] == 8:
+        have = ~torch.isnan(boxes[:, 4:]).any(dim=1)
+        if have.any():
+            loss = loss + head_config.points_weight * F.mse_loss(outputs["points"][have], boxes[have, 4:])
+    return loss
+
+
+def grid_box_loss(cells: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor, weight: float, box_fn) -> torch.Tensor:
+    """Cross-entropy over the cells for the one holding the box centre, plus `weight` times the
+    regression, at that cell, of the centre's offset in it and the box size."""
+    n, height, width = cells.shape
+    centre_x, centre_y = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2
+    column = (centre_x * width).floor().clamp(0, width - 1)
+    row = (centre_y * height).floor().clamp(0, height - 1)
+    target_cell = (row * width + column).long()
+    chosen = geometry.flatten(2)[torch.arange(n, device=cells.device), :, target_cell]
+    truth = torch.stack([(centre_x * width - column).clamp(0, 1), (centre_y * height - row).clamp(0, 1), boxes[:, 2], boxes[:, 3]], dim=1)
+    return F.cross_entropy(cells.flatten(1), target_cell) + weight * box_fn(chosen, truth)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

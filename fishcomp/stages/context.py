@@ -43,7 +43,7 @@ class Context:
         if folder not in self._annotations:
             loaded = self._annotations[folder] = load_annotations(folder)
             for reason, count in sorted(loaded.counts.items()):
-                if reason != "boxes":
+                if reason not in ("boxes", "points"):
                     warn(f"annotations in {folder}: {count} {reason}")
         return self._annotations[folder]
 
@@ -51,7 +51,7 @@ class Context:
         folder = self.annotations_dir(data)
         digest = hashlib.sha256()
         if folder.is_dir():
-            for path in sorted(folder.glob("*_labels.json")):
+            for path in sorted([*folder.glob("*_labels.json"), *folder.glob("*_points.json")]):
                 digest.update(path.name.encode() + b"\0" + path.read_bytes())
         return digest.hexdigest()[:16]
 

@@ -19,6 +19,7 @@ rectangle each crop was cut from, in original pixels.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -68,7 +69,30 @@ def jittered(box: np.ndarray, rng: np.random.Generator, shift: float, scale: flo
 
 
 def crop_rectangle(box: np.ndarray, config: CropsConfig, width: int, height: int) -> np.ndarray:
-    return fit_inside(enlarge(box, config.margin, config.square), width, height)
+    return fit_inside(enlarge(box, config.margin, config.square or config.align), width, height)
+
+
+def fish_angle(points: np.ndarray) -> float:
+    """Direction from tail to head in degrees, counter-clockwise from +x as seen (y points down)."""
+    head_x, head_y, tail_x, tail_y = points
+    return math.degrees(math.atan2(-(head_y - tail_y), head_x - tail_x))
+
+
+def aligned_crop(photo, rectangle: np.ndarray, points: np.ndarray):
+    """The square crop around `rectangle`'s centre (side: its longer side), turned so that the fish
+    (head and tail in pixels) lies horizontally with its head on the left. The region is cut with
+    room for the corners first, so turning brings in photo, not black (except at the photo's edge)."""
+    from PIL import Image
+
+    x, y, w, h = rectangle
+    side = max(w, h)
+    centre_x, centre_y = x + w / 2, y + h / 2
+    reach = math.ceil(side * math.sqrt(2) / 2)
+    region = photo.crop((round(centre_x) - reach, round(centre_y) - reach, round(centre_x) + reach, round(centre_y) + reach))
+    # PIL turns counter-clockwise as seen: by 180 - angle, the tail-to-head direction points left.
+    turned = region.rotate(180.0 - fish_angle(points), resample=Image.BILINEAR)
+    half = side / 2
+    return turned.crop((round(reach - half), round(reach - half), round(reach + half), round(reach + half)))
 
 
 # -- the images --------------------------------------------------------------------------------------
@@ -78,11 +102,14 @@ class CroppedImages:
     """One item per photo: its crops (K, H, W, 3) uint8, decoded once at full resolution.
 
     `boxes[i, k]`: crop k of photo i as (x, y, w, h) fractions of the photo (the crop rectangle
-    is computed once the photo's size is known). Also returns the whole-pixel rectangles cut.
+    is computed once the photo's size is known). `points[i, k]` (optional): the fish's head and
+    tail as fractions; a crop with them is turned so the fish lies horizontally, head left.
+    Also returns the whole-pixel rectangles cut (before any turn) and the turns in degrees.
     """
 
-    def __init__(self, root: Path, paths: list[str], boxes: np.ndarray, config: CropsConfig, size: tuple[int, int]):
+    def __init__(self, root: Path, paths: list[str], boxes: np.ndarray, config: CropsConfig, size: tuple[int, int], points: np.ndarray | None = None):
         self.root, self.paths, self.boxes, self.config, self.size = root, paths, boxes, config, size
+        self.points = points
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -95,6 +122,7 @@ class CroppedImages:
         count = self.boxes.shape[1]
         crops = np.zeros((count, height, width, 3), np.uint8)
         rectangles = np.full((count, 4), np.nan, dtype=np.float32)
+        turns = np.full(count, np.nan, dtype=np.float32)
         try:
             photo, (photo_w, photo_h) = load_rgb(self.root / self.paths[index])
             ok = True
@@ -110,9 +138,14 @@ class CroppedImages:
                 left, top = round(x), round(y)
                 right, bottom = max(left + 1, round(x + w)), max(top + 1, round(y + h))
                 rectangles[k] = (left, top, right - left, bottom - top)  # the pixels actually cut
-                region = photo.crop((left, top, right, bottom))
+                ends = None if self.points is None else self.points[index, k] * scale
+                if ends is not None and not np.isnan(ends).any():
+                    region = aligned_crop(photo, rectangles[k], ends)
+                    turns[k] = 180.0 - fish_angle(ends)
+                else:
+                    region = photo.crop((left, top, right, bottom))
                 crops[k] = np.asarray(region.resize((width, height), Image.BILINEAR), dtype=np.uint8)
-        return torch.from_numpy(crops), index, ok, torch.from_numpy(rectangles)
+        return torch.from_numpy(crops), index, ok, torch.from_numpy(rectangles), torch.from_numpy(turns)
 
 
 # -- the stage ---------------------------------------------------------------------------------------
@@ -155,35 +188,59 @@ def ensure_crops(ctx: Context, loaded: LoadedConfig) -> Artifact:
     return artifact
 
 
-def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> tuple[np.ndarray, list[str]]:
-    """(images, 1 + copies, 4) box fractions per image and crop (NaN where none), and for each image
-    where its original crop's box came from."""
-    copies = config.jitter.copies if config.jitter else 0
-    planned = np.full((len(index), 1 + copies, 4), np.nan)
-    predicted = pd.read_csv(boxes.file("oof_boxes.csv")).set_index("image")[BOX_COLUMNS]
+def _predicted(index: pd.DataFrame, source: Artifact, stem: str, columns: list[str]) -> np.ndarray:
+    """The box source's predictions (`oof_<stem>.csv` for train, `<split>_<stem>.csv` for the
+    tests) row-aligned with `index`; NaN for unreadable images."""
+    parts = []
     for split in index.split.unique():
-        if split != "train":
-            path = boxes.file(f"{split}_boxes.csv")
-            if not path.is_file():
-                raise FishcompError(f"{boxes.path} has no {split} boxes; rebuild it on this data")
-            predicted = pd.concat([predicted, pd.read_csv(path).set_index("image")[BOX_COLUMNS]])
+        path = source.file(f"oof_{stem}.csv" if split == "train" else f"{split}_{stem}.csv")
+        if not path.is_file():
+            raise FishcompError(f"{source.path} has no {split} {stem}; rebuild it on this data")
+        parts.append(pd.read_csv(path).set_index("image")[columns])
+    predicted = pd.concat(parts)
     predicted = predicted[~predicted.index.duplicated()]
     ok = index.ok.to_numpy(dtype=bool)
     have = index.image.isin(predicted.index).to_numpy() | ~ok
     if not have.all():
         missing = index.image[~have]
-        raise FishcompError(f"{boxes.path} predicts no box for {len(missing)} image(s) (e.g. {missing.iloc[0]}); rebuild it on this data")
-    planned[ok, 0] = predicted.loc[index.image[ok]].to_numpy()
+        raise FishcompError(f"{source.path} predicts no {stem} for {len(missing)} image(s) (e.g. {missing.iloc[0]}); rebuild it on this data")
+    values = np.full((len(index), len(columns)), np.nan)
+    values[ok] = predicted.loc[index.image[ok]].to_numpy()
+    return values
+
+
+def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(images, 1 + copies, 4) box fractions per image and crop (NaN where none); with
+    `config.align`, the same shape of head/tail fractions; and where each original crop's box
+    came from. Jittered copies take the annotated box and points (the predicted ones where the
+    image has none)."""
+    from fishcomp.stages.precompute import POINT_COLUMNS
+    from fishcomp.stages.train import normalised_boxes
+
+    copies = config.jitter.copies if config.jitter else 0
+    planned = np.full((len(index), 1 + copies, 4), np.nan)
+    planned[:, 0] = _predicted(index, boxes, "boxes", BOX_COLUMNS)
+    points = None
+    if config.align:
+        if not boxes.file("oof_points.csv").is_file():
+            raise FishcompError(
+                f"crops.align needs head/tail points from the box source, but {boxes.path.name} predicts none: "
+                "set head.points_weight in its config and give point annotations (*_points.json)"
+            )
+        points = np.full((len(index), 1 + copies, 4), np.nan)
+        points[:, 0] = _predicted(index, boxes, "points", ["head_x", "head_y", "tail_x", "tail_y"])
     sources = ["predicted (out of fold)" if split == "train" else "predicted" for split in index.split]
     if copies:
         rng = np.random.default_rng([config.jitter.seed, 17])
-        sizes = index[["width", "height", "width", "height"]].to_numpy(dtype=float)
-        annotated = index[BOX_COLUMNS].to_numpy(dtype=float) / np.where(sizes > 0, sizes, np.nan)
-        for row in np.flatnonzero((index.split == "train").to_numpy() & ok):
+        annotated = normalised_boxes(index)
+        annotated_points = normalised_boxes(index, POINT_COLUMNS)
+        for row in np.flatnonzero((index.split == "train").to_numpy() & index.ok.to_numpy(dtype=bool)):
             centre = annotated[row] if not np.isnan(annotated[row]).any() else planned[row, 0]
             for k in range(copies):
                 planned[row, 1 + k] = jittered(centre, rng, config.jitter.shift, config.jitter.scale)
-    return planned, sources
+            if points is not None:
+                points[row, 1:] = annotated_points[row] if not np.isnan(annotated_points[row]).any() else points[row, 0]
+    return planned, points, sources
 
 
 def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artifact, tmp: Path) -> dict:
@@ -199,7 +256,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
-    planned, sources = planned_boxes(index, boxes, config)
+    planned, points, sources = planned_boxes(index, boxes, config)
     copies = planned.shape[1] - 1
     dim = backbone.num_features
     splits = index.split.to_numpy()
@@ -208,6 +265,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     train_rows = np.flatnonzero(splits == "train")
     augmented = reserved_memmap(tmp / "train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
     rectangles = np.full(planned.shape, np.nan, dtype=np.float32)
+    turns = np.full(planned.shape[:2], np.nan, dtype=np.float32)
     ok = index.ok.to_numpy(dtype=bool).copy()
     started = time.time()
     # Train photos carry their jittered copies; the test photos only the predicted crop.
@@ -215,8 +273,11 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         for split in index.split.unique():
             rows = np.flatnonzero(splits == split)
             count = 1 + copies if split == "train" else 1
-            images = CroppedImages(dataset.root, index.path.to_numpy()[rows].tolist(), planned[rows, :count], config, precompute.size)
-            for batch, local, good, cut in image_batches(images, precompute.batch_size, precompute.workers, device):
+            images = CroppedImages(
+                dataset.root, index.path.to_numpy()[rows].tolist(), planned[rows, :count], config, precompute.size,
+                None if points is None else points[rows, :count],
+            )
+            for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
                 n = len(local)
                 flat = to_model_input(batch.flatten(0, 1), device, mean, std)
                 pooled = model.forward_head(model.forward_features(flat), pre_logits=True).float().cpu().numpy().reshape(n, count, dim)
@@ -225,6 +286,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
                 if split == "train" and copies:
                     augmented[:, position] = pooled[:, 1:].transpose(1, 0, 2)
                 rectangles[rows[position], :count] = cut.numpy()
+                turns[rows[position], :count] = turned.numpy()
                 ok[rows[position]] &= good.numpy()
                 advance(n)
     for array in [*outputs.values(), *([augmented] if copies else [])]:
@@ -240,7 +302,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         for k in range(1 + copies if split == "train" else 1):
             x, y, w, h = rectangles[row, k]
             table.append({"image": image, "split": split, "copy": k, "source": sources[row] if k == 0 else "jittered",
-                          "x": x, "y": y, "w": w, "h": h})
+                          "x": x, "y": y, "w": w, "h": h, "turned_degrees": turns[row, k]})
     pd.DataFrame(table).to_csv(tmp / "crop_boxes.csv", index=False)
     meta = {
         "backbone": precompute.backbone, "weights": precompute.weights, "size": list(precompute.size),

@@ -80,7 +80,10 @@ class FeatureSet:
                 _gather(self.array if k == 0 else self.copies[k - 1], rows[chosen], part)
                 data[chosen] = part
                 if k > 0 and boxes is not None and self.copy_boxes is not None:
-                    boxes[chosen] = self.copy_boxes[k - 1][positions[chosen]]
+                    # The copy's moved box; head/tail points (columns 4:, when regressed) are
+                    # not moved with the image, so the copy has none.
+                    boxes[chosen, :4] = self.copy_boxes[k - 1][positions[chosen]]
+                    boxes[chosen, 4:] = np.nan
         size = None if self.sizes is None else torch.from_numpy(self.sizes[positions]).to(device)
         box = None if boxes is None else torch.from_numpy(boxes).to(device)
         return torch.from_numpy(data).to(device), size, box
@@ -119,7 +122,7 @@ def predict(model, features: FeatureSet, device, tta: str | None = None, batch_s
                 x, size, _ = view.batch(np.arange(start, min(start + batch_size, len(view))), device)
                 result = model(x, size=size)
                 outputs.setdefault("probs", []).append(torch.softmax(result["logits"].float(), dim=1).cpu().numpy())
-                for name in ("box", "heatmaps") if keep_extras else ():
+                for name in ("box", "points", "heatmaps") if keep_extras else ():
                     if name in result:
                         outputs.setdefault(name, []).append(result[name].float().cpu().numpy())
         return {name: np.concatenate(parts) for name, parts in outputs.items()}

@@ -198,9 +198,8 @@ class FinetuneFolds:
         valid_probs = self.predict(model, self.paths[valid], spread) if len(valid) else np.empty((0, len(data.classes)))
         test_probs = {split: self.predict(model, paths, spread) for split, paths in self.test_paths.items()}
         return FoldResult(
-            valid_probs=valid_probs, valid_probs_original=valid_probs, valid_boxes=None,
-            test_probs=test_probs,
-            test_boxes={}, best_epoch=best_epoch,
+            valid_probs=valid_probs, valid_probs_original=valid_probs, valid_extras={},
+            test_probs=test_probs, test_extras={}, best_epoch=best_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(self.head), "classes": data.classes,
                 "backbone": self.precompute.backbone, "size": list(self.precompute.size), "mean": self.mean.tolist(), "std": self.std.tolist(),

@@ -2,7 +2,8 @@
 
 Artifact (`<work>/precompute/<backbone>-<H>x<W>-<key>/`):
 - `index.csv`: one row per image: image, split, label, path, width, height, ok, box_x/y/w/h
-  (the largest annotated box in original pixels, clipped to the image; empty when none);
+  (the largest annotated box in original pixels, clipped to the image; empty when none),
+  head_x/y, tail_x/y (that fish's head and tail points, when point annotations exist);
 - `<split>_pooled.npy`: float16 (N, C) global-average-pooled features;
 - `<split>_map.npy`: float16 (N, C, h, w) spatial maps, when a head needs them;
 - with `augment`: `train_aug_pooled.npy` / `train_aug_map.npy` (copies, N, ...) of augmented train
@@ -37,6 +38,7 @@ from fishcomp.models.heads import head_uses_map
 from fishcomp.stages.context import Context, resolve_device
 
 STAGE = "precompute"
+POINT_COLUMNS = ["head_x", "head_y", "tail_x", "tail_y"]
 
 
 def resolved_precompute(loaded: LoadedConfig) -> PrecomputeConfig:
@@ -379,6 +381,9 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     if orphans:
         warn(f"{len(orphans)} annotation entries name no train image (e.g. {orphans[0]}); ignored")
     index[["box_x", "box_y", "box_w", "box_h"]] = boxes
+    # Head and tail of the fish (train images with point annotations), original pixels.
+    ends = [annotations.head_tail(name) if split == "train" else None for name, split in zip(index.image, index.split)]
+    index[POINT_COLUMNS] = np.array([end if end is not None else (np.nan,) * 4 for end in ends], dtype=float).reshape(-1, 4)
     index.to_csv(tmp / "index.csv", index=False)
 
     meta = {

@@ -38,6 +38,11 @@ from fishcomp.stages.precompute import (
 from fishcomp.stages.predictions import Predictions, read_predictions
 
 STAGE = "train"
+# What multi-output heads predict besides classes, and the files they go to (fractions of the image).
+GEOMETRY = {
+    "box": ("boxes", ["box_x", "box_y", "box_w", "box_h"]),
+    "points": ("points", ["head_x", "head_y", "tail_x", "tail_y"]),
+}
 
 
 def train_key(precompute_key: str, loaded: LoadedConfig, pseudo_key: str | None = None, whole_key: str | None = None) -> str:
@@ -164,12 +169,19 @@ def batches_per_epoch(n_train: int, batch_size: int, pseudo) -> int:
     return max(1, math.ceil(n_train / (batch_size - pseudo_per_batch)))
 
 
-def _extra_scores(predicted: dict[str, np.ndarray], boxes: np.ndarray | None) -> dict[str, float]:
-    """Mean box IoU (bbox heads) and heatmap pointing score (class-map heads) on images with a box."""
-    if boxes is None:
+def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None) -> dict[str, float]:
+    """Mean box IoU (bbox heads) and heatmap pointing score (class-map heads) on images with a box;
+    mean head/tail distance (fractions of the image) on images with points."""
+    if targets is None:
         return {}
-    have = ~np.isnan(boxes).any(axis=1)
+    boxes = targets[:, :4]
     scores: dict[str, float] = {}
+    if "points" in predicted and targets.shape[1] == 8:
+        have_points = ~np.isnan(targets[:, 4:]).any(axis=1)
+        if have_points.any():
+            error = (predicted["points"][have_points] - targets[have_points, 4:]).reshape(-1, 2, 2)
+            scores["valid_points_error"] = float(np.linalg.norm(error, axis=2).mean())
+    have = ~np.isnan(boxes).any(axis=1)
     if not have.any():
         return scores
     if "box" in predicted:
@@ -350,11 +362,22 @@ def size_onehot(index: pd.DataFrame, vocabulary: list[str]) -> np.ndarray:
     return onehot
 
 
-def normalised_boxes(index: pd.DataFrame) -> np.ndarray:
-    """Boxes as (x, y, w, h) fractions of the image: the same numbers in any resized frame."""
-    boxes = index[["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=np.float32)
+def normalised_boxes(index: pd.DataFrame, columns: list[str] = GEOMETRY["box"][1]) -> np.ndarray:
+    """Boxes as (x, y, w, h) fractions of the image (or other x, y, x, y columns): the same numbers
+    in any resized frame. NaN where the index has no such columns (features made before them)."""
+    if not set(columns) <= set(index.columns):
+        return np.full((len(index), 4), np.nan, dtype=np.float32)
+    boxes = index[columns].to_numpy(dtype=np.float32)
     scale = index[["width", "height", "width", "height"]].to_numpy(dtype=np.float32)
     return boxes / np.where(scale > 0, scale, np.nan)
+
+
+def geometry_targets(index: pd.DataFrame, head) -> np.ndarray:
+    """What the head regresses: boxes, then head/tail points when the head predicts them too."""
+    boxes = normalised_boxes(index)
+    if getattr(head, "points_weight", None):
+        return np.concatenate([boxes, normalised_boxes(index, GEOMETRY["points"][1])], axis=1)
+    return boxes
 
 
 @dataclass
@@ -378,9 +401,9 @@ class TrainData:
 class FoldResult:
     valid_probs: np.ndarray
     valid_probs_original: np.ndarray  # without test-time augmentation
-    valid_boxes: np.ndarray | None
+    valid_extras: dict[str, np.ndarray]  # "box", "points": what multi-output heads predict
     test_probs: dict[str, np.ndarray]
-    test_boxes: dict[str, np.ndarray]
+    test_extras: dict[str, dict[str, np.ndarray]]  # split -> the same
     best_epoch: int
     checkpoint: dict
 
@@ -420,7 +443,7 @@ class CachedFeatureFolds:
         copies, copy_boxes = load_augmented(features_artifact, self.kind)
         self.train_features = FeatureSet(
             load_features(features_artifact, "train", self.kind), data.usable, size_onehot(data.usable_index, data.vocabulary),
-            normalised_boxes(data.usable_index), copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, data.usable],
+            geometry_targets(data.usable_index, config.head), copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, data.usable],
             views=load_views(features_artifact, "train", self.kind),
         )
         self.test_features = {}
@@ -454,9 +477,9 @@ class CachedFeatureFolds:
         tests = {split: predict(model, self.test_features[split], data.device, tta=self.tta) for split in data.test_splits}
         return FoldResult(
             valid_probs=predicted["probs"], valid_probs_original=predicted.get("probs_original", predicted["probs"]),
-            valid_boxes=predicted.get("box"),
+            valid_extras={name: predicted[name] for name in GEOMETRY if name in predicted},
             test_probs={split: t["probs"] for split, t in tests.items()},
-            test_boxes={split: t["box"] for split, t in tests.items() if "box" in t},
+            test_extras={split: {name: t[name] for name in GEOMETRY if name in t} for split, t in tests.items()},
             best_epoch=best_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": data.classes,
@@ -492,9 +515,9 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
     n_folds = fold_count(folds)
     oof = np.full((len(labels), len(classes)), np.nan)
     oof_original = np.full((len(labels), len(classes)), np.nan)
-    oof_boxes = np.full((len(labels), 4), np.nan)
+    oof_extras = {name: np.full((len(labels), 4), np.nan) for name in GEOMETRY}
     test_probs: dict[str, list] = {split: [] for split in data.test_splits}
-    test_boxes: dict[str, list] = {split: [] for split in data.test_splits}
+    test_extras: dict[str, dict[str, list]] = {name: {split: [] for split in data.test_splits} for name in GEOMETRY}
     records: list[dict] = []
     best_epochs = []
     here = world()
@@ -524,12 +547,12 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
         result = results[fold]
         best_epochs.append(result.best_epoch)
         oof[valid], oof_original[valid] = result.valid_probs, result.valid_probs_original
-        if result.valid_boxes is not None:
-            oof_boxes[valid] = result.valid_boxes
+        for name, values in result.valid_extras.items():
+            oof_extras[name][valid] = values
         for split in data.test_splits:
             test_probs[split].append(result.test_probs[split])
-            if split in result.test_boxes:
-                test_boxes[split].append(result.test_boxes[split])
+            for name, values in result.test_extras.get(split, {}).items():
+                test_extras[name][split].append(values)
         torch.save(result.checkpoint, tmp / "checkpoints" / f"fold{fold}.pt")
 
     oof_frame = pd.DataFrame(oof, columns=classes)
@@ -554,15 +577,15 @@ def _build(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp:
     pd.DataFrame(records).to_csv(tmp / "metrics.csv", index=False)
 
     validated = folds >= 0
-    box_columns = ["box_x", "box_y", "box_w", "box_h"]  # fractions of the image
-    if any(test_boxes.values()):
-        pd.DataFrame(oof_boxes, columns=box_columns).assign(image=oof_frame.image).to_csv(tmp / "oof_boxes.csv", index=False)
-        for split in data.test_splits:
-            frame = pd.DataFrame(np.mean(test_boxes[split], axis=0), columns=box_columns)
-            frame.insert(0, "image", tests[split].image)
-            frame.to_csv(tmp / f"{split}_boxes.csv", index=False)
+    for name, (stem, columns) in GEOMETRY.items():
+        if any(test_extras[name].values()) or not np.isnan(oof_extras[name]).all():
+            pd.DataFrame(oof_extras[name], columns=columns).assign(image=oof_frame.image).to_csv(tmp / f"oof_{stem}.csv", index=False)
+            for split in data.test_splits:
+                frame = pd.DataFrame(np.mean(test_extras[name][split], axis=0), columns=columns)
+                frame.insert(0, "image", tests[split].image)
+                frame.to_csv(tmp / f"{split}_{stem}.csv", index=False)
     metrics = pd.DataFrame(records)
-    for score in ("valid_iou", "valid_pointing"):
+    for score in ("valid_iou", "valid_pointing", "valid_points_error"):
         if score in metrics:
             # The score at each fold's best epoch, averaged over folds.
             per_fold = [metrics[(metrics.fold == f) & (metrics.epoch == e)][score].iloc[0] for f, e in enumerate(best_epochs)]

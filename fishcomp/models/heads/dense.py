@@ -79,6 +79,31 @@ class LeakageHead(DenseHead):
         return torch.cat([self.trunk(x), self.size_norm(size)], dim=1)
 
 
+class GridLocator(nn.Module):
+    """Finds one box on the spatial map: a logit per cell for holding the box centre, and per cell
+    the centre's offset inside it and the box's width and height (fractions of the image)."""
+
+    def __init__(self, channels: int, hidden: int = 128):
+        super().__init__()
+        # A 1x1 reduction first keeps the 3x3 (which lets a cell see its neighbours) cheap.
+        self.net = nn.Sequential(
+            nn.BatchNorm2d(channels), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+            nn.BatchNorm2d(hidden), nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, 5, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        cells, geometry = out[:, 0], torch.sigmoid(out[:, 1:])  # (N, h, w), (N, 4, h, w)
+        n, height, width = cells.shape
+        best = cells.flatten(1).argmax(dim=1)
+        chosen = geometry.flatten(2)[torch.arange(n, device=x.device), :, best]  # (N, 4)
+        centre_x = (best % width + chosen[:, 0]) / width
+        centre_y = (best // width + chosen[:, 1]) / height
+        box = torch.stack([centre_x - chosen[:, 2] / 2, centre_y - chosen[:, 3] / 2, chosen[:, 2], chosen[:, 3]], dim=1)
+        return {"box": box, "box_cells": cells, "box_geometry": geometry}
+
+
 class BboxHead(DenseHead):
     """Multi-output: the class logits and a box (x, y, w, h as fractions of the image)."""
 
@@ -86,10 +111,17 @@ class BboxHead(DenseHead):
         super().__init__(config, in_shape, num_classes)
         # A sigmoid keeps predicted coordinates inside the image.
         self.box = nn.Sequential(nn.Linear(self.num_features, 4), nn.Sigmoid())
+        self.locator = GridLocator(in_shape[0]) if config.box_from == "grid" else None
+        # Head (x, y) and tail (x, y) of the fish, when asked for.
+        self.points = nn.Sequential(nn.Linear(self.num_features, 4), nn.Sigmoid()) if config.points_weight else None
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         features = self.forward_features(x)
-        return {"logits": self.forward_head(features), "box": self.box(features)}
+        outputs = {"logits": self.forward_head(features)}
+        outputs.update(self.locator(x) if self.locator is not None else {"box": self.box(features)})
+        if self.points is not None:
+            outputs["points"] = self.points(features)
+        return outputs
 
 
 register_head("dense")(DenseHead)
