@@ -215,3 +215,14 @@ def test_aligned_crops_use_predicted_points_and_need_a_source_that_predicts_them
     readable = table.dropna(subset=["x"])
     assert readable.turned_degrees.notna().all()  # every crop was turned by its points
     assert readable.turned_degrees.std() > 10  # by different amounts: the fish lie every way
+
+
+def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_image_model(crops_run, tiny_data, capsys):
+    work, _ = crops_run
+    out = work / "report"
+    code, _, stderr = run_cli(["report", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(TINY)], capsys)
+    assert code == 0, stderr
+    sheets = list(out.glob("crops-*_crops.png"))
+    assert len(sheets) == 1 and sheets[0].stat().st_size > 10_000
+    page = (out / "index.html").read_text()
+    assert "crop classifier alone, valid log loss" in page and "whole-image model (dense-" in page
