@@ -1,6 +1,6 @@
 """A re-run must cost nothing: wall time of `fishcomp run` on the demo data, cold then cached.
 
-    python scripts/bench_rerun.py [--data data] [--config configs/pipeline.yaml]
+    python scripts/bench_rerun.py [--data data] [--config configs/demo.yaml]
 
 Both runs are fresh processes on a fresh artifact folder (the data is generated as `make demo`
 does when missing). Last line: `ratio=<second/first> target=0.05` (smaller is better).
@@ -31,7 +31,7 @@ def fishcomp(*args: str) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "data")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "pipeline.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
         # The data `make demo` makes.
