@@ -91,16 +91,18 @@ def ensure_train(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = 
 
 
 def referenced_config(ctx: Context, loaded: LoadedConfig, relative: str, field: str, chain: tuple[Path, ...] = ()) -> LoadedConfig:
-    """The config another one names (`field`: relative to the naming file), loaded with the user's
-    model-section `--set` values (so a shrunken test run stays shrunken), except the naming field's."""
+    """The config another one names (in `field`, e.g. train.pseudo.source; relative to the naming
+    file), loaded with the user's model-section `--set` values (so a shrunken test run stays
+    shrunken), except those of the section that names it, which belong to the naming run alone."""
     from fishcomp.config import MEMBER_SECTIONS, load_config
 
     path = loaded.path.parent / relative
     if path.resolve() in chain + (loaded.path.resolve(),):
         raise FishcompError(f"{loaded.path}: {field} {relative} leads back to itself")
+    own_section = field.rsplit(".", 1)[0]
     overrides = [
         o for o in ctx.overrides
-        if o.split(".", 1)[0].strip() in MEMBER_SECTIONS and not o.replace(" ", "").startswith(field)
+        if o.split(".", 1)[0].strip() in MEMBER_SECTIONS and not o.replace(" ", "").startswith(own_section)
     ]
     try:
         return load_config(path, overrides)
@@ -115,7 +117,7 @@ def _pseudo_source(ctx: Context, loaded: LoadedConfig, chain: tuple[Path, ...]) 
         return None
     from fishcomp.stages.ensemble import ensure_ensemble
 
-    source = referenced_config(ctx, loaded, settings.source, "train.pseudo", chain)
+    source = referenced_config(ctx, loaded, settings.source, "train.pseudo.source", chain)
     here = loaded.path.resolve()
     if source.config.ensemble is not None:
         return ensure_ensemble(ctx, source, chain + (here,))
