@@ -29,3 +29,6 @@ def tiny_data(tmp_path_factory) -> Path:
 
 # Shrinks the real configs so a whole pipeline runs in seconds on 2 CPU cores.
 TINY = ["split.folds=3", "train.batch_size=32"]
+# And every backbone pass at 128x224: what the pipeline and crops tests check does not depend on
+# the size, and pipeline.yaml's 360x640 members (and the crops' detector) would dominate the suite.
+SMALL = TINY + ["precompute.size=[128,224]"]

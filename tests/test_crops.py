@@ -11,7 +11,7 @@ from fishcomp.config import load_config
 from fishcomp.stages.context import Context
 from fishcomp.stages.crops import blend_nof, crop_rectangle, enlarge, fit_inside
 
-from conftest import CONFIGS, TINY, run_cli
+from conftest import CONFIGS, SMALL, TINY, run_cli
 
 
 def _sets(overrides):
@@ -23,7 +23,7 @@ def crops_run(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("crops")
     out = work / "submission.csv"
     with pytest.raises(SystemExit) as done:
-        main([str(a) for a in ["run", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(TINY)]])
+        main([str(a) for a in ["run", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(SMALL)]])
     assert done.value.code == 0
     return work, out
 
@@ -38,7 +38,7 @@ def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
     summary = json.loads((_folder(work, "train", "crops") / "summary.json").read_text())
     blend = summary["nof_blend"]
-    assert blend["whole"].startswith("dense-") and blend["weight"] == 0.5
+    assert blend["whole"].startswith("dense_360x640-") and blend["weight"] == 0.5
     assert summary["valid_logloss"] == pytest.approx(blend["blended"])
     assert summary["valid_logloss"] < summary["prior_logloss"]
     # The crop classifier trained on the original crop and two jittered copies per train image.
@@ -54,7 +54,7 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
     from fishcomp.stages.train import load_fold_model
 
     work, _ = crops_run
-    bbox = _folder(work, "train", "bbox")
+    bbox = _folder(work, "train", "bbox_grid")
     oof = pd.read_csv(bbox / "oof.csv")
     boxes = pd.read_csv(bbox / "oof_boxes.csv")
     crops = pd.read_csv(_folder(work, "crops", "crops") / "crop_boxes.csv")
@@ -97,7 +97,7 @@ def test_crops_of_annotated_train_images_contain_the_drawn_fish(tiny_data, tmp_p
 
     loaded = load_config(CONFIGS / "crops.yaml", ["crops.jitter={copies: 1, shift: 0, scale: 0}", *TINY])
     ctx = Context(data_dir=tiny_data, work_dir=tmp_path)
-    index = load_index(ensure_precompute(ctx, load_config(CONFIGS / "bbox.yaml", TINY)))
+    index = load_index(ensure_precompute(ctx, load_config(CONFIGS / "bbox.yaml", SMALL)))
     train = index[(index.split == "train") & index.box_w.notna()].reset_index(drop=True).head(12)
     fake_oof = tmp_path / "boxes"
     fake_oof.mkdir()
@@ -122,20 +122,20 @@ def test_crops_of_annotated_train_images_contain_the_drawn_fish(tiny_data, tmp_p
 def test_the_crop_cache_key_changes_with_the_box_source(tiny_data, tmp_path):
     from fishcomp.stages.crops import box_source, crops_key
 
-    ctx = Context(data_dir=tiny_data, work_dir=tmp_path, overrides=TINY)
-    loaded = load_config(CONFIGS / "crops.yaml", TINY)
+    ctx = Context(data_dir=tiny_data, work_dir=tmp_path, overrides=SMALL)
+    loaded = load_config(CONFIGS / "crops.yaml", SMALL)
     _, boxes = box_source(ctx, loaded)
     other = tmp_path / "bbox_l1.yaml"
     other.write_text(f"extends: {CONFIGS / 'bbox.yaml'}\nhead: {{box_loss: smooth_l1}}\n")
     moved = tmp_path / "crops.yaml"
     moved.write_text(f"extends: {CONFIGS / 'crops.yaml'}\ncrops: {{boxes: bbox_l1.yaml, nof: {{whole: {CONFIGS / 'dense.yaml'}}}}}\n")
-    loaded_other = load_config(moved, TINY)
+    loaded_other = load_config(moved, SMALL)
     _, other_boxes = box_source(ctx, loaded_other)
     assert other_boxes.key != boxes.key
     assert crops_key(ctx, loaded_other, other_boxes) != crops_key(ctx, loaded, boxes)
     # Same source, other margin: another artifact too; a path spelled differently but naming the
     # same bbox artifact is not.
-    assert crops_key(ctx, load_config(CONFIGS / "crops.yaml", [*TINY, "crops.margin=0.5"]), boxes) != crops_key(ctx, loaded, boxes)
+    assert crops_key(ctx, load_config(CONFIGS / "crops.yaml", [*SMALL, "crops.margin=0.5"]), boxes) != crops_key(ctx, loaded, boxes)
 
 
 def test_blend_nof_mixes_only_the_nof_probability():
@@ -202,7 +202,7 @@ def test_alignment_turns_a_fish_with_known_head_and_tail_horizontal_head_left(ki
 
 
 def test_aligned_crops_use_predicted_points_and_need_a_source_that_predicts_them(tiny_data, tmp_path, capsys):
-    small = [*TINY, "precompute.size=[96,160]", "crops.nof=null", "crops.jitter.copies=1"]
+    small = [*TINY, "precompute.size=[96,160]", "crops.nof=null", "crops.jitter.copies=1"]  # smaller still
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path,
                                *_sets([*small, "crops.boxes=bbox.yaml", "crops.align=true"])], capsys)
     assert code == 2 and "crops.align needs head/tail points" in stderr
@@ -220,9 +220,9 @@ def test_aligned_crops_use_predicted_points_and_need_a_source_that_predicts_them
 def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_image_model(crops_run, tiny_data, capsys):
     work, _ = crops_run
     out = work / "report"
-    code, _, stderr = run_cli(["report", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(TINY)], capsys)
+    code, _, stderr = run_cli(["report", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(SMALL)], capsys)
     assert code == 0, stderr
     sheets = list(out.glob("crops-*_crops.png"))
     assert len(sheets) == 1 and sheets[0].stat().st_size > 10_000
     page = (out / "index.html").read_text()
-    assert "crop classifier alone, valid log loss" in page and "whole-image model (dense-" in page
+    assert "crop classifier alone, valid log loss" in page and "whole-image model (dense_360x640-" in page

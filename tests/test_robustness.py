@@ -105,7 +105,7 @@ def test_annotation_problems_are_counted_warnings(data, tmp_path, capsys):
     (data / "annos" / "zz_labels.json").write_text(json.dumps(extra))
     code, _, stderr = _train(data, tmp_path / "work", capsys)
     assert code == 0, stderr
-    assert "1 non-rect annotations ignored" in stderr
+    assert "1 annotations other than rects and points ignored" in stderr
     assert "1 rects with non-positive size dropped" in stderr
     assert "annotation entries name no train image" in stderr
     meta = json.loads(next((tmp_path / "work" / "precompute").glob("eff*/meta.json")).read_text())

@@ -100,7 +100,10 @@ class GridLocator(nn.Module):
         chosen = geometry.flatten(2)[torch.arange(n, device=x.device), :, best]  # (N, 4)
         centre_x = (best % width + chosen[:, 0]) / width
         centre_y = (best // width + chosen[:, 1]) / height
-        box = torch.stack([centre_x - chosen[:, 2] / 2, centre_y - chosen[:, 3] / 2, chosen[:, 2], chosen[:, 3]], dim=1)
+        # Clipped to the image, as the annotated boxes are.
+        left, top = (centre_x - chosen[:, 2] / 2).clamp(0, 1), (centre_y - chosen[:, 3] / 2).clamp(0, 1)
+        right, bottom = (centre_x + chosen[:, 2] / 2).clamp(0, 1), (centre_y + chosen[:, 3] / 2).clamp(0, 1)
+        box = torch.stack([left, top, right - left, bottom - top], dim=1)
         return {"box": box, "box_cells": cells, "box_geometry": geometry}
 
 
