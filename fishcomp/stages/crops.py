@@ -34,7 +34,6 @@ from fishcomp.errors import FishcompError
 from fishcomp.stages.context import Context, resolve_device
 
 STAGE = "crops"
-BOX_COLUMNS = ["box_x", "box_y", "box_w", "box_h"]
 
 
 # -- geometry (boxes as x, y, w, h in original pixels) ----------------------------------------------
@@ -176,10 +175,14 @@ def crops_key(ctx: Context, loaded: LoadedConfig, boxes: Artifact) -> str:
 
 
 def ensure_crops(ctx: Context, loaded: LoadedConfig) -> Artifact:
-    from fishcomp.stages.precompute import ensure_precompute, load_index
+    from fishcomp.stages.precompute import STAGE as PRECOMPUTE, ensure_precompute, load_index, precompute_key
 
     source, boxes = box_source(ctx, loaded)
-    index = load_index(ensure_precompute(ctx, source))
+    # Training the box source made sure its features exist; their index is all this stage reads.
+    features_key = precompute_key(ctx, source)
+    found = ctx.cache.find(PRECOMPUTE, features_key)
+    features = Artifact(PRECOMPUTE, features_key, found, built=False) if found else ensure_precompute(ctx, source)
+    index = load_index(features)
     key = crops_key(ctx, loaded, boxes)
     size = loaded.config.precompute.size
     artifact = ctx.cache.ensure(STAGE, f"{loaded.name}-{size[0]}x{size[1]}", key, lambda tmp: _build(ctx, loaded, index, boxes, tmp))
@@ -188,9 +191,12 @@ def ensure_crops(ctx: Context, loaded: LoadedConfig) -> Artifact:
     return artifact
 
 
-def _predicted(index: pd.DataFrame, source: Artifact, stem: str, columns: list[str]) -> np.ndarray:
-    """The box source's predictions (`oof_<stem>.csv` for train, `<split>_<stem>.csv` for the
-    tests) row-aligned with `index`; NaN for unreadable images."""
+def _predicted(index: pd.DataFrame, source: Artifact, name: str) -> np.ndarray:
+    """The box source's `name` predictions ("box" or "points"; `oof_<stem>.csv` for train,
+    `<split>_<stem>.csv` for the tests) row-aligned with `index`; NaN for unreadable images."""
+    from fishcomp.stages.train import GEOMETRY
+
+    stem, columns = GEOMETRY[name]
     parts = []
     for split in index.split.unique():
         path = source.file(f"oof_{stem}.csv" if split == "train" else f"{split}_{stem}.csv")
@@ -219,7 +225,7 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> 
 
     copies = config.jitter.copies if config.jitter else 0
     planned = np.full((len(index), 1 + copies, 4), np.nan)
-    planned[:, 0] = _predicted(index, boxes, "boxes", BOX_COLUMNS)
+    planned[:, 0] = _predicted(index, boxes, "box")
     points = None
     if config.align:
         if not boxes.file("oof_points.csv").is_file():
@@ -228,7 +234,7 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> 
                 "set head.points_weight in its config and give point annotations (*_points.json)"
             )
         points = np.full((len(index), 1 + copies, 4), np.nan)
-        points[:, 0] = _predicted(index, boxes, "points", ["head_x", "head_y", "tail_x", "tail_y"])
+        points[:, 0] = _predicted(index, boxes, "points")
     sources = ["predicted (out of fold)" if split == "train" else "predicted" for split in index.split]
     if copies:
         rng = np.random.default_rng([config.jitter.seed, 17])
@@ -292,9 +298,6 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     for array in [*outputs.values(), *([augmented] if copies else [])]:
         array.flush()
     del outputs, augmented
-    if copies:
-        # Copies carry no box target (the crop classifier has none); NaN says so to the trainer.
-        np.save(tmp / "train_aug_boxes.npy", np.full((copies, len(train_rows), 4), np.nan, dtype=np.float32))
 
     index.assign(ok=ok).to_csv(tmp / "index.csv", index=False)
     table = []

@@ -38,6 +38,8 @@ from fishcomp.models.heads import head_uses_map
 from fishcomp.stages.context import Context, resolve_device
 
 STAGE = "precompute"
+# index.csv's geometry, in original pixels: the largest box, and that fish's head and tail.
+BOX_COLUMNS = ["box_x", "box_y", "box_w", "box_h"]
 POINT_COLUMNS = ["head_x", "head_y", "tail_x", "tail_y"]
 
 
@@ -380,7 +382,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     orphans = sorted(set(annotations.boxes) - names)
     if orphans:
         warn(f"{len(orphans)} annotation entries name no train image (e.g. {orphans[0]}); ignored")
-    index[["box_x", "box_y", "box_w", "box_h"]] = boxes
+    index[BOX_COLUMNS] = boxes
     # Head and tail of the fish (train images with point annotations), original pixels.
     ends = [annotations.head_tail(name) if split == "train" else None for name, split in zip(index.image, index.split)]
     index[POINT_COLUMNS] = np.array([end if end is not None else (np.nan,) * 4 for end in ends], dtype=float).reshape(-1, 4)
@@ -422,12 +424,14 @@ def load_features(artifact: Artifact, split: str, kind: str) -> np.ndarray:
 
 
 def load_augmented(artifact: Artifact, kind: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """The train split's augmented copies (memory maps) and their boxes; ([], None) without augment."""
+    """The train split's augmented copies (memory maps) and their moved boxes; ([], None) without
+    augment, boxes None for copies that carry none (crops)."""
     path = artifact.file(f"train_aug_{kind}.npy")
     if not path.is_file():
         return [], None
     copies = np.load(path, mmap_mode="r")
-    return [copies[c] for c in range(len(copies))], np.load(artifact.file("train_aug_boxes.npy"))
+    boxes = artifact.file("train_aug_boxes.npy")
+    return [copies[c] for c in range(len(copies))], np.load(boxes) if boxes.is_file() else None
 
 
 def load_views(artifact: Artifact, split: str, kind: str) -> list[np.ndarray]:

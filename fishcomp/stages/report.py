@@ -167,14 +167,14 @@ def _features(ctx: Context, run: Run) -> Artifact:
 
 
 def _box_figures(ctx: Context, run: Run, out: Path, prefix: str, section: Section, paths) -> None:
-    from fishcomp.stages.precompute import load_index
+    from fishcomp.stages.precompute import BOX_COLUMNS, load_index
     from fishcomp.stages.train import normalised_boxes
 
     index = load_index(_features(ctx, run)).set_index("image")
     predicted = pd.read_csv(run.artifact.file("oof_boxes.csv")).set_index("image")
     train = index.loc[predicted.index]
     truth = normalised_boxes(train.reset_index())
-    guess = predicted[["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=np.float32)
+    guess = predicted[BOX_COLUMNS].to_numpy(dtype=np.float32)
     have = ~np.isnan(truth).any(axis=1) & ~np.isnan(guess).any(axis=1)
     if not have.any():
         return

@@ -33,15 +33,15 @@ from fishcomp.models.losses import box_iou, head_loss, pointing_hits
 from fishcomp.stages.context import Context, resolve_device
 from fishcomp.stages.feature_sets import FeatureSet, concat, predict
 from fishcomp.stages.precompute import (
-    ensure_precompute, load_augmented, load_features, load_index, load_views, resolved_precompute,
+    BOX_COLUMNS, POINT_COLUMNS, ensure_precompute, load_augmented, load_features, load_index, load_views, resolved_precompute,
 )
 from fishcomp.stages.predictions import Predictions, read_predictions
 
 STAGE = "train"
 # What multi-output heads predict besides classes, and the files they go to (fractions of the image).
 GEOMETRY = {
-    "box": ("boxes", ["box_x", "box_y", "box_w", "box_h"]),
-    "points": ("points", ["head_x", "head_y", "tail_x", "tail_y"]),
+    "box": ("boxes", BOX_COLUMNS),
+    "points": ("points", POINT_COLUMNS),
 }
 
 
@@ -364,7 +364,7 @@ def size_onehot(index: pd.DataFrame, vocabulary: list[str]) -> np.ndarray:
     return onehot
 
 
-def normalised_boxes(index: pd.DataFrame, columns: list[str] = GEOMETRY["box"][1]) -> np.ndarray:
+def normalised_boxes(index: pd.DataFrame, columns: list[str] = BOX_COLUMNS) -> np.ndarray:
     """Boxes as (x, y, w, h) fractions of the image (or other x, y, x, y columns): the same numbers
     in any resized frame. NaN where the index has no such columns (features made before them)."""
     if not set(columns) <= set(index.columns):
@@ -378,7 +378,7 @@ def geometry_targets(index: pd.DataFrame, head) -> np.ndarray:
     """What the head regresses: boxes, then head/tail points when the head predicts them too."""
     boxes = normalised_boxes(index)
     if getattr(head, "points_weight", None):
-        return np.concatenate([boxes, normalised_boxes(index, GEOMETRY["points"][1])], axis=1)
+        return np.concatenate([boxes, normalised_boxes(index, POINT_COLUMNS)], axis=1)
     return boxes
 
 
