@@ -13,7 +13,7 @@ from fishcomp.stages.context import Context
 from fishcomp.stages.feature_sets import FeatureSet, combine_views, predict
 from fishcomp.stages.precompute import precompute_key
 
-from conftest import CONFIGS, TINY, run_cli
+from helpers import CONFIGS, TINY, run_cli
 
 GEOMETRY = [
     {"name": "HorizontalFlip", "p": 0.5},

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -73,12 +74,14 @@ def test_write_atomic_replaces_whole(tmp_path):
     ],
 )
 def test_damage_after_completion_is_detected_reported_and_rebuilt(tmp_path, capsys, damage_it, reason):
-    import time
-
     cache = Cache(tmp_path)
     artifact = cache.ensure("stage", "label", "k4", build_two_files)
-    time.sleep(0.01)
     damage_it(artifact.path)
+    # A later write always moves the modification time on a real machine, but two writes within
+    # one tick of a coarse file-system clock may not: move it explicitly, as the write would.
+    for file in artifact.path.rglob("*"):
+        if file.is_file() and file.name != "manifest.json":
+            os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 1_000_000_000))
     again = cache.ensure("stage", "label", "k4", build_two_files)
     assert again.built
     assert f"is damaged ({reason}" in capsys.readouterr().err

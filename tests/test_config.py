@@ -12,7 +12,7 @@ from fishcomp.config import (
 from fishcomp.errors import FishcompError
 from fishcomp.stages.train import train_key
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 

@@ -11,7 +11,7 @@ from fishcomp.config import load_config
 from fishcomp.stages.context import Context
 from fishcomp.stages.crops import blend_nof, crop_rectangle, enlarge, fit_inside
 
-from conftest import CONFIGS, SMALL, TINY, run_cli
+from helpers import CONFIGS, SMALL, TINY, run_cli
 
 
 def _sets(overrides):

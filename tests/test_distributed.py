@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, SMALL
+from helpers import CONFIGS, SMALL
 
 # One thread per process in both runs, so the arithmetic is the same bit for bit.
 ENV = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
@@ -71,8 +71,15 @@ def test_heads_trained_on_two_processes_reach_the_same_validation_log_loss(runs)
     [
         # BatchNorm trains on each rank's half batch (no SyncBatchNorm on the CPU), dropout differs.
         ("dense.yaml", [], 0.05),
-        # BatchNorm frozen and no dropout: only the order of the sums differs, so the numbers agree.
-        ("finetune.yaml", ["head.dropout=0", "precompute.size=[96,160]", "train.phases=[{epochs: 2, lr: 3.0e-4}]", "train.batch_size=16"], 0.002),
+        # BatchNorm frozen and no dropout: the ranks compute exactly the full batch's gradient, up to
+        # the order of its sums (half-batch convolutions and the all-reduce pick other kernels and
+        # blockings, which also differ between CPU generations). That rounding is not all that
+        # differs at the end: AdamW divides each gradient component by its running RMS, so a
+        # component that is zero up to rounding takes a full-sized step whose sign the summation
+        # order decides, and 12 such steps move the validation log loss by a few tenths of a
+        # percent (0.03 % and 0.29 % seen on two machines). 2 % bounds that with room for other
+        # CPUs; the bit-equal comparisons are the fold-dealing tests above, where no sum is split.
+        ("finetune.yaml", ["head.dropout=0", "precompute.size=[96,160]", "train.phases=[{epochs: 2, lr: 3.0e-4}]", "train.batch_size=16"], 0.02),
     ],
     ids=["dense", "finetune"],
 )
@@ -131,7 +138,7 @@ def test_a_failure_on_one_rank_stops_both_and_marks_nothing_complete(tiny_data, 
 
 
 def test_nproc_needs_a_number(capsys):
-    from conftest import run_cli
+    from helpers import run_cli
 
     code, _, stderr = run_cli(["run", "-c", CONFIGS / "dense.yaml", "--nproc", "two"], capsys)
     assert code == 2 and "--nproc needs a number of processes" in stderr

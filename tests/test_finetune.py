@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 
-from conftest import CONFIGS, TINY, run_cli
+from helpers import CONFIGS, TINY, run_cli
 
 SMALL = TINY + ["precompute.size=[96,160]", "train.phases=[{epochs: 3, lr: 3.0e-4}]", "train.batch_size=16"]
 

@@ -7,7 +7,7 @@ import torch
 from fishcomp.config import BboxHeadConfig, DenseHeadConfig, load_config
 from fishcomp.models.heads import create_head, head_uses_map, list_heads
 
-from conftest import CONFIGS as CONFIG_DIR
+from helpers import CONFIGS as CONFIG_DIR
 
 # Every head as the shipped configs define it, plus variants on the other input.
 CONFIGS = {

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import CONFIGS, TINY, run_cli
+from helpers import CONFIGS, TINY, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from fishcomp.models import backbones
 
-from conftest import CONFIGS, SMALL, TINY, run_cli
+from helpers import CONFIGS, SMALL, TINY, run_cli
 
 
 @pytest.fixture(scope="module")

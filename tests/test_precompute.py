@@ -9,7 +9,7 @@ from fishcomp.config import load_config
 from fishcomp.stages.context import Context
 from fishcomp.stages.precompute import ensure_precompute, load_index
 
-from conftest import CONFIGS
+from helpers import CONFIGS
 
 
 def test_loader_workers_and_decoding_threads_give_exactly_the_same_features(tiny_data, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from fishcomp.stages import train as train_stage
 from fishcomp.stages.train import mixed_batches
 
-from conftest import CONFIGS, TINY, run_cli
+from helpers import CONFIGS, TINY, run_cli
 
 
 @pytest.mark.parametrize("n_train,n_pseudo,batch_size,proportion", [(100, 24, 32, 0.25), (7, 50, 4, 0.5), (64, 3, 16, 0.75)])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from fishcomp.metrics import attention_scores, size_only_log_loss
 
-from conftest import CONFIGS, TINY, run_cli
+from helpers import CONFIGS, TINY, run_cli
 
 
 class _Page(HTMLParser):

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,7 @@ from PIL import Image
 
 from fishcomp.data.images import load_rgb
 
-from conftest import CONFIGS, run_cli
+from helpers import CONFIGS, run_cli, wait_for_file
 
 QUICK = ["--set", "split.kind=holdout", "--set", "train.phases=[{epochs: 2, lr: 1.0e-3}]", "--set", "train.batch_size=32"]
 
@@ -149,11 +148,13 @@ def test_an_interrupted_precompute_leaves_nothing_complete_and_the_rerun_equals_
     work = tmp_path / "work"
     command = [sys.executable, "-m", "fishcomp", "precompute", "-c", str(CONFIGS / "dense.yaml"), "--data", str(data),
                "--work", str(work), "--set", "precompute.batch_size=4", "--set", "precompute.size=[320,320]"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FISHCOMP_NO_PROGRESS": "1"})
-    deadline = time.time() + 120
-    while not list(work.glob("precompute/.tmp-*/train_pooled.npy")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # some batches written, far from all
+    marker = tmp_path / "paused"
+    # The stage pauses after its first batch and says so (fishcomp/faults.py): the signal arrives
+    # mid-way on any machine, however fast, instead of after a guessed sleep.
+    env = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "FISHCOMP_PAUSE_AT": "precompute.batch", "FISHCOMP_PAUSE_MARKER": str(marker)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_file(marker, process)
+    assert list(work.glob("precompute/.tmp-*/train_pooled.npy"))  # one batch written, far from all
     process.send_signal(how)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr

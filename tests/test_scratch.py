@@ -10,7 +10,7 @@ from fishcomp.scratch.check import gradcheck
 from fishcomp.scratch.rnn import clip_grad_norm, forward, init_params, loss_and_grads
 from fishcomp.scratch.scan import scan
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_scan_returns_every_state():

@@ -6,6 +6,8 @@ from fishcomp.data.layout import FISHERIES_CLASSES
 from fishcomp.errors import FishcompError
 from fishcomp.stages.validate import score_submission, validate_submission
 
+from helpers import run_cli
+
 STAGE1 = [f"img_{i:05d}.jpg" for i in range(1, 6)]
 STAGE2 = STAGE1 + [f"test_stg2/image_{i:05d}.jpg" for i in range(1, 4)]
 
@@ -83,7 +85,7 @@ def test_good_submissions_pass_for_both_stages(root, tmp_path):
     for rows, stage in [(STAGE1, "test_stg1"), (STAGE2, "test_stg2")]:
         path = tmp_path / f"{stage}.csv"
         good(rows).to_csv(path, index=False)
-        assert validate_submission(path, root) == {"stage": stage, "rows": len(rows)}
+        assert validate_submission(path, root) == {"stage": stage, "rows": len(rows), "unnormalised_rows": 0}
 
 
 def test_stage2_must_list_stage1_rows_too(root, tmp_path):
@@ -103,3 +105,41 @@ def test_score_uses_the_solution(root, tmp_path):
     perfect["ALB"] = 1.0
     assert score_submission(perfect, tmp_path / "solution.csv") == pytest.approx(0, abs=1e-12)
     assert score_submission(good(STAGE1).assign(**{c: 1 / 8 for c in FISHERIES_CLASSES}), tmp_path / "solution.csv") == pytest.approx(np.log(8))
+
+
+def test_validate_warns_about_rows_that_do_not_sum_to_one_and_still_accepts_them(root, tmp_path, capsys):
+    frame = good(STAGE1)
+    frame.loc[1, FISHERIES_CLASSES] = 0.9  # eight values of 0.9: each in [0, 1], the row sums to 7.2
+    frame.loc[2, FISHERIES_CLASSES] = frame.loc[2, FISHERIES_CLASSES].round(4)  # rounding is not a problem
+    frame.to_csv(tmp_path / "sub.csv", index=False)
+    code, stdout, stderr = run_cli(["validate", tmp_path / "sub.csv", "--data", root], capsys)
+    assert code == 0 and "valid test_stg1 submission" in stdout
+    assert "1 row(s) do not sum to 1 (e.g. img_00002.jpg sums to 7.2)" in stderr and "Kaggle divides each row" in stderr
+
+
+def test_validate_names_a_missing_data_folder_instead_of_the_header(tmp_path, capsys):
+    good(STAGE1).to_csv(tmp_path / "sub.csv", index=False)
+    code, _, stderr = run_cli(["validate", tmp_path / "sub.csv", "--data", tmp_path / "nonexistent"], capsys)
+    assert code == 2 and stderr.strip() == f"error: data folder not found: {tmp_path / 'nonexistent'} (validate reads the class list and test images from it; pass --data)"
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = run_cli(["validate", tmp_path / "sub.csv", "--data", tmp_path / "empty"], capsys)
+    assert code == 2 and "no sample submission and no train/ class folders" in stderr
+
+
+@pytest.mark.parametrize("mx", [0.5, 0.82, 0.95])
+def test_every_clip_writes_rows_that_sum_to_one_and_keeps_kaggles_score(mx):
+    """Kaggle renormalises each row before scoring, so a clip that renormalises scores the same as
+    the lesson's unnormalised one, and what is written is exactly what is scored."""
+    from fishcomp.config import ClipConfig
+    from fishcomp.metrics import log_loss
+    from fishcomp.stages.submit import apply_clip
+
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(8, 0.2), size=200)
+    labels = rng.integers(0, 8, size=200)
+    lesson = np.clip(probs, (1 - mx) / 7, mx)
+    for clip in (ClipConfig(kind="do_clip", mx=mx), ClipConfig(kind="eps", eps=0.01), ClipConfig(kind="none")):
+        clipped = apply_clip(probs, clip)
+        np.testing.assert_allclose(clipped.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    assert log_loss(labels, apply_clip(probs, ClipConfig(kind="do_clip", mx=mx))) == pytest.approx(log_loss(labels, lesson), rel=1e-12)
+    assert not np.allclose(lesson.sum(axis=1), 1.0)  # the lesson's own clip does not renormalise

@@ -21,6 +21,11 @@ class UnreadableImage(Exception):
     pass
 
 
+# Everything PIL raises for a file it cannot or will not decode. DecompressionBombError (a header
+# claiming more than twice PIL's pixel limit) is not an OSError, so it is named on its own.
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
 def _orientation(image: Image.Image) -> int:
     try:
         return int(image.getexif().get(_ORIENTATION_TAG, 1))
@@ -49,7 +54,7 @@ def read_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             return (height, width) if _orientation(image) in _SWAPS_AXES else (width, height)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except DECODE_ERRORS as exc:
         raise UnreadableImage(f"{path}: {exc}") from exc
 
 
@@ -83,7 +88,7 @@ def load_rgb(path: Path, target: tuple[int, int] | None = None) -> tuple[Image.I
             image.load()
             upright = ImageOps.exif_transpose(image) if orientation != 1 else image
             rgb = _to_rgb(upright)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+    except DECODE_ERRORS as exc:
         raise UnreadableImage(f"{path}: {exc}") from exc
     size = (height, width) if orientation in _SWAPS_AXES else (width, height)
     return rgb, size

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig
-from fishcomp.console import info
+from fishcomp.console import info, warn
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.errors import FishcompError
 from fishcomp.models.heads import list_heatmap_heads
@@ -27,11 +27,13 @@ from fishcomp.stages.train import ensure_train, load_fold_model, normalised_boxe
 from fishcomp.viz import heatmap_grid, heatmap_overlay
 
 SPLITS = ("valid", "test_stg1", "test_stg2")
+# The `fold` of a test image that was unreadable when its features were computed.
+UNREADABLE = -2
 
 
 def candidates(trained: Artifact, features: Artifact, split: str) -> pd.DataFrame:
     """The images of a split that can be drawn, with their feature `row` and the `fold` whose model
-    predicts them (-1: every fold's model, averaged)."""
+    predicts them (-1: every fold's model, averaged; UNREADABLE: none, it could not be decoded)."""
     index = load_index(features)
     source = "train" if split == "valid" else split
     split_index = index[index.split == source].reset_index(drop=True)
@@ -40,8 +42,10 @@ def candidates(trained: Artifact, features: Artifact, split: str) -> pd.DataFram
     split_index["row"] = np.arange(len(split_index))
     if split == "valid":
         oof = pd.read_csv(trained.file("oof.csv"))[["image", "fold"]]
-        return split_index.merge(oof[oof.fold >= 0], on="image")
-    return split_index[split_index.ok].assign(fold=-1)
+        merged = split_index.merge(oof[oof.fold >= 0], on="image", how="left")
+        merged.loc[~merged.ok.astype(bool), "fold"] = UNREADABLE
+        return merged.dropna(subset=["fold"]).astype({"fold": int})
+    return split_index.assign(fold=np.where(split_index.ok, -1, UNREADABLE))
 
 
 def class_maps(trained: Artifact, features: Artifact, split: str, chosen: pd.DataFrame, device) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +73,13 @@ def class_maps(trained: Artifact, features: Artifact, split: str, chosen: pd.Dat
 
 
 def _choose(candidates: pd.DataFrame, images: list[str], count: int, split: str) -> pd.DataFrame:
+    unreadable = candidates.image[candidates.fold == UNREADABLE]
+    candidates = candidates[candidates.fold != UNREADABLE]
     if not images:
         return candidates.head(count)
+    named_unreadable = [name for name in images if name in set(unreadable)]
+    if named_unreadable:
+        raise FishcompError(f"{named_unreadable[0]} could not be read when its features were computed; it has no heatmap")
     chosen = candidates[candidates.image.isin(images)]
     missing = sorted(set(images) - set(chosen.image))
     if missing:
@@ -94,7 +103,9 @@ def draw_heatmaps(
         try:
             photo, _ = load_rgb(root / record.path)
         except UnreadableImage as exc:
-            raise FishcompError(f"cannot draw {record.image}: {exc}") from exc
+            # Readable when its features were computed, not now (replaced or damaged since).
+            warn(f"heatmap of {record.image} skipped: {exc}")
+            continue
         predicted = int(image_probs.argmax())
         truth = f"true {classes[int(record.label)]}, " if split == "valid" else ""
         title = f"{record.image}: {truth}predicted {classes[predicted]} {image_probs[predicted]:.2f}"
@@ -116,6 +127,8 @@ def heatmaps(ctx: Context, loaded: LoadedConfig, split: str, images: list[str], 
     classes = json.loads(features.file("meta.json").read_text())["classes"]
     probs, maps = class_maps(trained, features, split, chosen, resolve_device(loaded.config.train.device))
     written, grid = draw_heatmaps(ctx.data_dir, classes, split, chosen, probs, maps, out / split)
+    if not written:
+        raise FishcompError(f"none of the {len(chosen)} chosen {split} image(s) could be read; see the warnings above")
     boxes = normalised_boxes(chosen)
     boxed = ~np.isnan(boxes).any(axis=1)
     result = {"images": written, "grid": grid, "pointing": None, "boxed": int(boxed.sum())}

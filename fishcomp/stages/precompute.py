@@ -34,6 +34,7 @@ from fishcomp.data.augment import build_transform
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.distributed import barrier, device_for, ensure_together, gather_to_main, world
 from fishcomp.errors import FishcompError
+from fishcomp.faults import pause_point
 from fishcomp.models.heads import head_uses_map
 from fishcomp.stages.context import Context, resolve_device
 
@@ -337,6 +338,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
                         if map_out is not None:
                             map_out[target] = feature_map[mine]
                 advance(len(index))
+                pause_point("precompute.batch")
     seconds = time.time() - started
     for item in [*originals.values(), *(views.values() if tta else ()), *((augmented, (augmented_boxes,)) if augment else ())]:
         for array in item:

@@ -28,6 +28,9 @@ from fishcomp.stages.predictions import read_predictions
 from fishcomp.stages.validate import read_submission, score_submission, validate_submission
 
 STAGE = "submit"
+# Bumped when the written files change for the same inputs (2: every clip renormalises its rows),
+# so a cached submission of the old format is not reused.
+FORMAT = 2
 
 
 def apply_clip(probs: np.ndarray, clip: ClipConfig) -> np.ndarray:
@@ -90,7 +93,7 @@ def ensure_submit(ctx: Context, loaded: LoadedConfig, out: Path | None = None, g
     upstream = _upstream(ctx, loaded)
     dataset = ctx.dataset()
     samples = [_file_digest_or_none(sample_submission_path(dataset.root, split)) for split in TEST_SPLITS]
-    key = cache_key(STAGE, upstream.key, key_payload(config), samples)
+    key = cache_key(STAGE, upstream.key, key_payload(config), samples, {"format": FORMAT})
     artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(ctx, config, upstream, tmp))
     summary = json.loads(artifact.file("summary.json").read_text())
     stage_line(

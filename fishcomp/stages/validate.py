@@ -8,8 +8,12 @@ import numpy as np
 import pandas as pd
 
 from fishcomp.data.layout import expected_rows, read_classes
+from fishcomp.console import warn
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import log_loss
+
+
+ROW_SUM_TOLERANCE = 1e-3
 
 
 def read_submission(path: Path) -> pd.DataFrame:
@@ -29,8 +33,12 @@ def _first(items, limit: int = 3) -> str:
 
 def validate_submission(path: Path, root: Path) -> dict:
     """Raise FishcompError with a one-line reason, or return {stage, rows}."""
+    if not Path(root).is_dir():
+        raise FishcompError(f"data folder not found: {root} (validate reads the class list and test images from it; pass --data)")
     frame = read_submission(path)
     classes = read_classes(Path(root))
+    if not classes:
+        raise FishcompError(f"{root}: no sample submission and no train/ class folders to read the class list from; pass the competition folder as --data")
     header = ["image", *classes]
     if list(frame.columns) != header:
         raise FishcompError(f"{path}: header must be {','.join(header)}, got {','.join(map(str, frame.columns))}")
@@ -59,7 +67,16 @@ def validate_submission(path: Path, root: Path) -> dict:
     empty = array.sum(axis=1) <= 0
     if empty.any():
         raise FishcompError(f"{path}: all-zero rows cannot be normalised, e.g. {names[empty].iloc[0]}")
-    return {"stage": stage, "rows": len(frame)}
+    sums = array.sum(axis=1)
+    # Eight values written to 4 decimals are off by at most 4e-4; more than that is not rounding.
+    unnormalised = np.abs(sums - 1) > ROW_SUM_TOLERANCE
+    if unnormalised.any():
+        worst = int(np.argmax(np.abs(sums - 1)))
+        warn(
+            f"{path}: {unnormalised.sum()} row(s) do not sum to 1 (e.g. {names.iloc[worst]} sums to {sums[worst]:.4g}); "
+            "Kaggle divides each row by its sum before scoring, so check that these are the probabilities you meant"
+        )
+    return {"stage": stage, "rows": len(frame), "unnormalised_rows": int(unnormalised.sum())}
 
 
 def score_submission(frame: pd.DataFrame, solution: Path) -> float:
