@@ -18,11 +18,12 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 	@echo "  variables: CONFIG=$(CONFIG) DATA=$(DATA) WORK=$(WORK) OUT=$(OUT)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	# pip, not uv: torch 2.14.1 / torchvision 0.29.1 come from this machine's disk that way.
+	# pip, not uv: torch 2.14.1 / torchvision 0.29.1 come from this machine's disk that way;
+	# constraints.txt pins them, pyproject.toml accepts any torch 2.x a user already has.
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install fishcomp with pip
@@ -54,6 +55,8 @@ bench: install ## Run the benchmark scripts (each ends with ratio=... target=...
 	$(BIN)/python scripts/bench_precompute.py
 	$(BIN)/python scripts/bench_rerun.py --data $(DATA)
 	$(BIN)/python scripts/bench_heads.py
+	$(BIN)/python scripts/bench_map_heads.py
+	$(BIN)/python scripts/bench_pipeline.py
 
 check: install ## Check the dataset layout and print its tables
 	$(FISHCOMP) check --data $(DATA)

@@ -1,8 +1,20 @@
-"""fishcomp: raw competition photos to a validated Kaggle submission."""
+"""fishcomp: raw competition photos to a validated Kaggle submission.
 
-from importlib.metadata import PackageNotFoundError, version
+The Python API (`fishcomp.run`, `train`, `precompute`, `ensemble`, `submit`, `build`, `dag`) is in
+fishcomp/api.py; it is loaded on first use, so `import fishcomp` stays light.
+"""
 
-try:
-    __version__ = version("fishcomp")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+from fishcomp.version import __version__
+
+_API = ("run", "train", "precompute", "ensemble", "submit", "build", "dag")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from fishcomp import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fishcomp' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API]

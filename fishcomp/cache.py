@@ -19,9 +19,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from fishcomp import __version__
 from fishcomp.console import warn
 from fishcomp.errors import FishcompError
+from fishcomp.version import __version__
 
 MANIFEST = "manifest.json"
 
@@ -186,7 +186,3 @@ class Cache:
             return Artifact(stage, key, final, built=True)
         finally:
             lock.release()
-
-
-def read_manifest(artifact: Artifact) -> dict:
-    return json.loads(artifact.file(MANIFEST).read_text())

@@ -1,7 +1,8 @@
-"""The `fishcomp` command line: parses options and calls the stage functions; nothing else.
+"""The `fishcomp` command line: each command parses its options and calls one plain function.
 
 User errors (bad data, bad config) end with one line on stderr and exit code 2; `--debug`
-anywhere on the line shows the traceback instead.
+anywhere on the line shows the traceback instead; `--nproc N` anywhere runs the command as N
+processes under torchrun.
 """
 
 from __future__ import annotations
@@ -22,16 +23,30 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Kaggle image competition pipeline: synth -> precompute -> train -> ensemble -> submit.",
+    rich_markup_mode=None,
+    help="Kaggle image competition pipeline: `fishcomp run -c CONFIG` goes from photos to a validated submission "
+    "(precompute -> train -> ensemble -> submit, each stage cached).",
 )
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (see configs/).")]
 DataOpt = Annotated[Path, typer.Option("--data", help="Dataset folder in the competition's layout.")]
 WorkOpt = Annotated[Path, typer.Option("--work", help="Artifact cache folder.")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.batch_size=32 (repeatable).")
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config value, e.g. train.phases.0.lr=1e-4 (repeatable); "
+                 "a comma list (lr=1e-3,3e-4) sweeps every value."),
 ]
-OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the stage-1 submission CSV.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Where to write the stage-1 submission CSV (stage 2 goes to <out>_stg2.csv).")]
+GzipOpt = Annotated[bool, typer.Option("--gzip", help="Write the submission(s) as .csv.gz.")]
+# Stripped from the command line before parsing (see main); declared so that --help shows them.
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc", metavar="N", help="Run as N processes under torchrun (see README: Scaling out).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error instead of one line.")]
+KaggleOpt = Annotated[bool, typer.Option("--kaggle", help="Upload the validated file with the kaggle CLI (stage 2 when present).")]
+MessageOpt = Annotated[Optional[str], typer.Option("--message", "-m", help="Kaggle submission message (with --kaggle).")]
+TrackOpt = Annotated[bool, typer.Option("--track", help="Log every artifact built to MLflow (the config's `tracking:` or a local store in <work>/mlruns).")]
+StageOpt = Annotated[
+    Optional[str], typer.Option("--stage", help="Stop at this stage of the graph (e.g. train, calibrate) instead of the deepest the config names."),
+]
 
 
 class OnBadTest(str, Enum):
@@ -39,15 +54,41 @@ class OnBadTest(str, Enum):
     prior = "prior"
 
 
+class TableFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
 BadTestOpt = Annotated[
     OnBadTest, typer.Option("--on-bad-test", help="An unreadable test image: fail, or predict the class prior for it.")
 ]
+FormatOpt = Annotated[TableFormat, typer.Option("--format", help="table (for people), csv or json (for scripts).")]
 
 
-def _context(data: Path, work: Path, overrides: list[str] | None, on_bad_test: str = "fail"):
-    from fishcomp.stages.context import Context
+def _version(value: bool) -> None:
+    if value:
+        from fishcomp.version import __version__
 
-    return Context(data_dir=data, work_dir=work, overrides=list(overrides or []), on_bad_test=OnBadTest(on_bad_test).value)
+        print(f"fishcomp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Kaggle image competition pipeline."""
+
+
+def _context(data: Path, work: Path, overrides: list[str] | None, on_bad_test: str = "fail", loaded=None, track: bool = False):
+    from fishcomp.config import TrackingConfig
+    from fishcomp.context import Context
+
+    tracking = loaded.config.tracking if loaded is not None else None
+    if track and tracking is None:
+        tracking = TrackingConfig()
+    return Context(data_dir=data, work_dir=work, overrides=list(overrides or []), on_bad_test=OnBadTest(on_bad_test).value, tracking=tracking)
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -56,14 +97,77 @@ def _load(config: Path, overrides: list[str] | None):
     return load_config(config, overrides)
 
 
+def _sweep(overrides: list[str] | None, work: Path, one) -> None:
+    """Run `one(overrides)` once, or once per combination of a comma-list sweep, then print the
+    runs table of what the sweep made (Hydra's multirun; the cache keeps the runs apart)."""
+    from fishcomp.config import expand_sweep
+    from fishcomp.console import info
+
+    combinations = expand_sweep(list(overrides or []))
+    if len(combinations) == 1:
+        one(combinations[0], None)
+        return
+    keys: set[str] = set()
+    for number, combination in enumerate(combinations, 1):
+        info(f"sweep {number}/{len(combinations)}: {' '.join(combination)}")
+        keys |= {artifact.key for artifact in one(combination, number)}
+    _runs_table(work, keys=keys, sort="valid_logloss", title=f"sweep of {len(combinations)} runs")
+
+
+def _runs_table(work: Path, keys: set[str] | None = None, sort: str = "created", fmt: str = "table", title: str | None = None) -> None:
+    from fishcomp.commands.runs import COLUMNS, collect_runs, sort_rows, table_cells
+    from fishcomp.console import table
+
+    rows = sort_rows(collect_runs(work, keys), sort)
+    table(COLUMNS, table_cells(rows), title=title or f"{len(rows)} runs in {work}", fmt=fmt)
+
+
+@app.command("run")
+def run_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), out: OutOpt = Path("submission.csv"),
+    overrides: SetOpt = None, gzip: GzipOpt = False, on_bad_test: BadTestOpt = OnBadTest.fail, stage: StageOpt = None,
+    kaggle: KaggleOpt = False, message: MessageOpt = None, track: TrackOpt = False, nproc: NprocOpt = None, debug: DebugOpt = False,
+) -> None:
+    """Run every stage the config names, in order, skipping those already cached; validate and write the submission."""
+    from fishcomp.pipeline import run
+
+    if message is not None and not kaggle:
+        raise FishcompError("--message is the Kaggle submission message; add --kaggle to upload")
+
+    def one(combination, number):
+        target = out if number is None else out.with_name(f"{out.stem}-{number}{out.suffix}")
+        loaded = _load(config, combination)
+        artifact = run(_context(data, work, combination, on_bad_test, loaded, track), loaded, target, gzip=gzip, stage=stage)
+        if kaggle:
+            _upload(loaded, artifact, target, gzip, message)
+        return [artifact]
+
+    _sweep(overrides, work, one)
+
+
+def _upload(loaded, artifact, out: Path, gzip: bool, message: str | None) -> None:
+    from fishcomp.config import SubmitConfig
+    from fishcomp.stages.submit import kaggle_submit, output_paths
+
+    if artifact.stage != "submit":
+        raise FishcompError(f"--kaggle uploads a submission; {loaded.path} stops at {artifact.stage}")
+    import json
+
+    files = output_paths(out, json.loads(artifact.file("summary.json").read_text())["files"], gzip)
+    upload = files.get("submission_stg2.csv", files["submission_stg1.csv"])
+    kaggle_submit(upload, message or f"fishcomp {loaded.name} {artifact.key}", (loaded.config.submit or SubmitConfig()).competition)
+
+
 @app.command("synth")
 def synth_cli(
     directory: Annotated[Path, typer.Argument(help="Folder to create the dataset in.")],
-    n_train: Annotated[int, typer.Option("--n-train", min=16)] = 1000,
-    n_test: Annotated[int, typer.Option("--n-test", min=1)] = 300,
-    n_stage2: Annotated[int, typer.Option("--n-stage2", min=0)] = 0,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    n_train: Annotated[int, typer.Option("--n-train", min=16, help="Train images.")] = 1000,
+    n_test: Annotated[int, typer.Option("--n-test", min=1, help="Stage-1 test images.")] = 300,
+    n_stage2: Annotated[int, typer.Option("--n-stage2", min=0, help="Stage-2 test images, from boats never seen in train.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Everything drawn follows from it.")] = 0,
     scale: Annotated[float, typer.Option("--scale", min=0.05, max=2.0, help="Image size factor (1 = real camera sizes).")] = 1.0,
+    style: Annotated[str, typer.Option("--style", help="classic, hard, easy, or mixed (drawn from the seed between easy and hard).")] = "classic",
+    debug: DebugOpt = False,
 ) -> None:
     """Write a synthetic dataset in the competition's exact layout (answers in solution.csv)."""
     from fishcomp.console import info, progress
@@ -71,98 +175,193 @@ def synth_cli(
 
     if (directory / "train").exists():
         raise FishcompError(f"{directory}/train already exists; choose an empty folder or delete it first")
+    from fishcomp.data.synth import style_for
+
+    style_for(style, seed)  # an unknown style is an error before anything is written
     with progress("synth", n_train + n_test + n_stage2) as advance:
-        counts = synthesize(directory, n_train=n_train, n_test=n_test, n_stage2=n_stage2, seed=seed, scale=scale, on_image=advance)
+        counts = synthesize(directory, n_train=n_train, n_test=n_test, n_stage2=n_stage2, seed=seed, scale=scale, on_image=advance, style=style)
     info(f"synth      wrote   {directory} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")
 
 
 @app.command("check")
-def check_cli(data: DataOpt = Path("data")) -> None:
+def check_cli(data: DataOpt = Path("data"), debug: DebugOpt = False) -> None:
     """Validate the data layout and annotations; print counts, size x class table, box coverage."""
+    from fishcomp.commands.check import check, format_report
     from fishcomp.console import info
-    from fishcomp.stages.check import check, format_report
 
     info(format_report(check(_context(data, Path("artifacts"), None))))
+
+
+@app.command("dag")
+def dag_cli(
+    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None, stage: StageOpt = None,
+    fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
+) -> None:
+    """Print the stage graph `run` would execute (each node's stage, config, key, status); builds nothing."""
+    from fishcomp.console import table
+    from fishcomp.pipeline import dag
+
+    rows = dag(_context(data, work, overrides), _load(config, overrides), stage)
+    position = {(row.node.stage.name, row.node.key): i for i, row in enumerate(rows, 1)}
+    table(
+        ["#", "stage", "config", "key", "status", "reads"],
+        [[i, r.node.stage.name, r.node.name, r.node.key, r.status,
+          " ".join(f"{name}:#{position[(n.stage.name, n.key)]}" for name, value in r.node.inputs.items() for n in (value if isinstance(value, list) else [value]))]
+         for i, r in enumerate(rows, 1)],
+        title=f"{config}: {len(rows)} nodes, {sum(r.status != 'cached' for r in rows)} to build",
+        fmt=fmt.value,
+    )
+
+
+@app.command("config")
+def config_cli(config: ConfigOpt, overrides: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Print the resolved config (after `extends:`, `--set` and the defaults) as YAML."""
+    from fishcomp.config import dump_yaml
+
+    loaded = _load(config, overrides)
+    print(dump_yaml({"name": loaded.name, **loaded.config.model_dump(mode="json", exclude={"name"})}), end="")
 
 
 @app.command("precompute")
 def precompute_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None,
-    on_bad_test: BadTestOpt = OnBadTest.fail,
+    on_bad_test: BadTestOpt = OnBadTest.fail, nproc: NprocOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Compute (or find cached) backbone features for every model the config names."""
-    from fishcomp.config import member_configs
-    from fishcomp.stages.precompute import ensure_precompute
+    from fishcomp.pipeline import feature_nodes, resolver
 
-    loaded, ctx = _load(config, overrides), _context(data, work, overrides, on_bad_test)
-    for member in member_configs(loaded) or [loaded]:
-        ensure_precompute(ctx, member)
+    plan = resolver(_context(data, work, overrides, on_bad_test))
+    for node in feature_nodes(plan, _load(config, overrides)):
+        plan.build(node)
 
 
 @app.command("train")
 def train_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None,
-    on_bad_test: BadTestOpt = OnBadTest.fail,
+    on_bad_test: BadTestOpt = OnBadTest.fail, track: TrackOpt = False, nproc: NprocOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Train the head(s) the config names, building their features first if needed."""
-    from fishcomp.config import member_configs
-    from fishcomp.stages.train import ensure_train
+    from fishcomp.pipeline import resolver, train_nodes
 
-    loaded, ctx = _load(config, overrides), _context(data, work, overrides, on_bad_test)
-    members = member_configs(loaded)
-    if not members:
-        raise FishcompError(f"{config}: nothing to train (no `head:` section and no ensemble members)")
-    for member in members:
-        ensure_train(ctx, member)
+    def one(combination, number):
+        loaded = _load(config, combination)
+        plan = resolver(_context(data, work, combination, on_bad_test, loaded, track))
+        return [plan.build(node) for node in train_nodes(plan, loaded)]
+
+    _sweep(overrides, work, one)
 
 
 @app.command("ensemble")
 def ensemble_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None,
-    on_bad_test: BadTestOpt = OnBadTest.fail,
+    on_bad_test: BadTestOpt = OnBadTest.fail, track: TrackOpt = False, nproc: NprocOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Blend the members the config lists (training them first if needed)."""
-    from fishcomp.stages.ensemble import ensure_ensemble
+    from fishcomp.pipeline import resolver, stage_node
 
-    ensure_ensemble(_context(data, work, overrides, on_bad_test), _load(config, overrides))
+    def one(combination, number):
+        loaded = _load(config, combination)
+        plan = resolver(_context(data, work, combination, on_bad_test, loaded, track))
+        return [plan.build(stage_node(plan, loaded, "ensemble"))]
 
-
-GzipOpt = Annotated[bool, typer.Option("--gzip", help="Write the submission(s) as .csv.gz.")]
+    _sweep(overrides, work, one)
 
 
 @app.command("submit")
 def submit_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
     out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False, on_bad_test: BadTestOpt = OnBadTest.fail,
-    kaggle: Annotated[bool, typer.Option("--kaggle", help="Upload with the kaggle CLI after validating (stage 2 when present).")] = False,
-    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Kaggle submission message.")] = None,
+    kaggle: KaggleOpt = False, message: MessageOpt = None, track: TrackOpt = False, nproc: NprocOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Clip, write and validate the submission CSV (stage 2 too when test_stg2/ exists)."""
-    from fishcomp.config import SubmitConfig
-    from fishcomp.stages.submit import ensure_submit, kaggle_submit, output_paths
+    from fishcomp.pipeline import resolver, stage_node
+    from fishcomp.stages.submit import write_outputs
 
     if message is not None and not kaggle:
         raise FishcompError("--message is the Kaggle submission message; add --kaggle to upload")
     loaded = _load(config, overrides)
-    artifact = ensure_submit(_context(data, work, overrides, on_bad_test), loaded, out, gzip=gzip)
+    ctx = _context(data, work, overrides, on_bad_test, loaded, track)
+    plan = resolver(ctx)
+    artifact = plan.build(stage_node(plan, loaded, "submit"))
+    write_outputs(ctx, artifact, out, gzip)
     if kaggle:
-        import json
-
-        files = output_paths(out, json.loads(artifact.file("summary.json").read_text())["files"], gzip)
-        upload = files.get("submission_stg2.csv", files["submission_stg1.csv"])
-        settings = loaded.config.submit or SubmitConfig()
-        kaggle_submit(upload, message or f"fishcomp {loaded.name} {artifact.key}", settings.competition)
+        _upload(loaded, artifact, out, gzip, message)
 
 
-@app.command("run")
-def run_cli(
-    config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
-    out: OutOpt = Path("submission.csv"), overrides: SetOpt = None, gzip: GzipOpt = False, on_bad_test: BadTestOpt = OnBadTest.fail,
+@app.command("runs")
+def runs_cli(
+    work: WorkOpt = Path("artifacts"),
+    sort: Annotated[str, typer.Option("--sort", help="Column to sort by: valid_logloss, cross_fitted, accuracy, seconds, created, name.")] = "created",
+    fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
-    """Run every stage the config names, in order, skipping those already cached."""
-    from fishcomp.pipeline import run
+    """Every trained head, blend and submission in the cache, side by side, with the settings that differ."""
+    if not work.is_dir():
+        raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
+    _runs_table(work, sort=sort, fmt=fmt.value)
 
-    run(_context(data, work, overrides, on_bad_test), _load(config, overrides), out, gzip=gzip)
+
+@app.command("predict")
+def predict_cli(
+    config: ConfigOpt,
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Photos to classify.")] = None,
+    folder: Annotated[Optional[Path], typer.Option("--folder", help="Classify every image in this folder (recursively).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (image, one column per class); default: print a table.")] = None,
+    data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None, debug: DebugOpt = False,
+) -> None:
+    """Class probabilities for any photos, from a trained config's fold models (averaged)."""
+    from fishcomp.commands.predict import find_images, predict_images
+    from fishcomp.console import info, table
+
+    paths = find_images(list(images or []), folder)
+    frame = predict_images(_context(data, work, overrides, "prior"), _load(config, overrides), paths)
+    if out is not None:
+        from fishcomp.cache import write_atomic
+
+        write_atomic(out, frame.to_csv(index=False, float_format="%.6f"))
+        info(f"wrote {out} ({len(frame)} images)")
+    else:
+        classes = list(frame.columns[1:])
+        table(["image", "predicted", *classes], [[r[0], classes[int(r[1:].astype(float).argmax())], *[f"{v:.3f}" for v in r[1:]]] for r in frame.itertuples(index=False)])
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="What the artifact cache holds, its size, and removing what no config needs.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls_cli(work: WorkOpt = Path("artifacts"), fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False) -> None:
+    """Every artifact: stage, config, key, size, when built, and whether it is whole."""
+    from fishcomp.commands.cache import list_artifacts
+    from fishcomp.console import table
+
+    rows = list_artifacts(work)
+    table(["stage", "name", "key", "MiB", "created", "status"], [[r.stage, r.label, r.key, f"{r.bytes / 2**20:.1f}", r.created, r.status] for r in rows],
+          title=f"{len(rows)} artifacts in {work}", fmt=fmt.value)
+
+
+@cache_app.command("du")
+def cache_du_cli(work: WorkOpt = Path("artifacts"), debug: DebugOpt = False) -> None:
+    """Disk use per stage, and in all."""
+    from fishcomp.commands.cache import list_artifacts
+    from fishcomp.console import table
+
+    rows = list_artifacts(work)
+    stages = sorted({r.stage for r in rows})
+    sizes = [[s, sum(1 for r in rows if r.stage == s), f"{sum(r.bytes for r in rows if r.stage == s) / 2**20:.1f}"] for s in stages]
+    table(["stage", "artifacts", "MiB"], [*sizes, ["total", len(rows), f"{sum(r.bytes for r in rows) / 2**20:.1f}"]])
+
+
+@cache_app.command("gc")
+def cache_gc_cli(
+    keep: Annotated[list[Path], typer.Option("--keep", "-c", help="A config whose artifacts stay (repeatable).")],
+    data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Remove every artifact that none of the --keep configs reaches (and unfinished temp folders)."""
+    from fishcomp.commands.cache import collect_garbage
+
+    collect_garbage(_context(data, work, overrides), [_load(c, overrides) for c in keep], dry_run)
 
 
 @app.command("heatmap")
@@ -171,11 +370,11 @@ def heatmap_cli(
     split: Annotated[str, typer.Option("--split", help="valid (out-of-fold maps), test_stg1 or test_stg2.")] = "valid",
     images: Annotated[Optional[list[str]], typer.Option("--image", help="An image file name to draw (repeatable).")] = None,
     count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many images, when none are named.")] = 8,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs [default: heatmaps/<run name>].")] = None,
-    overrides: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the PNGs (default: heatmaps/<run name>).")] = None,
+    overrides: SetOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Write PNG overlays of a class-map head's heatmaps (fcn, inception) on the original photos."""
-    from fishcomp.stages.heatmap import heatmaps
+    from fishcomp.commands.heatmap import heatmaps
 
     loaded = _load(config, overrides)
     heatmaps(_context(data, work, overrides, "prior"), loaded, split, list(images or []), count, out or Path("heatmaps") / loaded.name)
@@ -184,14 +383,15 @@ def heatmap_cli(
 @app.command("report")
 def report_cli(
     runs: Annotated[Optional[list[str]], typer.Argument(help="Config files or artifact folders of train/ensemble runs.")] = None,
+    configs: Annotated[Optional[list[str]], typer.Option("--config", "-c", help="A config to report (repeatable; same as a positional RUN).")] = None,
     data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"),
     out: Annotated[Path, typer.Option("--out", help="Folder for index.html and the PNGs.")] = Path("reports"),
-    overrides: SetOpt = None,
+    overrides: SetOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Write PNG figures and an index.html: curves, confusion, top losses, boxes, heatmaps, leakage."""
-    from fishcomp.stages.report import report
+    from fishcomp.commands.report import report
 
-    report(_context(data, work, overrides, "prior"), list(runs or []), out)
+    report(_context(data, work, overrides, "prior"), [*(configs or []), *(runs or [])], out)
 
 
 scratch_app = typer.Typer(no_args_is_help=True, help="Recurrent nets from first principles (NumPy, hand-written backward pass).")
@@ -252,13 +452,17 @@ def scratch_train_cli(
 
 @app.command("validate")
 def validate_cli(
-    submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
-    data: DataOpt = Path("data"),
+    submission: Annotated[Path, typer.Argument(help="Submission CSV (or .csv.gz) to check.")],
+    data: DataOpt = Path("data"), debug: DebugOpt = False,
 ) -> None:
     """Check a submission's header, rows and values; score it when the data has answers."""
     from fishcomp.console import info
     from fishcomp.data.layout import SOLUTION_FILE
-    from fishcomp.stages.validate import read_submission, score_submission, validate_submission
+    from fishcomp.submission import (
+        read_submission,
+        score_submission,
+        validate_submission,
+    )
 
     result = validate_submission(submission, data)
     info(f"{submission}: valid {result['stage']} submission, {result['rows']} rows")
@@ -335,8 +539,10 @@ def main_inner(args: list[str]) -> None:
         if isinstance(exc, click.exceptions.Abort) or type(exc).__name__ == "Abort":
             print(INTERRUPTED, file=sys.stderr)
             sys.exit(130)
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            # Usage errors in the project's one format, with where to look.
+            command = getattr(getattr(exc, "ctx", None), "command_path", "fishcomp")
+            print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
             sys.exit(exc.exit_code)
         raise
     if code == 130:  # Typer turns Ctrl-C (and our SIGTERM) into a silent 130 when not standalone

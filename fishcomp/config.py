@@ -13,10 +13,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from fishcomp import __version__
 from fishcomp.errors import FishcompError
+from fishcomp.version import __version__
 
 # Fields whose value cannot change an artifact's content; they are left out of cache keys so that,
 # say, more loader workers or another device re-use the features already computed.
@@ -93,6 +100,10 @@ class PrecomputeConfig(Strict):
     # Augmented copies of the train images (None: off) and test-time views of every image (None: off).
     augment: AugmentConfig | None = None
     tta: TtaConfig | None = None
+    # Arithmetic of the backbone pass. auto: float16 autocast on a GPU, bfloat16 on a CPU that
+    # computes it natively (AVX-512 BF16 / AMX: about twice as fast), float32 elsewhere. The
+    # resolved value is in the cache key: features made in bf16 are other features.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     batch_size: int = _runtime_only(32, ge=1)
     workers: int | Literal["auto"] = _runtime_only("auto")
     device: str = _runtime_only("auto")
@@ -117,6 +128,21 @@ class _DenseFamily(Strict):
     # On the map: a 1x1 conv to this many channels (BN, ReLU) before the 2x2 max-pool and flatten,
     # so a 360x640 map (12x20x1280) does not need tens of millions of dense weights. None: the lesson's.
     reduce: int | None = Field(None, ge=1)
+
+
+class LinearHeadConfig(Strict):
+    """The linear probe: multinomial logistic regression with L2 on the pooled vector (standardised),
+    fitted full-batch (L-BFGS, scikit-learn). The floor every other head must beat on the same
+    features; often the best head when there are few training images."""
+
+    kind: Literal["linear"] = "linear"
+    input: ClassVar[str] = "pooled"
+    # Inverse L2 strengths tried; each fold picks one on an inner split of its own training
+    # images (never its validation images), then refits on all of them.
+    strengths: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3], min_length=1)
+    # Share of each fold's training images held out to choose the strength.
+    inner_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    max_iter: int = Field(500, ge=10)
 
 
 class DenseHeadConfig(_DenseFamily):
@@ -174,6 +200,9 @@ class FcnHeadConfig(Strict):
     channels: int = Field(128, ge=1)
     blocks: int = Field(2, ge=0, le=5)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    # A 1x1 conv (BN, ReLU) from the backbone's channels (1280 for EfficientNet) to this many
+    # before the 3x3 blocks: the first 3x3 conv then costs ~10x less. None: the lesson's head.
+    reduce: int | None = Field(None, ge=1)
 
 
 class InceptionHeadConfig(Strict):
@@ -185,6 +214,8 @@ class InceptionHeadConfig(Strict):
     # Branch widths as in the lesson: 1x1 32; 1x1 24 -> 5x5 32; 1x1 32 -> 3x3 48 -> 3x3 48; pool -> 1x1 16.
     width: float = Field(1.0, gt=0.0, description="multiplier on the lesson's branch widths")
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    # A 1x1 conv (BN, ReLU) to this many channels before the blocks (see FcnHeadConfig.reduce).
+    reduce: int | None = Field(None, ge=1)
 
 
 class ResblockHeadConfig(Strict):
@@ -220,7 +251,7 @@ class FinetuneHeadConfig(Strict):
 
 HeadConfig = Annotated[
     Union[
-        DenseHeadConfig, GapHeadConfig, LeakageHeadConfig, BboxHeadConfig,
+        LinearHeadConfig, DenseHeadConfig, GapHeadConfig, LeakageHeadConfig, BboxHeadConfig,
         FcnHeadConfig, InceptionHeadConfig, ResblockHeadConfig, FinetuneHeadConfig,
     ],
     Field(discriminator="kind"),
@@ -298,8 +329,20 @@ class TrainConfig(Strict):
     schedule: Literal["constant", "cosine"] = "constant"
     # Stop a fold after this many epochs without a better validation log loss (0: never).
     early_stopping: int = Field(0, ge=0)
+    # Share of each fold's training images held out to choose the best epoch (and stop early).
+    # 0: the lesson's way, choosing on the fold's own validation images, which makes the
+    # out-of-fold log loss optimistic; ensembles and clipping tuned on it then trust the head
+    # too much. With a share, the out-of-fold predictions are honest.
+    inner_valid: float = Field(0.0, ge=0.0, lt=0.5)
+    # At least this many optimiser steps per fold: the phases' epochs are scaled up (all by one
+    # factor) on a small data set, where a fixed epoch count is only a few dozen steps. 0: as given.
+    min_steps: int = Field(0, ge=0)
     seed: int = 0
     pseudo: PseudoConfig | None = None
+    # Arithmetic of training and prediction. auto: for heads that read the spatial map (the
+    # costly ones), bfloat16 autocast on a CPU that has it natively and float16 on a GPU; float32
+    # for heads on pooled vectors, where it would save nothing. Resolved value in the key.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = _runtime_only("auto")
     # Under torchrun: `folds` deals whole folds to the ranks (no gradient traffic, and exactly the
     # single-process numbers); `data` trains each fold on every rank with DistributedDataParallel,
@@ -334,9 +377,14 @@ class EnsembleConfig(Strict):
     # mean: weighted arithmetic mean of probabilities; geometric: weighted mean of log-probabilities.
     method: Literal["mean", "geometric"] = "mean"
     # given: the members' `weight`s; fitted: non-negative weights summing to one that minimise the
-    # out-of-fold log loss (the given weights are ignored). The summary also reports the blend
-    # with weights fitted on the other folds only, an honest estimate of the fitted blend.
-    weights: Literal["given", "fitted"] = "given"
+    # out-of-fold log loss (SLSQP); selection: Caruana's greedy ensemble selection with
+    # replacement (sparse, robust with many members); stack: a logistic regression on the members'
+    # out-of-fold log-probabilities; auto: whichever of fitted, selection and stack has the
+    # lowest cross-fitted log loss (each fold scored by weights fitted on the other folds), so
+    # the data, not a default, decides. The summary reports every candidate's cross-fitted score.
+    weights: Literal["given", "fitted", "selection", "stack", "auto"] = "given"
+    # L2 inverse strength of the stacker (weights: stack or auto).
+    stack_strength: float = Field(0.1, gt=0)
 
     @model_validator(mode="after")
     def _some_weight(self) -> EnsembleConfig:
@@ -359,10 +407,29 @@ class ClipConfig(Strict):
         return {"kind": value} if isinstance(value, str) else value
 
 
+class CalibrateConfig(Strict):
+    """Temperature scaling: every probability row raised to 1/T and renormalised (the softmax of
+    log p / T), T fitted on the out-of-fold predictions. T > 1 softens an over-confident model."""
+
+    # The interval T is searched in; the fitted value is recorded in the summary.
+    bounds: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.25, 4.0)
+
+
 class SubmitConfig(Strict):
     clip: ClipConfig = Field(default_factory=ClipConfig)
     # The Kaggle competition `fishcomp submit --kaggle` uploads to.
     competition: str = _runtime_only("the-nature-conservancy-fisheries-monitoring")
+
+
+class TrackingConfig(Strict):
+    """Experiment tracking with MLflow (`pip install fishcomp[track]`): every train, ensemble,
+    calibrate and submit artifact built is also logged as an MLflow run (the resolved config as
+    params, per-epoch and final scores as metrics, summary and curves as artifacts). The cache
+    stays the source of truth; tracking never changes an artifact or its key."""
+
+    # Any MLflow tracking URI; None: a local store in `<work>/mlruns`.
+    uri: str | None = None
+    experiment: str = "fishcomp"
 
 
 class RunConfig(Strict):
@@ -375,7 +442,9 @@ class RunConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     crops: CropsConfig | None = None
     ensemble: EnsembleConfig | None = None
+    calibrate: CalibrateConfig | None = None
     submit: SubmitConfig | None = None
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _coherent(self) -> RunConfig:
@@ -405,8 +474,6 @@ class LoadedConfig(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     config: RunConfig
     path: Path
-    # `--set` values meant for an ensemble's members (model sections), passed on when they load.
-    member_overrides: list[str] = []
 
     @property
     def name(self) -> str:
@@ -467,35 +534,132 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+def _index(text: str, node: list, part: str, dotted: str) -> int:
+    try:
+        index = int(part)
+    except ValueError:
+        raise FishcompError(f"--set {text!r}: {dotted} is a list; index it by number (e.g. {dotted}.0)") from None
+    if not -len(node) <= index < len(node):
+        raise FishcompError(f"--set {text!r}: {dotted} has {len(node)} item(s); no item {index}")
+    return index
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set` values applied to the YAML data: dotted keys into sections, numbers into lists
+    (`train.phases.0.lr=1e-4`)."""
     result = json.loads(json.dumps(raw))  # deep copy of plain YAML data
     for text in overrides:
         keys, value = parse_override(text)
         node = result
         for depth, part in enumerate(keys[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                dotted = ".".join(keys[: depth + 1])
+            dotted = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                child = node[_index(text, node, part, ".".join(keys[:depth]))]
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+            if not isinstance(child, (dict, list)):
                 raise FishcompError(f"--set {text!r}: {dotted} is a value, not a section")
             node = child
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            node[_index(text, node, keys[-1], ".".join(keys[:-1]))] = value
+        else:
+            node[keys[-1]] = value
     return result
 
 
-def _describe_error(error: dict) -> str:
+def _split_top_level(text: str) -> list[str]:
+    """`a,b,[c,d]` -> ['a', 'b', '[c,d]']: commas inside brackets or braces belong to the value."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra-style multirun: `--set train.phases.0.lr=1e-3,3e-4` gives one override list per
+    value, and several swept keys give every combination (in order). Commas inside [] or {}
+    are part of one value (`precompute.size=[360,640]` is not a sweep)."""
+    import itertools
+
+    choices = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        values = _split_top_level(value) if sep else [value]
+        choices.append([f"{key}={v}" if sep else text for v in values] if len(values) > 1 else [text])
+    return [list(combination) for combination in itertools.product(*choices)]
+
+
+def _fields_at(parts: list[str], head_kind: str | None = None) -> list[str]:
+    """The field names the schema allows at a dotted location (for "did you mean")."""
+    import typing
+
+    model: Any = RunConfig
+    if parts[:1] == ["head"]:
+        heads = {cls.model_fields["kind"].default: cls for cls in typing.get_args(typing.get_args(HeadConfig)[0])}
+        model, parts = heads.get(head_kind), parts[1:]
+        if model is None:
+            return []
+    for part in parts:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(getattr(model, "model_fields", {}))
+
+
+def _error_parts(error: dict) -> list[str]:
+    """Where a validation error is, as the user wrote it."""
     parts = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
     if parts[:1] == ["head"] and len(parts) > 2:
         del parts[1]  # pydantic names the union member (`head.dense.x`); users wrote `head.x`
+    return parts
+
+
+def _describe_error(error: dict) -> str:
+    from fishcomp.suggest import did_you_mean
+
+    parts = _error_parts(error)
     location = ".".join(parts)
-    if error["type"] == "extra_forbidden":
-        return f"unknown key `{location}`"
-    if error["type"] == "value_error" and "error" in error.get("ctx", {}):
-        return f"`{location}`: {error['ctx']['error']}"
-    if error["type"] == "union_tag_invalid":
-        return f"`{location}.kind`: {error['msg']}"
-    return f"`{location}`: {error['msg']}" if location else error["msg"]
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        head_kind = str(error["loc"][1]) if error["loc"][:1] == ("head",) and len(error["loc"]) > 2 else None
+        return f"unknown key `{location}`{did_you_mean(parts[-1], _fields_at(parts[:-1], head_kind))}"
+    if kind == "value_error" and "error" in ctx:
+        return f"`{location}`: {ctx['error']}"
+    if kind == "union_tag_invalid":
+        expected = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        tag = ctx.get("tag")
+        return f"`{location}.kind`: unknown kind `{tag}`{did_you_mean(tag, expected)} (choose from {', '.join(expected)})"
+    if kind == "literal_error":
+        expected = [t.strip(" '") for t in str(ctx.get("expected", "")).replace(" or ", ", ").split(",")]
+        value = error.get("input")
+        return f"`{location}`: `{value}` is not one of {', '.join(expected)}{did_you_mean(value, expected)}"
+    bounds = {"less_than": ("<", "lt"), "less_than_equal": ("<=", "le"), "greater_than": (">", "gt"), "greater_than_equal": (">=", "ge")}
+    if kind in bounds:
+        sign, name = bounds[kind]
+        return f"`{location}`: must be {sign} {ctx.get(name)}, got {error.get('input')}"
+    if kind in ("int_parsing", "float_parsing", "int_from_float", "bool_parsing", "string_type", "list_type", "dict_type", "model_type"):
+        wanted = {"int_parsing": "a whole number", "int_from_float": "a whole number", "float_parsing": "a number", "bool_parsing": "true or false",
+                  "string_type": "text", "list_type": "a list", "dict_type": "a section (key: value pairs)", "model_type": "a section (key: value pairs)"}[kind]
+        return f"`{location}`: must be {wanted}, got {error.get('input')!r}"
+    if kind == "missing":
+        return f"`{location}` is required"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"`{location}`: {message}" if location else message
 
 
 # Sections that describe one model; on an ensemble config, `--set` for them reaches every member.
@@ -506,34 +670,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedC
     path = Path(path)
     raw = _read_yaml(path)
     overrides = list(overrides or [])
-    member_overrides: list[str] = []
     if "ensemble" in raw:
-        member_overrides = [o for o in overrides if o.split(".", 1)[0].strip() in MEMBER_SECTIONS]
-        overrides = [o for o in overrides if o not in member_overrides]
+        # Model-section values are for the members, which the graph loads with them.
+        overrides = [o for o in overrides if o.split(".", 1)[0].strip() not in MEMBER_SECTIONS]
     raw = apply_overrides(raw, overrides)
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise FishcompError(f"{path}: {_describe_error(first)}{more}") from exc
-    return LoadedConfig(config=config, path=path, member_overrides=member_overrides)
-
-
-def member_configs(loaded: LoadedConfig) -> list[LoadedConfig]:
-    """The single-model configs an ensemble names (or the config itself when it trains)."""
-    if loaded.config.ensemble is None:
-        return [loaded] if loaded.config.trains else []
-    members = []
-    for member in loaded.config.ensemble.members:
-        member_path = loaded.path.parent / member.config
-        try:
-            members.append(load_config(member_path, loaded.member_overrides))
-        except FishcompError as exc:
-            raise FishcompError(f"ensemble member of {loaded.path}: {exc}") from exc
-        if not members[-1].config.trains:
-            raise FishcompError(f"{member_path}: an ensemble member must train a head (needs `head:`)")
-    return members
+        # Blame what the user typed: the `--set` that set the field, else the file.
+        location = ".".join(_error_parts(first))
+        culprit = next((o for o in reversed(overrides) if location.startswith(o.partition("=")[0].strip())
+                        or o.partition("=")[0].strip().startswith(location)), None)
+        where = f"--set {culprit!r} (on {path})" if culprit else str(path)
+        raise FishcompError(f"{where}: {_describe_error(first)}{more}") from exc
+    return LoadedConfig(config=config, path=path)
 
 
 def key_payload(model: BaseModel) -> dict:

@@ -7,7 +7,14 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 # Status lines go to stdout so they can be piped; warnings and progress to stderr.
 out = Console(highlight=False, soft_wrap=True)
@@ -56,3 +63,30 @@ def progress(description: str, total: int):
             bar.update(task, advance=steps, **({"note": note} if note is not None else {}))
 
         yield advance
+
+
+def table(columns: list[str], rows: list[list], title: str | None = None, fmt: str = "table") -> None:
+    """Rows on stdout: a rich table (`table`), or `csv` / `json` for scripts and spreadsheets."""
+    if not _speaks():
+        return
+    if fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return
+    if fmt == "json":
+        import json
+
+        print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=str))
+        return
+    from rich.table import Table
+
+    drawn = Table(title=title, header_style="bold")
+    for column in columns:
+        drawn.add_column(column)
+    for row in rows:
+        drawn.add_row(*["" if cell is None else str(cell) for cell in row])
+    # Piped output has no terminal width to fit: keep each row on one line.
+    (out if out.is_terminal else Console(highlight=False, width=max(160, sum(len(c) + 3 for c in columns) + 200))).print(drawn)

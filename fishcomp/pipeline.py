@@ -1,32 +1,92 @@
-"""`fishcomp run`: the last stage a config names pulls in everything upstream of it.
+"""The plain functions behind the CLI's compute commands, also the Python API for notebooks.
 
-Each `ensure_*` builds its inputs first, so asking for the deepest stage runs the whole chain,
-and every stage already in the cache is reported as cached and not recomputed.
+Each takes a config (a path or a loaded one) and returns the artifact it built or found; the CLI
+commands are thin wrappers over these. Everything goes through one `Resolver` per call, so each
+artifact is looked up or built once, inputs first.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import fishcomp.stages  # noqa: F401  (registers every stage)
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, member_configs
+from fishcomp.config import LoadedConfig, load_config
+from fishcomp.context import Context
 from fishcomp.errors import FishcompError
-from fishcomp.stages.context import Context
+from fishcomp.graph import Node, Resolver, get_stage
+from fishcomp.stages.submit import write_outputs
+from fishcomp.stages.train import features_request
 
 
-def run(ctx: Context, loaded: LoadedConfig, out: Path | None, gzip: bool = False) -> Artifact:
-    from fishcomp.stages.ensemble import ensure_ensemble
-    from fishcomp.stages.precompute import ensure_precompute
-    from fishcomp.stages.submit import ensure_submit
-    from fishcomp.stages.train import ensure_train
+def resolver(ctx: Context) -> Resolver:
+    return Resolver(ctx)
 
-    config = loaded.config
-    if config.submit is not None:
-        return ensure_submit(ctx, loaded, out, gzip=gzip)
-    if config.ensemble is not None:
-        return ensure_ensemble(ctx, loaded)
-    if config.trains:
-        return ensure_train(ctx, loaded)
-    if member_configs(loaded):
-        raise FishcompError(f"{loaded.path}: nothing to run")
-    return ensure_precompute(ctx, loaded)
+
+def feature_nodes(plan: Resolver, loaded: LoadedConfig) -> list[Node]:
+    """The backbone passes of every model the config names (its members, or itself)."""
+    members = plan.members(loaded) or [loaded]
+    return [plan.node("precompute", m, **(features_request(m) if m.config.trains else {})) for m in members]
+
+
+def train_nodes(plan: Resolver, loaded: LoadedConfig) -> list[Node]:
+    members = plan.members(loaded)
+    if not members:
+        raise FishcompError(f"{loaded.path}: nothing to train (no `head:` section and no ensemble members)")
+    return [plan.node("train", member) for member in members]
+
+
+def stage_node(plan: Resolver, loaded: LoadedConfig, stage: str) -> Node:
+    """A named stage's node for a config that has that stage's section."""
+    section = get_stage(stage).section
+    if section is not None and getattr(loaded.config, section) is None:
+        raise FishcompError(f"{loaded.path} has no `{section}` section, which the {stage} stage reads")
+    return plan.node(stage, loaded)
+
+
+def target(plan: Resolver, loaded: LoadedConfig, stage: str | None = None) -> Node:
+    """The node `run` builds: the deepest stage the config names, or the one asked for."""
+    if stage is None:
+        return plan.target(loaded)
+    return stage_node(plan, loaded, stage)
+
+
+def run(ctx: Context, loaded: LoadedConfig, out: Path | None = None, gzip: bool = False, stage: str | None = None) -> Artifact:
+    """Every stage the config names (or up to `stage`), in order, each cached; with `out`, the
+    submission copied there."""
+    if loaded.config.tracking is not None and ctx.tracking is None:
+        ctx.tracking = loaded.config.tracking
+    plan = resolver(ctx)
+    artifact = plan.build(target(plan, loaded, stage))
+    if out is not None and artifact.stage == "submit":
+        write_outputs(ctx, artifact, out, gzip)
+    return artifact
+
+
+@dataclass
+class DagRow:
+    node: Node
+    status: str
+
+
+def dag(ctx: Context, loaded: LoadedConfig, stage: str | None = None) -> list[DagRow]:
+    """The nodes `run` would build, inputs first, with their status; builds nothing."""
+    plan = resolver(ctx)
+    return [DagRow(node, plan.status(node)) for node in plan.walk(target(plan, loaded, stage))]
+
+
+def load(config: str | Path | LoadedConfig, overrides: list[str] | None = None) -> LoadedConfig:
+    return config if isinstance(config, LoadedConfig) else load_config(config, overrides)
+
+
+def build(ctx: Context, stage: str, loaded: LoadedConfig, **request) -> Artifact:
+    """One stage's artifact for a config (its inputs first): `build(ctx, "train", loaded)`."""
+    plan = resolver(ctx)
+    return plan.build(plan.node(stage, loaded, **request))
+
+
+def features(ctx: Context, loaded: LoadedConfig) -> Artifact:
+    """The features a training config reads (its backbone pass, or its crops)."""
+    plan = resolver(ctx)
+    return plan.build(plan.node("train", loaded).inputs["features"])

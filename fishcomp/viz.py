@@ -79,8 +79,21 @@ def heatmap_grid(panels: list[tuple[Image.Image, np.ndarray, str, np.ndarray | N
 
 
 def training_curves(metrics, path: Path) -> Path:
-    """Train and validation loss, and validation log loss, per epoch; one line per fold."""
+    """Train and validation loss, and validation log loss, per epoch; one line per fold. For the
+    linear probe, the inner-split log loss against the L2 strength, the chosen one marked."""
     plt = _pyplot()
+    if "strength" in metrics:
+        figure, axis = plt.subplots(figsize=(6, 3.8))
+        for fold, rows in metrics.groupby("fold"):
+            tried = rows[rows.inner_logloss.notna()]
+            line = axis.plot(tried.strength, tried.inner_logloss, marker="o", label=f"fold {fold}")[0]
+            chosen = rows[rows.get("chosen", False) == True]  # noqa: E712 (a column of True/NaN)
+            if len(chosen):
+                axis.axvline(chosen.strength.iloc[0], color=line.get_color(), linestyle=":")
+        axis.set(xscale="log", title="inner-split log loss by L2 strength (dotted: chosen)", xlabel="C (inverse strength)")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        return save_figure(figure, path)
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for fold, rows in metrics.groupby("fold"):
         line = left.plot(rows.epoch, rows.train_loss, label=f"fold {fold} train")[0]

@@ -23,13 +23,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def epoch_seconds(data: Path, work: Path, config: str, overrides: list[str]) -> float:
     """Seconds of the second epoch of fold 0 (the first pays one-off start-up costs)."""
     from fishcomp.config import load_config
-    from fishcomp.stages.context import Context
-    from fishcomp.stages.precompute import ensure_precompute
-    from fishcomp.stages.train import make_trainer, prepare_training
+    from fishcomp.context import Context
+    from fishcomp.pipeline import features as ensure_features
+    from fishcomp.training.data import prepare_training
+    from fishcomp.training.folds import make_trainer
 
     loaded = load_config(CONFIGS / config, overrides)
     ctx = Context(data_dir=data, work_dir=work, overrides=overrides)
-    features = ensure_precompute(ctx, loaded)
+    features = ensure_features(ctx, loaded)
     records: list[dict] = []
     data_ = prepare_training(loaded, features)
     trainer = make_trainer(ctx, data_, features)

@@ -34,16 +34,18 @@ def make_data(root: Path, images: int) -> Path:
     return root
 
 
-def bare_backbone(size: tuple[int, int], batch_size: int, images: int) -> float:
-    """Images per second of forward_features + pooling on random tensors: the ceiling."""
+def bare_backbone(size: tuple[int, int], batch_size: int, images: int, precision: str = "auto") -> float:
+    """Images per second of forward_features + pooling on random tensors, in the arithmetic the
+    stage uses (`precision`, resolved as precompute resolves it): the ceiling."""
     import torch
 
     from fishcomp.config import PrecomputeConfig
+    from fishcomp.context import autocast, autocast_dtype
     from fishcomp.models.backbones import create_backbone
 
     model = create_backbone(PrecomputeConfig(size=size)).model.to(memory_format=torch.channels_last)
     batch = torch.randn(batch_size, 3, *size).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(autocast_dtype(precision, torch.device("cpu")), torch.device("cpu")):
         model.forward_head(model.forward_features(batch), pre_logits=True)  # warm-up
         started, done = time.perf_counter(), 0
         while done < images:
@@ -52,13 +54,13 @@ def bare_backbone(size: tuple[int, int], batch_size: int, images: int) -> float:
     return done / (time.perf_counter() - started)
 
 
-def precompute_speed(data: Path, size: tuple[int, int], work: Path) -> tuple[float, dict]:
+def precompute_speed(data: Path, size: tuple[int, int], work: Path, precision: str = "auto") -> tuple[float, dict]:
     from fishcomp.config import load_config
-    from fishcomp.stages.context import Context
-    from fishcomp.stages.precompute import ensure_precompute
+    from fishcomp.context import Context
+    from fishcomp.pipeline import build
 
-    loaded = load_config(CONFIG, [f"precompute.size=[{size[0]},{size[1]}]"])
-    artifact = ensure_precompute(Context(data_dir=data, work_dir=work), loaded)
+    loaded = load_config(CONFIG, [f"precompute.size=[{size[0]},{size[1]}]", f"precompute.precision={precision}"])
+    artifact = build(Context(data_dir=data, work_dir=work), "precompute", loaded)
     meta = json.loads(artifact.file("meta.json").read_text())
     return meta["images_per_second"], meta
 
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--sizes", nargs="*", default=["224x224", "360x640"])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()
     os.environ.setdefault("FISHCOMP_NO_PROGRESS", "1")
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
@@ -99,11 +102,11 @@ def main() -> None:
         for text in args.sizes:
             size = tuple(int(v) for v in text.split("x"))
             # The bare pass before and after, averaged: this machine's speed drifts within a run.
-            before = bare_backbone(size, 32, 4 * args.images)
-            fast, meta = precompute_speed(large, size, tmp / f"work-{text}")
-            bare = (before + bare_backbone(size, 32, meta["counts"]["total"])) / 2
+            before = bare_backbone(size, 32, 4 * args.images, args.precision)
+            fast, meta = precompute_speed(large, size, tmp / f"work-{text}", args.precision)
+            bare = (before + bare_backbone(size, 32, meta["counts"]["total"], args.precision)) / 2
             ratios.append(fast / bare)
-            print(f"{text}: precompute {fast:.1f} img/s, bare backbone {bare:.1f} img/s, ratio {fast / bare:.2f}")
+            print(f"{text} ({meta['precision']}): precompute {fast:.1f} img/s, bare backbone {bare:.1f} img/s, ratio {fast / bare:.2f}")
         if not args.skip_memory:
             small_rss = peak_rss_mib(make_data(tmp / "data", args.images), tmp / "rss-n")
             large_rss = peak_rss_mib(large, tmp / "rss-4n")

@@ -1,23 +1,106 @@
-"""Train every head config on the same data and print one markdown table.
+"""Train head configs on one or several generated sets and print one markdown table.
 
-    python scripts/compare.py [--data data] [--work artifacts] [--set key=value ...]
+    python scripts/compare.py [--data data] [--work artifacts] [--heads dense linear ...] [--set key=value ...]
+    python scripts/compare.py --sets 1:classic:400 2:hard:400 3:mixed:400 [--scale 0.5] [--blend] [--out docs/results.md]
 
-Each row is `fishcomp train -c configs/<head>.yaml` (cached like any run), so a second call only
-prints. Extra `--set` values apply to every head (e.g. `--set split.kind=holdout` for a quick pass).
+With `--data`, each row is `fishcomp train -c configs/<head>.yaml` on that data (cached like any
+run). With `--sets SEED:STYLE:N_TRAIN ...`, each set is synthesised (N_TRAIN train images and a
+quarter as many test images, in `--work`/sets/), every head is trained on each, and the table
+gives the mean and the spread (min-max) of the out-of-fold log loss over the sets, and of the
+test log loss on the synthetic answers; `--blend` adds the auto-blend of all the heads
+(configs' ensemble with `weights: auto`), cross-fitted. `--out FILE` also writes the table into
+FILE between `<!-- compare:start -->` and `<!-- compare:end -->`, with the command that made it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from pathlib import Path
 
-from fishcomp.config import load_config
-from fishcomp.stages.context import Context
-from fishcomp.stages.train import ensure_train
+import numpy as np
+import pandas as pd
 
-HEADS = ["dense", "dense_360x640", "gap", "leakage", "bbox", "fcn", "inception", "resblock"]
+from fishcomp.config import load_config
+from fishcomp.context import Context
+from fishcomp.metrics import log_loss
+from fishcomp.pipeline import build
+
+HEADS = ["linear", "dense", "linear_360x640", "dense_360x640", "gap", "leakage", "bbox", "fcn", "inception", "resblock"]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_logloss(data: Path, artifact) -> float | None:
+    """The run's stage-1 test predictions scored on the synthetic answers (None without them)."""
+    solution = data / "solution.csv"
+    tests = artifact.file("test_stg1.csv")
+    if not solution.is_file() or not tests.is_file():
+        return None
+    truth = pd.read_csv(solution).set_index("image")
+    predicted = pd.read_csv(tests).set_index("image")
+    rows = predicted.index.intersection(truth.index)
+    return log_loss(truth.loc[rows].to_numpy().argmax(axis=1), predicted.loc[rows, truth.columns].to_numpy())
+
+
+def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blend: bool) -> list[dict]:
+    ctx = Context(data_dir=data, work_dir=work, overrides=overrides)
+    rows = []
+    for name in heads:
+        artifact = build(ctx, "train", load_config(CONFIGS / f"{name}.yaml", overrides))
+        manifest = json.loads(artifact.file("manifest.json").read_text())
+        summary = json.loads(artifact.file("summary.json").read_text())
+        rows.append({
+            "config": name, "head": summary["head"], "input": "x".join(map(str, summary["input_size"])),
+            "valid": summary["valid_logloss"], "test": test_logloss(data, artifact), "accuracy": summary["valid_accuracy"],
+            "iou": summary.get("valid_iou"), "pointing": summary.get("valid_pointing"), "seconds": manifest["seconds"],
+        })
+    if blend:
+        with tempfile.TemporaryDirectory() as folder:
+            config = Path(folder) / "library.yaml"
+            members = "".join(f"    - {{config: {CONFIGS / f'{name}.yaml'}}}\n" for name in heads)
+            config.write_text(f"name: library\nensemble:\n  weights: auto\n  members:\n{members}")
+            artifact = build(ctx, "ensemble", load_config(config, overrides))
+        summary = json.loads(artifact.file("summary.json").read_text())
+        rows.append({
+            "config": f"auto blend ({summary['blend']})", "head": "ensemble", "input": "",
+            "valid": summary["valid_logloss_cross_fitted"] or summary["valid_logloss"], "test": test_logloss(data, artifact),
+            "accuracy": summary["valid_accuracy"], "iou": None, "pointing": None,
+            "seconds": json.loads(artifact.file("manifest.json").read_text())["seconds"],
+        })
+    return rows
+
+
+def spread(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def table(per_set: list[list[dict]]) -> str:
+    lines = [
+        "| config | head | input | out-of-fold log loss | test log loss | accuracy | box IoU | heatmap pointing | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(per_set[0]):
+        column = lambda key: [rows[i][key] for rows in per_set]  # noqa: E731
+        lines.append(
+            f"| {row['config']} | {row['head']} | {row['input']} | {spread(column('valid'))} | {spread(column('test'))} "
+            f"| {spread(column('accuracy'))} | {spread(column('iou'))} | {spread(column('pointing'))} | {np.mean(column('seconds')):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    start, end = "<!-- compare:start -->", "<!-- compare:end -->"
+    page = path.read_text() if path.is_file() else ""
+    block = f"{start}\n{text}\n{end}"
+    page = page[: page.index(start)] + block + page[page.index(end) + len(end):] if start in page and end in page else page + "\n" + block + "\n"
+    path.write_text(page)
 
 
 def main() -> None:
@@ -26,26 +109,32 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("artifacts"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--heads", nargs="*", default=HEADS)
+    parser.add_argument("--sets", nargs="*", default=None, help="SEED:STYLE:N_TRAIN of each generated set")
+    parser.add_argument("--scale", type=float, default=1.0, help="image size factor of generated sets")
+    parser.add_argument("--blend", action="store_true", help="also the auto-blend of all the heads")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    ctx = Context(data_dir=args.data, work_dir=args.work, overrides=args.overrides)
-    rows = []
-    for name in args.heads:
-        loaded = load_config(CONFIGS / f"{name}.yaml", args.overrides)
-        artifact = ensure_train(ctx, loaded)
-        manifest = json.loads((artifact.path / "manifest.json").read_text())
-        summary = json.loads((artifact.path / "summary.json").read_text())
-        size = "x".join(map(str, summary["input_size"]))
-        iou = f"{summary['valid_iou']:.3f}" if "valid_iou" in summary else ""
-        pointing = f"{summary['valid_pointing']:.3f}" if "valid_pointing" in summary else ""
-        train_seconds = manifest["seconds"]  # the train artifact's own build, not its features
-        rows.append(
-            f"| {name} | {summary['head']} | {size} | {summary['valid_logloss']:.4f} | {summary['valid_accuracy']:.3f} "
-            f"| {iou} | {pointing} | {train_seconds:.0f} |"
-        )
+    if args.sets:
+        from fishcomp.data.synth import synthesize
+
+        per_set, described = [], []
+        for spec in args.sets:
+            seed, style, n_train = spec.split(":")
+            data = args.work / "sets" / f"{style}-{seed}-{n_train}"
+            if not (data / "train").is_dir():
+                synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), seed=int(seed), scale=args.scale, style=style)
+            per_set.append(one_set(data, args.work, args.heads, args.overrides, args.blend))
+            described.append(f"seed {seed} {style} ({n_train} train)")
+            print(f"{described[-1]}: " + ", ".join(f"{r['config']} {r['valid']:.4f}" for r in per_set[-1]), flush=True)
+        heading = f"Mean (min-max) over {len(per_set)} generated sets: {'; '.join(described)}; scale {args.scale}."
+    else:
+        per_set = [one_set(args.data, args.work, args.heads, args.overrides, args.blend)]
+        heading = f"On {args.data}."
+    text = f"{heading}\n\n{table(per_set)}\n\n`{' '.join(['python scripts/compare.py', *sys.argv[1:]])}`"
     print()
-    print("| config | head | input | valid log loss | accuracy | box IoU | heatmap pointing | train s |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print(text)
+    if args.out:
+        write_section(args.out, text)
 
 
 if __name__ == "__main__":

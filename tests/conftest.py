@@ -14,3 +14,11 @@ def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "data"
     synthesize(root, n_train=120, n_test=24, n_stage2=12, seed=3, scale=0.2, workers=2)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that runs the real backbone on the synthetic set (it asks for `tiny_data`) is
+    `slow`: `pytest -m "not slow"` is the quick loop, CI runs everything."""
+    for item in items:
+        if "tiny_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -5,15 +5,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import CONFIGS, TINY, run_cli
 
 from fishcomp.config import load_config
-from fishcomp.data.augment import DEFAULT_AUGMENT, DEFAULT_TTA, apply_transform, build_transform
+from fishcomp.context import Context
+from fishcomp.data.augment import (
+    DEFAULT_AUGMENT,
+    DEFAULT_TTA,
+    apply_transform,
+    build_transform,
+)
 from fishcomp.errors import FishcompError
-from fishcomp.stages.context import Context
-from fishcomp.stages.feature_sets import FeatureSet, combine_views, predict
-from fishcomp.stages.precompute import precompute_key
-
-from helpers import CONFIGS, TINY, run_cli
+from fishcomp.pipeline import resolver
+from fishcomp.training.feature_sets import FeatureSet, combine_views, predict
 
 GEOMETRY = [
     {"name": "HorizontalFlip", "p": 0.5},
@@ -79,7 +83,7 @@ def test_the_precompute_key_follows_the_augmentation_and_one_tta_view_is_no_tta(
     ctx = Context(data_dir=tiny_data, work_dir=tiny_data / "unused")
 
     def key(*overrides):
-        return precompute_key(ctx, load_config(CONFIGS / "dense.yaml", list(overrides)))
+        return resolver(ctx).node("precompute", load_config(CONFIGS / "dense.yaml", list(overrides))).key
 
     plain = key()
     keys = {

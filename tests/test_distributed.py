@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers import CONFIGS, SMALL
 
 # One thread per process in both runs, so the arithmetic is the same bit for bit.
@@ -109,7 +108,7 @@ def test_a_hold_out_fold_trains_data_parallel_to_the_same_log_loss(tiny_data, tm
 
 
 def test_the_ranks_shares_of_a_batch_make_up_exactly_the_batch(monkeypatch):
-    from fishcomp.stages.train import share_of_batch
+    from fishcomp.training.loop import share_of_batch
 
     positions, pseudo = np.array([9, 4, 7, 1, 3]), np.array([20, 22])
     shares = []

@@ -3,7 +3,6 @@
 import json
 
 import pandas as pd
-
 from helpers import CONFIGS, TINY, run_cli
 
 SMALL = TINY + ["precompute.size=[96,160]", "train.phases=[{epochs: 3, lr: 3.0e-4}]", "train.batch_size=16"]

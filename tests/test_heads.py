@@ -3,11 +3,16 @@
 import numpy as np
 import pytest
 import torch
-
-from fishcomp.config import BboxHeadConfig, DenseHeadConfig, load_config
-from fishcomp.models.heads import create_head, head_uses_map, list_heads
-
 from helpers import CONFIGS as CONFIG_DIR
+
+from fishcomp.config import (
+    BboxHeadConfig,
+    DenseHeadConfig,
+    FcnHeadConfig,
+    InceptionHeadConfig,
+    load_config,
+)
+from fishcomp.models.heads import create_head, head_uses_map, list_heads
 
 # Every head as the shipped configs define it, plus variants on the other input.
 CONFIGS = {
@@ -20,6 +25,8 @@ CONFIGS = {
     "dense-map": DenseHeadConfig(input="map"),
     "bbox-pooled": BboxHeadConfig(input="pooled"),
     "bbox-reduce": BboxHeadConfig(reduce=16),
+    "fcn-reduce": FcnHeadConfig(reduce=16),
+    "inception-reduce": InceptionHeadConfig(reduce=16),
 }
 
 

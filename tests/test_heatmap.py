@@ -4,9 +4,8 @@ import re
 
 import pandas as pd
 import pytest
-from PIL import Image
-
 from helpers import CONFIGS, TINY, run_cli
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ import json
 import shutil
 
 import pytest
-from PIL import Image
-
 from helpers import CONFIGS, SMALL, TINY, run_cli
+from PIL import Image
 
 
 def _sets(overrides):

@@ -1,15 +1,15 @@
 """End to end through the real CLI: synth -> run -> validate, caching, and error exits."""
 
+import io
 import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import CONFIGS, SMALL, TINY, run_cli
 
 from fishcomp.models import backbones
-
-from helpers import CONFIGS, SMALL, TINY, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,41 @@ def demo_run(tiny_data, tmp_path_factory):
     return work, out, args
 
 
+def _dag(args, capsys, *extra):
+    """`fishcomp dag` with run's config, data, work and --set: {(stage, config): status}."""
+    dag_args = ["dag", *[a for a in args[1:] if a != "--out" and not str(a).endswith(".csv")], "--format", "csv", *extra]
+    code, stdout, stderr = run_cli(dag_args, capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout))
+    assert list(rows.columns) == ["#", "stage", "config", "key", "status", "reads"]
+    return {(row.stage, row.config): row.status for row in rows.itertuples()}
+
+
+# One backbone pass per size and view set: dense_360x640's pooled vectors come from the pass
+# that also holds bbox_grid's maps.
+PIPELINE_NODES = {
+    ("precompute", "dense_aug"), ("precompute", "dense_360x640"), ("train", "dense_aug"),
+    ("train", "dense_360x640"), ("train", "bbox_grid"), ("crops", "crops"), ("train", "crops"), ("ensemble", "pipeline"),
+    ("submit", "pipeline"),
+}
+
+
+def test_dag_lists_every_node_of_the_pipeline_to_build_on_a_fresh_work_folder(demo_run, capsys):
+    work, _, args = demo_run
+    assert not work.joinpath("train").exists()
+    statuses = _dag(args, capsys)
+    assert set(statuses) == PIPELINE_NODES
+    assert set(statuses.values()) == {"to build"}
+    assert not work.joinpath("train").exists()  # nothing was built
+
+
 def test_run_writes_a_valid_submission_that_beats_the_prior(demo_run, tiny_data, capsys):
     work, out, args = demo_run
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
     assert stdout.count("built") >= 6  # 2 precomputes, 2 trains, ensemble, submit
+    # One pass per backbone, size and view set: the pooled-only member reads the map pass.
+    assert len(list((work / "precompute").glob("eff*"))) == 2
     assert out.is_file() and out.with_name("submission_stg2.csv").is_file()
     code, stdout, _ = run_cli(["validate", out, "--data", tiny_data], capsys)
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
@@ -53,6 +83,41 @@ def test_a_second_run_skips_every_stage_without_loading_a_model(demo_run, capsys
     assert len(stages) >= 8 and all(word == "cached" for _, word in stages)  # every stage, crops included
     assert backbones.MODEL_LOADS == loads
     assert out.is_file()
+
+
+def test_after_a_run_the_dag_is_all_cached_and_a_nof_weight_marks_only_the_crops_head_and_downstream(demo_run, tmp_path, capsys):
+    _, _, args = demo_run
+    assert set(_dag(args, capsys).values()) == {"cached"}
+    # The same pipeline whose crops member blends NoF at another weight.
+    (tmp_path / "crops.yaml").write_text(
+        f"extends: {CONFIGS / 'crops.yaml'}\n"
+        f"crops: {{boxes: {CONFIGS / 'bbox_grid.yaml'}, nof: {{whole: {CONFIGS / 'dense_360x640.yaml'}, weight: 0.3}}}}\n"
+    )
+    (tmp_path / "pipeline.yaml").write_text(
+        f"extends: {CONFIGS / 'pipeline.yaml'}\nensemble:\n  members:\n"
+        f"    - {{config: {CONFIGS / 'dense_aug.yaml'}}}\n    - {{config: {CONFIGS / 'dense_360x640.yaml'}}}\n    - {{config: crops.yaml}}\n"
+    )
+    statuses = _dag([tmp_path / "pipeline.yaml" if a == CONFIGS / "pipeline.yaml" else a for a in args], capsys)
+    to_build = {node for node, status in statuses.items() if status != "cached"}
+    # The crops embedding (the expensive part) is not redone: only the head that blends NoF.
+    assert to_build == {("train", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline")}
+
+
+def test_a_new_stage_is_reachable_by_name(demo_run, tiny_data, tmp_path, capsys):
+    """The README's worked example (fishcomp/stages/calibrate.py): temperature scaling of a run."""
+    _, _, args = demo_run
+    work = args[args.index("--work") + 1]
+    command = ["run", "-c", CONFIGS / "dense_360x640.yaml", "--data", tiny_data, "--work", work, "--stage", "calibrate",
+               "--set", "calibrate={bounds: [0.5, 2.0]}", *[a for o in SMALL for a in ("--set", o)]]
+    code, stdout, stderr = run_cli(command, capsys)
+    assert code == 0, stderr
+    assert "calibrate  built" in stdout and "train      cached" in stdout  # the member the pipeline trained
+    summary = json.loads(next((work / "calibrate").glob("dense_360x640-*/summary.json")).read_text())
+    assert 0.5 <= summary["temperature"] <= 2.0
+    assert summary["valid_logloss"] <= summary["valid_logloss_before"] + 1e-9  # fitted on these very rows
+    without_section = ["run", "-c", CONFIGS / "dense_360x640.yaml", "--data", tiny_data, "--work", work, "--stage", "calibrate"]
+    code, _, stderr = run_cli(without_section, capsys)
+    assert code == 2 and "has no `calibrate` section" in stderr
 
 
 def test_changing_the_blend_redoes_only_the_ensemble(demo_run, capsys):

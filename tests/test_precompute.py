@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
+from helpers import CONFIGS
 from PIL import Image
 
-from fishcomp.data.images import load_rgb
 from fishcomp.config import load_config
-from fishcomp.stages.context import Context
-from fishcomp.stages.precompute import ensure_precompute, load_index
-
-from helpers import CONFIGS
+from fishcomp.context import Context
+from fishcomp.data.images import load_rgb
+from fishcomp.features import load_index
+from fishcomp.pipeline import build
 
 
 def test_loader_workers_and_decoding_threads_give_exactly_the_same_features(tiny_data, tmp_path):
@@ -22,7 +22,7 @@ def test_loader_workers_and_decoding_threads_give_exactly_the_same_features(tiny
             [f"precompute.workers={workers}", "precompute.batch_size=7", "precompute.device=cpu",
              "precompute.augment.copies=1", "precompute.tta.views=2"],
         )
-        artifact = ensure_precompute(Context(data_dir=tiny_data, work_dir=tmp_path / f"w{workers}"), loaded)
+        artifact = build(Context(data_dir=tiny_data, work_dir=tmp_path / f"w{workers}"), "precompute", loaded)
         arrays = {path.name: np.load(path) for path in sorted(artifact.path.glob("*.npy"))}
         outputs.append((load_index(artifact).to_csv(), arrays))
     (index_a, arrays_a), *others = outputs

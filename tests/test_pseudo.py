@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-
-from fishcomp.stages import train as train_stage
-from fishcomp.stages.train import mixed_batches
-
 from helpers import CONFIGS, TINY, run_cli
+
+from fishcomp.training import folds as train_stage
+from fishcomp.training.loop import mixed_batches
 
 
 @pytest.mark.parametrize("n_train,n_pseudo,batch_size,proportion", [(100, 24, 32, 0.25), (7, 50, 4, 0.5), (64, 3, 16, 0.75)])
@@ -97,7 +96,8 @@ def test_pseudo_labelling_trains_on_test_images_and_never_on_validation_ones(tin
 def test_a_pseudo_source_that_leads_back_to_itself_is_an_error(tiny_data, tmp_path, capsys):
     config = _pseudo_config(tmp_path, "dense_pseudo.yaml")
     code, _, stderr = run_cli(["train", "-c", config, "--data", tiny_data, "--work", tmp_path / "work"], capsys)
-    assert code == 2 and "leads back to itself" in stderr and stderr.count("\n") == 1
+    assert code == 2 and "its references lead back to it: dense_pseudo.yaml -(train.pseudo.source)-> dense_pseudo.yaml" in stderr
+    assert stderr.count("\n") == 1
 
 
 def test_a_pseudo_source_that_is_missing_names_the_file(tiny_data, tmp_path, capsys):

@@ -6,11 +6,10 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from helpers import CONFIGS, TINY, run_cli
 from PIL import Image
 
 from fishcomp.metrics import attention_scores, size_only_log_loss
-
-from helpers import CONFIGS, TINY, run_cli
 
 
 class _Page(HTMLParser):

@@ -10,11 +10,10 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import CONFIGS, run_cli, wait_for_file
 from PIL import Image
 
 from fishcomp.data.images import load_rgb
-
-from helpers import CONFIGS, run_cli, wait_for_file
 
 QUICK = ["--set", "split.kind=holdout", "--set", "train.phases=[{epochs: 2, lr: 1.0e-3}]", "--set", "train.batch_size=32"]
 
@@ -168,3 +167,36 @@ def test_an_interrupted_precompute_leaves_nothing_complete_and_the_rerun_equals_
         arrays.append([np.load(artifact / f"{split}_pooled.npy") for split in ("train", "test_stg1")])
     for a, b in zip(*arrays):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_stopped_training_resumes_at_the_first_missing_fold_and_ends_as_an_uninterrupted_run(tiny_data, tmp_path):
+    """Stopped (SIGINT) once two of five folds are done: the rerun trains only folds 2-4 and the
+    artifact's predictions equal an uninterrupted run's, bit for bit (each fold seeds itself)."""
+    sets = ["--set", "split.folds=5", "--set", "train.phases=[{epochs: 2, lr: 1.0e-3}]", "--set", "train.batch_size=32"]
+
+    def command(work):
+        return [sys.executable, "-m", "fishcomp", "train", "-c", str(CONFIGS / "dense.yaml"), "--data", str(tiny_data), "--work", str(work), *sets]
+
+    marker, work = tmp_path / "paused", tmp_path / "work"
+    env = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "FISHCOMP_PAUSE_AT": "train.fold:2", "FISHCOMP_PAUSE_MARKER": str(marker)}
+    process = subprocess.Popen(command(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_file(marker, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted" in stderr
+    kept = sorted(p.name for p in (work / "train").glob(".resume-*/fold*.pt"))
+    assert kept == ["fold0.pt", "fold1.pt"] and not list((work / "train").glob("dense-*"))
+
+    env = {**os.environ, "FISHCOMP_NO_PROGRESS": "1"}
+    resumed = subprocess.run(command(work), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: fold(s) 0, 1 kept from the stopped run" in resumed.stdout
+    assert not list((work / "train").glob(".resume-*"))  # cleared once the artifact is whole
+    clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, env=env)
+    assert clean.returncode == 0, clean.stderr
+    a, b = next((work / "train").glob("dense-*")), next((tmp_path / "clean" / "train").glob("dense-*"))
+    assert a.name == b.name
+    for name in ("oof.csv", "test_stg1.csv", "test_stg2.csv"):
+        assert (a / name).read_text() == (b / name).read_text()
+    metrics = pd.read_csv(a / "metrics.csv")
+    assert sorted(metrics.fold.unique()) == [0, 1, 2, 3, 4] and len(metrics) == 10

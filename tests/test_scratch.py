@@ -4,13 +4,12 @@ import math
 
 import numpy as np
 import pytest
+from helpers import run_cli
 
 from fishcomp.scratch.charlm import train_charlm
 from fishcomp.scratch.check import gradcheck
 from fishcomp.scratch.rnn import clip_grad_norm, forward, init_params, loss_and_grads
 from fishcomp.scratch.scan import scan
-
-from helpers import run_cli
 
 
 def test_scan_returns_every_state():

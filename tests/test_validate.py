@@ -1,12 +1,11 @@
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import run_cli
 
 from fishcomp.data.layout import FISHERIES_CLASSES
 from fishcomp.errors import FishcompError
-from fishcomp.stages.validate import score_submission, validate_submission
-
-from helpers import run_cli
+from fishcomp.submission import score_submission, validate_submission
 
 STAGE1 = [f"img_{i:05d}.jpg" for i in range(1, 6)]
 STAGE2 = STAGE1 + [f"test_stg2/image_{i:05d}.jpg" for i in range(1, 4)]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import (
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    train_test_split,
+)
 
 from fishcomp.config import SplitConfig
 from fishcomp.errors import FishcompError

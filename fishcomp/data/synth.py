@@ -42,6 +42,50 @@ FISH_CLASSES = [c for c in FISHERIES_CLASSES if c != "NoF"]
 
 
 @dataclass(frozen=True)
+class Style:
+    """What a generated set varies in, so that a design cannot win on one look of the data: the
+    project's comparisons run over several styles and seeds (scripts/compare.py --sets)."""
+
+    fish_length: tuple[float, float] = (0.10, 0.25)  # share of the photo's width
+    tint: int = 0  # each fish's colours moved by up to this much per channel (another population)
+    clutter: tuple[int, int] = (3, 10)  # deck objects per photo
+    night_boost: float = 0.0  # added to every boat's share of night photos
+    blur: float = 1.2  # largest Gaussian blur radius
+    boat_concentration: float = 0.6  # Dirichlet concentration of P(boat | class): lower leaks more
+
+
+STYLES = {
+    # The generator the project was built on.
+    "classic": Style(),
+    # Small fish, busier decks, more nights, blur, another fish colouring, a weaker size leak.
+    "hard": Style(fish_length=(0.06, 0.16), tint=30, clutter=(6, 16), night_boost=0.2, blur=2.0, boat_concentration=2.0),
+    # Large, sharp fish on quiet decks, and boats that nearly identify the class.
+    "easy": Style(fish_length=(0.18, 0.32), clutter=(0, 4), blur=0.6, boat_concentration=0.2),
+}
+
+
+def style_for(name: str, seed: int) -> Style:
+    """A named style, or `mixed`: one drawn from the seed between easy and hard."""
+    if name == "mixed":
+        rng = np.random.default_rng([seed, 97])
+        t = float(rng.uniform(0, 1))
+        easy, hard = STYLES["easy"], STYLES["hard"]
+        mix = lambda a, b: a + t * (b - a)  # noqa: E731
+        return Style(
+            fish_length=(mix(easy.fish_length[0], hard.fish_length[0]), mix(easy.fish_length[1], hard.fish_length[1])),
+            tint=round(mix(easy.tint, hard.tint)), clutter=(round(mix(easy.clutter[0], hard.clutter[0])), round(mix(easy.clutter[1], hard.clutter[1]))),
+            night_boost=mix(easy.night_boost, hard.night_boost), blur=mix(easy.blur, hard.blur),
+            boat_concentration=mix(easy.boat_concentration, hard.boat_concentration),
+        )
+    if name not in STYLES:
+        from fishcomp.errors import FishcompError
+        from fishcomp.suggest import did_you_mean
+
+        raise FishcompError(f"unknown synth style `{name}`{did_you_mean(name, [*STYLES, 'mixed'])} (styles: {', '.join([*STYLES, 'mixed'])})")
+    return STYLES[name]
+
+
+@dataclass(frozen=True)
 class Boat:
     index: int
     size: tuple[int, int]
@@ -205,10 +249,10 @@ def _deck(boat: Boat, rng: np.random.Generator, width: int, height: int) -> Imag
     return canvas
 
 
-def _clutter(canvas: Image.Image, rng: np.random.Generator) -> None:
+def _clutter(canvas: Image.Image, rng: np.random.Generator, count: tuple[int, int] = (3, 10)) -> None:
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
-    for _ in range(int(rng.integers(3, 10))):
+    for _ in range(int(rng.integers(count[0], count[1]))):
         kind = rng.integers(4)
         x, y = rng.uniform(0, width), rng.uniform(0.2 * height, height)
         s = width * rng.uniform(0.02, 0.08)
@@ -241,6 +285,7 @@ class ImageJob:
     boat: Boat
     scale: float
     seed: tuple[int, ...]
+    style: Style = None  # type: ignore[assignment]  (set by synthesize; the classic style when absent)
 
 
 def head_and_tail(upright: Image.Image, length: int, angle: float, rotated_size: tuple[int, int]) -> list[tuple[float, float]]:
@@ -262,15 +307,18 @@ def head_and_tail(upright: Image.Image, length: int, angle: float, rotated_size:
 def render(job: ImageJob) -> tuple[list[dict], list[dict]]:
     """Draw one photo, save it as JPEG, return its fish boxes and head/tail points in original pixels."""
     rng = np.random.default_rng(list(job.seed))
+    style = job.style or STYLES["classic"]
     width, height = (max(32, round(v * job.scale)) for v in job.boat.size)
     canvas = _deck(job.boat, rng, width, height)
-    _clutter(canvas, rng)
+    _clutter(canvas, rng, style.clutter)
     boxes, points = [], []
     if job.label != "NoF":
         count = 1 + int(rng.random() < 0.25) + int(rng.random() < 0.08)
         for _ in range(count):
-            length = max(12, int(width * rng.uniform(0.10, 0.25)))
+            length = max(12, int(width * rng.uniform(*style.fish_length)))
             upright = draw_fish(job.label, length, rng)
+            if style.tint:
+                upright = _tinted(upright, np.random.default_rng([job.seed[0], 41, FISHERIES_CLASSES.index(job.label)]), style.tint)
             angle = rng.uniform(0, 360)
             fish = upright.rotate(angle, expand=True, resample=Image.BICUBIC)
             left, top, right, bottom = fish.getchannel("A").getbbox()
@@ -283,11 +331,11 @@ def render(job: ImageJob) -> tuple[list[dict], list[dict]]:
                 boxes.append({"class": "rect", "x": float(x0), "y": float(y0), "width": float(x1 - x0), "height": float(y1 - y0)})
                 for px, py in head_and_tail(upright, length, angle, fish.size):
                     points.append({"class": "point", "x": float(x + px), "y": float(y + py)})
-    if rng.random() < job.boat.night_share:
+    if rng.random() < min(1.0, job.boat.night_share + style.night_boost):
         canvas = _night(canvas, rng)
     else:
         canvas = Image.fromarray(np.clip(np.asarray(canvas, dtype=np.float32) * rng.uniform(0.75, 1.15), 0, 255).astype(np.uint8))
-    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, 1.2)))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, style.blur)))
     Path(job.path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(job.path, quality=88)
     return boxes, points
@@ -296,10 +344,18 @@ def render(job: ImageJob) -> tuple[list[dict], list[dict]]:
 # ----------------------------------------------------------------------------- the dataset
 
 
-def _class_boat_mix(seed: int, boats: list[Boat]) -> dict[str, np.ndarray]:
+def _class_boat_mix(seed: int, boats: list[Boat], concentration: float = 0.6) -> dict[str, np.ndarray]:
     """P(boat | class): each class favours a few boats, which is what makes image size leak."""
     rng = np.random.default_rng([seed, 11])
-    return {c: rng.dirichlet(np.full(len(boats), 0.6)) for c in FISHERIES_CLASSES}
+    return {c: rng.dirichlet(np.full(len(boats), concentration)) for c in FISHERIES_CLASSES}
+
+
+def _tinted(fish: Image.Image, rng: np.random.Generator, amount: int) -> Image.Image:
+    """The fish's colours moved by one offset per channel, drawn once per class and seed: another
+    population of the same species, not noise."""
+    array = np.asarray(fish, dtype=np.int16).copy()
+    array[..., :3] = np.clip(array[..., :3] + rng.integers(-amount, amount + 1, size=3), 0, 255)
+    return Image.fromarray(array.astype(np.uint8), mode="RGBA")
 
 
 def synthesize(
@@ -311,12 +367,14 @@ def synthesize(
     scale: float = 1.0,
     workers: int | None = None,
     on_image=None,
+    style: str = "classic",
 ) -> dict[str, int]:
     root = Path(root)
+    look = style_for(style, seed)
     rng = np.random.default_rng(seed)
     train_boats = make_boats(seed, TRAIN_BOATS, 0)
     new_boats = make_boats(seed, len(REAL_SIZES) - TRAIN_BOATS, TRAIN_BOATS)
-    mix = _class_boat_mix(seed, train_boats)
+    mix = _class_boat_mix(seed, train_boats, look.boat_concentration)
 
     train_labels = [c for c, n in class_counts(n_train).items() for _ in range(n)]
     rng.shuffle(train_labels)
@@ -329,15 +387,15 @@ def synthesize(
     for i, label in enumerate(train_labels):
         boat = train_boats[rng.choice(len(train_boats), p=mix[label])]
         name = f"img_{numbers[i]:05d}.jpg"
-        jobs.append(("train", name, ImageJob(str(root / "train" / label / name), label, boat, scale, (seed, 1, i))))
+        jobs.append(("train", name, ImageJob(str(root / "train" / label / name), label, boat, scale, (seed, 1, i), look)))
     for i, label in enumerate(test_labels):
         boat = train_boats[rng.choice(len(train_boats), p=mix[label])]
         name = f"img_{numbers[n_train + i]:05d}.jpg"
-        jobs.append(("test_stg1", name, ImageJob(str(root / "test_stg1" / name), label, boat, scale, (seed, 2, i))))
+        jobs.append(("test_stg1", name, ImageJob(str(root / "test_stg1" / name), label, boat, scale, (seed, 2, i), look)))
     for i, label in enumerate(stage2_labels):
         boat = new_boats[int(rng.integers(len(new_boats)))]
         name = f"image_{i + 1:05d}.jpg"
-        jobs.append(("test_stg2", f"test_stg2/{name}", ImageJob(str(root / "test_stg2" / name), label, boat, scale, (seed, 3, i))))
+        jobs.append(("test_stg2", f"test_stg2/{name}", ImageJob(str(root / "test_stg2" / name), label, boat, scale, (seed, 3, i), look)))
 
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     boxes: list[tuple[list[dict], list[dict]]] = []

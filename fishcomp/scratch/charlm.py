@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fishcomp.scratch.rnn import Adam, clip_grad_norm, forward, init_params, loss_and_grads
+from fishcomp.scratch.rnn import (
+    Adam,
+    clip_grad_norm,
+    forward,
+    init_params,
+    loss_and_grads,
+)
 
 
 @dataclass

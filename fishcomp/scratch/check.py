@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fishcomp.scratch.rnn import EPS, init_params, loss_and_grads, loss_from_probs, forward
+from fishcomp.scratch.rnn import (
+    EPS,
+    forward,
+    init_params,
+    loss_and_grads,
+    loss_from_probs,
+)
 
 
 def torch_loss(cell: str, params: dict, xs: np.ndarray, targets: np.ndarray):

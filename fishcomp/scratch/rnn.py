@@ -150,11 +150,6 @@ def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
     return norm
 
 
-def sgd_step(params: dict, grads: dict, lr: float) -> None:
-    for name in params:
-        params[name] -= lr * grads[name]
-
-
 class Adam:
     """Adam with bias correction, written out."""
 

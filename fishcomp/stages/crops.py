@@ -27,14 +27,23 @@ import numpy as np
 import pandas as pd
 
 from fishcomp.cache import Artifact
-from fishcomp.config import CropsConfig, LoadedConfig, cache_key, dump_yaml, key_payload
-from fishcomp.console import progress, stage_line
+from fishcomp.config import CropsConfig, LoadedConfig, dump_yaml, key_payload
+from fishcomp.console import progress
+from fishcomp.context import Context, resolve_device
 from fishcomp.data.images import UnreadableImage, load_rgb
+from fishcomp.distributed import device_for
 from fishcomp.errors import FishcompError
-from fishcomp.stages.context import Context, resolve_device
-
-STAGE = "crops"
-
+from fishcomp.features import (
+    GEOMETRY,
+    POINT_COLUMNS,
+    Embedder,
+    backbone_precision,
+    image_batches,
+    load_index,
+    normalised_boxes,
+    reserved_memmap,
+)
+from fishcomp.graph import Node, Resolver, Stage, register_stage
 
 # -- geometry (boxes as x, y, w, h in original pixels) ----------------------------------------------
 
@@ -150,52 +159,59 @@ class CroppedImages:
 # -- the stage ---------------------------------------------------------------------------------------
 
 
-def box_source(ctx: Context, loaded: LoadedConfig) -> tuple[LoadedConfig, Artifact]:
-    """The config named by `crops.boxes`, and its trained bbox artifact (built if needed)."""
-    from fishcomp.stages.train import ensure_train, referenced_config
-
-    source = referenced_config(ctx, loaded, loaded.config.crops.boxes, "crops.boxes")
-    config = source.config
-    if config.head is None or config.head.kind != "bbox":
-        raise FishcompError(f"crops.boxes of {loaded.path}: {source.path} must train a bbox head (head.kind: bbox)")
-    if config.split.kind == "holdout":
-        raise FishcompError(
-            f"crops.boxes of {loaded.path}: {source.path} uses a hold-out split, so most train images get no "
-            "out-of-fold box; use split.kind kfold or group_kfold"
-        )
-    return source, ensure_train(ctx, source)
+CROP_PRECOMPUTE_FIELDS = ("backbone", "weights", "size", "precision")
 
 
-def crops_key(ctx: Context, loaded: LoadedConfig, boxes: Artifact) -> str:
-    config = loaded.config
-    return cache_key(
-        STAGE, key_payload(config.crops), key_payload(config.precompute.model_copy(update={"augment": None, "tta": None})),
-        ctx.dataset().fingerprint(), ctx.annotations_digest(config.data), {"boxes": boxes.key},
-    )
+@register_stage
+class Crops(Stage):
+    name = "crops"
+    section = "crops"
+    # Not `crops.nof`: only training reads it, so a new NoF weight re-embeds nothing. Not
+    # precompute's augment, tta or spatial: crops are embedded once each, as pooled vectors.
+    declares = ("data", "crops.margin", "crops.square", "crops.jitter", "crops.align", *(f"precompute.{f}" for f in CROP_PRECOMPUTE_FIELDS))
+    summary = "detect, then classify: crops around the predicted fish, cut at full resolution and embedded"
 
+    def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
+        source = resolver.reference(loaded, loaded.config.crops.boxes, "crops.boxes")
+        config = source.config
+        if config.head is None or config.head.kind != "bbox":
+            raise FishcompError(f"crops.boxes of {loaded.path}: {source.path} must train a bbox head (head.kind: bbox)")
+        if config.split.kind == "holdout":
+            raise FishcompError(
+                f"crops.boxes of {loaded.path}: {source.path} uses a hold-out split, so most train images get no "
+                "out-of-fold box; use split.kind kfold or group_kfold"
+            )
+        boxes = resolver.node("train", source, via="crops.boxes")
+        # The box source's own features: their index (images, sizes, readability, boxes) is all
+        # this stage reads of them.
+        return {"boxes": boxes, "features": boxes.inputs["features"]}
 
-def ensure_crops(ctx: Context, loaded: LoadedConfig) -> Artifact:
-    from fishcomp.stages.precompute import STAGE as PRECOMPUTE, ensure_precompute, load_index, precompute_key
+    def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
+        config = loaded.config
+        precompute = key_payload(config.precompute)
+        return {
+            "crops": {k: v for k, v in key_payload(config.crops).items() if k != "nof"},
+            "precompute": {k: precompute[k] for k in CROP_PRECOMPUTE_FIELDS},
+            "precision": backbone_precision(config.precompute),
+            "images": ctx.dataset().fingerprint(),
+            "annotations": ctx.annotations_digest(config.data),
+        }
 
-    source, boxes = box_source(ctx, loaded)
-    # Training the box source made sure its features exist; their index is all this stage reads.
-    features_key = precompute_key(ctx, source)
-    found = ctx.cache.find(PRECOMPUTE, features_key)
-    features = Artifact(PRECOMPUTE, features_key, found, built=False) if found else ensure_precompute(ctx, source)
-    index = load_index(features)
-    key = crops_key(ctx, loaded, boxes)
-    size = loaded.config.precompute.size
-    artifact = ctx.cache.ensure(STAGE, f"{loaded.name}-{size[0]}x{size[1]}", key, lambda tmp: _build(ctx, loaded, index, boxes, tmp))
-    meta = json.loads(artifact.file("meta.json").read_text())
-    stage_line(STAGE, artifact.built, artifact.path, f"{meta['crops']} crops of {meta['counts']['total']} images, boxes from {boxes.path.name}")
-    return artifact
+    def label(self, loaded: LoadedConfig, **request) -> str:
+        size = loaded.config.precompute.size
+        return f"{loaded.name}-{size[0]}x{size[1]}"
+
+    def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
+        return _build(ctx, node.loaded, load_index(inputs["features"]), inputs["boxes"], tmp)
+
+    def describe(self, artifact: Artifact) -> str:
+        meta = json.loads(artifact.file("meta.json").read_text())
+        return f"{meta['crops']} crops of {meta['counts']['total']} images, boxes from {meta['boxes_from']}"
 
 
 def _predicted(index: pd.DataFrame, source: Artifact, name: str) -> np.ndarray:
     """The box source's `name` predictions ("box" or "points"; `oof_<stem>.csv` for train,
     `<split>_<stem>.csv` for the tests) row-aligned with `index`; NaN for unreadable images."""
-    from fishcomp.stages.train import GEOMETRY
-
     stem, columns = GEOMETRY[name]
     parts = []
     for split in index.split.unique():
@@ -220,9 +236,6 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> 
     `config.align`, the same shape of head/tail fractions; and where each original crop's box
     came from. Jittered copies take the annotated box and points (the predicted ones where the
     image has none)."""
-    from fishcomp.stages.precompute import POINT_COLUMNS
-    from fishcomp.stages.train import normalised_boxes
-
     copies = config.jitter.copies if config.jitter else 0
     planned = np.full((len(index), 1 + copies, 4), np.nan)
     planned[:, 0] = _predicted(index, boxes, "box")
@@ -252,19 +265,13 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> 
 def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artifact, tmp: Path) -> dict:
     import torch
 
-    from fishcomp.models.backbones import create_backbone
-    from fishcomp.stages.precompute import image_batches, reserved_memmap, to_model_input
-
     config, precompute = loaded.config.crops, loaded.config.precompute
     dataset = ctx.dataset()
-    device = resolve_device(precompute.device)
-    backbone = create_backbone(precompute)
-    model = backbone.model.to(device).to(memory_format=torch.channels_last)
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
+    embedder = Embedder(precompute, resolve_device(device_for(precompute.device)))
+    device = embedder.device
     planned, points, sources = planned_boxes(index, boxes, config)
     copies = planned.shape[1] - 1
-    dim = backbone.num_features
+    dim = embedder.num_features
     splits = index.split.to_numpy()
 
     outputs = {split: reserved_memmap(tmp / f"{split}_pooled.npy", np.float16, (int((splits == split).sum()), dim)) for split in index.split.unique()}
@@ -285,8 +292,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
             )
             for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
                 n = len(local)
-                flat = to_model_input(batch.flatten(0, 1), device, mean, std)
-                pooled = model.forward_head(model.forward_features(flat), pre_logits=True).float().cpu().numpy().reshape(n, count, dim)
+                pooled = embedder.embed(batch.flatten(0, 1), spatial=False)[0].reshape(n, count, dim)
                 position = local.numpy()
                 outputs[split][position] = pooled[:, 0]
                 if split == "train" and copies:
@@ -309,7 +315,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     pd.DataFrame(table).to_csv(tmp / "crop_boxes.csv", index=False)
     meta = {
         "backbone": precompute.backbone, "weights": precompute.weights, "size": list(precompute.size),
-        "mean": list(backbone.mean), "std": list(backbone.std), "pooled_dim": dim, "map_shape": None,
+        "mean": list(embedder.backbone.mean), "std": list(embedder.backbone.std), "pooled_dim": dim, "map_shape": None,
         "augment_copies": copies, "tta_views": 1, "classes": dataset.classes,
         "counts": {"total": len(index), **index.split.value_counts().to_dict()},
         "unreadable": index.path[~ok].tolist(), "boxes_from": boxes.path.name, "boxes_key": boxes.key,
@@ -321,13 +327,3 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
 
 
 # -- NoF -----------------------------------------------------------------------------------------------
-
-
-def blend_nof(crop_probs: np.ndarray, whole_probs: np.ndarray, weight: float, nof: int) -> np.ndarray:
-    """P(NoF) mixed from both models; the fish classes keep the crop model's proportions."""
-    blended = np.array(crop_probs, dtype=np.float64)
-    p_nof = (1 - weight) * crop_probs[:, nof] + weight * whole_probs[:, nof]
-    fish = np.delete(blended, nof, axis=1)
-    fish *= ((1 - p_nof) / np.clip(fish.sum(axis=1), 1e-12, None))[:, None]
-    blended = np.insert(fish, nof, p_nof, axis=1)
-    return blended

@@ -11,66 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
+from fishcomp.blending import (
+    WEIGHT_FITTERS,
+    blend,
+    cross_fitted_blend,
+    cross_fitted_stack,
+    fit_stacker,
+    stack_predict,
+)
 from fishcomp.cache import Artifact
-from fishcomp.config import EnsembleConfig, LoadedConfig, cache_key, dump_yaml, key_payload, member_configs
-from fishcomp.console import stage_line
+from fishcomp.config import LoadedConfig, dump_yaml, key_payload
+from fishcomp.context import Context
 from fishcomp.errors import FishcompError
-from fishcomp.metrics import KAGGLE_EPS, log_loss, normalise_rows
-from fishcomp.stages.context import Context
-from fishcomp.stages.predictions import Predictions, read_predictions
-from fishcomp.stages.train import ensure_train
-
-STAGE = "ensemble"
-
-
-def blend(probabilities: list[np.ndarray], weights: list[float], method: str) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probabilities])
-    if method == "geometric":
-        logs = np.log(np.clip(stacked, KAGGLE_EPS, 1.0))
-        return normalise_rows(np.exp(np.tensordot(w, logs, axes=1)))
-    return np.tensordot(w, stacked, axes=1)
-
-
-def fit_weights(probabilities: list[np.ndarray], labels: np.ndarray, method: str) -> np.ndarray:
-    """Non-negative weights summing to one that minimise the blend's log loss on these rows.
-
-    Started from every single member and from equal weights, and the best of all those points is
-    kept, so the fitted blend is never worse than its best member on the rows it was fitted on.
-    """
-    from scipy.optimize import minimize
-
-    count = len(probabilities)
-
-    def loss(weights: np.ndarray) -> float:
-        weights = np.clip(weights, 0.0, None)
-        return log_loss(labels, blend(probabilities, weights / max(weights.sum(), 1e-12), method))
-
-    starts = [np.eye(count)[i] for i in range(count)] + [np.full(count, 1.0 / count)]
-    best = min(starts, key=loss)
-    result = minimize(
-        loss, np.full(count, 1.0 / count), method="SLSQP", bounds=[(0.0, 1.0)] * count,
-        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}], options={"ftol": 1e-10, "maxiter": 200},
-    )
-    if result.success and loss(result.x) < loss(best):
-        best = result.x
-    best = np.clip(best, 0.0, None)
-    return best / best.sum()
-
-
-def cross_fitted_blend(probabilities: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, method: str) -> np.ndarray | None:
-    """Each fold blended with weights fitted on the other folds: what fitting really gains.
-    None when there is only one validated fold (a hold-out split)."""
-    validated = sorted(f for f in np.unique(folds) if f >= 0)
-    if len(validated) < 2:
-        return None
-    blended = np.full_like(probabilities[0], np.nan, dtype=np.float64)
-    for fold in validated:
-        rest, this = (folds >= 0) & (folds != fold), folds == fold
-        weights = fit_weights([p[rest] for p in probabilities], labels[rest], method)
-        blended[this] = blend([p[this] for p in probabilities], weights, method)
-    return blended
+from fishcomp.graph import Node, Resolver, Stage, register_stage
+from fishcomp.metrics import log_loss
+from fishcomp.predictions import Predictions, read_predictions
 
 
 def _check_aligned(names: list[str], members: list[Predictions]) -> None:
@@ -89,19 +44,47 @@ def _check_aligned(names: list[str], members: list[Predictions]) -> None:
                 raise FishcompError(f"ensemble members {names[0]} and {name} predicted different {split} images")
 
 
-def ensure_ensemble(ctx: Context, loaded: LoadedConfig, _chain: tuple[Path, ...] = ()) -> Artifact:
-    config: EnsembleConfig | None = loaded.config.ensemble
-    if config is None:
-        raise FishcompError(f"{loaded.path} has no `ensemble` section")
-    members = member_configs(loaded)
-    # `_chain`: the configs that asked for this one as a pseudo-label source (to catch loops).
-    trained = [ensure_train(ctx, member, _chain) for member in members]
-    key = cache_key(STAGE, [a.key for a in trained], key_payload(config))
-    artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(loaded, members, trained, tmp))
-    summary = json.loads(artifact.file("summary.json").read_text())
-    scores = ", ".join(f"{m['name']} {m['valid_logloss']:.4f} x{m['weight']:.2f}" for m in summary["members"])
-    stage_line(STAGE, artifact.built, artifact.path, f"blend {summary['valid_logloss']:.4f} ({scores})")
-    return artifact
+@register_stage
+class Ensemble(Stage):
+    name = "ensemble"
+    section = "ensemble"
+    declares = ("ensemble",)
+    summary = "the members' predictions blended (given or fitted weights, cross-fitted estimate)"
+
+    def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
+        return {"members": [resolver.node("train", member, via="ensemble.members") for member in resolver.members(loaded)]}
+
+    def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
+        return {"ensemble": key_payload(loaded.config.ensemble)}
+
+    def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
+        return _build(node.loaded, [member.loaded for member in node.inputs["members"]], inputs["members"], tmp)
+
+    def describe(self, artifact: Artifact) -> str:
+        summary = json.loads(artifact.file("summary.json").read_text())
+        scores = ", ".join(f"{m['name']} {m['valid_logloss']:.4f} x{m['weight']:.2f}" for m in summary["members"])
+        honest = summary.get("valid_logloss_cross_fitted")
+        crossed = f", cross-fitted {honest:.4f}" if honest is not None else ""
+        return f"blend ({summary.get('blend', summary['weights'])}) {summary['valid_logloss']:.4f}{crossed} ({scores})"
+
+
+def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> tuple[str, dict, float | None]:
+    """Which blend to use, each candidate's cross-fitted log loss, and the chosen one's."""
+    def cross_fitted(kind: str) -> float | None:
+        if kind == "stack":
+            estimate = cross_fitted_stack(rows, labels, folds, config.stack_strength)
+        else:
+            estimate = cross_fitted_blend(rows, labels, folds, config.method, kind)
+        return None if estimate is None else log_loss(labels, estimate)
+
+    if config.weights == "given":
+        return "given", {}, None
+    kinds = ["fitted", "selection", "stack"] if config.weights == "auto" else [config.weights]
+    candidates = {kind: cross_fitted(kind) for kind in kinds}
+    if config.weights == "auto" and any(v is None for v in candidates.values()):
+        return "fitted", candidates, candidates["fitted"]  # a hold-out split cannot cross-fit: no stacking
+    kind = min(candidates, key=lambda k: candidates[k]) if config.weights == "auto" else config.weights
+    return kind, candidates, candidates[kind]
 
 
 def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Artifact], tmp: Path) -> dict:
@@ -115,18 +98,27 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
     validated = (first.oof.fold >= 0).to_numpy()
     labels, folds = first.oof.label.to_numpy(), first.oof.fold.to_numpy()
     weights = [m.weight for m in config.members]
-    cross_fitted = None
-    if config.weights == "fitted":
-        weights = fit_weights([p[validated] for p in member_oof], labels[validated], config.method).tolist()
-        blended_cv = cross_fitted_blend([p[validated] for p in member_oof], labels[validated], folds[validated], config.method)
-        if blended_cv is not None:
-            cross_fitted = log_loss(labels[validated], blended_cv)
+    rows = [p[validated] for p in member_oof]
+    kind, candidates, cross_fitted = choose_blend(config, rows, labels[validated], folds[validated])
+    test_probs = {split: [p.tests[split][classes].to_numpy(dtype=np.float64) for p in predictions] for split in first.tests}
     oof = first.oof.copy()
-    oof[classes] = blend(member_oof, weights, config.method)
-    tests = {}
-    for split, frame in first.tests.items():
-        tests[split] = frame.copy()
-        tests[split][classes] = blend([p.tests[split][classes].to_numpy() for p in predictions], weights, config.method)
+    tests = {split: frame.copy() for split, frame in first.tests.items()}
+    if kind == "stack":
+        stacker = fit_stacker(rows, labels[validated], config.stack_strength)
+        # Out of fold, each fold comes from a stacker that never saw it: the honest number.
+        stacked = oof[classes].to_numpy(dtype=np.float64)
+        stacked[validated] = cross_fitted_stack(rows, labels[validated], folds[validated], config.stack_strength)
+        oof[classes] = stacked
+        for split in tests:
+            tests[split][classes] = stack_predict(stacker, test_probs[split], len(classes))
+        coefficients = np.abs(stacker.coef_).reshape(len(stacker.coef_), len(rows), -1).sum(axis=(0, 2))
+        weights = (coefficients / coefficients.sum()).tolist()  # each member's share of the stacker's weight
+    else:
+        if kind in WEIGHT_FITTERS:
+            weights = WEIGHT_FITTERS[kind](rows, labels[validated], config.method).tolist()
+        oof[classes] = blend(member_oof, weights, config.method)
+        for split in tests:
+            tests[split][classes] = blend(test_probs[split], weights, config.method)
     blended = Predictions(classes=classes, oof=oof, tests=tests)
     blended.write(tmp)
     summary = {
@@ -140,9 +132,11 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
             }
             for name, weight, p, artifact in zip(names, weights, predictions, trained)
         ],
+        "blend": kind,
         "valid_logloss": blended.oof_logloss(),
-        # Fitted weights only: each fold blended with weights fitted on the other folds.
+        # Each fold blended by weights (or a stacker) fitted on the other folds only.
         "valid_logloss_cross_fitted": cross_fitted,
+        "candidates_cross_fitted": candidates,
         "valid_accuracy": blended.oof_accuracy(),
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

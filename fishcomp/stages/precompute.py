@@ -17,123 +17,93 @@ many images there are.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, PrecomputeConfig, cache_key, dump_yaml, key_payload
-from fishcomp.console import progress, stage_line, warn
-from fishcomp.data.annotations import Box, clip_box
+from fishcomp.config import LoadedConfig, PrecomputeConfig, dump_yaml, key_payload
+from fishcomp.console import progress, warn
+from fishcomp.context import Context, precision_name, resolve_device
+from fishcomp.data.annotations import clip_box
 from fishcomp.data.augment import build_transform
-from fishcomp.data.images import UnreadableImage, load_rgb
-from fishcomp.distributed import barrier, device_for, ensure_together, gather_to_main, world
+from fishcomp.distributed import barrier, device_for, gather_to_main, world
 from fishcomp.errors import FishcompError
 from fishcomp.faults import pause_point
-from fishcomp.models.heads import head_uses_map
-from fishcomp.stages.context import Context, resolve_device
-
-STAGE = "precompute"
-# index.csv's geometry, in original pixels: the largest box, and that fish's head and tail.
-BOX_COLUMNS = ["box_x", "box_y", "box_w", "box_h"]
-POINT_COLUMNS = ["head_x", "head_y", "tail_x", "tail_y"]
-
-
-def resolved_precompute(loaded: LoadedConfig) -> PrecomputeConfig:
-    """The precompute section with `spatial` switched on when the config's head reads the map."""
-    config = loaded.config
-    needs_map = config.head is not None and head_uses_map(config.head)
-    tta = config.precompute.tta
-    update = {
-        "spatial": config.precompute.spatial or needs_map,
-        # One view is the original alone: no TTA, and the same artifact as without the section.
-        "tta": tta if tta is not None and tta.views > 1 else None,
-    }
-    if config.head is not None and config.head.kind == "finetune":
-        # Fine-tuning augments decoded images itself; it reads only the original pooled features.
-        update.update(augment=None, tta=None)
-    return config.precompute.model_copy(update=update)
+from fishcomp.features import (
+    BOX_COLUMNS,
+    POINT_COLUMNS,
+    DecodedImages,
+    Embedder,
+    backbone_precision,
+    image_batches,
+    reserved_memmap,
+    resolved_precompute,
+    share_of_batches,
+)
+from fishcomp.graph import Node, Resolver, Stage, node_key, register_stage
 
 
-def precompute_key(ctx: Context, loaded: LoadedConfig) -> str:
-    config = resolved_precompute(loaded)
-    dataset = ctx.dataset()
-    return cache_key(
-        STAGE, key_payload(config), dataset.fingerprint(), ctx.annotations_digest(loaded.config.data)
-    )
+@register_stage
+class Precompute(Stage):
+    name = "precompute"
+    declares = ("data", "precompute")
+    together = True  # under torchrun every rank embeds its share of the images; rank 0 publishes
+    summary = "the frozen backbone over every image: pooled vectors (and maps) as float16"
+
+    def params(self, ctx: Context, loaded: LoadedConfig, spatial: bool = False, originals_only: bool = False) -> dict:
+        section = resolved_precompute(loaded.config.precompute, spatial, originals_only)
+        return {
+            "precompute": key_payload(section),
+            "precision": backbone_precision(section),
+            "images": ctx.dataset().fingerprint(),
+            "annotations": ctx.annotations_digest(loaded.config.data),
+        }
+
+    def prefer(self, resolver: Resolver, loaded: LoadedConfig, request: dict) -> dict:
+        """A pooled-only request is served by the pass that also holds the map (the pooled
+        vectors are the same), when this run builds that pass anyway or it is cached: one
+        backbone pass per backbone, size and view set."""
+        if request.get("spatial") or loaded.config.precompute.spatial:
+            return request
+        superset = {**request, "spatial": True}
+        key = node_key(self, self.params(resolver.ctx, loaded, **superset), {})
+        return superset if resolver.is_planned_or_cached(self.name, key) else request
+
+    def label(self, loaded: LoadedConfig, **request) -> str:
+        size = loaded.config.precompute.size
+        return f"{loaded.config.precompute.backbone}-{size[0]}x{size[1]}"
+
+    def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
+        return _build(ctx, node.loaded, resolved_precompute(node.loaded.config.precompute, **node.request), tmp)
+
+    def describe(self, artifact: Artifact) -> str:
+        meta = json.loads(artifact.file("meta.json").read_text())
+        maps = ", with maps" if meta.get("map_shape") else ""
+        return f"{meta['counts']['total']} images, {meta['images_per_second']:.1f} img/s{maps}" if artifact.built else maps.lstrip(", ")
+
+    def after(self, ctx: Context, node: Node, artifact: Artifact) -> None:
+        check_unreadable(ctx, artifact)
 
 
-class DecodedImages:
-    """A map-style dataset of decoded, resized uint8 images (normalised later, on the device).
-
-    With a `transform` (an albumentations Compose), each image is augmented after resizing with a
-    seed made from (`seed`, its index), so every copy is reproducible whatever the worker layout;
-    `boxes` (original pixels, NaN for none) then come back transformed, as fractions of the image.
-    """
-
-    def __init__(
-        self, root: Path, paths: list[str], size: tuple[int, int], transform=None, seed: int = 0,
-        boxes: np.ndarray | None = None, positions: np.ndarray | None = None,
-    ):
-        self.root, self.paths, self.size = root, paths, size
-        self.transform, self.seed, self.boxes = transform, seed, boxes
-        # This process's share of the paths (all by default); an item's seed and returned index
-        # are its position in `paths`, so a share gives exactly what the whole run gives there.
-        self.positions = np.arange(len(paths)) if positions is None else np.asarray(positions)
-        self._thread_transforms: dict[int, object] = {}
-
-    def _transform(self):
-        """This thread's own copy of the transform: seeding a shared one from two decoding threads
-        at once would make augmentation depend on thread timing."""
-        import copy
-        import threading
-
-        ident = threading.get_ident()
-        if ident not in self._thread_transforms:
-            self._thread_transforms[ident] = copy.deepcopy(self.transform)
-        return self._thread_transforms[ident]
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, item: int):
-        import torch
-        from PIL import Image
-
-        index = int(self.positions[item])
-
-        height, width = self.size
-        box = np.full(4, np.nan, dtype=np.float32)
-        try:
-            image, (orig_w, orig_h) = load_rgb(self.root / self.paths[index], target=(width, height))
-            array = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
-            ok = True
-        except UnreadableImage:
-            array, orig_w, orig_h, ok = np.zeros((height, width, 3), np.uint8), 0, 0, False
-        if self.transform is not None and ok:
-            from fishcomp.data.augment import apply_transform
-
-            pixels = None
-            if self.boxes is not None and not np.isnan(self.boxes[index]).any():
-                clipped = clip_box(Box(*self.boxes[index]), orig_w, orig_h)
-                if clipped is not None:
-                    pixels = np.array([clipped.x * width / orig_w, clipped.y * height / orig_h, clipped.w * width / orig_w, clipped.h * height / orig_h], dtype=np.float32)
-            array, moved = apply_transform(self._transform(), array, pixels, seed=self.seed * 1_000_003 + index)
-            box = moved / np.array([width, height, width, height], dtype=np.float32)
-        # Height x width x channels, as decoded: batched, it is already the channels_last layout the
-        # backbone runs fastest on (see `to_model_input`), so no copy is spent reordering it.
-        return torch.from_numpy(np.array(array, order="C")), index, orig_w, orig_h, ok, torch.from_numpy(box)
-
-
-def to_model_input(batch, device, mean, std):
-    """(N, H, W, 3) uint8 -> normalised float (N, 3, H, W) in channels_last memory, in place after
-    one conversion: the permute is a view and `float()` keeps its (channels_last) strides."""
-    return batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+def check_unreadable(ctx: Context, artifact: Artifact) -> None:
+    """Unreadable images are recorded in the artifact, not fatal when it is built: whether an
+    unreadable test image stops the run is the caller's choice (--on-bad-test), on every use."""
+    meta = json.loads(artifact.file("meta.json").read_text())
+    train_bad = [path for path in meta["unreadable"] if path.startswith("train/")]
+    if train_bad:
+        warn(f"{len(train_bad)} unreadable train image(s) skipped (listed in {artifact.file('meta.json')})")
+    test_bad = [path for path in meta["unreadable"] if not path.startswith("train/")]
+    if test_bad:
+        listed = ", ".join(test_bad[:5]) + (" ..." if len(test_bad) > 5 else "")
+        if ctx.on_bad_test != "prior":
+            raise FishcompError(
+                f"{len(test_bad)} unreadable test image(s): {listed}; replace them, or pass --on-bad-test prior "
+                "to predict the class prior for them"
+            )
+        warn(f"{len(test_bad)} unreadable test image(s) will be predicted as the class prior: {listed}")
 
 
 class _Deferred:
@@ -147,115 +117,22 @@ def _open(array):
     return np.load(array.path, mmap_mode="r+") if isinstance(array, _Deferred) else array
 
 
-def share_of_batches(count: int, batch_size: int) -> np.ndarray:
-    """This rank's positions among `count`: whole batches, dealt round-robin, so every batch holds
-    the images a single process would put in it (the same numbers come out)."""
-    here = world()
-    starts = range(here.rank * batch_size, count, here.size * batch_size)
-    return np.concatenate([np.arange(s, min(s + batch_size, count)) for s in starts] or [np.empty(0, dtype=np.int64)]).astype(np.int64)
-
-
-def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
-    """A writable .npy memory map whose disk blocks are allocated up front: a full disk fails here
-    with ENOSPC (a clear error) instead of as a SIGBUS crash at some later page write."""
-    from numpy.lib.format import open_memmap
-
-    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    allocate = getattr(os, "posix_fallocate", None)  # absent on macOS: there the map stays sparse
-    if allocate is not None:
-        with open(path, "r+b") as handle:
-            try:
-                allocate(handle.fileno(), 0, os.path.getsize(path))
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                # A file system that cannot preallocate (EOPNOTSUPP, EINVAL) is not an error.
-    return array
-
-
 def _raw_box(annotations, name: str) -> tuple[float, float, float, float]:
     """The largest annotated box in original pixels (unclipped: sizes are known only once decoded)."""
     box = annotations.largest(name)
     return (np.nan,) * 4 if box is None else (box.x, box.y, box.w, box.h)
 
 
-def loader_workers(setting: int | str) -> int:
-    if setting != "auto":
-        return int(setting)
-    cores = os.cpu_count() or 1
-    # Decoding hides behind the backbone with about one loader process per two cores.
-    return max(1, min(8, cores // 2))
-
-
-def image_batches(images: DecodedImages, batch_size: int, workers: int | str, device):
-    """Collated batches of `images`, in order, decoded the fastest way for where the model runs.
-
-    On a GPU (or with an explicit number of `workers`): DataLoader worker processes decode while
-    the model runs. On the CPU with `workers: auto`, the backbone already keeps every core busy,
-    and a concurrent decoder does not fill idle time: it pre-empts one of the backbone's OpenMP
-    threads, and its partner then stalls at their next barrier, so each millisecond of decoding
-    costs two. There, decoding alternates with the model instead: each batch is decoded by one
-    thread per core (PIL and NumPy release the GIL), then embedded with every core.
-    """
-    import torch
-    from torch.utils.data import DataLoader, default_collate
-
-    if workers != "auto" or device.type != "cpu":
-        yield from DataLoader(
-            images, batch_size=batch_size, num_workers=loader_workers(workers), pin_memory=device.type == "cuda"
-        )
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        for start in range(0, len(images), batch_size):
-            yield default_collate(list(pool.map(images.__getitem__, range(start, min(start + batch_size, len(images))))))
-
-
-def ensure_precompute(ctx: Context, loaded: LoadedConfig) -> Artifact:
-    config = resolved_precompute(loaded)
-    key = precompute_key(ctx, loaded)
-    label = f"{config.backbone}-{config.size[0]}x{config.size[1]}"
-    # Under torchrun every rank embeds its share of the images; rank 0 publishes.
-    artifact = ensure_together(ctx.cache, STAGE, label, key, lambda tmp: _build(ctx, loaded, config, tmp))
-    meta = json.loads(artifact.file("meta.json").read_text())
-    detail = f"{meta['counts']['total']} images, {meta['images_per_second']:.1f} img/s" if artifact.built else ""
-    stage_line(STAGE, artifact.built, artifact.path, detail)
-    train_bad = [path for path in meta["unreadable"] if path.startswith("train/")]
-    if train_bad:
-        warn(f"{len(train_bad)} unreadable train image(s) skipped (listed in {artifact.file('meta.json')})")
-    test_bad = [path for path in meta["unreadable"] if not path.startswith("train/")]
-    if test_bad:
-        listed = ", ".join(test_bad[:5]) + (" ..." if len(test_bad) > 5 else "")
-        if ctx.on_bad_test != "prior":
-            raise FishcompError(
-                f"{len(test_bad)} unreadable test image(s): {listed}; replace them, or pass --on-bad-test prior "
-                "to predict the class prior for them"
-            )
-        warn(f"{len(test_bad)} unreadable test image(s) will be predicted as the class prior: {listed}")
-    return artifact
-
-
 def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Path) -> dict:
     import torch
-
-    from fishcomp.models.backbones import create_backbone
 
     dataset = ctx.dataset()
     annotations = ctx.annotations(loaded.config.data)
     images = dataset.images.reset_index(drop=True)
     device = resolve_device(device_for(config.device))
-    backbone = create_backbone(config)
-    model = backbone.model.to(device).to(memory_format=torch.channels_last)
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255
-    height, width = config.size
-    use_amp = device.type == "cuda"
-
-    with torch.inference_mode():
-        probe = model.forward_features(torch.zeros(1, 3, height, width, device=device))
-    map_shape = tuple(probe.shape[1:])
-    pooled_dim = backbone.num_features
+    embedder = Embedder(config, device)
+    map_shape = embedder.map_shape(config.size)
+    pooled_dim = embedder.num_features
 
     splits = images.split.to_numpy()
     position = np.zeros(len(images), dtype=np.int64)
@@ -312,12 +189,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
                 config.batch_size, config.workers, device,
             )
             for batch, local, orig_w, orig_h, good, boxes in loader:
-                batch = to_model_input(batch, device, mean, std)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    feature_map = model.forward_features(batch)
-                    pooled = model.forward_head(feature_map, pre_logits=True)
-                pooled = pooled.float().cpu().numpy()
-                feature_map = feature_map.float().cpu().numpy() if config.spatial else None
+                pooled, feature_map = embedder.embed(batch, spatial=config.spatial)
                 index = rows[local.numpy()]
                 if kind == "original":
                     sizes[index] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
@@ -394,8 +266,8 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         "backbone": config.backbone,
         "weights": config.weights,
         "size": list(config.size),
-        "mean": list(backbone.mean),
-        "std": list(backbone.std),
+        "mean": list(embedder.backbone.mean),
+        "std": list(embedder.backbone.std),
         "pooled_dim": pooled_dim,
         "map_shape": list(map_shape) if config.spatial else None,
         "augment_copies": augment.copies if augment else 0,
@@ -405,41 +277,10 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         "unreadable": bad.path.tolist(),
         "annotations": {**dict(annotations.counts), **box_counts, "orphan entries": len(orphans)},
         "device": str(device),
+        "precision": precision_name(embedder.autocast_dtype),
         "seconds": round(seconds, 2),
         "images_per_second": round(total / max(seconds, 1e-9), 2),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
     return {"images": len(index), "unreadable": len(bad)}
-
-
-def load_index(artifact: Artifact) -> pd.DataFrame:
-    return pd.read_csv(artifact.file("index.csv"), keep_default_na=True)
-
-
-def load_features(artifact: Artifact, split: str, kind: str) -> np.ndarray:
-    """A read-only memory map of one split's `pooled` or `map` features."""
-    path = artifact.file(f"{split}_{kind}.npy")
-    if not path.is_file():
-        raise FishcompError(f"{artifact.path} has no {kind} features for {split}")
-    return np.load(path, mmap_mode="r")
-
-
-def load_augmented(artifact: Artifact, kind: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """The train split's augmented copies (memory maps) and their moved boxes; ([], None) without
-    augment, boxes None for copies that carry none (crops)."""
-    path = artifact.file(f"train_aug_{kind}.npy")
-    if not path.is_file():
-        return [], None
-    copies = np.load(path, mmap_mode="r")
-    boxes = artifact.file("train_aug_boxes.npy")
-    return [copies[c] for c in range(len(copies))], np.load(boxes) if boxes.is_file() else None
-
-
-def load_views(artifact: Artifact, split: str, kind: str) -> list[np.ndarray]:
-    """A split's test-time views after the original (memory maps); [] without TTA."""
-    path = artifact.file(f"{split}_tta_{kind}.npy")
-    if not path.is_file():
-        return []
-    views = np.load(path, mmap_mode="r")
-    return [views[v] for v in range(len(views))]

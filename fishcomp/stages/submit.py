@@ -18,16 +18,16 @@ import numpy as np
 import pandas as pd
 
 from fishcomp.cache import Artifact, file_digest, write_atomic
-from fishcomp.config import ClipConfig, LoadedConfig, SubmitConfig, cache_key, key_payload
-from fishcomp.console import info, stage_line
+from fishcomp.config import ClipConfig, LoadedConfig, SubmitConfig, key_payload
+from fishcomp.console import info
+from fishcomp.context import Context
 from fishcomp.data.layout import SOLUTION_FILE, TEST_SPLITS, sample_submission_path
 from fishcomp.errors import FishcompError
+from fishcomp.graph import Node, Resolver, Stage, register_stage
 from fishcomp.metrics import do_clip, eps_clip, log_loss
-from fishcomp.stages.context import Context
-from fishcomp.stages.predictions import read_predictions
-from fishcomp.stages.validate import read_submission, score_submission, validate_submission
+from fishcomp.predictions import read_predictions
+from fishcomp.submission import read_submission, score_submission, validate_submission
 
-STAGE = "submit"
 # Bumped when the written files change for the same inputs (2: every clip renormalises its rows),
 # so a cached submission of the old format is not reused.
 FORMAT = 2
@@ -68,13 +68,6 @@ def describe_clip(clip: ClipConfig) -> str:
     return {"none": "none", "do_clip": f"do_clip mx={clip.mx:.4f}", "eps": f"eps={clip.eps:.5f}"}.get(clip.kind, clip.kind)
 
 
-def _upstream(ctx: Context, loaded: LoadedConfig) -> Artifact:
-    from fishcomp.stages.ensemble import ensure_ensemble
-    from fishcomp.stages.train import ensure_train
-
-    return ensure_ensemble(ctx, loaded) if loaded.config.ensemble is not None else ensure_train(ctx, loaded)
-
-
 def _file_digest_or_none(path: Path) -> str | None:
     return file_digest(path) if path.is_file() else None
 
@@ -88,29 +81,45 @@ def output_paths(out: Path, files: list[str], gzip: bool = False) -> dict[str, P
     return {name: out.with_name(names[name]) for name in files}
 
 
-def ensure_submit(ctx: Context, loaded: LoadedConfig, out: Path | None = None, gzip: bool = False) -> Artifact:
-    config = loaded.config.submit or SubmitConfig()
-    upstream = _upstream(ctx, loaded)
+@register_stage
+class Submit(Stage):
+    name = "submit"
+    declares = ("submit",)
+    summary = "the clipped submission CSVs in the sample submission's order, validated"
+
+    def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
+        stage = "ensemble" if loaded.config.ensemble is not None else "train"
+        return {"predictions": resolver.node(stage, loaded)}
+
+    def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
+        config = loaded.config.submit or SubmitConfig()
+        samples = [_file_digest_or_none(sample_submission_path(ctx.dataset().root, split)) for split in TEST_SPLITS]
+        return {"submit": key_payload(config), "samples": samples, "format": FORMAT}
+
+    def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
+        return _build(ctx, node.loaded.config.submit or SubmitConfig(), inputs["predictions"], tmp)
+
+    def describe(self, artifact: Artifact) -> str:
+        summary = json.loads(artifact.file("summary.json").read_text())
+        return f"oof logloss {summary['oof_logloss_raw']:.4f} -> {summary['oof_logloss_clipped']:.4f} after clip ({summary['clip_used']})"
+
+
+def write_outputs(ctx: Context, artifact: Artifact, out: Path, gzip: bool = False) -> dict[str, Path]:
+    """Copy the artifact's submissions to `--out` (atomically), validate the copies, and score
+    them when the data has answers."""
     dataset = ctx.dataset()
-    samples = [_file_digest_or_none(sample_submission_path(dataset.root, split)) for split in TEST_SPLITS]
-    key = cache_key(STAGE, upstream.key, key_payload(config), samples, {"format": FORMAT})
-    artifact = ctx.cache.ensure(STAGE, loaded.name, key, lambda tmp: _build(ctx, config, upstream, tmp))
     summary = json.loads(artifact.file("summary.json").read_text())
-    stage_line(
-        STAGE, artifact.built, artifact.path,
-        f"oof logloss {summary['oof_logloss_raw']:.4f} -> {summary['oof_logloss_clipped']:.4f} after clip ({summary['clip_used']})",
-    )
-    if out is not None:
-        for name, target in output_paths(out, summary["files"], gzip).items():
-            data = artifact.file(name).read_bytes()
-            write_atomic(target, gzip_module.compress(data, mtime=0) if gzip else data)
-            validate_submission(target, dataset.root)
-            info(f"wrote {target}")
-            solution = dataset.root / SOLUTION_FILE
-            if solution.is_file():
-                score = score_submission(read_submission(target), solution)
-                info(f"log loss of {target} on {solution}: {score:.4f}")
-    return artifact
+    written = output_paths(out, summary["files"], gzip)
+    for name, target in written.items():
+        data = artifact.file(name).read_bytes()
+        write_atomic(target, gzip_module.compress(data, mtime=0) if gzip else data)
+        validate_submission(target, dataset.root)
+        info(f"wrote {target}")
+        solution = dataset.root / SOLUTION_FILE
+        if solution.is_file():
+            score = score_submission(read_submission(target), solution)
+            info(f"log loss of {target} on {solution}: {score:.4f}")
+    return written
 
 
 def kaggle_submit(path: Path, message: str, competition: str) -> None:
@@ -164,4 +173,3 @@ def _build(ctx: Context, config: SubmitConfig, upstream: Artifact, tmp: Path) ->
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"summary": summary}
-

@@ -10,8 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fishcomp.config import FcnHeadConfig, GapHeadConfig, InceptionHeadConfig, ResblockHeadConfig
-from fishcomp.models.heads import register_head
+from fishcomp.config import (
+    FcnHeadConfig,
+    GapHeadConfig,
+    InceptionHeadConfig,
+    ResblockHeadConfig,
+)
+from fishcomp.models.heads.registry import register_head
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
@@ -22,10 +27,18 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequent
     )
 
 
+def _input_layers(channels: int, reduce: int | None) -> tuple[list[nn.Module], int]:
+    """BN of the cached map, then (with `reduce`) a 1x1 conv to fewer channels."""
+    layers: list[nn.Module] = [nn.BatchNorm2d(channels)]
+    if reduce is not None:
+        layers.append(conv_bn_relu(channels, reduce, 1))
+        channels = reduce
+    return layers, channels
+
+
 class _MapHead(nn.Module):
     """Shared plumbing: `body` makes a feature map; `forward_head` turns it into logits."""
 
-    uses_map = True
     needs_size = False
     makes_heatmaps = False
 
@@ -83,8 +96,7 @@ class GapHead(_MapHead):
 class FcnHead(_ClassMapHead):
     def __init__(self, config: FcnHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
         super().__init__()
-        layers: list[nn.Module] = [nn.BatchNorm2d(in_shape[0])]
-        channels = in_shape[0]
+        layers, channels = _input_layers(in_shape[0], config.reduce)
         for _ in range(config.blocks):
             layers += [conv_bn_relu(channels, config.channels, 3), nn.MaxPool2d(2, ceil_mode=True)]
             channels = config.channels
@@ -114,8 +126,7 @@ class InceptionBlock(nn.Module):
 class InceptionHead(_ClassMapHead):
     def __init__(self, config: InceptionHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
         super().__init__()
-        layers: list[nn.Module] = [nn.BatchNorm2d(in_shape[0])]
-        channels = in_shape[0]
+        layers, channels = _input_layers(in_shape[0], config.reduce)
         for _ in range(config.blocks):
             block = InceptionBlock(channels, config.width)
             layers.append(block)

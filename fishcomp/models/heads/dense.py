@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fishcomp.config import BboxHeadConfig, DenseHeadConfig, LeakageHeadConfig
-from fishcomp.models.heads import register_head
+from fishcomp.models.heads.registry import register_head
 
 
 class DenseTrunk(nn.Sequential):
@@ -43,7 +43,6 @@ class DenseHead(nn.Module):
 
     def __init__(self, config: DenseHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
         super().__init__()
-        self.uses_map = config.input == "map"
         self.trunk = DenseTrunk(in_shape, config.input, config.dropout, config.hidden, config.reduce)
         self.num_features = config.hidden
         self.classifier = nn.Linear(self.num_features, num_classes)

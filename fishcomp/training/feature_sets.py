@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fishcomp.context import autocast
 from fishcomp.metrics import KAGGLE_EPS, normalise_rows
 
 
@@ -105,11 +106,12 @@ def combine_views(probabilities: list[np.ndarray], method: str) -> np.ndarray:
     return stacked.mean(axis=0)
 
 
-def predict(model, features: FeatureSet, device, tta: str | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+def predict(model, features: FeatureSet, device, tta: str | None = None, batch_size: int = 256, dtype=None) -> dict[str, np.ndarray]:
     """Softmax probabilities, and boxes/heatmaps when the head makes them (from the original view).
 
     With `tta` ("mean" or "geometric") and views present, `probs` combines every view and
-    `probs_original` keeps the original view's alone, so the gain can be measured.
+    `probs_original` keeps the original view's alone, so the gain can be measured. `dtype`: the
+    autocast dtype the head trained in (None: float32).
     """
     import torch
 
@@ -117,7 +119,7 @@ def predict(model, features: FeatureSet, device, tta: str | None = None, batch_s
 
     def run(view: FeatureSet, keep_extras: bool) -> dict[str, np.ndarray]:
         outputs: dict[str, list] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(dtype, device):
             for start in range(0, len(view), batch_size):
                 x, size, _ = view.batch(np.arange(start, min(start + batch_size, len(view))), device)
                 result = model(x, size=size)

@@ -16,14 +16,15 @@ import pandas as pd
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig
 from fishcomp.console import info, warn
+from fishcomp.context import Context, resolve_device
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.errors import FishcompError
+from fishcomp.features import load_features, load_index, normalised_boxes
 from fishcomp.models.heads import list_heatmap_heads
 from fishcomp.models.losses import pointing_hits
-from fishcomp.stages.context import Context, resolve_device
-from fishcomp.stages.feature_sets import FeatureSet, predict
-from fishcomp.stages.precompute import ensure_precompute, load_features, load_index
-from fishcomp.stages.train import ensure_train, load_fold_model, normalised_boxes, size_onehot
+from fishcomp.training.data import size_onehot
+from fishcomp.training.feature_sets import FeatureSet, predict
+from fishcomp.training.folds import load_fold_model
 from fishcomp.viz import heatmap_grid, heatmap_overlay
 
 SPLITS = ("valid", "test_stg1", "test_stg2")
@@ -119,8 +120,11 @@ def heatmaps(ctx: Context, loaded: LoadedConfig, split: str, images: list[str], 
     if split not in SPLITS:
         raise FishcompError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     check_heatmap_head(loaded)
-    trained = ensure_train(ctx, loaded)
-    features = ensure_precompute(ctx, loaded)
+    from fishcomp.pipeline import resolver
+
+    plan = resolver(ctx)
+    node = plan.node("train", loaded)
+    trained, features = plan.build(node), plan.build(node.inputs["features"])
     chosen = _choose(candidates(trained, features, split), images, count, split)
     if chosen.empty:
         raise FishcompError(f"no {split} images to draw")

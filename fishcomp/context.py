@@ -21,6 +21,8 @@ class Context:
     overrides: list[str] = field(default_factory=list)
     # fail: an unreadable test image stops the run; prior: it is predicted as the class prior.
     on_bad_test: str = "fail"
+    # MLflow tracking of every artifact this run builds (None: off); see fishcomp/tracking.py.
+    tracking: object | None = None
     _dataset: Dataset | None = None
     _annotations: dict[Path, Annotations] = field(default_factory=dict)
 
@@ -68,3 +70,57 @@ def resolve_device(name: str):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FishcompError(f"device `{name}` asked for, but this machine has no usable CUDA GPU (use device: auto or cpu)")
     return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX): there autocast to bf16
+    is about twice as fast as float32; elsewhere it is emulated and slower."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None for probe in probes):
+        return any(bool(probe()) for probe in probes if probe is not None)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device):
+    """The dtype to autocast to for `precision` (auto | fp32 | bf16) on `device`, or None for fp32.
+
+    auto: float16 on a GPU (with fp32 master weights), bfloat16 on a CPU that has it natively,
+    float32 elsewhere. bf16 asked for on a CPU without native support is honoured (slowly)."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+
+
+def precision_name(dtype) -> str:
+    import torch
+
+    return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def autocast(dtype, device):
+    """A context that autocasts to `dtype` on `device` (a no-op for None: float32)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def training_precision(loaded, device):
+    """The autocast dtype a head trains and predicts in (see TrainConfig.precision)."""
+    from fishcomp.models.heads import head_uses_map
+
+    setting = loaded.config.train.precision
+    if setting == "auto" and not head_uses_map(loaded.config.head):
+        return None
+    return autocast_dtype(setting, device)

@@ -1,4 +1,4 @@
-"""Checks a submission file the way Kaggle would accept it, and scores it when answers exist."""
+"""The submission format: read a CSV, check it the way Kaggle would accept it, score it when answers exist."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fishcomp.data.layout import expected_rows, read_classes
 from fishcomp.console import warn
+from fishcomp.data.layout import expected_rows, read_classes
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import log_loss
-
 
 ROW_SUM_TOLERANCE = 1e-3
 

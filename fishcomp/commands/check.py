@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from fishcomp.config import DataConfig
+from fishcomp.context import Context
 from fishcomp.data.images import size_labels
-from fishcomp.stages.context import Context
 
 
 @dataclass

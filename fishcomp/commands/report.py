@@ -15,18 +15,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fishcomp import viz
 from fishcomp.cache import Artifact, write_atomic
-from fishcomp.config import LoadedConfig, RunConfig, SplitConfig, load_config, member_configs
+from fishcomp.config import (
+    LoadedConfig,
+    RunConfig,
+    SplitConfig,
+    load_config,
+)
 from fishcomp.console import info, progress
+from fishcomp.context import Context, resolve_device
 from fishcomp.data.images import UnreadableImage, load_rgb, size_labels
 from fishcomp.data.splits import assign_folds
 from fishcomp.errors import FishcompError
+from fishcomp.features import BOX_COLUMNS, load_index, normalised_boxes
 from fishcomp.metrics import attention_scores, per_class_scores, size_only_log_loss
 from fishcomp.models.heads import list_heatmap_heads
 from fishcomp.models.losses import box_iou
-from fishcomp.stages.context import Context, resolve_device
-from fishcomp.stages.predictions import read_predictions
-from fishcomp import viz
+from fishcomp.predictions import read_predictions
 
 TOP_LOSSES = 12
 SAMPLES = 8
@@ -57,8 +63,7 @@ def _artifact(path: Path) -> Artifact:
 
 
 def _resolve(ctx: Context, spec: str) -> Run:
-    from fishcomp.stages.ensemble import ensure_ensemble
-    from fishcomp.stages.train import ensure_train
+    from fishcomp.pipeline import resolver
 
     path = Path(spec)
     if path.is_dir():
@@ -78,15 +83,12 @@ def _resolve(ctx: Context, spec: str) -> Run:
     if path.suffix not in (".yaml", ".yml"):
         raise FishcompError(f"{spec}: name a run by its config file (.yaml) or its artifact folder")
     loaded = load_config(path, ctx.overrides)
+    plan = resolver(ctx)
     if loaded.config.ensemble is not None:
-        blend = ensure_ensemble(ctx, loaded)  # trains its members first
-        built = json.loads(blend.file("summary.json").read_text())["members"]
-        members = [
-            Run(m, _artifact(ctx.work_dir / "train" / info["artifact"]) if "artifact" in info else ensure_train(ctx, m), "train")
-            for m, info in zip(member_configs(loaded), built)
-        ]
-        return Run(loaded, blend, "ensemble", members)
-    return Run(loaded, ensure_train(ctx, loaded), "train")
+        node = plan.node("ensemble", loaded)
+        blend = plan.build(node)  # trains its members first
+        return Run(loaded, blend, "ensemble", [Run(m.loaded, plan.build(m), "train") for m in node.inputs["members"]])
+    return Run(loaded, plan.build(plan.node("train", loaded)), "train")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -150,7 +152,7 @@ def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
 
     if artifact.file("oof_boxes.csv").is_file():
         _box_figures(ctx, run, out, prefix, section, paths)
-    if "crops" in summary:
+    if summary.get("inputs", {}).get("features", {}).get("stage") == "crops":
         _crop_sheet(ctx, summary, validated, labels, probs, classes, out, prefix, section, paths)
     if run.loaded.config.head is not None and run.loaded.config.head.kind in list_heatmap_heads():
         _attention(ctx, run, out, prefix, section)
@@ -158,18 +160,15 @@ def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
 
 
 def _features(ctx: Context, run: Run) -> Artifact:
-    from fishcomp.stages.precompute import precompute_key
-
-    found = ctx.cache.find("precompute", precompute_key(ctx, run.loaded))
+    """The features a train run read, by the key its summary recorded."""
+    features = json.loads(run.artifact.file("summary.json").read_text()).get("inputs", {}).get("features", {})
+    found = ctx.cache.find(features.get("stage", "precompute"), features.get("key", "-"))
     if found is None:
         raise FishcompError(f"{run.artifact.path}: its features are no longer in {ctx.work_dir}; run the config again")
     return _artifact(found)
 
 
 def _box_figures(ctx: Context, run: Run, out: Path, prefix: str, section: Section, paths) -> None:
-    from fishcomp.stages.precompute import BOX_COLUMNS, load_index
-    from fishcomp.stages.train import normalised_boxes
-
     index = load_index(_features(ctx, run)).set_index("image")
     predicted = pd.read_csv(run.artifact.file("oof_boxes.csv")).set_index("image")
     train = index.loc[predicted.index]
@@ -209,7 +208,7 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
         section.numbers["crop classifier alone, valid log loss"] = _fmt(blend["crops_alone"])
         section.numbers[f"whole-image model ({blend['whole']}), valid log loss"] = _fmt(blend["whole_image"])
         section.numbers[f"blended (whole image's P(NoF) at weight {blend['weight']})"] = _fmt(blend["blended"])
-    found = ctx.cache.find("crops", summary["crops"]["key"])
+    found = ctx.cache.find("crops", summary["inputs"]["features"]["key"])
     if found is None:
         return
     rectangles = pd.read_csv(found / "crop_boxes.csv")
@@ -233,9 +232,7 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
 
 def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:
     """The attention-vs-box score, over every validation image with a box."""
-    from fishcomp.stages.heatmap import candidates, class_maps, draw_heatmaps
-    from fishcomp.stages.train import normalised_boxes
-
+    from fishcomp.commands.heatmap import candidates, class_maps, draw_heatmaps
     features = _features(ctx, run)
     chosen = candidates(run.artifact, features, "valid")
     boxes = normalised_boxes(chosen)

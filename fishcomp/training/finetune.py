@@ -17,16 +17,23 @@ from fishcomp.config import key_payload
 from fishcomp.data.augment import DEFAULT_AUGMENT, build_transform
 from fishcomp.distributed import world
 from fishcomp.errors import FishcompError
+from fishcomp.features import (
+    DecodedImages,
+    load_features,
+    loader_workers,
+    resolved_precompute,
+    to_model_input,
+)
 from fishcomp.metrics import accuracy, log_loss
-from fishcomp.stages.precompute import DecodedImages, load_features, loader_workers, resolved_precompute, to_model_input
-from fishcomp.stages.train import FoldResult, TrainData, check_finite, lr_at, run_phases
+from fishcomp.training.data import FoldResult, TrainData
+from fishcomp.training.loop import check_finite, lr_at, run_phases
 
 
 class FinetuneFolds:
     def __init__(self, data: TrainData, root: Path, features_artifact: Artifact):
         config = data.loaded.config
         self.data, self.root, self.head = data, root, config.head
-        self.precompute = resolved_precompute(data.loaded)
+        self.precompute = resolved_precompute(config.precompute, originals_only=True)
         self.pooled = np.asarray(load_features(features_artifact, "train", "pooled"), dtype=np.float32)[data.usable]
         self.paths = data.usable_index.path.to_numpy()
         self.test_paths = {split: data.index[data.index.split == split].path.to_numpy() for split in data.test_splits}

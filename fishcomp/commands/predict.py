@@ -1,0 +1,91 @@
+"""`fishcomp predict`: class probabilities for any photos with a trained config's fold models.
+
+The photos go through the pass the run's features came from (same backbone, size, weights,
+normalisation and precision), then every fold's head; the folds' probabilities are averaged, as
+for the test images of the run itself. Runs on whole-image features (every head on pooled
+vectors or maps, the linear probe); detect-then-classify and fine-tuned runs are not supported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fishcomp.config import LoadedConfig
+from fishcomp.console import progress, warn
+from fishcomp.context import Context, resolve_device
+from fishcomp.distributed import device_for
+from fishcomp.errors import FishcompError
+from fishcomp.features import (
+    DecodedImages,
+    Embedder,
+    image_batches,
+    resolved_precompute,
+)
+from fishcomp.models.heads import head_uses_map
+from fishcomp.training.data import size_onehot
+from fishcomp.training.feature_sets import FeatureSet, predict
+from fishcomp.training.folds import load_fold_model
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def find_images(images: list[Path], folder: Path | None) -> list[Path]:
+    if folder is not None:
+        if not folder.is_dir():
+            raise FishcompError(f"--folder {folder}: no such folder")
+        images = [*images, *sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)]
+    if not images:
+        raise FishcompError("nothing to predict: name image files, or --folder DIR")
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise FishcompError(f"image not found: {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return images
+
+
+def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.DataFrame:
+    from fishcomp.pipeline import resolver
+
+    config = loaded.config
+    if config.crops is not None or (config.head is not None and config.head.kind == "finetune"):
+        raise FishcompError(f"{loaded.path}: predict works with heads on whole-image features, not crops or fine-tuning")
+    plan = resolver(ctx)
+    node = plan.node("train", loaded)
+    trained = plan.build(node)
+    summary = json.loads(trained.file("summary.json").read_text())
+    precompute = resolved_precompute(config.precompute, **node.inputs["features"].request)
+    kind = "map" if head_uses_map(config.head) else "pooled"
+    device = resolve_device(device_for(precompute.device))
+    embedder = Embedder(precompute, device)
+    images = DecodedImages(Path("/"), [str(p.resolve()) for p in paths], tuple(precompute.size))
+    features, sizes, readable = [], np.zeros((len(paths), 2), dtype=np.int64), np.zeros(len(paths), dtype=bool)
+    import torch
+
+    with progress("predict", len(paths)) as advance, torch.inference_mode():
+        for batch, local, width, height, ok, _ in image_batches(images, precompute.batch_size, precompute.workers, device):
+            pooled, feature_map = embedder.embed(batch, spatial=kind == "map")
+            features.append(feature_map if kind == "map" else pooled)
+            rows = local.numpy()
+            sizes[rows], readable[rows] = np.stack([width.numpy(), height.numpy()], axis=1), ok.numpy()
+            advance(len(rows))
+    for path in np.asarray(paths, dtype=object)[~readable]:
+        warn(f"unreadable image skipped: {path}")
+    if not readable.any():
+        raise FishcompError("none of the images could be read")
+    # Stored features are float16; so are these, so the heads see what they saw in training.
+    array = np.concatenate(features).astype(np.float16)[readable]
+    index = pd.DataFrame({"width": sizes[readable, 0], "height": sizes[readable, 1]})
+    feature_set = FeatureSet(array, np.arange(len(array)), size_onehot(index, summary["size_vocabulary"]))
+    probs = np.zeros((len(array), len(trained_classes(trained))))
+    for fold in range(summary["folds"]):
+        probs += predict(load_fold_model(trained, fold, device), feature_set, device)["probs"] / summary["folds"]
+    frame = pd.DataFrame(probs, columns=trained_classes(trained))
+    frame.insert(0, "image", [str(p) for p in np.asarray(paths, dtype=object)[readable]])
+    return frame
+
+
+def trained_classes(trained) -> list[str]:
+    return list(pd.read_csv(trained.file("oof.csv"), nrows=0).columns[3:])

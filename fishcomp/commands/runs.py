@@ -1,0 +1,92 @@
+"""`fishcomp runs`: every trained head, blend, calibration and submission in the cache, side by
+side (like `dvc exp show`): its scores, time, when it was built, and the settings in which it
+differs from the other runs of the same config name.
+
+Everything comes from the artifacts' own files (summary.json, manifest.json, config.yaml), so
+the table shows exactly what each run recorded; the cache stays the one source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from fishcomp.cache import damage
+
+STAGES = ("train", "ensemble", "calibrate", "submit")
+COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "accuracy", "seconds", "created", "differs"]
+
+
+def _flatten(data, prefix: str = "") -> dict[str, str]:
+    if isinstance(data, dict):
+        flat = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): json.dumps(data, default=str) if isinstance(data, (list, dict)) else str(data)}
+
+
+def _row(folder: Path, stage: str) -> dict | None:
+    if damage(folder) is not None:
+        return None  # unfinished or damaged: not a run to compare
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
+    label, key = folder.name.rsplit("-", 1)
+    if stage == "submit":
+        score, cross = summary.get("oof_logloss_clipped"), None
+    else:
+        score, cross = summary.get("valid_logloss"), summary.get("valid_logloss_cross_fitted")
+    return {
+        "name": summary.get("name", label), "stage": stage, "key": key, "valid_logloss": score, "cross_fitted": cross,
+        "accuracy": summary.get("valid_accuracy"), "seconds": manifest.get("seconds"), "created": manifest.get("created"),
+        "path": str(folder), "settings": _flatten(config or {}),
+    }
+
+
+def collect_runs(work: Path, keys: set[str] | None = None) -> list[dict]:
+    """One row per finished artifact of the stages above (only `keys`, when given), with
+    `differs`: the settings whose values are not the same across runs of that name and stage."""
+    rows = []
+    for stage in STAGES:
+        for folder in sorted((work / stage).glob("*-*")) if (work / stage).is_dir() else []:
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            row = _row(folder, stage)
+            if row is not None:
+                rows.append(row)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["name"], row["stage"]), []).append(row)
+    for group in groups.values():
+        every = set().union(*(r["settings"] for r in group))
+        varying = sorted(k for k in every if len({r["settings"].get(k) for r in group}) > 1)
+        for row in group:
+            row["differs"] = " ".join(f"{k}={row['settings'].get(k, '-')}" for k in varying)
+    if keys is not None:
+        rows = [row for row in rows if row["key"] in keys]
+    return rows
+
+
+def sort_rows(rows: list[dict], column: str) -> list[dict]:
+    if column not in COLUMNS:
+        from fishcomp.errors import FishcompError
+        from fishcomp.suggest import did_you_mean
+
+        raise FishcompError(f"--sort {column}: not a column{did_you_mean(column, COLUMNS)} (columns: {', '.join(COLUMNS)})")
+    present = [r for r in rows if r.get(column) is not None]
+    missing = [r for r in rows if r.get(column) is None]
+    return sorted(present, key=lambda r: r[column]) + missing
+
+
+def table_cells(rows: list[dict]) -> list[list]:
+    def number(value, digits=4):
+        return "" if value is None else f"{value:.{digits}f}"
+
+    return [
+        [r["name"], r["stage"], r["key"], number(r["valid_logloss"]), number(r["cross_fitted"]), number(r["accuracy"], 3),
+         number(r["seconds"], 1), r["created"] or "", r["differs"]]
+        for r in rows
+    ]

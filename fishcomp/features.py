@@ -1,0 +1,270 @@
+"""The feature-artifact format that precompute and crops write and every head reads, and the one
+backbone pass both of them run.
+
+An artifact holds `index.csv` (one row per image: image, split, label, path, width, height, ok,
+the largest box and that fish's head and tail in original pixels), `<split>_pooled.npy` and
+`<split>_map.npy` (float16), `train_aug_*.npy` (augmented copies), `<split>_tta_*.npy` (test-time
+views) and `meta.json`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fishcomp.cache import Artifact
+from fishcomp.config import PrecomputeConfig
+from fishcomp.context import autocast, autocast_dtype, precision_name, resolve_device
+from fishcomp.data.annotations import Box, clip_box
+from fishcomp.data.images import UnreadableImage, load_rgb
+from fishcomp.distributed import device_for, world
+from fishcomp.errors import FishcompError
+
+# index.csv's geometry, in original pixels: the largest box, and that fish's head and tail.
+BOX_COLUMNS = ["box_x", "box_y", "box_w", "box_h"]
+
+
+POINT_COLUMNS = ["head_x", "head_y", "tail_x", "tail_y"]
+
+
+class DecodedImages:
+    """A map-style dataset of decoded, resized uint8 images (normalised later, on the device).
+
+    With a `transform` (an albumentations Compose), each image is augmented after resizing with a
+    seed made from (`seed`, its index), so every copy is reproducible whatever the worker layout;
+    `boxes` (original pixels, NaN for none) then come back transformed, as fractions of the image.
+    """
+
+    def __init__(
+        self, root: Path, paths: list[str], size: tuple[int, int], transform=None, seed: int = 0,
+        boxes: np.ndarray | None = None, positions: np.ndarray | None = None,
+    ):
+        self.root, self.paths, self.size = root, paths, size
+        self.transform, self.seed, self.boxes = transform, seed, boxes
+        # This process's share of the paths (all by default); an item's seed and returned index
+        # are its position in `paths`, so a share gives exactly what the whole run gives there.
+        self.positions = np.arange(len(paths)) if positions is None else np.asarray(positions)
+        self._thread_transforms: dict[int, object] = {}
+
+    def _transform(self):
+        """This thread's own copy of the transform: seeding a shared one from two decoding threads
+        at once would make augmentation depend on thread timing."""
+        import copy
+        import threading
+
+        ident = threading.get_ident()
+        if ident not in self._thread_transforms:
+            self._thread_transforms[ident] = copy.deepcopy(self.transform)
+        return self._thread_transforms[ident]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: int):
+        import torch
+        from PIL import Image
+
+        index = int(self.positions[item])
+
+        height, width = self.size
+        box = np.full(4, np.nan, dtype=np.float32)
+        try:
+            image, (orig_w, orig_h) = load_rgb(self.root / self.paths[index], target=(width, height))
+            array = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+            ok = True
+        except UnreadableImage:
+            array, orig_w, orig_h, ok = np.zeros((height, width, 3), np.uint8), 0, 0, False
+        if self.transform is not None and ok:
+            from fishcomp.data.augment import apply_transform
+
+            pixels = None
+            if self.boxes is not None and not np.isnan(self.boxes[index]).any():
+                clipped = clip_box(Box(*self.boxes[index]), orig_w, orig_h)
+                if clipped is not None:
+                    pixels = np.array([clipped.x * width / orig_w, clipped.y * height / orig_h, clipped.w * width / orig_w, clipped.h * height / orig_h], dtype=np.float32)
+            array, moved = apply_transform(self._transform(), array, pixels, seed=self.seed * 1_000_003 + index)
+            box = moved / np.array([width, height, width, height], dtype=np.float32)
+        # Height x width x channels, as decoded: batched, it is already the channels_last layout the
+        # backbone runs fastest on (see `to_model_input`), so no copy is spent reordering it.
+        return torch.from_numpy(np.array(array, order="C")), index, orig_w, orig_h, ok, torch.from_numpy(box)
+
+
+def to_model_input(batch, device, mean, std):
+    """(N, H, W, 3) uint8 -> normalised float (N, 3, H, W) in channels_last memory, in place after
+    one conversion: the permute is a view and `float()` keeps its (channels_last) strides."""
+    return batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+
+
+def share_of_batches(count: int, batch_size: int) -> np.ndarray:
+    """This rank's positions among `count`: whole batches, dealt round-robin, so every batch holds
+    the images a single process would put in it (the same numbers come out)."""
+    here = world()
+    starts = range(here.rank * batch_size, count, here.size * batch_size)
+    return np.concatenate([np.arange(s, min(s + batch_size, count)) for s in starts] or [np.empty(0, dtype=np.int64)]).astype(np.int64)
+
+
+def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A writable .npy memory map whose disk blocks are allocated up front: a full disk fails here
+    with ENOSPC (a clear error) instead of as a SIGBUS crash at some later page write."""
+    from numpy.lib.format import open_memmap
+
+    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    allocate = getattr(os, "posix_fallocate", None)  # absent on macOS: there the map stays sparse
+    if allocate is not None:
+        with open(path, "r+b") as handle:
+            try:
+                allocate(handle.fileno(), 0, os.path.getsize(path))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A file system that cannot preallocate (EOPNOTSUPP, EINVAL) is not an error.
+    return array
+
+
+def loader_workers(setting: int | str) -> int:
+    if setting != "auto":
+        return int(setting)
+    cores = os.cpu_count() or 1
+    # Decoding hides behind the backbone with about one loader process per two cores.
+    return max(1, min(8, cores // 2))
+
+
+def image_batches(images: DecodedImages, batch_size: int, workers: int | str, device):
+    """Collated batches of `images`, in order, decoded the fastest way for where the model runs.
+
+    On a GPU (or with an explicit number of `workers`): DataLoader worker processes decode while
+    the model runs. On the CPU with `workers: auto`, the backbone already keeps every core busy,
+    and a concurrent decoder does not fill idle time: it pre-empts one of the backbone's OpenMP
+    threads, and its partner then stalls at their next barrier, so each millisecond of decoding
+    costs two. There, decoding alternates with the model instead: each batch is decoded by one
+    thread per core (PIL and NumPy release the GIL), then embedded with every core.
+    """
+    import torch
+    from torch.utils.data import DataLoader, default_collate
+
+    if workers != "auto" or device.type != "cpu":
+        yield from DataLoader(
+            images, batch_size=batch_size, num_workers=loader_workers(workers), pin_memory=device.type == "cuda"
+        )
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        for start in range(0, len(images), batch_size):
+            yield default_collate(list(pool.map(images.__getitem__, range(start, min(start + batch_size, len(images))))))
+
+
+def load_index(artifact: Artifact) -> pd.DataFrame:
+    return pd.read_csv(artifact.file("index.csv"), keep_default_na=True)
+
+
+def load_features(artifact: Artifact, split: str, kind: str) -> np.ndarray:
+    """A read-only memory map of one split's `pooled` or `map` features."""
+    path = artifact.file(f"{split}_{kind}.npy")
+    if not path.is_file():
+        raise FishcompError(f"{artifact.path} has no {kind} features for {split}")
+    return np.load(path, mmap_mode="r")
+
+
+def load_augmented(artifact: Artifact, kind: str) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The train split's augmented copies (memory maps) and their moved boxes; ([], None) without
+    augment, boxes None for copies that carry none (crops)."""
+    path = artifact.file(f"train_aug_{kind}.npy")
+    if not path.is_file():
+        return [], None
+    copies = np.load(path, mmap_mode="r")
+    boxes = artifact.file("train_aug_boxes.npy")
+    return [copies[c] for c in range(len(copies))], np.load(boxes) if boxes.is_file() else None
+
+
+def load_views(artifact: Artifact, split: str, kind: str) -> list[np.ndarray]:
+    """A split's test-time views after the original (memory maps); [] without TTA."""
+    path = artifact.file(f"{split}_tta_{kind}.npy")
+    if not path.is_file():
+        return []
+    views = np.load(path, mmap_mode="r")
+    return [views[v] for v in range(len(views))]
+
+
+# What multi-output heads predict besides classes, and the files they go to (fractions of the image).
+GEOMETRY = {
+    "box": ("boxes", BOX_COLUMNS),
+    "points": ("points", POINT_COLUMNS),
+}
+
+
+def normalised_boxes(index: pd.DataFrame, columns: list[str] = BOX_COLUMNS) -> np.ndarray:
+    """Boxes as (x, y, w, h) fractions of the image (or other x, y, x, y columns): the same numbers
+    in any resized frame. NaN where the index has no such columns (features made before them)."""
+    if not set(columns) <= set(index.columns):
+        return np.full((len(index), 4), np.nan, dtype=np.float32)
+    boxes = index[columns].to_numpy(dtype=np.float32)
+    scale = index[["width", "height", "width", "height"]].to_numpy(dtype=np.float32)
+    return boxes / np.where(scale > 0, scale, np.nan)
+
+
+class Embedder:
+    """One frozen backbone pass, the same for every stage that embeds images (precompute, crops):
+    the model on its device in channels_last, the weights' own normalisation, and autocast (fp16
+    on a GPU, bf16 on a CPU that has it; see PrecomputeConfig.precision). `embed` takes (N, H, W, 3) uint8 batches as `image_batches` yields them."""
+
+    def __init__(self, precompute, device):
+        import torch
+
+        from fishcomp.models.backbones import create_backbone
+
+        self.backbone = create_backbone(precompute)
+        self.device = device
+        self.model = self.backbone.model.to(device).to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(self.backbone.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(self.backbone.std, device=device).view(1, 3, 1, 1) * 255
+        self.autocast_dtype = autocast_dtype(precompute.precision, device)
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def map_shape(self, size: tuple[int, int]) -> tuple[int, ...]:
+        import torch
+
+        with torch.inference_mode():
+            return tuple(self.model.forward_features(torch.zeros(1, 3, *size, device=self.device)).shape[1:])
+
+    def embed(self, batch, spatial: bool = True):
+        """(pooled (N, C) float32 array, feature map (N, C, h, w) float32 array or None)."""
+
+        inputs = to_model_input(batch, self.device, self.mean, self.std)
+        with autocast(self.autocast_dtype, self.device):
+            feature_map = self.model.forward_features(inputs)
+            pooled = self.model.forward_head(feature_map, pre_logits=True)
+        return pooled.float().cpu().numpy(), feature_map.float().cpu().numpy() if spatial else None
+
+
+def resolved_precompute(section: PrecomputeConfig, spatial: bool = False, originals_only: bool = False) -> PrecomputeConfig:
+    """The precompute section as built for a consumer: `spatial` on when it reads the map,
+    augmented copies and test-time views off when it reads only the originals (fine-tuning)."""
+    tta = section.tta
+    update = {
+        "spatial": section.spatial or spatial,
+        # One view is the original alone: no TTA, and the same artifact as without the section.
+        "tta": tta if tta is not None and tta.views > 1 else None,
+    }
+    if originals_only:
+        update.update(augment=None, tta=None)
+    return section.model_copy(update=update)
+
+
+def tta_combine(loaded) -> str | None:
+    """How a run combines its test-time views (None without TTA); training reads it, so it is in
+    the train key, not precompute's."""
+    tta = loaded.config.precompute.tta
+    return tta.combine if tta is not None and tta.views > 1 and loaded.config.crops is None else None
+
+
+def backbone_precision(precompute: PrecomputeConfig) -> str:
+    """The precision a backbone pass runs in on this machine (fp32, fp16 or bf16), for cache keys."""
+    return precision_name(autocast_dtype(precompute.precision, resolve_device(device_for(precompute.device))))

@@ -1,0 +1,276 @@
+"""The declared stage graph: every stage registered once with its inputs, its key and its build.
+
+Like DVC's `dvc.yaml` stages (deps, params, outs), in code. A `Stage` says which upstream nodes a
+config needs (`inputs`), exactly which slice of the config goes into its cache key (`params`,
+listed in `declares`), how to build its artifact into a temporary folder (`build`) and how to
+describe a finished one in a line (`describe`). Stages never import each other: they ask the
+`Resolver` for their inputs by stage name, and the resolver
+
+- turns a config into nodes (`target`: the deepest stage the config names, decided here alone),
+- loads every referenced config (ensemble members, pseudo-label sources, box sources, NoF judges)
+  with one rule for `--set`, and checks every reference for loops in one place,
+- memoises nodes and artifacts within a run, and builds the superset of backbone passes,
+- looks an artifact up without building it (`status`, `find`), and builds (`build`).
+
+`fishcomp dag` prints the nodes `fishcomp run` would build, without building anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from fishcomp.cache import Artifact, damage
+from fishcomp.config import MEMBER_SECTIONS, LoadedConfig, cache_key, load_config
+from fishcomp.console import stage_line
+from fishcomp.context import Context
+from fishcomp.errors import FishcompError
+
+
+class Stage:
+    """One kind of artifact. Subclasses set `name` and `declares` and implement the methods."""
+
+    name: ClassVar[str]
+    # The config fields (dotted; a section means every field in it) that `params` reads: the
+    # key test checks that each changes the key and that nothing else does.
+    declares: ClassVar[tuple[str, ...]] = ()
+    # The config section a config needs for this stage to apply (None: every config has it).
+    section: ClassVar[str | None] = None
+    # Built by every rank of a torchrun job together (each its share), or by one rank while the
+    # others wait at the cache lock and reuse its artifact.
+    together: ClassVar[bool] = False
+    # One line for `fishcomp dag` and the README.
+    summary: ClassVar[str] = ""
+
+    def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request: Any) -> dict[str, Node | list[Node]]:
+        return {}
+
+    def params(self, ctx: Context, loaded: LoadedConfig, **request: Any) -> dict:
+        """Exactly what of the config (and of the data) determines the artifact, besides its inputs."""
+        raise NotImplementedError
+
+    def label(self, loaded: LoadedConfig, **request: Any) -> str:
+        return loaded.name
+
+    def build(self, ctx: Context, node: Node, inputs: dict[str, Any], tmp: Path) -> dict | None:
+        raise NotImplementedError
+
+    def describe(self, artifact: Artifact) -> str:
+        return ""
+
+    def after(self, ctx: Context, node: Node, artifact: Artifact) -> None:
+        """Checks that apply to a cached artifact as much as to a new one (e.g. unreadable test images)."""
+
+    def prefer(self, resolver: Resolver, loaded: LoadedConfig, request: dict) -> dict:
+        """The request to serve instead of `request` when a superset artifact does the job (one
+        backbone pass serving pooled-only and map consumers alike). Default: as asked."""
+        return request
+
+
+_STAGES: dict[str, Stage] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    if cls.name in _STAGES:
+        raise ValueError(f"stage {cls.name} is registered twice")
+    _STAGES[cls.name] = cls()
+    return cls
+
+
+def list_stages() -> list[str]:
+    return list(_STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    try:
+        return _STAGES[name]
+    except KeyError:
+        raise FishcompError(f"unknown stage `{name}` (registered: {', '.join(_STAGES) or 'none: import fishcomp.stages'})") from None
+
+
+@dataclass(eq=False)
+class Node:
+    stage: Stage
+    loaded: LoadedConfig
+    inputs: dict[str, Node | list[Node]]
+    params: dict
+    key: str
+    label: str
+    request: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    def upstream(self) -> list[Node]:
+        found = []
+        for value in self.inputs.values():
+            found += value if isinstance(value, list) else [value]
+        return found
+
+    def input_keys(self) -> dict:
+        return {name: [n.key for n in value] if isinstance(value, list) else value.key for name, value in self.inputs.items()}
+
+
+def node_key(stage: Stage, params: dict, inputs: dict[str, Node | list[Node]]) -> str:
+    keys = {name: [n.key for n in value] if isinstance(value, list) else value.key for name, value in inputs.items()}
+    return cache_key(stage.name, params, keys)
+
+
+# Which stage a config ends in, deepest first: decided here and nowhere else.
+_TARGETS: tuple[tuple[str, Callable[[LoadedConfig], bool]], ...] = (
+    ("submit", lambda loaded: loaded.config.submit is not None),
+    ("ensemble", lambda loaded: loaded.config.ensemble is not None),
+    ("train", lambda loaded: loaded.config.trains),
+    ("precompute", lambda loaded: True),
+)
+
+
+class Resolver:
+    """Turns configs into nodes and nodes into artifacts, once each per run."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self._nodes: dict[tuple, Node] = {}
+        self._artifacts: dict[str, Artifact] = {}
+        self._stack: list[tuple[str, Path, str]] = []  # (stage, config file, the field that led here)
+        # Keys of every node this run will build (see `plan`).
+        self.planned: set[str] = set()
+
+    # -- configs -----------------------------------------------------------------------------------
+
+    def reference(self, loaded: LoadedConfig, relative: str, field: str) -> LoadedConfig:
+        """The config another one names in `field` (relative to the naming file), loaded with the
+        user's `--set` values for model sections, except those of the section that names it,
+        which belong to the naming run alone. The one rule for every reference."""
+        path = loaded.path.parent / relative
+        own_section = field.rsplit(".", 1)[0]
+        overrides = [
+            o for o in self.ctx.overrides
+            if o.split(".", 1)[0].strip() in MEMBER_SECTIONS and not o.replace(" ", "").startswith(own_section + ".")
+        ]
+        try:
+            return load_config(path, overrides)
+        except FishcompError as exc:
+            raise FishcompError(f"{field} of {loaded.path}: {exc}") from exc
+
+    def members(self, loaded: LoadedConfig) -> list[LoadedConfig]:
+        """The single-model configs an ensemble names (or the config itself when it trains)."""
+        if loaded.config.ensemble is None:
+            return [loaded] if loaded.config.trains else []
+        members = []
+        for member in loaded.config.ensemble.members:
+            config = self.reference(loaded, member.config, "ensemble.members")
+            if not config.config.trains:
+                raise FishcompError(f"{config.path}: an ensemble member must train a head (needs `head:`)")
+            members.append(config)
+        return members
+
+    # -- nodes -------------------------------------------------------------------------------------
+
+    def target(self, loaded: LoadedConfig) -> Node:
+        """The deepest stage the config names: what `fishcomp run` builds."""
+        stage = next(stage for stage, applies in _TARGETS if applies(loaded))
+        return self.plan(stage, loaded)
+
+    def plan(self, stage: str, loaded: LoadedConfig) -> Node:
+        """The node with the whole run's graph in view: a first pass finds every artifact the run
+        will build, so that a request a superset serves (see `Stage.prefer`) takes that superset
+        even when it is planned later in the run than the request."""
+        first = self.node(stage, loaded)
+        planned = {n.key for n in self.walk(first)}
+        if planned <= self.planned:
+            return first
+        self.planned |= planned
+        self._nodes.clear()
+        return self.node(stage, loaded)
+
+    def is_planned_or_cached(self, stage: str, key: str) -> bool:
+        return key in self.planned or self.ctx.cache.find(stage, key) is not None
+
+    def node(self, stage_name: str, loaded: LoadedConfig, via: str = "", **request: Any) -> Node:
+        """The node of `stage_name` for this config. `via`: the config field that led here (for
+        the loop message); `request`: what the asking stage needs of it (e.g. the spatial map)."""
+        stage = get_stage(stage_name)
+        request = stage.prefer(self, loaded, request)
+        here = (stage_name, loaded.path.resolve())
+        if any((s, p) == here for s, p, _ in self._stack):
+            start = next(i for i, (s, p, _) in enumerate(self._stack) if (s, p) == here)
+            loop = self._stack[start:]
+            steps = loop[0][1].name + "".join(f" -({v})-> {p.name}" for _, p, v in loop[1:]) + f" -({via})-> {loaded.path.name}"
+            raise FishcompError(f"{loaded.path}: its references lead back to it: {steps}")
+        memo = (stage_name, here[1], json.dumps(loaded.config.model_dump(mode="json"), sort_keys=True), json.dumps(request, sort_keys=True))
+        if memo in self._nodes:
+            return self._nodes[memo]
+        self._stack.append((stage_name, loaded.path.resolve(), via))
+        try:
+            inputs = stage.inputs(self, loaded, **request)
+        finally:
+            self._stack.pop()
+        params = stage.params(self.ctx, loaded, **request)
+        node = Node(stage, loaded, inputs, params, node_key(stage, params, inputs), stage.label(loaded, **request), dict(request))
+        self._nodes[memo] = node
+        return node
+
+    def walk(self, root: Node) -> list[Node]:
+        """Every node `root` needs, inputs before the nodes that read them, each once."""
+        order, seen = [], set()
+
+        def visit(node: Node) -> None:
+            # Two configs can lead to one artifact (a superset pass, a shared member): once.
+            if (node.stage.name, node.key) in seen:
+                return
+            seen.add((node.stage.name, node.key))
+            for upstream in node.upstream():
+                visit(upstream)
+            order.append(node)
+
+        visit(root)
+        return order
+
+    # -- artifacts ---------------------------------------------------------------------------------
+
+    def find(self, node: Node) -> Artifact | None:
+        """The finished artifact of a node, without building anything."""
+        found = self.ctx.cache.find(node.stage.name, node.key)
+        return Artifact(node.stage.name, node.key, found, built=False) if found else None
+
+    def status(self, node: Node) -> str:
+        if node.key in self._artifacts or self.find(node) is not None:
+            return "cached"
+        stage_dir = self.ctx.cache.root / node.stage.name
+        if stage_dir.is_dir() and any(damage(c) for c in stage_dir.glob(f"*-{node.key}") if not c.name.startswith(".")):
+            return "damaged"
+        return "to build"
+
+    def _track(self, node: Node, artifact: Artifact) -> None:
+        from fishcomp.distributed import world
+        from fishcomp.tracking import TRACKED_STAGES, track
+
+        if node.stage.name in TRACKED_STAGES and world().is_main:
+            track(self.ctx.tracking, self.ctx.work_dir, node.stage.name, node.name, node.loaded.config.model_dump(mode="json"), artifact)
+
+    def build(self, node: Node) -> Artifact:
+        """The node's artifact: cached, or built after its inputs (each once per run)."""
+        if node.key in self._artifacts:
+            return self._artifacts[node.key]
+        inputs: dict[str, Any] = {}
+        for name, value in node.inputs.items():
+            inputs[name] = [self.build(n) for n in value] if isinstance(value, list) else self.build(value)
+        from fishcomp.distributed import ensure_together
+
+        stage = node.stage
+        build = lambda tmp: stage.build(self.ctx, node, inputs, tmp)  # noqa: E731
+        if stage.together:
+            artifact = ensure_together(self.ctx.cache, stage.name, node.label, node.key, build)
+        else:
+            artifact = self.ctx.cache.ensure(stage.name, node.label, node.key, build)
+        stage_line(stage.name, artifact.built, artifact.path, stage.describe(artifact))
+        stage.after(self.ctx, node, artifact)
+        if artifact.built and self.ctx.tracking is not None:
+            self._track(node, artifact)
+        self._artifacts[node.key] = artifact
+        return artifact

@@ -1,0 +1,40 @@
+"""The head registry: `register_head` (as timm's `register_model`), `create_head`, `list_heads`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_head(kind: str):
+    def decorator(factory):
+        _REGISTRY[kind] = factory
+        return factory
+
+    return decorator
+
+
+def list_heads() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def head_uses_map(config) -> bool:
+    """Whether a head config needs the spatial map, without building the head."""
+    return getattr(config, "input", "map") == "map"
+
+
+def list_heatmap_heads() -> list[str]:
+    """Kinds whose `forward` returns per-class heatmaps (known from the class, nothing is built)."""
+    return [kind for kind in list_heads() if getattr(_REGISTRY[kind], "makes_heatmaps", False)]
+
+
+def create_head(config, in_shape: tuple[int, ...], num_classes: int, num_sizes: int = 1) -> nn.Module:
+    """Build the head named by `config.kind` for features of `in_shape` (without the batch axis).
+
+    `num_sizes`: slots of the image-size one-hot, for heads with `needs_size`.
+    """
+    return _REGISTRY[config.kind](config, in_shape, num_classes, num_sizes=num_sizes)
+

@@ -1,0 +1,1 @@
+"""Training heads on cached features, and fine-tuning: the fold loop and the trainers the train stage runs."""

@@ -1,0 +1,480 @@
+"""Training a head fold by fold: the train stage's work, from features to predictions.
+
+What it writes into the artifact folder:
+- `oof.csv`: image, label, fold, one probability column per class (empty for a never-validated
+  image under a hold-out split); the out-of-fold predictions ensembles and clipping are tuned on;
+- `test_stg1.csv` (and `test_stg2.csv`): image, probabilities (the folds' models averaged);
+- `metrics.csv`: fold, epoch, lr, train_loss, valid_loss, valid_logloss, valid_accuracy;
+- `checkpoints/fold<k>.pt`: the best epoch of each fold (by validation log loss);
+- `oof_boxes.csv` / `<split>_boxes.csv` (and `_points`) for heads that predict geometry;
+- `summary.json`, `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fishcomp.blending import blend_nof_with_whole
+from fishcomp.cache import Artifact
+from fishcomp.config import LoadedConfig, dump_yaml, key_payload
+from fishcomp.console import info, progress
+from fishcomp.context import Context, autocast, training_precision
+from fishcomp.data.splits import fold_count
+from fishcomp.distributed import data_parallel, gather_to_main, world
+from fishcomp.errors import FishcompError
+from fishcomp.faults import pause_point
+from fishcomp.features import (
+    GEOMETRY,
+    load_augmented,
+    load_features,
+    load_views,
+    tta_combine,
+)
+from fishcomp.metrics import accuracy, log_loss, prior_log_loss
+from fishcomp.models.heads import head_uses_map
+from fishcomp.models.losses import box_iou, head_loss, pointing_hits
+from fishcomp.predictions import Predictions, read_predictions
+from fishcomp.training.data import (
+    FoldResult,
+    TrainData,
+    geometry_targets,
+    prepare_training,
+    size_onehot,
+)
+from fishcomp.training.feature_sets import FeatureSet, concat, predict
+from fishcomp.training.loop import (
+    batches_per_epoch,
+    check_finite,
+    lr_at,
+    mixed_batches,
+    predict_spread,
+    run_phases,
+    scaled_phases,
+    share_of_batch,
+    stopping_summary,
+)
+
+
+def pseudo_targets(source: Artifact, index: pd.DataFrame, splits: list[str], classes: list[str], where: str) -> dict[str, np.ndarray]:
+    """The source's test probabilities, row-aligned with this run's test features."""
+    predictions = read_predictions(source)
+    if predictions.classes != list(classes):
+        raise FishcompError(f"{where}: the pseudo-label source predicts classes {predictions.classes}, not {classes}")
+    targets = {}
+    for split in splits:
+        images = index[index.split == split].image.reset_index(drop=True)
+        if images.empty:
+            raise FishcompError(f"{where}: train.pseudo.splits names {split}, but the data has no {split} images")
+        frame = predictions.tests.get(split)
+        if frame is None or not frame.image.reset_index(drop=True).equals(images):
+            raise FishcompError(f"{where}: the pseudo-label source did not predict the same {split} images; rebuild it on this data")
+        targets[split] = frame[classes].to_numpy(dtype=np.float32)
+    return targets
+
+
+def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None) -> dict[str, float]:
+    """Mean box IoU (bbox heads) and heatmap pointing score (class-map heads) on images with a box;
+    mean head/tail distance (fractions of the image) on images with points."""
+    if targets is None:
+        return {}
+    boxes = targets[:, :4]
+    scores: dict[str, float] = {}
+    if "points" in predicted and targets.shape[1] == 8:
+        have_points = ~np.isnan(targets[:, 4:]).any(axis=1)
+        if have_points.any():
+            error = (predicted["points"][have_points] - targets[have_points, 4:]).reshape(-1, 2, 2)
+            scores["valid_points_error"] = float(np.linalg.norm(error, axis=2).mean())
+    have = ~np.isnan(boxes).any(axis=1)
+    if not have.any():
+        return scores
+    if "box" in predicted:
+        scores["valid_iou"] = float(box_iou(predicted["box"][have], boxes[have]).mean())
+    if "heatmaps" in predicted:
+        classes = predicted["probs"].argmax(axis=1)
+        maps = predicted["heatmaps"][np.arange(len(classes)), classes]
+        scores["valid_pointing"] = float(pointing_hits(maps[have], boxes[have]).mean())
+    return scores
+
+
+def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False):
+    """Train one fold's head, keeping the epoch with the best validation log loss.
+
+    `pseudo`: (features of the pseudo-labelled test images, their soft targets) or None.
+    `spread`: train on every rank with DistributedDataParallel, each rank taking its share of
+    every batch and of the validation set; every rank ends with the same model.
+    """
+    import torch
+    from torch import nn
+
+    from fishcomp.distributed import sum_across, sync_buffers, wrap_data_parallel
+    from fishcomp.models.heads import create_head
+
+    config = loaded.config
+    train_cfg = config.train
+    here = world()
+    dtype = training_precision(loaded, device)
+    torch.manual_seed(train_cfg.seed * 1000 + fold)
+    # Every rank draws the same batches from this generator, and takes its own share of each.
+    generator = np.random.default_rng([train_cfg.seed, fold])
+    model = create_head(config.head, train_set.shape, num_classes, num_sizes=num_sizes).to(device)
+    net = wrap_data_parallel(model, device) if spread else model
+    if spread:
+        torch.manual_seed(train_cfg.seed * 1000 + fold + 7919 * here.rank)  # own dropout masks per rank
+    optimiser = torch.optim.Adam(model.parameters(), lr=train_cfg.phases[0].lr, weight_decay=train_cfg.weight_decay)
+    criterion = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
+    train_labels = torch.from_numpy(labels)
+    pseudo_set, pseudo_targets = pseudo if pseudo is not None else (None, None)
+    batches = batches_per_epoch(len(train_set), train_cfg.batch_size, train_cfg.pseudo if pseudo else None)
+    # BatchNorm cannot normalise a batch of one, on any rank.
+    smallest_batch = 2 * here.size if spread else 2
+
+    def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
+        net.train()
+        mix = mixed_batches(
+            len(train_set), len(pseudo_set) if pseudo_set is not None else 0, train_cfg.batch_size,
+            train_cfg.pseudo.proportion if pseudo else 0.0, generator,
+        )
+        # One of the original and its augmented copies per image for this epoch.
+        copy_choice = generator.integers(0, train_set.copy_count, size=len(train_set))
+        total, seen = 0.0, 0
+        for batch_index, (positions, pseudo_positions) in enumerate(mix):
+            batch_items = len(positions) + len(pseudo_positions)
+            if batch_items < smallest_batch and len(train_set) > 1:
+                continue
+            if spread:
+                positions, pseudo_positions = share_of_batch(positions, pseudo_positions)
+            for group in optimiser.param_groups:
+                group["lr"] = lr_at(phase, phase_epoch * batches + batch_index, phase.epochs * batches, train_cfg.schedule)
+            n, m = len(positions), len(pseudo_positions)
+            inputs, sizes = [], []
+            if n:
+                x, size, box = train_set.batch(positions, device, copies=copy_choice[positions])
+                inputs.append(x), sizes.append(size)
+            if m:
+                px, psize, _ = pseudo_set.batch(pseudo_positions, device)
+                inputs.append(px), sizes.append(psize)
+            with autocast(dtype, device):
+                # One forward pass over the mixed batch, so BatchNorm sees it whole.
+                outputs = net(torch.cat(inputs) if len(inputs) > 1 else inputs[0], size=None if sizes[0] is None else torch.cat(sizes))
+                if n:
+                    y = train_labels[positions].to(device)
+                    train_loss = head_loss({k: v[:n] for k, v in outputs.items()} if m else outputs, y, box, config.head, criterion)
+                if m:
+                    pseudo_loss = criterion(outputs["logits"][n:], torch.from_numpy(pseudo_targets[pseudo_positions]).to(device))
+            loss = pseudo_loss if not n else train_loss if not m else (n * train_loss + m * pseudo_loss) / (n + m)
+            check_finite(loss, loaded.name, fold, epoch, "lower the learning rate (train.phases) or check the features for NaN")
+            optimiser.zero_grad(set_to_none=True)
+            # DistributedDataParallel averages the ranks' gradients; weighting each rank's mean by
+            # its share of the batch makes that average the gradient of the whole batch's mean.
+            (loss * (n + m) * here.size / batch_items if spread else loss).backward()
+            optimiser.step()
+            total += loss.item() * n
+            seen += n
+        total, seen = sum_across(total, seen) if spread else (total, seen)
+        return total / max(seen, 1)
+
+    def validate() -> dict:
+        if spread:
+            sync_buffers(model)
+        predicted = predict_spread(model, valid_set, device, dtype=dtype) if spread else predict(model, valid_set, device, dtype=dtype)
+        probs = predicted["probs"]
+        # The training criterion on validation (log-probabilities are valid logits for it).
+        log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-15))
+        return {
+            "valid_loss": float(criterion(log_probs, torch.from_numpy(valid_labels)).item()),
+            "valid_logloss": log_loss(valid_labels, probs),
+            "valid_accuracy": accuracy(valid_labels, probs),
+            **_extra_scores(predicted, valid_set.boxes),
+        }
+
+    best_epoch = run_phases(scaled_phases(train_cfg, batches), fold, model, record, advance, train_epoch, validate)
+    return model, best_epoch
+
+
+def inner_split(train: np.ndarray, valid: np.ndarray, train_cfg, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows to fit on, rows that choose the epoch): with `inner_valid`, a seeded share of the
+    fold's own training rows chooses, so its validation rows stay unseen until prediction."""
+    if not train_cfg.inner_valid or len(train) < 10:
+        return train, valid
+    order = np.random.default_rng([train_cfg.seed, fold, 31]).permutation(train)
+    held = max(2, round(len(order) * train_cfg.inner_valid))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+class CachedFeatureFolds:
+    """Trains a head on the cached features, one fold at a time."""
+
+    def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None):
+        loaded = data.loaded
+        config = loaded.config
+        self.data = data
+        self.kind = "map" if head_uses_map(config.head) else "pooled"
+        self.tta = tta_combine(loaded)
+        copies, copy_boxes = load_augmented(features_artifact, self.kind)
+        self.train_features = FeatureSet(
+            load_features(features_artifact, "train", self.kind), data.usable, size_onehot(data.usable_index, data.vocabulary),
+            geometry_targets(data.usable_index, config.head), copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, data.usable],
+            views=load_views(features_artifact, "train", self.kind),
+        )
+        self.test_features = {}
+        for split in data.test_splits:
+            array = load_features(features_artifact, split, self.kind)
+            self.test_features[split] = FeatureSet(
+                array, np.arange(len(array)), size_onehot(data.index[data.index.split == split], data.vocabulary),
+                views=load_views(features_artifact, split, self.kind),
+            )
+        self.pseudo, self.pseudo_summary = None, None
+        if pseudo_source is not None:
+            settings = config.train.pseudo
+            targets = pseudo_targets(pseudo_source, data.index, settings.splits, data.classes, str(loaded.path))
+            self.pseudo = concat([self.test_features[s] for s in settings.splits]), np.concatenate([targets[s] for s in settings.splits])
+            self.pseudo_summary = {
+                "source": pseudo_source.path.name, "source_key": pseudo_source.key, "splits": settings.splits,
+                "images": int(len(self.pseudo[1])), "proportion": settings.proportion,
+            }
+
+    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
+        data = self.data
+        config = data.loaded.config
+        valid_set = self.train_features.subset(valid)
+        fit_rows, chooser = inner_split(train, valid, config.train, fold)
+        model, best_epoch = _fit_fold(
+            data.loaded, fold, self.train_features.subset(fit_rows), self.train_features.subset(chooser), data.labels[fit_rows],
+            data.labels[chooser], len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo, spread=spread,
+        )
+        if spread and not world().is_main:
+            return None  # every rank holds the same model; rank 0 predicts (a head's pass is cheap)
+        dtype = training_precision(data.loaded, data.device)
+        predicted = predict(model, valid_set, data.device, tta=self.tta, dtype=dtype)
+        tests = {split: predict(model, self.test_features[split], data.device, tta=self.tta, dtype=dtype) for split in data.test_splits}
+        return FoldResult(
+            valid_probs=predicted["probs"], valid_probs_original=predicted.get("probs_original", predicted["probs"]),
+            valid_extras={name: predicted[name] for name in GEOMETRY if name in predicted},
+            test_probs={split: t["probs"] for split, t in tests.items()},
+            test_extras={split: {name: t[name] for name in GEOMETRY if name in t} for split, t in tests.items()},
+            best_epoch=best_epoch,
+            checkpoint={
+                "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": data.classes,
+                "in_shape": self.train_features.shape, "size_vocabulary": data.vocabulary,
+            },
+        )
+
+    def summary(self) -> dict:
+        return {
+            "features": self.kind,
+            "tta_views": self.train_features.view_count if self.tta else 1,
+            "augment_copies": self.train_features.copy_count - 1,
+            "pseudo": self.pseudo_summary,
+        }
+
+
+class FoldStore:
+    """Finished folds of an unfinished train artifact, in `.resume-<label>-<key>/` beside its
+    temporary folder (which an interrupt removes). Same key, same config: a fold found here is
+    exactly the fold a fresh run would train (each fold seeds itself from (seed, fold))."""
+
+    def __init__(self, tmp: Path):
+        self.folder = tmp.parent / tmp.name.replace(".tmp-", ".resume-", 1)
+
+    def has(self, fold: int) -> bool:
+        return (self.folder / f"fold{fold}.pt").is_file()
+
+    def load(self, fold: int):
+        import torch
+
+        path = self.folder / f"fold{fold}.pt"
+        if not path.is_file():
+            return None
+        try:
+            kept = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written below
+        except Exception:  # a fold file cut short by the interrupt: train that fold again
+            return None
+        return kept["result"], kept["records"]
+
+    def save(self, fold: int, result, records: list) -> None:
+        import torch
+
+        from fishcomp.cache import write_atomic
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({"result": result, "records": records}, buffer)
+        write_atomic(self.folder / f"fold{fold}.pt", buffer.getvalue())
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None = None):
+    """The fold trainer for the config's head: cached features, or fine-tuning on images."""
+    if data.loaded.config.head.kind == "finetune":
+        from fishcomp.training.finetune import FinetuneFolds
+
+        return FinetuneFolds(data, ctx.dataset().root, features_artifact)
+    if data.loaded.config.head.kind == "linear":
+        from fishcomp.training.linear import LinearProbeFolds
+
+        if pseudo_source is not None:
+            raise FishcompError(f"{data.loaded.path}: train.pseudo works with heads trained by gradient steps, not the linear probe")
+        return LinearProbeFolds(data, features_artifact)
+    return CachedFeatureFolds(data, features_artifact, pseudo_source)
+
+
+def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None) -> dict:
+    """Train every fold (under torchrun: folds dealt to the ranks, or each fold on all of them), predict, and write the artifact's files into `tmp`."""
+    import torch
+
+    config = loaded.config
+    data = prepare_training(loaded, features_artifact)
+    trainer = make_trainer(ctx, data, features_artifact, pseudo_source)
+    labels, folds, classes = data.labels, data.folds, data.classes
+    n_folds = fold_count(folds)
+    oof = np.full((len(labels), len(classes)), np.nan)
+    oof_original = np.full((len(labels), len(classes)), np.nan)
+    oof_extras = {name: np.full((len(labels), 4), np.nan) for name in GEOMETRY}
+    test_probs: dict[str, list] = {split: [] for split in data.test_splits}
+    test_extras: dict[str, dict[str, list]] = {name: {split: [] for split in data.test_splits} for name in GEOMETRY}
+    records: list[dict] = []
+    best_epochs = []
+    here = world()
+    # Under torchrun, either every fold trains on all ranks (data-parallel), or folds are dealt to
+    # the ranks (fold f on rank f mod N: exactly the single-process result); rank 0 gathers them.
+    spread = data_parallel(config.train.parallel, n_folds)
+    mine = [fold for fold in range(n_folds) if spread or fold % here.size == here.rank]
+    results = {}
+    # Finished folds are kept beside the unfinished artifact, so a stopped run (Ctrl-C, a time
+    # limit, a pre-empted machine) resumes at the first missing fold with the same result.
+    resume = FoldStore(tmp)
+    kept_folds = [fold for fold in mine if resume.has(fold)]
+    if kept_folds:
+        info(f"train      [{loaded.name}] resuming: fold(s) {', '.join(map(str, kept_folds))} kept from the stopped run")
+    with progress(f"train {loaded.name}", len(mine) * config.train.epochs) as advance:
+        for fold in mine:
+            kept = resume.load(fold)
+            if kept is not None:
+                results[fold], fold_records = kept
+                records += fold_records
+                advance(config.train.epochs, note=f"fold {fold} kept from the stopped run")
+                continue
+            valid, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+            before = len(records)
+            results[fold] = trainer.fit(fold, train, valid, records, advance, spread=spread)
+            if here.is_main or not spread:
+                resume.save(fold, results[fold], records[before:])
+            pause_point("train.fold")
+    if spread and not here.is_main:
+        return None
+    if here.distributed and not spread:
+        shares = gather_to_main((results, records))
+        if not here.is_main:
+            return None
+        results, records = {}, []
+        for other_results, other_records in shares:
+            results.update(other_results)
+            records += other_records
+        records.sort(key=lambda r: (r["fold"], r["epoch"]))
+    (tmp / "checkpoints").mkdir()
+    for fold in range(n_folds):
+        valid = np.flatnonzero(folds == fold)
+        result = results[fold]
+        best_epochs.append(result.best_epoch)
+        oof[valid], oof_original[valid] = result.valid_probs, result.valid_probs_original
+        for name, values in result.valid_extras.items():
+            oof_extras[name][valid] = values
+        for split in data.test_splits:
+            test_probs[split].append(result.test_probs[split])
+            for name, values in result.test_extras.get(split, {}).items():
+                test_extras[name][split].append(values)
+        torch.save(result.checkpoint, tmp / "checkpoints" / f"fold{fold}.pt")
+
+    oof_frame = pd.DataFrame(oof, columns=classes)
+    oof_frame.insert(0, "fold", folds)
+    oof_frame.insert(0, "label", labels)
+    oof_frame.insert(0, "image", data.usable_index.image.to_numpy())
+    tests = {}
+    prior = np.bincount(labels, minlength=len(classes)) + 1.0
+    for split in data.test_splits:
+        split_index = data.index[data.index.split == split]
+        probs = np.mean(test_probs[split], axis=0)
+        # An unreadable test image (allowed by --on-bad-test prior) gets the class prior, not a
+        # prediction from the zeros that stand in for its features.
+        probs[~split_index.ok.to_numpy(dtype=bool)] = prior / prior.sum()
+        tests[split] = pd.DataFrame(probs, columns=classes)
+        tests[split].insert(0, "image", split_index.image.to_numpy())
+    extra = {}
+    if whole is not None:
+        extra["nof_blend"] = blend_nof_with_whole(loaded, whole, oof_frame, tests, labels, folds >= 0)
+        oof = oof_frame[classes].to_numpy()
+    Predictions(classes=list(classes), oof=oof_frame, tests=tests).write(tmp)
+    pd.DataFrame(records).to_csv(tmp / "metrics.csv", index=False)
+
+    validated = folds >= 0
+    for name, (stem, columns) in GEOMETRY.items():
+        if any(test_extras[name].values()) or not np.isnan(oof_extras[name]).all():
+            pd.DataFrame(oof_extras[name], columns=columns).assign(image=oof_frame.image).to_csv(tmp / f"oof_{stem}.csv", index=False)
+            for split in data.test_splits:
+                frame = pd.DataFrame(np.mean(test_extras[name][split], axis=0), columns=columns)
+                frame.insert(0, "image", tests[split].image)
+                frame.to_csv(tmp / f"{split}_{stem}.csv", index=False)
+    metrics = pd.DataFrame(records)
+    for score in ("valid_iou", "valid_pointing", "valid_points_error"):
+        if score in metrics:
+            # The score at each fold's best epoch, averaged over folds.
+            per_fold = [metrics[(metrics.fold == f) & (metrics.epoch == e)][score].iloc[0] for f, e in enumerate(best_epochs)]
+            extra[score] = float(np.mean(per_fold))
+    summary = {
+        "name": loaded.name,
+        "head": config.head.kind,
+        "input_size": data.meta["size"],
+        "split": config.split.kind,
+        "folds": n_folds,
+        "train_images": int(len(labels)),
+        "best_epochs": best_epochs,
+        # Whether each fold stopped because it converged or because it ran out of epochs.
+        **stopping_summary(pd.DataFrame(records), best_epochs),
+        "epochs_chosen_on": "inner split of each fold's training images" if config.train.inner_valid else "the validation fold",
+        "valid_logloss": log_loss(labels[validated], oof[validated]),
+        "valid_accuracy": accuracy(labels[validated], oof[validated]),
+        "valid_logloss_without_tta": log_loss(labels[validated], oof_original[validated]),
+        "prior_logloss": prior_log_loss(labels, labels[validated], len(classes)),
+        **extra,
+        **trainer.summary(),
+        # The artifacts it read, for reports (and `fishcomp runs`) to find.
+        "inputs": {
+            "features": {"stage": features_artifact.stage, "artifact": features_artifact.path.name, "key": features_artifact.key},
+            **({"pseudo": {"stage": pseudo_source.stage, "artifact": pseudo_source.path.name, "key": pseudo_source.key}} if pseudo_source else {}),
+            **({"whole": {"stage": whole.stage, "artifact": whole.path.name, "key": whole.key}} if whole else {}),
+        },
+        # Runtime facts (not in the key): how many processes trained it, and how they shared it.
+        "processes": here.size,
+        "parallel": ("data" if spread else "folds") if here.distributed else None,
+        "size_vocabulary": data.vocabulary,
+    }
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    (tmp / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))
+    return {"summary": summary}
+
+
+def load_fold_model(artifact: Artifact, fold: int, device):
+    """One fold's best head from a train artifact, rebuilt from its checkpoint, in eval mode."""
+    import torch
+    from pydantic import TypeAdapter
+
+    from fishcomp.config import HeadConfig
+    from fishcomp.models.heads import create_head
+
+    path = artifact.file(f"checkpoints/fold{fold}.pt")
+    if not path.is_file():
+        raise FishcompError(f"{artifact.path} has no checkpoint for fold {fold}")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    head = TypeAdapter(HeadConfig).validate_python(checkpoint["head"])
+    model = create_head(head, tuple(checkpoint["in_shape"]), len(checkpoint["classes"]), num_sizes=len(checkpoint["size_vocabulary"]) + 1)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval()

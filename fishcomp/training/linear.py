@@ -1,0 +1,127 @@
+"""The linear probe's trainer: per fold, standardise, choose the L2 strength on an inner split of
+the fold's own training images, refit on all of them, predict (every test-time view, combined).
+
+Full-batch L-BFGS (scikit-learn's LogisticRegression) converges to the optimum of a convex loss,
+so there is no epoch count to get wrong; `metrics.csv` records, per fold and strength, the inner
+log loss and whether L-BFGS converged within `max_iter`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from fishcomp.cache import Artifact
+from fishcomp.config import key_payload
+from fishcomp.distributed import world
+from fishcomp.features import load_augmented, load_features, load_views, tta_combine
+from fishcomp.metrics import accuracy, log_loss
+from fishcomp.training.data import FoldResult, TrainData
+from fishcomp.training.feature_sets import combine_views
+
+
+def _fit(x: np.ndarray, y: np.ndarray, strength: float, max_iter: int, classes: int, start=None):
+    """L-BFGS to the optimum; `start`: a model fitted at a stronger penalty to warm-start from
+    (along the regularisation path each fit then needs a fraction of the iterations)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    model = start if start is not None else LogisticRegression(warm_start=True)
+    model.set_params(C=strength, max_iter=max_iter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # recorded in metrics.csv instead
+        model.fit(x, y)
+    return model, bool(np.max(model.n_iter_) < max_iter)
+
+
+def _probs(model, x: np.ndarray, classes: int) -> np.ndarray:
+    """Probabilities over every class, also those absent from this fold's training images."""
+    out = np.full((len(x), classes), 1e-6)
+    out[:, model.classes_] = model.predict_proba(x)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+class LinearProbeFolds:
+    def __init__(self, data: TrainData, features_artifact: Artifact):
+        self.data = data
+        self.head = data.loaded.config.head
+        self.tta = tta_combine(data.loaded)
+        as_float = lambda array: np.asarray(array, dtype=np.float32)  # noqa: E731
+        self.train = as_float(load_features(features_artifact, "train", "pooled"))[data.usable]
+        copies, _ = load_augmented(features_artifact, "pooled")
+        self.copies = [as_float(c)[data.usable] for c in copies]
+        self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", "pooled")] if self.tta else []
+        self.tests = {s: as_float(load_features(features_artifact, s, "pooled")) for s in data.test_splits}
+        self.test_views = {s: [as_float(v) for v in load_views(features_artifact, s, "pooled")] if self.tta else [] for s in data.test_splits}
+
+    def _rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The fold's training rows: each image, and its augmented copies as more rows."""
+        x = np.concatenate([self.train[positions], *[c[positions] for c in self.copies]])
+        return x, np.tile(self.data.labels[positions], 1 + len(self.copies))
+
+    def _predict(self, model, mean, scale, original: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        classes = len(self.data.classes)
+        first = _probs(model, (original - mean) / scale, classes)
+        if not views:
+            return first, first
+        return combine_views([first, *[_probs(model, (v - mean) / scale, classes) for v in views]], self.tta), first
+
+    def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
+        import torch
+
+        from fishcomp.models.heads import create_head
+
+        data, head = self.data, self.head
+        classes = len(data.classes)
+        started = time.time()
+        # The strength is chosen without the fold's validation images: an inner split of its train.
+        rng = np.random.default_rng([data.loaded.config.train.seed, fold, 29])
+        order = rng.permutation(train)
+        inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
+        inner_train = order[len(inner_valid):]
+        x_inner, y_inner = self._rows(inner_train)
+        mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
+        inner = {}
+        model = None
+        for strength in sorted(head.strengths):  # strongest penalty first: each fit warm-starts the next
+            model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
+            inner[strength] = log_loss(data.labels[inner_valid], _probs(model, (self.train[inner_valid] - mean) / scale, classes))
+            records.append({"fold": fold, "epoch": len(inner), "lr": strength, "strength": strength, "inner_logloss": inner[strength],
+                            "converged": converged, "seconds": round(time.time() - started, 3)})
+        best = min(inner, key=inner.get)
+        x, y = self._rows(train)
+        mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+        model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes)
+        valid_probs, valid_original = self._predict(model, mean, scale, self.train[valid], [v[valid] for v in self.train_views])
+        train_probs = _probs(model, (self.train[train] - mean) / scale, classes)
+        records.append({
+            "fold": fold, "epoch": len(inner) + 1, "lr": best, "strength": best, "chosen": True, "converged": converged,
+            "train_loss": log_loss(data.labels[train], train_probs),
+            "valid_logloss": log_loss(data.labels[valid], valid_probs) if len(valid) else np.nan,
+            "valid_accuracy": accuracy(data.labels[valid], valid_probs) if len(valid) else np.nan,
+            "seconds": round(time.time() - started, 3),
+        })
+        advance(data.loaded.config.train.epochs, note=f"fold {fold} strength {best:g}")
+        if spread and not world().is_main:
+            return None
+        tests = {s: self._predict(model, mean, scale, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
+        module = create_head(head, (self.train.shape[1],), classes)
+        weight = np.zeros((classes, self.train.shape[1]), dtype=np.float32)
+        bias = np.full(classes, -30.0, dtype=np.float32)  # a class absent from the fold: never predicted
+        if len(model.classes_) > 2:
+            weight[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
+        else:  # scikit-learn's binary form: logit of the second class against the first
+            weight[model.classes_[1]], bias[model.classes_] = model.coef_[0], (0.0, model.intercept_[0])
+        module.load_state_dict({"mean": torch.from_numpy(mean), "scale": torch.from_numpy(scale),
+                                "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
+        return FoldResult(
+            valid_probs=valid_probs, valid_probs_original=valid_original, valid_extras={},
+            test_probs=tests, test_extras={s: {} for s in data.test_splits}, best_epoch=len(inner) + 1,
+            checkpoint={"state_dict": module.state_dict(), "head": key_payload(head), "classes": data.classes,
+                        "in_shape": (self.train.shape[1],), "size_vocabulary": data.vocabulary},
+        )
+
+    def summary(self) -> dict:
+        return {"features": "pooled", "tta_views": 1 + len(self.train_views), "augment_copies": len(self.copies), "pseudo": None}

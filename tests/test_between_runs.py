@@ -1,0 +1,146 @@
+"""The loop a competitor lives in between runs, through the real CLI: sweeps, the runs table, the
+resolved config, predictions for any photo, the cache's housekeeping, the version."""
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from helpers import CONFIGS, run_cli
+
+from fishcomp import __version__
+
+QUICK = ["split.kind=holdout", "train.phases=[{epochs: 2, lr: 1.0e-3}]", "train.batch_size=32"]
+
+
+def _sets(overrides):
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_data, tmp_path_factory):
+    """Three learning rates of the dense head, one command."""
+    work = tmp_path_factory.mktemp("sweep")
+    with pytest.raises(SystemExit) as done:
+        from fishcomp.cli import main
+
+        main([str(a) for a in ["train", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", work,
+                               *_sets([*QUICK, "train.phases.0.lr=1e-3,3e-4,1e-4"])]])
+    assert done.value.code == 0
+    return work
+
+
+def test_a_comma_list_sweeps_three_trainings_and_the_runs_table_lists_them_with_their_difference(swept, capsys):
+    artifacts = sorted((swept / "train").glob("dense-*"))
+    assert len(artifacts) == 3
+    lrs = sorted(yaml.safe_load((a / "config.yaml").read_text())["train"]["phases"][0]["lr"] for a in artifacts)
+    assert lrs == [1e-4, 3e-4, 1e-3]
+    code, stdout, stderr = run_cli(["runs", "--work", swept, "--format", "csv", "--sort", "valid_logloss"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout))
+    trains = rows[rows.stage == "train"]
+    assert len(trains) == 3 and list(trains.valid_logloss) == sorted(trains.valid_logloss)
+    # The setting that differs between them, and nothing else.
+    assert all(d.startswith("train.phases=") and " " not in d.split("=", 1)[0] for d in trains.differs)
+    assert trains.differs.nunique() == 3
+    summaries = {json.loads((a / "summary.json").read_text())["valid_logloss"] for a in artifacts}
+    assert set(trains.valid_logloss.round(4)) == {round(v, 4) for v in summaries}
+    code, stdout, _ = run_cli(["runs", "--work", swept], capsys)
+    assert code == 0 and stdout.count("dense") >= 3  # the rich table, for people
+    code, _, stderr = run_cli(["runs", "--work", swept, "--sort", "valid_loglos"], capsys)
+    assert code == 2 and "did you mean valid_logloss" in stderr
+
+
+def test_predict_classifies_photos_as_the_run_predicted_its_own_test_images(swept, tiny_data, tmp_path, capsys):
+    sample = pd.read_csv(tiny_data / "sample_submission_stg1.csv").image.head(6).tolist()
+    out = tmp_path / "predicted.csv"
+    args = ["predict", "-c", CONFIGS / "dense.yaml", *[tiny_data / "test_stg1" / name for name in sample],
+            "--data", tiny_data, "--work", swept, "--out", out, *_sets([*QUICK, "train.phases.0.lr=1e-3"])]
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    assert "built" not in stdout  # the trained run and its features came from the cache
+    predicted = pd.read_csv(out)
+    assert len(predicted) == 6 and np.allclose(predicted.iloc[:, 1:].sum(axis=1), 1.0, atol=1e-5)
+    artifact = next(a for a in (swept / "train").glob("dense-*")
+                    if yaml.safe_load((a / "config.yaml").read_text())["train"]["phases"][0]["lr"] == 1e-3)
+    expected = pd.read_csv(artifact / "test_stg1.csv").set_index("image").loc[sample]
+    # Same pass, same heads; the features are rounded to float16 in both, and the backbone's
+    # batches differ in size, which can move a feature by one float16 step (about 1e-3 relative).
+    np.testing.assert_allclose(predicted.iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)
+    code, _, stderr = run_cli(["predict", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", swept], capsys)
+    assert code == 2 and "nothing to predict" in stderr
+
+
+def test_cache_ls_du_and_gc_keep_only_what_the_named_configs_reach(swept, tiny_data, tmp_path, capsys):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(swept, work)
+    code, stdout, _ = run_cli(["cache", "ls", "--work", work, "--format", "csv"], capsys)
+    listed = pd.read_csv(io.StringIO(stdout))
+    assert code == 0 and set(listed.stage) >= {"precompute", "train"} and (listed.status == "whole").all()
+    code, stdout, _ = run_cli(["cache", "du", "--work", work], capsys)
+    assert code == 0 and "total" in stdout
+    keep = ["cache", "gc", "--keep", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", work, *_sets([*QUICK, "train.phases.0.lr=1e-3"])]
+    code, stdout, _ = run_cli([*keep, "--dry-run"], capsys)
+    assert code == 0 and "would remove 2 artifact(s)" in stdout  # the two other learning rates
+    assert len(list((work / "train").glob("dense-*"))) == 3
+    code, stdout, _ = run_cli(keep, capsys)
+    assert code == 0 and "removed" in stdout
+    assert len(list((work / "train").glob("dense-*"))) == 1 and len(list((work / "precompute").glob("eff*"))) == 1
+
+
+def test_config_prints_the_resolved_yaml(capsys):
+    code, stdout, _ = run_cli(["config", "-c", CONFIGS / "dense_360x640.yaml", "--set", "head.dropout=0.3"], capsys)
+    assert code == 0
+    resolved = yaml.safe_load(stdout)
+    assert resolved["name"] == "dense_360x640" and resolved["precompute"]["size"] == [360, 640]
+    assert resolved["head"]["dropout"] == 0.3 and resolved["train"]["schedule"] == "constant"  # a default, made visible
+
+
+def test_version_and_help(capsys):
+    code, stdout, _ = run_cli(["--version"], capsys)
+    assert code == 0 and stdout.strip() == f"fishcomp {__version__}"
+    code, stdout, _ = run_cli(["run", "--help"], capsys)
+    assert code == 0 and "--nproc" in stdout and "--debug" in stdout and "--kaggle" in stdout
+    code, stdout, _ = run_cli(["--help"], capsys)
+    assert stdout.index(" run ") < stdout.index(" synth ")  # run comes first
+    code, _, stderr = run_cli(["report", "-x"], capsys)
+    assert code == 2 and stderr.startswith("error: No such option: -x") and len(stderr.strip().splitlines()) == 1
+
+
+def test_tracking_logs_a_run_that_mlflows_own_client_reads_back(tiny_data, tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "work"
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", work, "--track", *_sets(QUICK)], capsys)
+    assert code == 0, stderr
+    client = MlflowClient((work / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("fishcomp").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    summary = json.loads(next((work / "train").glob("dense-*/summary.json")).read_text())
+    assert run.data.tags["fishcomp.stage"] == "train" and run.data.tags["fishcomp.key"] in run.data.tags["fishcomp.artifact"]
+    assert run.data.params["head.kind"] == "dense" and run.data.params["train.batch_size"] == "32"
+    assert run.data.metrics["valid_logloss"] == pytest.approx(summary["valid_logloss"])
+    history = client.get_metric_history(run.info.run_id, "fold0.valid_logloss")
+    assert [h.step for h in history] == [1, 2]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "metrics.csv", "config.yaml"}
+    # Tracking changes no artifact: the same command without it finds everything cached.
+    code, stdout, _ = run_cli(["train", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", work, *_sets(QUICK)], capsys)
+    assert code == 0 and "built" not in stdout
+
+
+def test_the_python_api_returns_the_artifacts_the_cli_made(swept, tiny_data):
+    import fishcomp
+
+    overrides = [*QUICK, "train.phases.0.lr=1e-3"]
+    trained = fishcomp.train(CONFIGS / "dense.yaml", data=tiny_data, work=swept, overrides=overrides)
+    assert not trained.built and trained.file("oof.csv").is_file()  # the sweep's run, from the cache
+    rows = fishcomp.dag(CONFIGS / "dense.yaml", data=tiny_data, work=swept, overrides=overrides)
+    assert [(r.node.stage.name, r.status) for r in rows] == [("precompute", "cached"), ("train", "cached"), ("submit", "to build")]
+    submitted = fishcomp.run(CONFIGS / "dense.yaml", data=tiny_data, work=swept, overrides=overrides)
+    assert submitted.stage == "submit" and submitted.built
