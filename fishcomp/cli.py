@@ -206,7 +206,8 @@ def dag_cli(
     table(
         ["#", "stage", "config", "key", "status", "reads"],
         [[i, r.node.stage.name, r.node.name, r.node.key, r.status,
-          " ".join(f"{name}:#{position[(n.stage.name, n.key)]}" for name, value in r.node.inputs.items() for n in (value if isinstance(value, list) else [value]))]
+          " ".join(f"{name}:" + ",".join(f"#{position[(n.stage.name, n.key)]}" for n in (value if isinstance(value, list) else [value]))
+                   for name, value in r.node.inputs.items())]
          for i, r in enumerate(rows, 1)],
         title=f"{config}: {len(rows)} nodes, {sum(r.status != 'cached' for r in rows)} to build",
         fmt=fmt.value,

@@ -339,9 +339,9 @@ class TrainConfig(Strict):
     min_steps: int = Field(0, ge=0)
     seed: int = 0
     pseudo: PseudoConfig | None = None
-    # Arithmetic of training and prediction. auto: for heads that read the spatial map (the
-    # costly ones), bfloat16 autocast on a CPU that has it natively and float16 on a GPU; float32
-    # for heads on pooled vectors, where it would save nothing. Resolved value in the key.
+    # Arithmetic of training and prediction. auto: float16 autocast on a GPU for heads that read
+    # the spatial map (the costly ones); float32 otherwise: on a CPU, even one with native bf16,
+    # the FCN trained slower in bf16 (docs/results.md). Resolved value in the key.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = _runtime_only("auto")
     # Under torchrun: `folds` deals whole folds to the ranks (no gradient traffic, and exactly the

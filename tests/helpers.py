@@ -38,3 +38,12 @@ def wait_for_file(path: Path, process, limit_s: float = 600) -> None:
             process.kill()
             raise AssertionError(f"no {path} after {limit_s} s")
         time.sleep(0.05)
+
+
+def interruptible() -> None:
+    """For subprocesses a test interrupts with SIGINT, as Ctrl-C in a terminal would: a suite run
+    in the background (CI, `make test &`) starts its children with SIGINT ignored, and Python then
+    never turns SIGINT into KeyboardInterrupt. Restore the default before the child starts."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

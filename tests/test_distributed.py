@@ -24,10 +24,18 @@ def fishcomp(*args, nproc=1):
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
+    # A short member library: a dense head and a linear probe (their pass also holds the box
+    # source's map) and crops (box source, crop embedding, NoF blend), blended by the
+    # cross-fitted choice.
+    library = root / "library.yaml"
+    library.write_text(
+        f"extends: {CONFIGS / 'pipeline.yaml'}\nensemble:\n  members:\n"
+        f"    - {{config: {CONFIGS / 'dense.yaml'}}}\n    - {{config: {CONFIGS / 'linear.yaml'}}}\n    - {{config: {CONFIGS / 'crops.yaml'}}}\n"
+    )
     results = {}
     for nproc in (1, 2):
         work, out = root / f"work{nproc}", root / f"sub{nproc}.csv"
-        args = ["run", "-c", CONFIGS / "pipeline.yaml", "--data", tiny_data, "--work", work, "--out", out]
+        args = ["run", "-c", library, "--data", tiny_data, "--work", work, "--out", out]
         for override in SMALL:
             args += ["--set", override]
         done = fishcomp(*args, nproc=nproc)
@@ -43,13 +51,13 @@ def test_the_pipeline_on_two_processes_writes_the_same_submission(runs):
         assert a.image.equals(b.image)
         assert np.abs(a.iloc[:, 1:].to_numpy() - b.iloc[:, 1:].to_numpy()).max() <= 1e-4
     # Rank 0 speaks for both: one line per artifact.
-    assert log.stdout.count("precompute built") == len(list((runs[2][0] / "precompute").glob("eff*"))) >= 3
+    assert log.stdout.count("precompute built") == len(list((runs[2][0] / "precompute").glob("eff*"))) >= 1
 
 
 def test_precompute_on_two_processes_gives_the_same_arrays_and_index_under_the_same_key(runs):
     (one, _, _), (two, _, _) = runs[1], runs[2]
     folders = sorted(p.name for p in (one / "precompute").glob("eff*"))
-    assert folders == sorted(p.name for p in (two / "precompute").glob("eff*")) and len(folders) >= 3
+    assert folders == sorted(p.name for p in (two / "precompute").glob("eff*")) and len(folders) >= 1
     for name in folders:
         assert (one / "precompute" / name / "index.csv").read_text() == (two / "precompute" / name / "index.csv").read_text()
         for array in sorted((one / "precompute" / name).glob("*.npy")):

@@ -32,12 +32,14 @@ def _dag(args, capsys, *extra):
     return {(row.stage, row.config): row.status for row in rows.itertuples()}
 
 
-# One backbone pass per size and view set: dense_360x640's pooled vectors come from the pass
-# that also holds bbox_grid's maps.
+# The member library of configs/pipeline.yaml. Under SMALL every lite0 pass is 128x224, so one
+# pass (with the map, for fcn and the box source) serves all lite0 members: one backbone pass per
+# backbone, size and view set; and the 360x640 members are then the 224 ones (same key), listed
+# once. A node is named after the first config that asks for it.
+LIBRARY = ["linear", "dense", "linear_360x640", "dense_360x640", "fcn", "crops", "linear_lite2"]
 PIPELINE_NODES = {
-    ("precompute", "dense_aug"), ("precompute", "dense_360x640"), ("train", "dense_aug"),
-    ("train", "dense_360x640"), ("train", "bbox_grid"), ("crops", "crops"), ("train", "crops"), ("ensemble", "pipeline"),
-    ("submit", "pipeline"),
+    ("precompute", "linear"), ("precompute", "linear_lite2"), *(("train", m) for m in ["linear", "dense", "fcn", "crops", "linear_lite2"]),
+    ("train", "bbox_grid"), ("crops", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline"),
 }
 
 
@@ -65,9 +67,9 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(demo_run, tiny_data,
     code, stdout, _ = run_cli(["validate", out.with_name("submission_stg2.csv"), "--data", tiny_data], capsys)
     assert code == 0 and "valid test_stg2 submission, 36 rows" in stdout
     # Models trained on features, not on noise: out-of-fold log loss beats the class prior.
-    train = json.loads(next((work / "train").glob("dense_aug-*/summary.json")).read_text())
+    train = json.loads(next((work / "train").glob("dense-*/summary.json")).read_text())
     assert train["valid_logloss"] < train["prior_logloss"]
-    oof = pd.read_csv(next((work / "train").glob("dense_aug-*/oof.csv")))
+    oof = pd.read_csv(next((work / "train").glob("dense-*/oof.csv")))
     assert len(oof) == 120 and sorted(oof.fold.unique()) == [0, 1, 2]
     assert not oof.isna().any().any()
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
@@ -93,10 +95,8 @@ def test_after_a_run_the_dag_is_all_cached_and_a_nof_weight_marks_only_the_crops
         f"extends: {CONFIGS / 'crops.yaml'}\n"
         f"crops: {{boxes: {CONFIGS / 'bbox_grid.yaml'}, nof: {{whole: {CONFIGS / 'dense_360x640.yaml'}, weight: 0.3}}}}\n"
     )
-    (tmp_path / "pipeline.yaml").write_text(
-        f"extends: {CONFIGS / 'pipeline.yaml'}\nensemble:\n  members:\n"
-        f"    - {{config: {CONFIGS / 'dense_aug.yaml'}}}\n    - {{config: {CONFIGS / 'dense_360x640.yaml'}}}\n    - {{config: crops.yaml}}\n"
-    )
+    members = "".join(f"    - {{config: {'crops.yaml' if m == 'crops' else CONFIGS / f'{m}.yaml'}}}\n" for m in LIBRARY)
+    (tmp_path / "pipeline.yaml").write_text(f"extends: {CONFIGS / 'pipeline.yaml'}\nensemble:\n  members:\n{members}")
     statuses = _dag([tmp_path / "pipeline.yaml" if a == CONFIGS / "pipeline.yaml" else a for a in args], capsys)
     to_build = {node for node, status in statuses.items() if status != "cached"}
     # The crops embedding (the expensive part) is not redone: only the head that blends NoF.
@@ -136,11 +136,14 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(demo_r
     assert code == 0, stderr
     assert "built" not in stdout
     summary = json.loads(next(p for p in (work / "ensemble").glob("pipeline-*/summary.json") if json.loads(p.read_text())["method"] == "mean").read_text())
-    assert summary["weights"] == "fitted"
+    assert summary["weights"] == "auto" and set(summary["candidates_cross_fitted"]) == {"fitted", "selection", "stack"}
+    assert summary["blend"] == min(summary["candidates_cross_fitted"], key=summary["candidates_cross_fitted"].get)
     weights = [m["weight"] for m in summary["members"]]
-    assert min(weights) >= 0 and abs(sum(weights) - 1) < 1e-6
-    # Fitted on the out-of-fold rows, the blend is never worse there than its best member.
-    assert summary["valid_logloss"] <= min(m["valid_logloss"] for m in summary["members"]) + 1e-9
+    assert len(weights) == len(LIBRARY) and min(weights) >= 0 and abs(sum(weights) - 1) < 1e-6  # zeros listed too
+    if summary["blend"] == "stack":  # out of fold, each fold comes from a stacker that never saw it
+        assert summary["valid_logloss"] == pytest.approx(summary["valid_logloss_cross_fitted"])
+    else:  # fitted on the out-of-fold rows, the blend is never worse there than its best member
+        assert summary["valid_logloss"] <= min(m["valid_logloss"] for m in summary["members"]) + 1e-9
     assert summary["valid_logloss_cross_fitted"] is not None
     # The submit of this blend (an earlier test built a geometric one too): the one whose clip this run printed.
     submits = [json.loads(p.read_text()) for p in (work / "submit").glob("pipeline-*/summary.json")]

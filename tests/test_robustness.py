@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import CONFIGS, run_cli, wait_for_file
+from helpers import CONFIGS, interruptible, run_cli, wait_for_file
 from PIL import Image
 
 from fishcomp.data.images import load_rgb
@@ -77,11 +77,14 @@ def test_unreadable_test_files_stop_the_run_unless_the_prior_is_asked_for(data, 
 def test_an_unknown_class_folder_is_skipped_and_an_empty_class_still_trains(data, tmp_path, capsys):
     (data / "train" / "SALMON").mkdir()
     Image.new("RGB", (64, 36)).save(data / "train" / "SALMON" / "img_salmon.jpg")
+    (data / "train" / "YTF").mkdir()  # a misspelt class
+    Image.new("RGB", (64, 36)).save(data / "train" / "YTF" / "img_ytf.jpg")
     shutil.rmtree(data / "train" / "LAG")
     (data / "train" / "LAG").mkdir()
     code, _, stderr = _train(data, tmp_path / "work", capsys)
     assert code == 0, stderr
     assert "train/SALMON: not a class of this competition" in stderr and "train/LAG: empty class folder" in stderr
+    assert "train/YTF: not a class of this competition" in stderr and "did you mean YFT?; skipped" in stderr
     assert "no train images of LAG" in stderr
     oof = pd.read_csv(next((tmp_path / "work" / "train").glob("dense-*/oof.csv")))
     assert "img_salmon.jpg" not in set(oof.image)
@@ -151,7 +154,7 @@ def test_an_interrupted_precompute_leaves_nothing_complete_and_the_rerun_equals_
     # The stage pauses after its first batch and says so (fishcomp/faults.py): the signal arrives
     # mid-way on any machine, however fast, instead of after a guessed sleep.
     env = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "FISHCOMP_PAUSE_AT": "precompute.batch", "FISHCOMP_PAUSE_MARKER": str(marker)}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
     wait_for_file(marker, process)
     assert list(work.glob("precompute/.tmp-*/train_pooled.npy"))  # one batch written, far from all
     process.send_signal(how)
@@ -179,7 +182,7 @@ def test_a_stopped_training_resumes_at_the_first_missing_fold_and_ends_as_an_uni
 
     marker, work = tmp_path / "paused", tmp_path / "work"
     env = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "FISHCOMP_PAUSE_AT": "train.fold:2", "FISHCOMP_PAUSE_MARKER": str(marker)}
-    process = subprocess.Popen(command(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
     wait_for_file(marker, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from fishcomp.errors import FishcompError
+from fishcomp.suggest import did_you_mean
 
 FISHERIES_CLASSES = ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
 TEST_SPLITS = ("test_stg1", "test_stg2")
@@ -119,7 +120,8 @@ def load_dataset(root: str | Path) -> Dataset:
     known = set(classes)
     for folder in sorted(p for p in train_dir.iterdir() if p.is_dir()):
         if folder.name not in known:
-            notes.append(f"train/{folder.name}: not a class of this competition ({', '.join(classes)}); skipped")
+            hint = did_you_mean(folder.name, classes).lstrip("; ")
+            notes.append(f"train/{folder.name}: not a class of this competition ({', '.join(classes)}){'; ' + hint if hint else ''}; skipped")
             continue
         files = [p for p in _list_images(folder)]
         if not files:
