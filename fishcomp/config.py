@@ -712,5 +712,16 @@ def cache_key(stage: str, *parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def flatten_config(data: Any, prefix: str = "") -> dict[str, str]:
+    """A resolved config as `dotted.key -> value text` (lists as JSON): for comparing runs and
+    for trackers' flat params."""
+    if isinstance(data, dict):
+        flat: dict[str, str] = {}
+        for key, value in data.items():
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): json.dumps(data, default=str) if isinstance(data, list) else str(data)}
+
+
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from fishcomp.cache import Artifact
-from fishcomp.config import TrackingConfig, dump_yaml
+from fishcomp.config import TrackingConfig, dump_yaml, flatten_config
 from fishcomp.errors import FishcompError
 
 TRACKED_STAGES = ("train", "ensemble", "calibrate", "submit")
@@ -26,15 +26,6 @@ def tracking_uri(settings: TrackingConfig, work: Path) -> str:
         return settings.uri
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return (Path(work).resolve() / "mlruns").as_uri()
-
-
-def _flatten(data, prefix: str = "") -> dict[str, str]:
-    if isinstance(data, dict):
-        flat = {}
-        for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): json.dumps(data) if isinstance(data, list) else str(data)}
 
 
 def track(settings: TrackingConfig, work: Path, stage: str, name: str, config: dict, artifact: Artifact) -> str:
@@ -48,7 +39,7 @@ def track(settings: TrackingConfig, work: Path, stage: str, name: str, config: d
     summary = json.loads(artifact.file("summary.json").read_text()) if artifact.file("summary.json").is_file() else {}
     with mlflow.start_run(run_name=f"{name}-{stage}-{artifact.key}") as run:
         mlflow.set_tags({"fishcomp.stage": stage, "fishcomp.key": artifact.key, "fishcomp.artifact": str(artifact.path)})
-        params = _flatten(config)
+        params = flatten_config(config)
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(list(params.items())[start : start + 100]))
         metrics = artifact.file("metrics.csv")

@@ -14,18 +14,10 @@ from pathlib import Path
 import yaml
 
 from fishcomp.cache import damage
+from fishcomp.config import flatten_config
 
 STAGES = ("train", "ensemble", "calibrate", "submit")
 COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "accuracy", "seconds", "created", "differs"]
-
-
-def _flatten(data, prefix: str = "") -> dict[str, str]:
-    if isinstance(data, dict):
-        flat = {}
-        for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): json.dumps(data, default=str) if isinstance(data, (list, dict)) else str(data)}
 
 
 def _row(folder: Path, stage: str) -> dict | None:
@@ -42,7 +34,7 @@ def _row(folder: Path, stage: str) -> dict | None:
     return {
         "name": summary.get("name", label), "stage": stage, "key": key, "valid_logloss": score, "cross_fitted": cross,
         "accuracy": summary.get("valid_accuracy"), "seconds": manifest.get("seconds"), "created": manifest.get("created"),
-        "path": str(folder), "settings": _flatten(config or {}),
+        "path": str(folder), "settings": flatten_config(config or {}),
     }
 
 
