@@ -322,7 +322,9 @@ def predict_cli(
         info(f"wrote {out} ({len(frame)} images)")
     else:
         classes = list(frame.columns[1:])
-        table(["image", "predicted", *classes], [[r[0], classes[int(r[1:].astype(float).argmax())], *[f"{v:.3f}" for v in r[1:]]] for r in frame.itertuples(index=False)])
+        probs = frame[classes].to_numpy(dtype=float)
+        table(["image", "predicted", *classes],
+              [[image, classes[int(row.argmax())], *[f"{v:.3f}" for v in row]] for image, row in zip(frame.image, probs)])
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="What the artifact cache holds, its size, and removing what no config needs.")

@@ -69,6 +69,16 @@ def test_predict_classifies_photos_as_the_run_predicted_its_own_test_images(swep
     # Same pass, same heads; the features are rounded to float16 in both, and the backbone's
     # batches differ in size, which can move a feature by one float16 step (about 1e-3 relative).
     np.testing.assert_allclose(predicted.iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)
+    # Without --out: a table of the photos, their predicted class and probabilities.
+    folder_args = ["predict", "-c", CONFIGS / "dense.yaml", "--folder", tiny_data / "test_stg1", "--data", tiny_data, "--work", swept,
+                   *_sets([*QUICK, "train.phases.0.lr=1e-3"])]
+    code, stdout, stderr = run_cli(folder_args, capsys)
+    assert code == 0, stderr
+    shown = [line for line in stdout.splitlines() if ".jpg" in line]
+    assert len(shown) == len(list((tiny_data / "test_stg1").glob("*.jpg")))
+    first = predicted.iloc[0]
+    row = next(line for line in shown if sample[0] in line)
+    assert first.index[1:][int(first.iloc[1:].to_numpy(dtype=float).argmax())] in row
     code, _, stderr = run_cli(["predict", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", swept], capsys)
     assert code == 2 and "nothing to predict" in stderr
 
