@@ -72,18 +72,28 @@ def select_weights(probabilities: list[np.ndarray], labels: np.ndarray, method: 
 WEIGHT_FITTERS = {"fitted": fit_weights, "selection": select_weights}
 
 
-def cross_fitted_blend(probabilities: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, method: str, kind: str = "fitted") -> np.ndarray | None:
-    """Each fold blended with weights fitted (`kind`: fitted or selection) on the other folds
-    only: an honest estimate of what fitting gains. None with a single validated fold."""
+def _cross_fitted(probabilities: list[np.ndarray], folds: np.ndarray, fit_and_apply) -> np.ndarray | None:
+    """Each validated fold predicted by `fit_and_apply(rest, this)` fitted on the other folds
+    only. None with a single validated fold (nothing to fit on)."""
     validated = sorted(f for f in np.unique(folds) if f >= 0)
     if len(validated) < 2:
         return None
-    blended = np.full_like(probabilities[0], np.nan, dtype=np.float64)
+    out = np.full_like(probabilities[0], np.nan, dtype=np.float64)
     for fold in validated:
         rest, this = (folds >= 0) & (folds != fold), folds == fold
+        out[this] = fit_and_apply(rest, this)
+    return out
+
+
+def cross_fitted_blend(probabilities: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, method: str, kind: str = "fitted") -> np.ndarray | None:
+    """Each fold blended with weights fitted (`kind`: fitted or selection) on the other folds
+    only: an honest estimate of what fitting gains."""
+
+    def fit_and_apply(rest, this):
         weights = WEIGHT_FITTERS[kind]([p[rest] for p in probabilities], labels[rest], method)
-        blended[this] = blend([p[this] for p in probabilities], weights, method)
-    return blended
+        return blend([p[this] for p in probabilities], weights, method)
+
+    return _cross_fitted(probabilities, folds, fit_and_apply)
 
 
 def _stack_features(probabilities: list[np.ndarray]) -> np.ndarray:
@@ -105,15 +115,13 @@ def stack_predict(stacker, probabilities: list[np.ndarray], classes: int) -> np.
 
 def cross_fitted_stack(probabilities: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, strength: float) -> np.ndarray | None:
     """Each fold predicted by a stacker fitted on the other folds' out-of-fold predictions."""
-    validated = sorted(f for f in np.unique(folds) if f >= 0)
-    if len(validated) < 2:
-        return None
-    stacked = np.full_like(probabilities[0], np.nan, dtype=np.float64)
-    for fold in validated:
-        rest, this = (folds >= 0) & (folds != fold), folds == fold
+
+    def fit_and_apply(rest, this):
         stacker = fit_stacker([p[rest] for p in probabilities], labels[rest], strength)
-        stacked[this] = stack_predict(stacker, [p[this] for p in probabilities], probabilities[0].shape[1])
-    return stacked
+        return stack_predict(stacker, [p[this] for p in probabilities], probabilities[0].shape[1])
+
+    return _cross_fitted(probabilities, folds, fit_and_apply)
+
 
 
 def blend_nof(crop_probs: np.ndarray, whole_probs: np.ndarray, weight: float, nof: int) -> np.ndarray:

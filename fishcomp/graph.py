@@ -18,6 +18,7 @@ describe a finished one in a line (`describe`). Stages never import each other: 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from fishcomp.context import Context
 from fishcomp.errors import FishcompError
 
 
-class Stage:
+class Stage(ABC):
     """One kind of artifact. Subclasses set `name` and `declares` and implement the methods."""
 
     name: ClassVar[str]
@@ -48,15 +49,16 @@ class Stage:
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request: Any) -> dict[str, Node | list[Node]]:
         return {}
 
+    @abstractmethod
     def params(self, ctx: Context, loaded: LoadedConfig, **request: Any) -> dict:
         """Exactly what of the config (and of the data) determines the artifact, besides its inputs."""
-        raise NotImplementedError
 
     def label(self, loaded: LoadedConfig, **request: Any) -> str:
         return loaded.name
 
+    @abstractmethod
     def build(self, ctx: Context, node: Node, inputs: dict[str, Any], tmp: Path) -> dict | None:
-        raise NotImplementedError
+        """Write the artifact's files into `tmp`; may return facts for the manifest."""
 
     def describe(self, artifact: Artifact) -> str:
         return ""
