@@ -227,32 +227,10 @@ class ResblockHeadConfig(Strict):
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
 
 
-class FinetuneHeadConfig(Strict):
-    """End-to-end fine-tuning: the backbone unfrozen, images decoded and augmented on the fly.
-    What a GPU user runs; on a CPU only with small images. The learning rates come from
-    `train.phases`, the input size and weights from `precompute`."""
-
-    kind: Literal["finetune"] = "finetune"
-    # Reads images, not cached maps (only the pooled features, for the warm-up).
-    input: ClassVar[str] = "pooled"
-    # Epochs that train only the new classifier, on the cached pooled features: a warm start that
-    # keeps random classifier gradients from wrecking the pretrained backbone, for almost no time.
-    warmup_epochs: int = Field(3, ge=0)
-    warmup_lr: float = Field(1e-3, gt=0)
-    # Discriminative learning rates via timm's layer-wise decay: each layer group nearer the input
-    # trains at this factor of the next one's rate (1: one rate for all).
-    layer_decay: float = Field(0.85, gt=0.0, le=1.0)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    # Keep BatchNorm statistics frozen: small fine-tuning batches estimate them badly.
-    freeze_bn: bool = True
-    # Augment on the fly with precompute.augment.transforms (or the default list when absent).
-    augment: bool = True
-
-
 HeadConfig = Annotated[
     Union[
         LinearHeadConfig, DenseHeadConfig, GapHeadConfig, LeakageHeadConfig, BboxHeadConfig,
-        FcnHeadConfig, InceptionHeadConfig, ResblockHeadConfig, FinetuneHeadConfig,
+        FcnHeadConfig, InceptionHeadConfig, ResblockHeadConfig,
     ],
     Field(discriminator="kind"),
 ]
@@ -316,6 +294,27 @@ class CropsConfig(Strict):
     align: bool = False
 
 
+class FinetuneConfig(Strict):
+    """End-to-end fine-tuning, a way of training any head on pooled features: the backbone
+    unfrozen under it, images decoded and augmented on the fly. What a GPU user runs; on a CPU only
+    with small images. The learning rates come from `train.phases`, the input size and weights from
+    `precompute`."""
+
+    # Epochs that train only the head, on the cached pooled features (what the frozen backbone
+    # gives): a warm start that keeps a random head's gradients from wrecking the pretrained
+    # backbone, for almost no time. A linear head is one linear layer trained so (its probe
+    # settings, `strengths` and the rest, are for the probe on cached features only).
+    warmup_epochs: int = Field(3, ge=0)
+    warmup_lr: float = Field(1e-3, gt=0)
+    # Discriminative learning rates via timm's layer-wise decay: each layer group nearer the input
+    # trains at this factor of the next one's rate (1: one rate for all); the head trains at 1.
+    layer_decay: float = Field(0.85, gt=0.0, le=1.0)
+    # Keep BatchNorm statistics frozen: small fine-tuning batches estimate them badly.
+    freeze_bn: bool = True
+    # Augment on the fly with precompute.augment.transforms (or the default list when absent).
+    augment: bool = True
+
+
 class TrainConfig(Strict):
     # The lesson's two phases: Adam 1e-3 for 3 epochs, then 1e-4 for 7.
     phases: list[Phase] = Field(
@@ -339,9 +338,12 @@ class TrainConfig(Strict):
     min_steps: int = Field(0, ge=0)
     seed: int = 0
     pseudo: PseudoConfig | None = None
+    # Train the backbone too (see FinetuneConfig); None: the head alone, on cached features.
+    finetune: FinetuneConfig | None = None
     # Arithmetic of training and prediction. auto: float16 autocast on a GPU for heads that read
-    # the spatial map (the costly ones); float32 otherwise: on a CPU, even one with native bf16,
-    # the FCN trained slower in bf16 (docs/results.md). Resolved value in the key.
+    # the spatial map and for fine-tuning (the costly ones); float32 otherwise: on a CPU, even one
+    # with native bf16, the FCN trained slower in bf16 and fine-tuning no faster (docs/results.md).
+    # Resolved value in the key.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = _runtime_only("auto")
     # Under torchrun: `folds` deals whole folds to the ranks (no gradient traffic, and exactly the
@@ -454,12 +456,17 @@ class RunConfig(Strict):
             self.head = DenseHeadConfig()
         if self.head is not None and self.train is None:
             self.train = TrainConfig()
-        if self.head is not None and self.head.kind == "finetune" and self.train.pseudo is not None:
-            raise ValueError("train.pseudo works with heads on cached features, not with head.kind: finetune")
+        if self.train is not None and self.train.finetune is not None:
+            if self.train.pseudo is not None:
+                raise ValueError("train.pseudo works with heads on cached features, not with train.finetune")
+            if self.crops is not None:
+                raise ValueError("train.finetune trains on whole images; crops are embedded once, by a frozen backbone")
+            if getattr(self.head, "input", "map") != "pooled":
+                raise ValueError(f"train.finetune trains the backbone under a head on its pooled vector (linear, dense), not {self.head.kind} on the map")
         if self.crops is not None:
             if self.head is None:
                 raise ValueError("`crops` needs a `head` to classify the crops")
-            if self.head.kind == "finetune" or getattr(self.head, "input", "map") != "pooled":
+            if getattr(self.head, "input", "map") != "pooled":
                 raise ValueError(f"crops are embedded as pooled vectors: use a head on pooled features (dense, leakage), not {self.head.kind}")
         return self
 

@@ -123,8 +123,10 @@ def training_precision(loaded, device):
     setting = loaded.config.train.precision
     if setting == "auto":
         # Measured on a CPU with AMX: training the lesson's FCN on 1280-channel maps is slower in
-        # bf16 (its first conv's backward), so auto autocasts heads only on a GPU.
-        if torch_device_type(device) != "cuda" or not head_uses_map(loaded.config.head):
+        # bf16 (its first conv's backward) and a fine-tuning epoch no faster (docs/results.md),
+        # so auto autocasts training only on a GPU, where the costly work is.
+        costly = head_uses_map(loaded.config.head) or loaded.config.train.finetune is not None
+        if torch_device_type(device) != "cuda" or not costly:
             return None
     return autocast_dtype(setting, device)
 

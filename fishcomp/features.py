@@ -208,7 +208,8 @@ def normalised_boxes(index: pd.DataFrame, columns: list[str] = BOX_COLUMNS) -> n
 
 
 class Embedder:
-    """One frozen backbone pass, the same for every stage that embeds images (precompute, crops):
+    """One frozen backbone pass, the same for every stage that embeds images (precompute, crops;
+    fine-tuning unfreezes its model and trains it under a head):
     the model on its device in channels_last, the weights' own normalisation, and autocast (fp16
     on a GPU, bf16 on a CPU that has it; see PrecomputeConfig.precision). `embed` takes (N, H, W, 3) uint8 batches as `image_batches` yields them."""
 
@@ -234,10 +235,14 @@ class Embedder:
         with torch.inference_mode():
             return tuple(self.model.forward_features(torch.zeros(1, 3, *size, device=self.device)).shape[1:])
 
+    def inputs(self, batch):
+        """(N, H, W, 3) uint8 -> the model's normalised input on its device."""
+        return to_model_input(batch, self.device, self.mean, self.std)
+
     def embed(self, batch, spatial: bool = True):
         """(pooled (N, C) float32 array, feature map (N, C, h, w) float32 array or None)."""
 
-        inputs = to_model_input(batch, self.device, self.mean, self.std)
+        inputs = self.inputs(batch)
         with autocast(self.autocast_dtype, self.device):
             feature_map = self.model.forward_features(inputs)
             pooled = self.model.forward_head(feature_map, pre_logits=True)

@@ -3,9 +3,11 @@
     python scripts/bench_heads.py [--images 160] [--size 224x224]
 
 Both train on the same synthetic images with the same fold split, batch size and threads, through
-the real trainers (the dense head on cached pooled features; `head.kind: finetune` on decoded,
-augmented images). The cached features are computed first and not counted: that is the point.
-Last line: `ratio=<head epoch / fine-tune epoch> target=0.02` (smaller is better).
+the real trainers (the dense head on cached pooled features; `train.finetune` on decoded,
+augmented images, float32). The cached features are computed first and not counted: that is the
+point. On a CPU with native bf16 it also times a fine-tuning epoch under bf16 autocast (what
+`train.precision: auto` chooses against). Last line: `ratio=<head epoch / fine-tune epoch>
+target=0.02` (smaller is better).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--size", default="224x224")
     args = parser.parse_args()
     os.environ.setdefault("FISHCOMP_NO_PROGRESS", "1")
+    from fishcomp.context import cpu_has_bf16
     from fishcomp.data.synth import synthesize
 
     height, width = (int(v) for v in args.size.split("x"))
@@ -55,9 +58,14 @@ def main() -> None:
         data = Path(tmp) / "data"
         synthesize(data, n_train=args.images, n_test=1, seed=5)
         head = epoch_seconds(data, Path(tmp) / "work", "dense.yaml", shared)
-        tune = epoch_seconds(data, Path(tmp) / "work", "finetune.yaml", shared + ["head.warmup_epochs=0"])
+        tune = epoch_seconds(data, Path(tmp) / "work", "finetune.yaml", shared + ["train.finetune.warmup_epochs=0", "train.precision=fp32"])
+        tune_bf16 = None
+        if cpu_has_bf16():
+            tune_bf16 = epoch_seconds(data, Path(tmp) / "work", "finetune.yaml", shared + ["train.finetune.warmup_epochs=0", "train.precision=bf16"])
     print(f"{torch.get_num_threads()} torch threads, {args.images} images at {args.size}: "
           f"dense head epoch {head:.3f} s, fine-tuning epoch {tune:.1f} s ({tune / head:.0f}x)")
+    if tune_bf16 is not None:
+        print(f"fine-tuning epoch under bf16 autocast: {tune_bf16:.1f} s ({tune_bf16 / tune:.2f}x the float32 epoch)")
     print(f"ratio={head / tune:.4f} target=0.02")
 
 

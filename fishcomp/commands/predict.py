@@ -50,7 +50,7 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     from fishcomp.pipeline import resolver
 
     config = loaded.config
-    if config.crops is not None or (config.head is not None and config.head.kind == "finetune"):
+    if config.crops is not None or (config.train is not None and config.train.finetune is not None):
         raise FishcompError(f"{loaded.path}: predict works with heads on whole-image features, not crops or fine-tuning")
     plan = resolver(ctx)
     node = plan.node("train", loaded)

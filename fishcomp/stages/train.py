@@ -18,15 +18,15 @@ from fishcomp.distributed import device_for
 from fishcomp.errors import FishcompError
 from fishcomp.features import tta_combine
 from fishcomp.graph import Node, Resolver, Stage, register_stage
-from fishcomp.models.heads import head_uses_map
+from fishcomp.models.heads import head_needs_size, head_uses_map
 from fishcomp.training.folds import FoldStore, fit_folds
 
 
 def features_request(loaded: LoadedConfig) -> dict:
-    """What a head needs of its backbone pass: the spatial map, or only the original images."""
-    head = loaded.config.head
-    finetune = head.kind == "finetune"
-    return {"spatial": not finetune and head_uses_map(head), "originals_only": finetune}
+    """What a head needs of its backbone pass: the spatial map, or (fine-tuning, which embeds the
+    images itself) only the originals' pooled vectors, for the head's warm-up."""
+    finetune = loaded.config.train.finetune is not None
+    return {"spatial": not finetune and head_uses_map(loaded.config.head), "originals_only": finetune}
 
 
 @register_stage
@@ -41,6 +41,9 @@ class Train(Stage):
         config = loaded.config
         if not config.trains:
             raise FishcompError(f"{loaded.path}: nothing to train (add a `head:` section, or use an ensemble's members)")
+        if config.train.finetune is not None and head_needs_size(config.head):
+            raise FishcompError(f"{loaded.path}: train.finetune feeds the head the backbone's pooled vector only; "
+                                f"head.kind {config.head.kind} also needs the image size (use linear or dense)")
         if config.crops is not None:
             inputs = {"features": resolver.node("crops", loaded)}
         else:

@@ -314,7 +314,7 @@ class FoldStore:
 
 def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None = None):
     """The fold trainer for the config's head: cached features, or fine-tuning on images."""
-    if data.loaded.config.head.kind == "finetune":
+    if data.loaded.config.train.finetune is not None:
         from fishcomp.training.finetune import FinetuneFolds
 
         return FinetuneFolds(data, ctx.dataset().root, features_artifact)

@@ -14,10 +14,11 @@ Every head has the same small interface:
 from fishcomp.models.heads import convolutional, dense, linear  # noqa: E402,F401
 from fishcomp.models.heads.registry import (
     create_head,
+    head_needs_size,
     head_uses_map,
     list_heads,
     list_heatmap_heads,
     register_head,
 )
 
-__all__ = ["create_head", "head_uses_map", "list_heads", "list_heatmap_heads", "register_head"]
+__all__ = ["create_head", "head_needs_size", "head_uses_map", "list_heads", "list_heatmap_heads", "register_head"]

@@ -26,6 +26,11 @@ def head_uses_map(config) -> bool:
     return getattr(config, "input", "map") == "map"
 
 
+def head_needs_size(config) -> bool:
+    """Whether a head config's head also reads the image-size one-hot, without building the head."""
+    return getattr(_REGISTRY[config.kind], "needs_size", False)
+
+
 def list_heatmap_heads() -> list[str]:
     """Kinds whose `forward` returns per-class heatmaps (known from the class, nothing is built)."""
     return [kind for kind in list_heads() if getattr(_REGISTRY[kind], "makes_heatmaps", False)]
