@@ -338,6 +338,11 @@ class TrainConfig(Strict):
     min_steps: int = Field(0, ge=0)
     seed: int = 0
     pseudo: PseudoConfig | None = None
+    # Heads on the spatial map: project its channels once, before any fold trains, onto their
+    # first this-many principal components (whitened, fitted on the train images' maps without
+    # labels), so every epoch reads k instead of 1280 channels (fishcomp/training/map_projection.py).
+    # None: the raw map, the lesson's way.
+    map_channels: int | None = Field(None, ge=1)
     # Train the backbone too (see FinetuneConfig); None: the head alone, on cached features.
     finetune: FinetuneConfig | None = None
     # Arithmetic of training and prediction. auto: float16 autocast on a GPU for heads that read

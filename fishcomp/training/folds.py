@@ -228,6 +228,9 @@ class CachedFeatureFolds:
                 array, np.arange(len(array)), size_onehot(data.index[data.index.split == split], data.vocabulary),
                 views=load_views(features_artifact, split, self.kind),
             )
+        self.projection = None
+        if self.kind == "map" and config.train.map_channels:
+            self._project_maps(config.train.map_channels, config.train.seed)
         self.pseudo, self.pseudo_summary = None, None
         if pseudo_source is not None:
             settings = config.train.pseudo
@@ -238,7 +241,23 @@ class CachedFeatureFolds:
                 "images": int(len(self.pseudo[1])), "proportion": settings.proportion,
             }
 
+    def _project_maps(self, channels: int, seed: int) -> None:
+        """Every map this run reads (train, its copies and views, the test splits), projected once
+        onto the train maps' first `channels` whitened principal components, held in memory."""
+        from fishcomp.training.map_projection import fit_projection, project
+
+        train = self.train_features
+        mean, components = fit_projection(train.array, train.rows, channels, seed)
+        self.projection = {"mean": mean, "components": components}
+
+        for features in (train, *self.test_features.values()):
+            features.array = project(features.array, mean, components)
+            features.copies = [project(c, mean, components) for c in features.copies]
+            features.views = [project(v, mean, components) for v in features.views]
+
     def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
+        import torch
+
         data = self.data
         config = data.loaded.config
         valid_set = self.train_features.subset(valid)
@@ -261,6 +280,7 @@ class CachedFeatureFolds:
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": data.classes,
                 "in_shape": self.train_features.shape, "size_vocabulary": data.vocabulary,
+                **({"projection": {k: torch.from_numpy(v) for k, v in self.projection.items()}} if self.projection else {}),
             },
         )
 
@@ -477,4 +497,9 @@ def load_fold_model(artifact: Artifact, fold: int, device):
     head = TypeAdapter(HeadConfig).validate_python(checkpoint["head"])
     model = create_head(head, tuple(checkpoint["in_shape"]), len(checkpoint["classes"]), num_sizes=len(checkpoint["size_vocabulary"]) + 1)
     model.load_state_dict(checkpoint["state_dict"])
+    if "projection" in checkpoint:  # trained on projected maps: the projection goes in front
+        from fishcomp.training.map_projection import projected_head
+
+        projection = checkpoint["projection"]
+        model = projected_head(model, projection["mean"].cpu().numpy(), projection["components"].cpu().numpy())
     return model.to(device).eval()
