@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,61 +43,6 @@ def _probs(model, x: np.ndarray, classes: int) -> np.ndarray:
     return out / out.sum(axis=1, keepdims=True)
 
 
-@dataclass
-class FittedProbe:
-    model: object  # scikit-learn's LogisticRegression
-    mean: np.ndarray
-    scale: np.ndarray
-    strength: float
-    converged: bool
-    epoch: int  # its row in metrics.csv: one per strength tried, then this one
-    classes: int
-
-    def module(self, head):
-        """The fitted probe as the head module (`models.heads.linear.LinearProbe`)."""
-        import torch
-
-        from fishcomp.models.heads import create_head
-
-        dim = len(self.mean)
-        module = create_head(head, (dim,), self.classes)
-        weight = np.zeros((self.classes, dim), dtype=np.float32)
-        bias = np.full(self.classes, -30.0, dtype=np.float32)  # a class absent from the fold: never predicted
-        model = self.model
-        if len(model.classes_) > 2:
-            weight[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
-        else:  # scikit-learn's binary form: logit of the second class against the first
-            weight[model.classes_[1]], bias[model.classes_] = model.coef_[0], (0.0, model.intercept_[0])
-        module.load_state_dict({"mean": torch.from_numpy(self.mean.astype(np.float32)), "scale": torch.from_numpy(self.scale.astype(np.float32)),
-                                "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
-        return module
-
-
-def fit_probe(head, rows, originals: np.ndarray, labels: np.ndarray, train: np.ndarray, classes: int, seed: list[int], fold: int, records: list) -> FittedProbe:
-    """Standardise, choose the L2 strength on an inner split of the `train` positions (never the
-    fold's validation images), then refit on all of them. `rows(positions)` gives the training rows
-    of those images (with any augmented copies), `originals` the un-augmented features that score
-    the inner split; one record per strength tried goes to `records`."""
-    started = time.time()
-    order = np.random.default_rng(seed).permutation(train)
-    inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
-    inner_train = order[len(inner_valid):]
-    x_inner, y_inner = rows(inner_train)
-    mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
-    inner = {}
-    model = None
-    for strength in sorted(head.strengths):  # strongest penalty first: each fit warm-starts the next
-        model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
-        inner[strength] = log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes))
-        records.append({"fold": fold, "epoch": len(inner), "lr": strength, "strength": strength, "inner_logloss": inner[strength],
-                        "converged": converged, "seconds": round(time.time() - started, 3)})
-    best = min(inner, key=inner.get)
-    x, y = rows(train)
-    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-    model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes)
-    return FittedProbe(model, mean, scale, best, converged, len(inner) + 1, classes)
-
-
 class LinearProbeFolds:
     def __init__(self, data: TrainData, features_artifact: Artifact):
         self.data = data
@@ -125,28 +69,57 @@ class LinearProbeFolds:
         return combine_views([first, *[_probs(model, (v - mean) / scale, classes) for v in views]], self.tta), first
 
     def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
+        import torch
+
+        from fishcomp.models.heads import create_head
+
         data, head = self.data, self.head
         classes = len(data.classes)
         started = time.time()
-        probe = fit_probe(head, self._rows, self.train, data.labels, train, classes, [data.loaded.config.train.seed, fold, 29], fold, records)
-        model, mean, scale = probe.model, probe.mean, probe.scale
+        # The strength is chosen without the fold's validation images: an inner split of its train.
+        rng = np.random.default_rng([data.loaded.config.train.seed, fold, 29])
+        order = rng.permutation(train)
+        inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
+        inner_train = order[len(inner_valid):]
+        x_inner, y_inner = self._rows(inner_train)
+        mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
+        inner = {}
+        model = None
+        for strength in sorted(head.strengths):  # strongest penalty first: each fit warm-starts the next
+            model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
+            inner[strength] = log_loss(data.labels[inner_valid], _probs(model, (self.train[inner_valid] - mean) / scale, classes))
+            records.append({"fold": fold, "epoch": len(inner), "lr": strength, "strength": strength, "inner_logloss": inner[strength],
+                            "converged": converged, "seconds": round(time.time() - started, 3)})
+        best = min(inner, key=inner.get)
+        x, y = self._rows(train)
+        mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+        model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes)
         valid_probs, valid_original = self._predict(model, mean, scale, self.train[valid], [v[valid] for v in self.train_views])
         train_probs = _probs(model, (self.train[train] - mean) / scale, classes)
         records.append({
-            "fold": fold, "epoch": probe.epoch, "lr": probe.strength, "strength": probe.strength, "chosen": True, "converged": probe.converged,
+            "fold": fold, "epoch": len(inner) + 1, "lr": best, "strength": best, "chosen": True, "converged": converged,
             "train_loss": log_loss(data.labels[train], train_probs),
             "valid_logloss": log_loss(data.labels[valid], valid_probs) if len(valid) else np.nan,
             "valid_accuracy": accuracy(data.labels[valid], valid_probs) if len(valid) else np.nan,
             "seconds": round(time.time() - started, 3),
         })
-        advance(data.loaded.config.train.epochs, note=f"fold {fold} strength {probe.strength:g}")
+        advance(data.loaded.config.train.epochs, note=f"fold {fold} strength {best:g}")
         if spread and not world().is_main:
             return None
         tests = {s: self._predict(model, mean, scale, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
+        module = create_head(head, (self.train.shape[1],), classes)
+        weight = np.zeros((classes, self.train.shape[1]), dtype=np.float32)
+        bias = np.full(classes, -30.0, dtype=np.float32)  # a class absent from the fold: never predicted
+        if len(model.classes_) > 2:
+            weight[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
+        else:  # scikit-learn's binary form: logit of the second class against the first
+            weight[model.classes_[1]], bias[model.classes_] = model.coef_[0], (0.0, model.intercept_[0])
+        module.load_state_dict({"mean": torch.from_numpy(mean), "scale": torch.from_numpy(scale),
+                                "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_original, valid_extras={},
-            test_probs=tests, test_extras={s: {} for s in data.test_splits}, best_epoch=probe.epoch,
-            checkpoint={"state_dict": probe.module(head).state_dict(), "head": key_payload(head), "classes": data.classes,
+            test_probs=tests, test_extras={s: {} for s in data.test_splits}, best_epoch=len(inner) + 1,
+            checkpoint={"state_dict": module.state_dict(), "head": key_payload(head), "classes": data.classes,
                         "in_shape": (self.train.shape[1],), "size_vocabulary": data.vocabulary},
         )
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fishcomp.errors import FishcompError
+
 # Pixels (map positions) sampled to fit the components: the covariance of 1280 channels is
 # estimated to well under 1 % from this many, and fitting stays a second or two.
 SAMPLED_PIXELS = 60_000
@@ -26,8 +28,6 @@ def fit_projection(maps: np.ndarray, rows: np.ndarray, channels: int, seed: int)
     """(mean (C,), whitening components (C, k)) of the maps' pixels over `rows`."""
     count, depth, height, width = len(rows), *maps.shape[1:]
     if channels > depth:
-        from fishcomp.errors import FishcompError
-
         raise FishcompError(f"train.map_channels {channels} is more than the map's {depth} channels")
     rng = np.random.default_rng([seed, 41])
     images = np.sort(rng.choice(rows, size=min(count, max(1, SAMPLED_PIXELS // (height * width))), replace=False))
