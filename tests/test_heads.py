@@ -59,6 +59,37 @@ def test_forward_shapes_and_interface(name):
     assert head(x, size=size)["logits"].shape == (4, 3)
 
 
+MAP_HEADS = sorted(name for name, config in CONFIGS.items() if head_uses_map(config))
+
+
+@pytest.mark.parametrize("name", MAP_HEADS)
+def test_map_heads_learn_nothing_on_the_map_itself(name):
+    # A learnable scale on the 37 input channels would need the first convolution's gradient with
+    # respect to the whole map every step: the cost that made map heads slow.
+    channels = 37
+    head = create_head(config_for(name), (channels, 6, 10), 8, num_sizes=5)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.num_features == channels]
+    assert not any(p.requires_grad for m in norms for p in m.parameters())
+    # The heads that max-pool the map before anything else have no normalisation of it to check.
+    assert norms or name in {"bbox", "dense-map"}
+
+
+@pytest.mark.parametrize("name", MAP_HEADS)
+def test_map_heads_give_the_same_logits_in_either_memory_layout(name):
+    from fishcomp.training.feature_sets import as_input
+
+    torch.manual_seed(0)
+    head = create_head(config_for(name), shapes(config_for(name)), 8, num_sizes=5).eval()
+    maps = torch.randn(4, *shapes(config_for(name))).half()
+    batch = as_input(maps, "cpu")
+    assert batch.dtype == torch.float32 and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, maps.float())  # float16 -> float32 is exact
+    size = torch.eye(5)[[0, 1, 4, 2]]
+    with torch.no_grad():
+        # Same sums in another order: float32 rounding of ~1e-6 relative, far below this.
+        torch.testing.assert_close(head(batch, size=size)["logits"], head(batch.contiguous(), size=size)["logits"], rtol=1e-4, atol=1e-4)
+
+
 def test_every_registered_head_has_a_shipped_config():
     assert set(list_heads()) == {c.kind for c in CONFIGS.values()}
     assert {"dense", "gap", "leakage", "bbox", "fcn", "inception", "resblock"} <= set(list_heads())

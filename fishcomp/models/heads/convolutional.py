@@ -27,9 +27,19 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequent
     )
 
 
+def map_input_norm(channels: int) -> nn.BatchNorm2d:
+    """Normalisation of the cached map a head reads: batch statistics, no learnable scale or shift.
+
+    Why not learnable: the convolution after it can take any per-channel scale into its weights,
+    and a learnable one needs the gradient with respect to the map, the backward of that first
+    convolution over all 1280 input channels, which nothing else needs: it was most of a training
+    step (docs/results.md, "Map heads: where their time goes")."""
+    return nn.BatchNorm2d(channels, affine=False)
+
+
 def _input_layers(channels: int, reduce: int | None) -> tuple[list[nn.Module], int]:
-    """BN of the cached map, then (with `reduce`) a 1x1 conv to fewer channels."""
-    layers: list[nn.Module] = [nn.BatchNorm2d(channels)]
+    """The map's normalisation, then (with `reduce`) a 1x1 conv to fewer channels."""
+    layers: list[nn.Module] = [map_input_norm(channels)]
     if reduce is not None:
         layers.append(conv_bn_relu(channels, reduce, 1))
         channels = reduce
@@ -82,7 +92,7 @@ class GapHead(_MapHead):
     def __init__(self, config: GapHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
         super().__init__()
         channels = in_shape[0]
-        self.body = nn.Sequential(nn.BatchNorm2d(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(config.dropout))
+        self.body = nn.Sequential(map_input_norm(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(config.dropout))
         self.num_features = channels
         self.classifier = nn.Linear(channels, num_classes)
 
@@ -152,7 +162,7 @@ class ResblockHead(_MapHead):
     def __init__(self, config: ResblockHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(in_shape[0]),
+            map_input_norm(in_shape[0]),
             conv_bn_relu(in_shape[0], config.channels, 1),
             *[ResidualBlock(config.channels) for _ in range(config.blocks)],
             nn.AdaptiveAvgPool2d(1),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fishcomp.config import BboxHeadConfig, DenseHeadConfig, LeakageHeadConfig
+from fishcomp.models.heads.convolutional import map_input_norm
 from fishcomp.models.heads.registry import register_head
 
 
@@ -25,7 +26,7 @@ class DenseTrunk(nn.Sequential):
             # ceil_mode keeps odd-sized maps (e.g. 12x20 from 360x640) whole.
             pool: list[nn.Module] = [nn.MaxPool2d(2, ceil_mode=True)]
             if reduce is not None:
-                pool = [nn.BatchNorm2d(channels), nn.Conv2d(channels, reduce, 1, bias=False), nn.BatchNorm2d(reduce), nn.ReLU(inplace=True), *pool]
+                pool = [map_input_norm(channels), nn.Conv2d(channels, reduce, 1, bias=False), nn.BatchNorm2d(reduce), nn.ReLU(inplace=True), *pool]
                 channels = reduce
             flat = channels * math.ceil(height / 2) * math.ceil(width / 2)
         else:
@@ -86,7 +87,7 @@ class GridLocator(nn.Module):
         super().__init__()
         # A 1x1 reduction first keeps the 3x3 (which lets a cell see its neighbours) cheap.
         self.net = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+            map_input_norm(channels), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
             nn.BatchNorm2d(hidden), nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 5, 1),
         )

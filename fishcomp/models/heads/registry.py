@@ -41,5 +41,12 @@ def create_head(config, in_shape: tuple[int, ...], num_classes: int, num_sizes: 
 
     `num_sizes`: slots of the image-size one-hot, for heads with `needs_size`.
     """
-    return _REGISTRY[config.kind](config, in_shape, num_classes, num_sizes=num_sizes)
+    head = _REGISTRY[config.kind](config, in_shape, num_classes, num_sizes=num_sizes)
+    if head_uses_map(config):
+        import torch
+
+        # The layout of the map batches (training.feature_sets.as_input): weights and activations
+        # in one layout, or every convolution converts them on each call.
+        head = head.to(memory_format=torch.channels_last)
+    return head
 
