@@ -29,6 +29,8 @@ def _fit(x: np.ndarray, y: np.ndarray, strength: float, max_iter: int, classes: 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    if start is not None and not np.array_equal(start.classes_, np.unique(y)):
+        start = None  # fitted without a class these rows have (a rare one): other shapes, start cold
     model = start if start is not None else LogisticRegression(warm_start=True)
     model.set_params(C=strength, max_iter=max_iter)
     with warnings.catch_warnings():
@@ -96,10 +98,8 @@ class LinearProbeFolds:
         x, y = self._rows(train)
         mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
         # The refit on all the fold's images starts from the inner fit at the chosen strength: the
-        # same convex problem on 25 % more rows, so L-BFGS starts near its optimum (unless a rare
-        # class has images only outside the inner split: then the shapes differ, and it starts cold).
-        start = fitted[best] if np.array_equal(fitted[best].classes_, np.unique(y)) else None
-        model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, start)
+        # same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
+        model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, fitted[best])
         valid_probs, valid_original = self._predict(model, mean, scale, self.train[valid], [v[valid] for v in self.train_views])
         train_probs = _probs(model, (self.train[train] - mean) / scale, classes)
         records.append({

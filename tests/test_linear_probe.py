@@ -1,0 +1,44 @@
+"""The linear probe's refit: warm-started from the inner fit, it reaches the cold fit's optimum."""
+
+import numpy as np
+
+from fishcomp.training.linear import _fit
+
+
+def _blobs(seed: int, n: int = 300, dim: int = 20, classes: int = 4):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    centres = rng.normal(0, 1.0, size=(classes, dim))
+    return centres[y] + rng.normal(0, 1.5, size=(n, dim)), y
+
+
+# L2 makes the loss strictly convex, so both runs stop near one optimum, but only as near as
+# L-BFGS's stopping rule (every gradient component below 1e-4): over 84 coefficients and inputs of
+# norm ~8, that leaves logits up to ~0.1 apart, probabilities up to ~0.025. A fit at a
+# neighbouring strength (C 0.03 or 0.3 instead of 0.1) moves them by ~0.16, so the test can fail.
+SAME_OPTIMUM = 0.025
+
+
+def _assert_same_optimum(warm, cold, x):
+    np.testing.assert_array_equal(warm.classes_, cold.classes_)
+    np.testing.assert_allclose(warm.predict_proba(x), cold.predict_proba(x), atol=SAME_OPTIMUM)
+
+
+def test_refit_warm_started_from_the_inner_fit_reaches_the_cold_optimum():
+    x, y = _blobs(0)
+    inner, _ = _fit(x[:240], y[:240], 0.1, 500, 4)
+    warm, converged = _fit(x, y, 0.1, 500, 4, inner)
+    cold, _ = _fit(x, y, 0.1, 500, 4)
+    assert converged
+    _assert_same_optimum(warm, cold, x)
+    neighbour, _ = _fit(x, y, 0.3, 500, 4)
+    assert np.abs(neighbour.predict_proba(x) - cold.predict_proba(x)).max() > 2 * SAME_OPTIMUM
+
+
+def test_refit_starts_cold_when_the_inner_fit_never_saw_a_class():
+    x, y = _blobs(1)
+    without_rare = y != 3
+    inner, _ = _fit(x[without_rare], y[without_rare], 0.1, 500, 4)
+    assert list(inner.classes_) == [0, 1, 2]
+    refit, _ = _fit(x, y, 0.1, 500, 4, inner)  # other coefficient shapes: must not be reused
+    _assert_same_optimum(refit, _fit(x, y, 0.1, 500, 4)[0], x)
