@@ -210,3 +210,13 @@ def test_fcn_heatmap_peaks_in_the_box_far_more_often_than_chance():
         maps = head(x)["heatmaps"][torch.arange(len(labels)), labels].numpy()
     chance = 1 / 60  # one cell of a 6x10 map
     assert pointing_hits(maps, boxes).mean() > 20 * chance
+
+
+def test_grid_locator_and_trunk_normalise_the_map_once_between_them():
+    head = create_head(config_for("bbox_grid"), (37, 6, 10), 8)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.num_features == 37]
+    assert len(norms) == 1
+    # Both branches still read the normalised map: its statistics come from the batch.
+    head.eval()
+    x = torch.randn(4, 37, 6, 10)
+    torch.testing.assert_close(head(x)["logits"], head.forward_head(head.forward_features(x)))

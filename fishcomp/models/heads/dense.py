@@ -83,11 +83,12 @@ class GridLocator(nn.Module):
     """Finds one box on the spatial map: a logit per cell for holding the box centre, and per cell
     the centre's offset inside it and the box's width and height (fractions of the image)."""
 
-    def __init__(self, channels: int, hidden: int = 128):
+    def __init__(self, channels: int, hidden: int = 128, normalised: bool = False):
         super().__init__()
         # A 1x1 reduction first keeps the 3x3 (which lets a cell see its neighbours) cheap.
+        # `normalised`: it is given the map already normalised (by the head it shares it with).
         self.net = nn.Sequential(
-            map_input_norm(channels), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
+            nn.Identity() if normalised else map_input_norm(channels), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
             nn.BatchNorm2d(hidden), nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 5, 1),
         )
@@ -114,12 +115,21 @@ class BboxHead(DenseHead):
         super().__init__(config, in_shape, num_classes)
         # A sigmoid keeps predicted coordinates inside the image.
         self.box = nn.Sequential(nn.Linear(self.num_features, 4), nn.Sigmoid())
-        self.locator = GridLocator(in_shape[0]) if config.box_from == "grid" else None
+        # With a channel reduction the trunk starts by normalising the map, as the grid locator
+        # would: the same statistics of the same batch, so it is done once for both (on a
+        # 1280-channel map each normalisation was an eighth of a training step).
+        self.shared_norm = config.box_from == "grid" and config.input == "map" and config.reduce is not None
+        self.locator = GridLocator(in_shape[0], normalised=self.shared_norm) if config.box_from == "grid" else None
         # Head (x, y) and tail (x, y) of the fish, when asked for.
         self.points = nn.Sequential(nn.Linear(self.num_features, 4), nn.Sigmoid()) if config.points_weight else None
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        features = self.forward_features(x)
+        if self.shared_norm:
+            x = features = self.trunk[0](x)
+            for layer in list(self.trunk)[1:]:
+                features = layer(features)
+        else:
+            features = self.forward_features(x)
         outputs = {"logits": self.forward_head(features)}
         outputs.update(self.locator(x) if self.locator is not None else {"box": self.box(features)})
         if self.points is not None:
