@@ -2,9 +2,8 @@
 principal components over their pixels, whitened, computed once per run before any fold trains.
 
 Why: a head on a 360x640 map of EfficientNet sees 1280 channels at 12x20. Its first convolution
-on them is most of a training step, every step of every epoch of every fold, and, behind a
-learnable input BatchNorm, its backward is carried into the 1280-channel input as well
-(docs/results.md, "Map heads: where their time goes"). Projected once onto k channels with unit
+on them is most of a training step, every step of every epoch of every fold (docs/results.md,
+"Map heads: where their time goes"). Projected once onto k channels with unit
 variance, the maps are k/1280 of the size (the training set stays in memory as float32) and the
 head's first convolution about 1280/k times cheaper.
 
