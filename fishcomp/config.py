@@ -132,7 +132,7 @@ class _DenseFamily(Strict):
 
 class LinearHeadConfig(Strict):
     """The linear probe: multinomial logistic regression with L2 on the pooled vector (standardised),
-    fitted full-batch (L-BFGS, scikit-learn). The floor every other head must beat on the same
+    fitted full-batch (torch's L-BFGS on scikit-learn's objective). The floor every other head must beat on the same
     features; often the best head when there are few training images."""
 
     kind: Literal["linear"] = "linear"

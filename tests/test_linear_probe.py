@@ -1,4 +1,4 @@
-"""The linear probe's refit: warm-started from the inner fit, it reaches the cold fit's optimum."""
+"""The linear probe's fit: scikit-learn's optimum, also when warm-started from the inner fit."""
 
 import numpy as np
 
@@ -12,11 +12,22 @@ def _blobs(seed: int, n: int = 300, dim: int = 20, classes: int = 4):
     return centres[y] + rng.normal(0, 1.5, size=(n, dim)), y
 
 
-# L2 makes the loss strictly convex, so both runs stop near one optimum, but only as near as
-# L-BFGS's stopping rule (every gradient component below 1e-4): over 84 coefficients and inputs of
-# norm ~8, that leaves logits up to ~0.1 apart, probabilities up to ~0.025. A fit at a
-# neighbouring strength (C 0.03 or 0.3 instead of 0.1) moves them by ~0.16, so the test can fail.
+# L2 makes the loss strictly convex (curvature at least 1 / (C n) = 1/30 at C 0.1 on 300 rows), so
+# every run stops near one optimum, only as near as L-BFGS's stopping rule (each of 84 gradient
+# components below 1e-5, a gradient norm below ~1e-4): coefficients within ~3e-3 of it, logits on
+# inputs of norm ~8 within ~0.03, probabilities within ~0.01. A fit at a neighbouring strength
+# (C 0.03 or 0.3 instead of 0.1) moves them by ~0.16, so the tests can fail.
 SAME_OPTIMUM = 0.025
+
+
+def test_probe_reaches_scikit_learns_optimum_of_the_same_objective():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _blobs(2)
+    probe, converged = _fit(x, y, 0.1, 500, 4)
+    reference = LogisticRegression(C=0.1, tol=1e-10, max_iter=5000).fit(x, y)
+    assert converged
+    _assert_same_optimum(probe, reference, x)
 
 
 def _assert_same_optimum(warm, cold, x):
