@@ -521,7 +521,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def main_inner(args: list[str]) -> None:
+    from fishcomp.allocator import keep_freed_memory
+
     _stop_on_sigterm()
+    keep_freed_memory()
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:

@@ -27,10 +27,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep the data and artifacts here (default: a temporary folder)")
     args = parser.parse_args()
 
+    from fishcomp.allocator import keep_freed_memory
     from fishcomp.config import load_config
     from fishcomp.context import Context
     from fishcomp.data.synth import synthesize
     from fishcomp.pipeline import resolver
+
+    keep_freed_memory()  # as the CLI does
 
     with tempfile.TemporaryDirectory() as scratch:
         root = args.work or Path(scratch)

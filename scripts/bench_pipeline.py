@@ -49,8 +49,10 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the data and artifacts here")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    from fishcomp.allocator import keep_freed_memory
     from fishcomp.data.synth import synthesize
 
+    keep_freed_memory()  # the bare pass runs as the CLI's processes do
     with tempfile.TemporaryDirectory() as scratch:
         root = args.keep or Path(scratch)
         data, work = root / "data", root / "work"
