@@ -46,7 +46,7 @@ from fishcomp.training.data import (
     prepare_training,
     size_onehot,
 )
-from fishcomp.training.feature_sets import FeatureSet, concat, predict
+from fishcomp.training.feature_sets import FeatureSet, concat, predict, resident_budget, resident_dtype
 from fishcomp.training.loop import (
     batches_per_epoch,
     check_finite,
@@ -240,6 +240,12 @@ class CachedFeatureFolds:
                 "source": pseudo_source.path.name, "source_key": pseudo_source.key, "splits": settings.splits,
                 "images": int(len(self.pseudo[1])), "proportion": settings.proportion,
             }
+        if self.kind == "map":
+            # Read once into memory in the layout and type each step wants (see ResidentMaps),
+            # the training images first, as far as the budget goes.
+            held_as, budget = resident_dtype(training_precision(loaded, data.device), data.device), resident_budget()
+            for features in (self.train_features, *self.test_features.values(), *([self.pseudo[0]] if self.pseudo else [])):
+                budget -= features.make_resident(held_as, budget)
 
     def _project_maps(self, channels: int, seed: int) -> None:
         """Every map this run reads (train, its copies and views, the test splits), projected once

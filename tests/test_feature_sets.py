@@ -1,0 +1,67 @@
+"""Map batches from maps held in memory as a channels-last tensor: the same batches as from the
+cached NumPy rows (to the precision of the dtype held), the same copy chosen per image, its boxes."""
+
+import numpy as np
+import pytest
+import torch
+
+from fishcomp.training.feature_sets import FeatureSet
+
+# bfloat16 keeps 8 significant bits: rounding a float16 value to it moves it by at most half a
+# unit in the last place, 2**-8 of its magnitude (float16's own rounding is already in the cache).
+BF16_ROUNDING = 2.0**-8
+BUDGET = 1 << 30
+
+
+def _maps(seed: int, n: int = 12):
+    rng = np.random.default_rng(seed)
+    return rng.normal(1.0, 2.0, size=(n, 16, 3, 5)).astype(np.float16)
+
+
+def _set(copy_seed: int | None = None):
+    maps = _maps(0)
+    boxes = np.tile(np.arange(8, dtype=np.float32), (len(maps), 1))
+    copies = [_maps(copy_seed)] if copy_seed is not None else []
+    copy_boxes = np.full((1, len(maps), 4), 0.5, dtype=np.float32) if copies else None
+    return FeatureSet(maps, np.arange(len(maps)), boxes=boxes, copies=copies, copy_boxes=copy_boxes)
+
+
+@pytest.mark.parametrize("held_as", [torch.float16, torch.bfloat16])
+def test_resident_maps_give_the_cached_rows_batches(held_as):
+    cached, resident = _set(copy_seed=1), _set(copy_seed=1)
+    assert resident.make_resident(held_as, BUDGET) == 2 * 2 * 12 * 16 * 3 * 5  # maps and one copy
+    positions = np.array([7, 2, 9, 0, 5])
+    copies = np.array([1, 0, 1, 0, 0])
+    expected, _, expected_boxes = cached.batch(positions, "cpu", copies=copies)
+    got, _, got_boxes = resident.batch(positions, "cpu", copies=copies)
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+    if held_as == torch.float16:  # float16 held: the same float32 batch, exactly
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:  # bf16 held: handed to the bf16-autocast head as bf16, each value rounded once
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, rtol=BF16_ROUNDING, atol=0)
+    torch.testing.assert_close(got_boxes, expected_boxes, equal_nan=True)
+    assert torch.isnan(got_boxes[copies == 1, 4:]).all() and (got_boxes[copies == 1, :4] == 0.5).all()
+
+
+def test_subsets_and_predict_views_read_the_resident_rows():
+    cached, resident = _set(), _set()
+    resident.make_resident(torch.float16, BUDGET)
+    rows = np.array([3, 4, 11])
+    expected, _, _ = cached.subset(rows).view(0).batch(np.arange(3), "cpu")
+    got, _, _ = resident.subset(rows).view(0).batch(np.arange(3), "cpu")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_maps_held_from_disk_and_only_within_the_budget(tmp_path):
+    path = tmp_path / "maps.npy"
+    np.save(path, _maps(2))
+    expected, _, _ = FeatureSet(_maps(2), np.arange(12)).batch(np.array([1, 2]), "cpu")
+    too_large = FeatureSet(np.load(path, mmap_mode="r"), np.arange(12))
+    too_large.array = np.load(path, mmap_mode="r")  # as a map larger than _in_memory holds
+    assert too_large.make_resident(torch.float16, budget=12 * 16 * 3 * 5 * 2 - 1) == 0
+    assert isinstance(too_large.array, np.memmap)
+    assert too_large.make_resident(torch.float16, budget=BUDGET) > 0
+    got, _, _ = too_large.batch(np.array([1, 2]), "cpu")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
