@@ -280,7 +280,7 @@ class CropsConfig(Strict):
     embedded by `precompute`'s backbone at `precompute.size`; `head` then trains on them."""
 
     # A config whose bbox head predicts the boxes: out-of-fold boxes for train images (the kind
-    # the classifier will see at test time), fold-averaged ones for test images. Not hashed: its
+    # the classifier will see at test time), the fold models' (`test_boxes`) for test images. Not hashed: its
     # artifact's key is.
     boxes: str = Field(json_schema_extra={NOT_IN_KEY: True})
     # Each side enlarged by this share of the box size, so a slightly-off box still holds the fish.
@@ -289,6 +289,10 @@ class CropsConfig(Strict):
     square: bool = True
     jitter: JitterConfig | None = Field(default_factory=JitterConfig)
     nof: NofBlendConfig | None = None
+    # A test image's box from the box source's fold models: `mean` averages all of them;
+    # `consensus` averages those that overlap the box most folds agree on, so two folds pointing
+    # at another fish do not move the crop between the two (measured in docs/results.md).
+    test_boxes: Literal["consensus", "mean"] = "consensus"
     # Turn each crop so the fish lies horizontally, head left (the top teams' alignment): needs a
     # box source that also predicts head and tail (head.points_weight, point annotations).
     align: bool = False

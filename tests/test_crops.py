@@ -11,7 +11,7 @@ from fishcomp.blending import blend_nof
 from fishcomp.cli import main
 from fishcomp.config import load_config
 from fishcomp.context import Context
-from fishcomp.stages.crops import crop_rectangle, enlarge, fit_inside
+from fishcomp.stages.crops import agreeing_folds, box_iou, crop_rectangle, enlarge, fit_inside
 
 
 def _sets(overrides):
@@ -93,6 +93,41 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
         # Whole pixels, plus the box's own tolerance grown by the margin and the squaring.
         slack = 1.0 + 4 * tolerance * max(width, height)
         np.testing.assert_allclose(original.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float), expected, atol=slack)
+
+
+def test_fold_boxes_that_point_elsewhere_are_left_out_of_the_test_box():
+    fish, other = np.array([0.10, 0.10, 0.20, 0.10]), np.array([0.70, 0.60, 0.20, 0.10])
+    nudge = np.array([0.01, 0.0, 0.0, 0.0])
+    # Image 0: three folds on the fish, two on another; image 1: all five on the fish.
+    folds = np.stack([np.stack([fish, fish]), np.stack([fish + nudge, fish + nudge]), np.stack([fish - nudge, fish]),
+                      np.stack([other, fish]), np.stack([other + nudge, fish - nudge])])
+    weights = agreeing_folds(folds)
+    np.testing.assert_allclose(weights[:, 0], [1 / 3, 1 / 3, 1 / 3, 0, 0])
+    np.testing.assert_allclose(weights[:, 1], 0.2)
+    consensus = np.einsum("fi,fic->ic", weights, folds)
+    np.testing.assert_allclose(consensus[0], fish, atol=1e-9)
+    assert box_iou(folds.mean(axis=0)[0], fish) < 0.05  # the plain mean lies between the two
+    assert box_iou(np.array([0.0, 0.0, 0.2, 0.2]), np.array([0.1, 0.1, 0.2, 0.2])) == pytest.approx(0.01 / 0.07)
+
+
+def test_test_crops_come_from_the_consensus_of_the_folds_boxes(crops_run, tiny_data):
+    work, _ = crops_run
+    bbox = _folder(work, "train", "bbox_grid")
+    folds = np.load(bbox / "test_stg1_boxes_folds.npy")
+    listed = pd.read_csv(bbox / "test_stg1_boxes.csv")
+    assert folds.shape == (json.loads((bbox / "summary.json").read_text())["folds"], len(listed), 4)
+    np.testing.assert_allclose(folds.mean(axis=0), listed[["box_x", "box_y", "box_w", "box_h"]].to_numpy(), atol=1e-6)
+    consensus = np.einsum("fi,fic->ic", agreeing_folds(folds.astype(np.float64)), folds)
+    # On these few, small images some folds point elsewhere, so the two rules cut other crops.
+    assert np.abs(consensus - folds.mean(axis=0)).max() > 0.05
+    index = pd.read_csv(_folder(work, "crops", "crops") / "index.csv").set_index("image")
+    crops = pd.read_csv(_folder(work, "crops", "crops") / "crop_boxes.csv")
+    cut = crops[crops.split == "test_stg1"].set_index("image")
+    config = load_config(CONFIGS / "crops.yaml").config.crops
+    for row, image in enumerate(listed.image):
+        width, height = index.width[image], index.height[image]
+        expected = crop_rectangle(consensus[row] * [width, height, width, height], config, width, height)
+        np.testing.assert_allclose(cut.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float), expected, atol=1.0)
 
 
 def test_crops_of_annotated_train_images_contain_the_drawn_fish(tiny_data, tmp_path):

@@ -28,6 +28,17 @@ def test_synth_layout_is_the_competitions(tiny_data):
     )
 
 
+def test_synth_writes_the_test_images_boxes_beside_the_answers(tiny_data):
+    solution = pd.read_csv(tiny_data / "solution.csv").set_index("image")
+    boxes = pd.read_csv(tiny_data / "solution_boxes.csv").set_index("image")
+    answer = solution[FISHERIES_CLASSES].idxmax(axis=1)
+    assert set(boxes.index) == set(answer.index[answer != "NoF"])  # every fish, and no empty deck
+    for image, box in boxes.iterrows():
+        width, height = read_size(tiny_data / ("test_stg1/" + image if "/" not in image else image))
+        assert 0 <= box.box_x and box.box_x + box.box_w <= width and 0 <= box.box_y and box.box_y + box.box_h <= height
+        assert box.box_w > 0 and box.box_h > 0
+
+
 def test_synth_class_mix_sizes_and_new_boats(tiny_data):
     dataset = load_dataset(tiny_data)
     counts = dataset.train.label.value_counts().sort_index()

@@ -23,6 +23,9 @@ from fishcomp.suggest import did_you_mean
 FISHERIES_CLASSES = ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
 TEST_SPLITS = ("test_stg1", "test_stg2")
 SOLUTION_FILE = "solution.csv"
+# Synthetic sets only: the largest fish box of each test image that has one (x, y, w, h in
+# pixels), so box sources can be scored on test images as solution.csv scores classes.
+SOLUTION_BOXES_FILE = "solution_boxes.csv"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 

@@ -11,7 +11,7 @@ What makes the real data hard, and is reproduced here:
 - `--n-stage2` adds a stage-2 test set from boats never seen in train.
 
 The true test answers go to `DIR/solution.csv` (one-hot, submission format) so any submission
-can be scored. Every image is drawn from its own RNG stream, so the output does not depend on
+can be scored, and the test images' fish boxes to `DIR/solution_boxes.csv`, so any box source can. Every image is drawn from its own RNG stream, so the output does not depend on
 the number of worker processes.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from fishcomp.data.layout import FISHERIES_CLASSES, SOLUTION_FILE
+from fishcomp.data.layout import FISHERIES_CLASSES, SOLUTION_BOXES_FILE, SOLUTION_FILE
 
 # The real train set's counts, which shape the synthetic class frequencies.
 REAL_COUNTS = {"ALB": 1719, "BET": 200, "DOL": 117, "LAG": 67, "NoF": 465, "OTHER": 299, "SHARK": 176, "YFT": 734}
@@ -418,7 +418,8 @@ def synthesize(
 
 def _write_annotations(root: Path, jobs, drawn, rng: np.random.Generator) -> None:
     """The forum's files: boxes, one file per fish class except OTHER, some names path-prefixed, as
-    in the real ones; and head/tail points (`<class>_points.json`: head, then tail, per fish)."""
+    in the real ones; and head/tail points (`<class>_points.json`: head, then tail, per fish).
+    The test images' boxes go to SOLUTION_BOXES_FILE, beside the class answers."""
     per_class: dict[str, list[dict]] = {c.lower(): [] for c in FISH_CLASSES if c != "OTHER"}
     points: dict[str, list[dict]] = {c.lower(): [] for c in FISH_CLASSES if c != "OTHER"}
     for (split, name, job), (rects, ends) in zip(jobs, drawn):
@@ -427,6 +428,13 @@ def _write_annotations(root: Path, jobs, drawn, rng: np.random.Generator) -> Non
         filename = f"../data/fish/train/{job.label}/{name}" if rng.random() < 0.2 else name
         per_class[job.label.lower()].append({"annotations": rects, "class": "image", "filename": filename})
         points[job.label.lower()].append({"annotations": ends, "class": "image", "filename": name})
+    test_boxes = []
+    for (split, name, _), (rects, _) in zip(jobs, drawn):
+        if split != "train" and rects:
+            largest = max(rects, key=lambda r: r["width"] * r["height"])
+            test_boxes.append((name, largest["x"], largest["y"], largest["width"], largest["height"]))
+    columns = ["image", "box_x", "box_y", "box_w", "box_h"]
+    pd.DataFrame(test_boxes, columns=columns).sort_values("image").to_csv(root / SOLUTION_BOXES_FILE, index=False)
     (root / "annos").mkdir(parents=True, exist_ok=True)
     for cls, entries in per_class.items():
         (root / "annos" / f"{cls}_labels.json").write_text(json.dumps(entries, indent=1))

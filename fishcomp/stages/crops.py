@@ -9,7 +9,8 @@ its crops, and embeds the crops with `precompute`'s backbone. Box sources:
   (and learns from) the kind of box it will get at test time, never one its own fold's detector saw;
 - train images, augmented copies (`crops.jitter`): the annotated box (the predicted one where the
   image has none, e.g. NoF), shifted and resized at random;
-- test images: the bbox head's box, averaged over its fold models.
+- test images: the bbox head's box from its fold models: the mean of those that agree with the
+  consensus box (`crops.test_boxes: consensus`), or of all (`mean`).
 
 The artifact has the precompute layout (`index.csv`, `<split>_pooled.npy`, `train_aug_pooled.npy`,
 `meta.json`), so every head on pooled features trains on it unchanged, plus `crop_boxes.csv`: the
@@ -28,7 +29,7 @@ import pandas as pd
 
 from fishcomp.cache import Artifact
 from fishcomp.config import CropsConfig, LoadedConfig, dump_yaml, key_payload
-from fishcomp.console import progress
+from fishcomp.console import progress, warn
 from fishcomp.context import Context, resolve_device
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.distributed import device_for
@@ -74,6 +75,33 @@ def jittered(box: np.ndarray, rng: np.random.Generator, shift: float, scale: flo
     cy = y + h / 2 + rng.uniform(-shift, shift) * h
     w, h = w * np.exp(rng.uniform(-scale, scale)), h * np.exp(rng.uniform(-scale, scale))
     return np.array([cx - w / 2, cy - h / 2, w, h])
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of (..., 4) boxes (x, y, w, h), broadcast; 0 where either is NaN."""
+    left, top = np.maximum(a[..., 0], b[..., 0]), np.maximum(a[..., 1], b[..., 1])
+    right = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2])
+    bottom = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3])
+    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    return np.nan_to_num(inter / np.where(union > 0, union, np.nan))
+
+
+# Folds whose box overlaps the consensus box at least this much are averaged into it; the others
+# found something else (another fish, a deck marking) and are left out.
+AGREE_IOU = 0.3
+
+
+def agreeing_folds(fold_boxes: np.ndarray) -> np.ndarray:
+    """(folds, images) weights: per image, the fold box that overlaps the other folds' most (the
+    medoid), and every fold box overlapping it by AGREE_IOU or more, each weighted equally. Where
+    the folds agree this is their mean; where they point at different fish, the mean of those
+    that agree instead of a box between the fish."""
+    overlap = box_iou(fold_boxes[:, None], fold_boxes[None, :])  # (folds, folds, images)
+    medoid = overlap.sum(axis=1).argmax(axis=0)
+    agree = overlap[medoid, :, np.arange(fold_boxes.shape[1])].T >= AGREE_IOU  # (folds, images)
+    agree[medoid, np.arange(fold_boxes.shape[1])] = True
+    return agree / agree.sum(axis=0, keepdims=True)
 
 
 def crop_rectangle(box: np.ndarray, config: CropsConfig, width: int, height: int) -> np.ndarray:
@@ -209,16 +237,26 @@ class Crops(Stage):
         return f"{meta['crops']} crops of {meta['counts']['total']} images, boxes from {meta['boxes_from']}"
 
 
-def _predicted(index: pd.DataFrame, source: Artifact, name: str) -> np.ndarray:
+def _predicted(index: pd.DataFrame, source: Artifact, name: str, test_boxes: str = "mean") -> np.ndarray:
     """The box source's `name` predictions ("box" or "points"; `oof_<stem>.csv` for train,
-    `<split>_<stem>.csv` for the tests) row-aligned with `index`; NaN for unreadable images."""
+    `<split>_<stem>.csv` for the tests, or with `test_boxes: consensus` the folds' own predictions
+    combined by `agreeing_folds`) row-aligned with `index`; NaN for unreadable images."""
     stem, columns = GEOMETRY[name]
     parts = []
     for split in index.split.unique():
         path = source.file(f"oof_{stem}.csv" if split == "train" else f"{split}_{stem}.csv")
         if not path.is_file():
             raise FishcompError(f"{source.path} has no {split} {stem}; rebuild it on this data")
-        parts.append(pd.read_csv(path).set_index("image")[columns])
+        part = pd.read_csv(path).set_index("image")[columns]
+        if split != "train" and test_boxes == "consensus":
+            folds = {n: source.file(f"{split}_{GEOMETRY[n][0]}_folds.npy") for n in ("box", name)}
+            if all(f.is_file() for f in folds.values()):
+                weights = agreeing_folds(np.load(folds["box"]))
+                part.loc[:, columns] = np.einsum("fi,fic->ic", weights, np.load(folds[name]))
+            else:
+                warn(f"{source.path.name} keeps no per-fold test {stem} (built by an older fishcomp): "
+                     f"its fold-averaged ones are used; delete {source.path} to rebuild it for crops.test_boxes: consensus")
+        parts.append(part)
     predicted = pd.concat(parts)
     predicted = predicted[~predicted.index.duplicated()]
     ok = index.ok.to_numpy(dtype=bool)
@@ -238,7 +276,7 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> 
     image has none)."""
     copies = config.jitter.copies if config.jitter else 0
     planned = np.full((len(index), 1 + copies, 4), np.nan)
-    planned[:, 0] = _predicted(index, boxes, "box")
+    planned[:, 0] = _predicted(index, boxes, "box", config.test_boxes)
     points = None
     if config.align:
         if not boxes.file("oof_points.csv").is_file():
@@ -247,7 +285,7 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> 
                 "set head.points_weight in its config and give point annotations (*_points.json)"
             )
         points = np.full((len(index), 1 + copies, 4), np.nan)
-        points[:, 0] = _predicted(index, boxes, "points")
+        points[:, 0] = _predicted(index, boxes, "points", config.test_boxes)
     sources = ["predicted (out of fold)" if split == "train" else "predicted" for split in index.split]
     if copies:
         rng = np.random.default_rng([config.jitter.seed, 17])

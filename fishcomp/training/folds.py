@@ -449,6 +449,9 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
                 frame = pd.DataFrame(np.mean(test_extras[name][split], axis=0), columns=columns)
                 frame.insert(0, "image", tests[split].image)
                 frame.to_csv(tmp / f"{split}_{stem}.csv", index=False)
+                # Each fold model's own, in fold order (rows as in the CSV): where the folds
+                # disagree, their mean can lie between two fish (crops' `test_boxes`).
+                np.save(tmp / f"{split}_{stem}_folds.npy", np.stack(test_extras[name][split]).astype(np.float32))
     metrics = pd.DataFrame(records)
     for score in ("valid_iou", "valid_pointing", "valid_points_error"):
         if score in metrics:
