@@ -95,8 +95,8 @@ def table(per_set: list[list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    start, end = "<!-- compare:start -->", "<!-- compare:end -->"
+def write_section(path: Path, text: str, marker: str = "compare") -> None:
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     page = path.read_text() if path.is_file() else ""
     block = f"{start}\n{text}\n{end}"
     page = page[: page.index(start)] + block + page[page.index(end) + len(end):] if start in page and end in page else page + "\n" + block + "\n"

@@ -14,6 +14,10 @@ from fishcomp.context import Context
 from fishcomp.stages.crops import agreeing_folds, box_iou, crop_rectangle, enlarge, fit_inside
 
 
+# The box source crops.yaml names (a bbox config's name).
+BOX_SOURCE = load_config(CONFIGS / "crops.yaml").config.crops.boxes.removesuffix(".yaml")
+
+
 def _sets(overrides):
     return [arg for override in overrides for arg in ("--set", override)]
 
@@ -51,11 +55,13 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
     fold that validated i, never one that trained on i."""
     import torch
 
-    from fishcomp.context import autocast, training_precision
+    from fishcomp.context import training_precision
+    from fishcomp.training.feature_sets import FeatureSet, predict, resident_dtype
     from fishcomp.training.folds import load_fold_model
+    from fishcomp.training.map_projection import project
 
     work, _ = crops_run
-    bbox = _folder(work, "train", "bbox_grid")
+    bbox = _folder(work, "train", BOX_SOURCE)
     oof = pd.read_csv(bbox / "oof.csv")
     boxes = pd.read_csv(bbox / "oof_boxes.csv")
     crops = pd.read_csv(_folder(work, "crops", "crops") / "crop_boxes.csv")
@@ -74,18 +80,23 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
 
     models = {fold: load_fold_model(Artifact(), fold, "cpu") for fold in sorted(oof.fold.unique())}
     config = load_config(CONFIGS / "crops.yaml").config.crops
-    # The box source trained and predicted in its own precision (bf16 on a CPU that has it): so
-    # does this check. A bf16 output carries 8 significant bits, and a batch of one may take
-    # another kernel than the run's batches, so the same box can differ by one bf16 step: 2^-8
-    # of a value below 1. In float32 the two agree to rounding (1e-5).
-    dtype = training_precision(load_config(CONFIGS / "bbox_grid.yaml", SMALL), torch.device("cpu"))
+    # The box source trained and predicted in its own precision (bf16 on a CPU that has it), on
+    # its maps as training holds them (projected, then in memory in that type): so does this
+    # check, through the same `predict`. A bf16 output carries 8 significant bits, and one image
+    # alone may take another kernel than the run's batches, so the same box can differ by one
+    # bf16 step: 2^-8 of a value below 1. In float32 the two agree to rounding (1e-5).
+    dtype = training_precision(load_config(CONFIGS / f"{BOX_SOURCE}.yaml", SMALL), torch.device("cpu"))
     tolerance = 2**-8 if dtype is not None else 1e-5
+    heads = {f: getattr(m, "head", m) for f, m in models.items()}
+    projection = torch.load(bbox / "checkpoints" / "fold0.pt", weights_only=False).get("projection")
+    if projection is not None:  # the maps were projected once before any fold trained
+        maps = project(maps, projection["mean"].numpy(), projection["components"].numpy())
     for row in range(0, len(oof), 10):
         image, fold = oof.image[row], oof.fold[row]
         position = int(np.flatnonzero(train_index.image == image)[0])
-        with torch.inference_mode(), autocast(dtype, torch.device("cpu")):
-            x = torch.from_numpy(maps[position : position + 1].astype(np.float32))
-            predicted = {f: m(x)["box"][0].float().numpy() for f, m in models.items()}
+        one = FeatureSet(maps[position : position + 1], np.arange(1))
+        one.make_resident(resident_dtype(dtype, "cpu"), budget=1 << 30)
+        predicted = {f: predict(h, one, "cpu", dtype=dtype)["box"][0] for f, h in heads.items()}
         np.testing.assert_allclose(boxes.loc[row, ["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=float), predicted[fold], atol=tolerance)
         assert all(np.abs(predicted[f] - predicted[fold]).max() > 1e-4 for f in predicted if f != fold)
         width, height = train_index.width[position], train_index.height[position]
@@ -112,7 +123,7 @@ def test_fold_boxes_that_point_elsewhere_are_left_out_of_the_test_box():
 
 def test_test_crops_come_from_the_consensus_of_the_folds_boxes(crops_run, tiny_data):
     work, _ = crops_run
-    bbox = _folder(work, "train", "bbox_grid")
+    bbox = _folder(work, "train", BOX_SOURCE)
     folds = np.load(bbox / "test_stg1_boxes_folds.npy")
     listed = pd.read_csv(bbox / "test_stg1_boxes.csv")
     assert folds.shape == (json.loads((bbox / "summary.json").read_text())["folds"], len(listed), 4)
@@ -181,7 +192,7 @@ def test_the_crop_cache_key_changes_with_the_box_source(tiny_data, tmp_path):
     # same box source is not.
     assert plan.node("crops", load_config(CONFIGS / "crops.yaml", [*SMALL, "crops.margin=0.5"])).key != crops.key
     same = tmp_path / "same.yaml"
-    same.write_text(f"extends: {CONFIGS / 'crops.yaml'}\ncrops: {{boxes: {CONFIGS / 'bbox_grid.yaml'}}}\n")
+    same.write_text(f"extends: {CONFIGS / 'crops.yaml'}\ncrops: {{boxes: {CONFIGS / f'{BOX_SOURCE}.yaml'}}}\n")
     assert plan.node("crops", load_config(same, SMALL)).key == crops.key
 
 

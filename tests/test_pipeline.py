@@ -39,7 +39,7 @@ def _dag(args, capsys, *extra):
 LIBRARY = ["linear", "dense", "linear_360x640", "dense_360x640", "fcn", "crops", "linear_lite2"]
 PIPELINE_NODES = {
     ("precompute", "linear"), ("precompute", "linear_lite2"), *(("train", m) for m in ["linear", "dense", "fcn", "crops", "linear_lite2"]),
-    ("train", "bbox_grid"), ("crops", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline"),
+    ("train", "bbox_grid_k64"), ("crops", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline"),
 }
 
 
@@ -93,7 +93,7 @@ def test_after_a_run_the_dag_is_all_cached_and_a_nof_weight_marks_only_the_crops
     # The same pipeline whose crops member blends NoF at another weight.
     (tmp_path / "crops.yaml").write_text(
         f"extends: {CONFIGS / 'crops.yaml'}\n"
-        f"crops: {{boxes: {CONFIGS / 'bbox_grid.yaml'}, nof: {{whole: {CONFIGS / 'dense_360x640.yaml'}, weight: 0.3}}}}\n"
+        f"crops: {{boxes: {CONFIGS / 'bbox_grid_k64.yaml'}, nof: {{whole: {CONFIGS / 'dense_360x640.yaml'}, weight: 0.3}}}}\n"
     )
     members = "".join(f"    - {{config: {'crops.yaml' if m == 'crops' else CONFIGS / f'{m}.yaml'}}}\n" for m in LIBRARY)
     (tmp_path / "pipeline.yaml").write_text(f"extends: {CONFIGS / 'pipeline.yaml'}\nensemble:\n  members:\n{members}")

@@ -196,7 +196,8 @@ class Crops(Stage):
     section = "crops"
     # Not `crops.nof`: only training reads it, so a new NoF weight re-embeds nothing. Not
     # precompute's augment, tta or spatial: crops are embedded once each, as pooled vectors.
-    declares = ("data", "crops.margin", "crops.square", "crops.jitter", "crops.align", *(f"precompute.{f}" for f in CROP_PRECOMPUTE_FIELDS))
+    declares = ("data", "crops.margin", "crops.square", "crops.jitter", "crops.align", "crops.test_boxes",
+                *(f"precompute.{f}" for f in CROP_PRECOMPUTE_FIELDS))
     summary = "detect, then classify: crops around the predicted fish, cut at full resolution and embedded"
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:

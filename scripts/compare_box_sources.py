@@ -1,0 +1,134 @@
+"""Box sources for the crops, scored where the crops use them, on one or several generated sets.
+
+    python scripts/compare_box_sources.py --sets 1:classic:200 2:hard:200 [--scale 0.5] [--data DIR ...]
+        [--sources bbox_grid bbox_grid_k64] [--work /tmp/boxes] [--out docs/results.md]
+
+For each set and box source (a bbox config): the box IoU out of fold (each train image's box
+from the fold model that did not train on it, against its annotation) and on the test images
+(against the synthetic answers' boxes, `solution_boxes.csv`), with each test image's box taken
+as the mean of all fold models' boxes and as their consensus (crops' `test_boxes`); then
+`configs/crops.yaml` on that source with either rule: its out-of-fold and its stage-1 + stage-2
+test log loss. The table gives the mean and the spread (min-max) over the sets. Sets are made as
+scripts/compare.py makes them (`--work`/sets/), so the two scripts share them; `--data` adds
+folders that already exist (synthetic, with `solution_boxes.csv`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from compare import CONFIGS, spread, write_section
+
+from fishcomp.config import load_config
+from fishcomp.context import Context
+from fishcomp.features import BOX_COLUMNS, load_index
+from fishcomp.metrics import log_loss
+from fishcomp.pipeline import build, resolver
+from fishcomp.stages.crops import agreeing_folds, box_iou
+
+RULES = ("mean", "consensus")
+
+
+def test_iou(data: Path, source, index: pd.DataFrame) -> dict[str, float]:
+    """Mean IoU of each rule's test boxes against the answers, over the test images with a fish."""
+    truth = pd.read_csv(data / "solution_boxes.csv").set_index("image")
+    scores = {rule: [] for rule in RULES}
+    for split in ("test_stg1", "test_stg2"):
+        path = source.file(f"{split}_boxes_folds.npy")
+        if not path.is_file():
+            continue
+        folds = np.load(path).astype(np.float64)
+        images = pd.read_csv(source.file(f"{split}_boxes.csv")).image
+        rows = index[index.split == split].set_index("image").loc[images]
+        size = rows[["width", "height", "width", "height"]].to_numpy(dtype=float)
+        have = images.isin(truth.index).to_numpy()
+        answer = truth.loc[images[have], BOX_COLUMNS].to_numpy() / size[have]
+        boxes = {"mean": folds.mean(axis=0), "consensus": np.einsum("fi,fic->ic", agreeing_folds(folds), folds)}
+        for rule in RULES:
+            scores[rule].append(box_iou(boxes[rule][have], answer))
+    return {rule: float(np.concatenate(values).mean()) for rule, values in scores.items()}
+
+
+def scored(data: Path, artifact) -> dict[str, float]:
+    """Out-of-fold and test (stage 1 and 2 together) log loss of a train artifact."""
+    summary = json.loads(artifact.file("summary.json").read_text())
+    truth = pd.read_csv(data / "solution.csv").set_index("image")
+    predicted = pd.concat([pd.read_csv(artifact.file(f"{s}.csv")) for s in ("test_stg1", "test_stg2") if artifact.file(f"{s}.csv").is_file()])
+    predicted = predicted.drop_duplicates("image").set_index("image")
+    rows = predicted.index.intersection(truth.index)
+    test = log_loss(truth.loc[rows].to_numpy().argmax(axis=1), predicted.loc[rows, truth.columns].to_numpy())
+    return {"valid": summary["valid_logloss"], "test": test}
+
+
+def one_set(data: Path, work: Path, sources: list[str]) -> list[dict]:
+    ctx = Context(data_dir=data, work_dir=work)
+    rows = []
+    for name in sources:
+        source = build(ctx, "train", load_config(CONFIGS / f"{name}.yaml"))
+        summary = json.loads(source.file("summary.json").read_text())
+        seconds = json.loads(source.file("manifest.json").read_text())["seconds"]
+        plan = resolver(ctx)
+        index = load_index(plan.build(plan.node("train", load_config(CONFIGS / f"{name}.yaml")).inputs["features"]))
+        ious = test_iou(data, source, index)
+        for rule in RULES:
+            crops = build(ctx, "train", load_config(CONFIGS / "crops.yaml", [f"crops.boxes={name}.yaml", f"crops.test_boxes={rule}"]))
+            rows.append({"source": name, "rule": rule, "oof_iou": summary["valid_iou"], "test_iou": ious[rule],
+                         "seconds": seconds, **{f"crops_{k}": v for k, v in scored(data, crops).items()}})
+    return rows
+
+
+def table(per_set: list[list[dict]]) -> str:
+    lines = [
+        "| box source | test boxes | box IoU out of fold | box IoU on test | crops out-of-fold log loss | crops test log loss | box source train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(per_set[0]):
+        column = lambda key: [rows[i][key] for rows in per_set]  # noqa: E731
+        lines.append(f"| {row['source']} | {row['rule']} | {spread(column('oof_iou'))} | {spread(column('test_iou'))} "
+                     f"| {spread(column('crops_valid'))} | {spread(column('crops_test'))} | {np.mean(column('seconds')):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="*", default=[], help="SEED:STYLE:N_TRAIN of each generated set")
+    parser.add_argument("--scale", type=float, default=1.0, help="image size factor of generated sets")
+    parser.add_argument("--data", nargs="*", type=Path, default=[], help="existing synthetic data folders")
+    parser.add_argument("--sources", nargs="*", default=["bbox_grid", "bbox_grid_k64"])
+    parser.add_argument("--work", type=Path, default=Path("artifacts"))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from fishcomp.data.synth import synthesize
+
+    folders, described = [], []
+    for spec in args.sets:
+        seed, style, n_train = spec.split(":")
+        data = args.work / "sets" / f"{style}-{seed}-{n_train}"
+        if not (data / "train").is_dir():
+            synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), seed=int(seed), scale=args.scale, style=style)
+        folders.append(data)
+        described.append(f"seed {seed} {style} ({n_train} train, scale {args.scale})")
+    for data in args.data:
+        folders.append(data)
+        described.append(str(data))
+    per_set = []
+    for data, name in zip(folders, described):
+        if not (data / "solution_boxes.csv").is_file():
+            sys.exit(f"{data} has no solution_boxes.csv: generate it with this version's `fishcomp synth`")
+        per_set.append(one_set(data, args.work, args.sources))
+        print(f"{name}: " + ", ".join(f"{r['source']}/{r['rule']} IoU {r['test_iou']:.3f} crops {r['crops_test']:.4f}" for r in per_set[-1]), flush=True)
+    text = (f"Mean (min-max) over {len(per_set)} sets: {'; '.join(described)}.\n\n{table(per_set)}\n\n"
+            f"`{' '.join(['python scripts/compare_box_sources.py', *sys.argv[1:]])}`")
+    print()
+    print(text)
+    if args.out:
+        write_section(args.out, text, marker="box-sources")
+
+
+if __name__ == "__main__":
+    main()
