@@ -1,6 +1,6 @@
 """Training the map heads against the backbone pass that made their input.
 
-    python scripts/bench_map_heads.py [--images 240] [--heads fcn bbox_grid] [--set key=value ...]
+    python scripts/bench_map_heads.py [--images 240] [--heads fcn bbox_grid bbox_grid_k64] [--set key=value ...]
 
 On N synthetic camera-sized images: the 360x640 precompute stage with the map (its own build
 time, decode included), then each head config as shipped (5 folds, its epochs) trained on those
@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=240)
-    parser.add_argument("--heads", nargs="*", default=["fcn", "bbox_grid"])
+    parser.add_argument("--heads", nargs="*", default=["fcn", "bbox_grid", "bbox_grid_k64"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--work", type=Path, default=None, help="keep the data and artifacts here (default: a temporary folder)")
     args = parser.parse_args()
