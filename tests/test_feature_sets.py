@@ -26,7 +26,7 @@ def _set(copy_seed: int | None = None):
     return FeatureSet(maps, np.arange(len(maps)), boxes=boxes, copies=copies, copy_boxes=copy_boxes)
 
 
-@pytest.mark.parametrize("held_as", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("held_as", [None, torch.bfloat16])
 def test_resident_maps_give_the_cached_rows_batches(held_as):
     cached, resident = _set(copy_seed=1), _set(copy_seed=1)
     assert resident.make_resident(held_as, BUDGET) == 2 * 2 * 12 * 16 * 3 * 5  # maps and one copy
@@ -35,7 +35,7 @@ def test_resident_maps_give_the_cached_rows_batches(held_as):
     expected, _, expected_boxes = cached.batch(positions, "cpu", copies=copies)
     got, _, got_boxes = resident.batch(positions, "cpu", copies=copies)
     assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
-    if held_as == torch.float16:  # float16 held: the same float32 batch, exactly
+    if held_as is None:  # held as cached (float16): the same float32 batch, exactly
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     else:  # bf16 held: handed to the bf16-autocast head as bf16, each value rounded once
@@ -47,7 +47,7 @@ def test_resident_maps_give_the_cached_rows_batches(held_as):
 
 def test_subsets_and_predict_views_read_the_resident_rows():
     cached, resident = _set(), _set()
-    resident.make_resident(torch.float16, BUDGET)
+    resident.make_resident(None, BUDGET)
     rows = np.array([3, 4, 11])
     expected, _, _ = cached.subset(rows).view(0).batch(np.arange(3), "cpu")
     got, _, _ = resident.subset(rows).view(0).batch(np.arange(3), "cpu")
@@ -60,8 +60,18 @@ def test_maps_held_from_disk_and_only_within_the_budget(tmp_path):
     expected, _, _ = FeatureSet(_maps(2), np.arange(12)).batch(np.array([1, 2]), "cpu")
     too_large = FeatureSet(np.load(path, mmap_mode="r"), np.arange(12))
     too_large.array = np.load(path, mmap_mode="r")  # as a map larger than _in_memory holds
-    assert too_large.make_resident(torch.float16, budget=12 * 16 * 3 * 5 * 2 - 1) == 0
+    assert too_large.make_resident(None, budget=12 * 16 * 3 * 5 * 2 - 1) == 0
     assert isinstance(too_large.array, np.memmap)
-    assert too_large.make_resident(torch.float16, budget=BUDGET) > 0
+    assert too_large.make_resident(None, budget=BUDGET) > 0
     got, _, _ = too_large.batch(np.array([1, 2]), "cpu")
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_projected_float32_maps_are_held_as_float32_unless_the_head_computes_in_bf16():
+    maps = _maps(3).astype(np.float32)  # what train.map_channels' projection hands over
+    held = FeatureSet(maps, np.arange(12))
+    assert held.make_resident(None, BUDGET) == maps.nbytes
+    got, _, _ = held.batch(np.array([4, 0]), "cpu")
+    torch.testing.assert_close(got, torch.from_numpy(maps[[4, 0]]), rtol=0, atol=0)
+    halved = FeatureSet(maps, np.arange(12))
+    assert halved.make_resident(torch.bfloat16, BUDGET) == maps.nbytes // 2

@@ -44,8 +44,10 @@ class ResidentMaps:
     gather, float32 channels-last copy and the 1280-channel normalisation in float32 were most of
     it), the FCN's 337 ms and 255 ms (build machine, one process)."""
 
-    def __init__(self, array: np.ndarray, dtype):
+    def __init__(self, array: np.ndarray, dtype=None):
         import torch
+
+        dtype = dtype or torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype
 
         # (N, H, W, C) contiguous, so a row is one map in channels-last order and a batch is a
         # gather of whole rows; filled a slice at a time, so a memory-mapped cache is read once
@@ -79,14 +81,15 @@ def resident_budget() -> int:
 
 def resident_dtype(compute_dtype, device):
     """What maps are held as: the head's half type on a CPU that autocasts to bf16 (each step then
-    reads them as they are), else the cache's float16, converted per batch."""
+    reads them as they are), else None: as they are stored (the cache's float16, or float32 once
+    projected), converted to float32 per batch."""
     import torch
 
     from fishcomp.context import torch_device_type
 
     if compute_dtype == torch.bfloat16 and torch_device_type(device) == "cpu":
         return torch.bfloat16
-    return torch.float16
+    return None
 
 
 class FeatureSet:
@@ -104,12 +107,12 @@ class FeatureSet:
         self.views = [_in_memory(v) for v in views]
 
     def make_resident(self, dtype, budget: int) -> int:
-        """Hold this set's maps (with their copies and views) as `ResidentMaps` of `dtype` if they
-        fit in `budget` bytes; the bytes taken (0: left as they were)."""
+        """Hold this set's maps (with their copies and views) as `ResidentMaps` of `dtype` (None:
+        their own) if they fit in `budget` bytes; the bytes taken (0: left as they were)."""
         arrays = [self.array, *self.copies, *self.views]
         if any(isinstance(a, ResidentMaps) or a.ndim != 4 for a in arrays):
             return 0  # done already, or not maps
-        needed = sum(a.size for a in arrays) * 2  # both half types: two bytes a value
+        needed = sum(a.size * (dtype.itemsize if dtype is not None else a.dtype.itemsize) for a in arrays)
         if needed > budget:
             return 0
         self.array = ResidentMaps(self.array, dtype)
@@ -166,7 +169,7 @@ class FeatureSet:
         size = None if self.sizes is None else torch.from_numpy(self.sizes[positions]).to(device)
         box = None if boxes is None else torch.from_numpy(boxes).to(device)
         if isinstance(data, torch.Tensor):
-            # bf16 maps go to the head as they are (it autocasts to bf16); float16 ones as float32.
+            # bf16 maps go to the head as they are (it autocasts to bf16); others as float32.
             return data.to(device=device, dtype=torch.bfloat16 if data.dtype == torch.bfloat16 else torch.float32), size, box
         return as_input(torch.from_numpy(data), device), size, box
 

@@ -4,8 +4,8 @@ principal components over their pixels, whitened, computed once per run before a
 Why: a head on a 360x640 map of EfficientNet sees 1280 channels at 12x20. Its first convolution
 on them is most of a training step, every step of every epoch of every fold (docs/results.md,
 "Map heads: where their time goes"). Projected once onto k channels with unit
-variance, the maps are k/1280 of the size (the training set stays in memory as float32) and the
-head's first convolution about 1280/k times cheaper.
+variance, the maps are k/1280 of the size (held in memory like any map a head trains on:
+`ResidentMaps`) and the head's first convolution about 1280/k times cheaper.
 
 The projection is fitted on the train images' maps without their labels (no label reaches the
 validation folds through it), and it travels inside each fold's checkpoint as a frozen 1x1
