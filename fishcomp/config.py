@@ -132,8 +132,8 @@ class _DenseFamily(Strict):
 
 class LinearHeadConfig(Strict):
     """The linear probe: multinomial logistic regression with L2 on the pooled vector (standardised),
-    fitted full-batch (torch's L-BFGS on scikit-learn's objective). The floor every other head must beat on the same
-    features; often the best head when there are few training images."""
+    fitted full-batch (torch's L-BFGS on scikit-learn's objective). The floor every other head must
+    beat on the same features; often the best head when there are few training images."""
 
     kind: Literal["linear"] = "linear"
     input: ClassVar[str] = "pooled"
@@ -280,8 +280,8 @@ class CropsConfig(Strict):
     embedded by `precompute`'s backbone at `precompute.size`; `head` then trains on them."""
 
     # A config whose bbox head predicts the boxes: out-of-fold boxes for train images (the kind
-    # the classifier will see at test time), the fold models' (`test_boxes`) for test images. Not hashed: its
-    # artifact's key is.
+    # the classifier will see at test time), the fold models' (`test_boxes`) for test images.
+    # Not hashed: its artifact's key is.
     boxes: str = Field(json_schema_extra={NOT_IN_KEY: True})
     # Each side enlarged by this share of the box size, so a slightly-off box still holds the fish.
     margin: float = Field(0.25, ge=0.0, le=2.0)
