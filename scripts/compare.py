@@ -81,18 +81,24 @@ def spread(values: list) -> str:
     return f"{np.mean(values):.4f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def table(per_set: list[list[dict]]) -> str:
-    lines = [
-        "| config | head | input | out-of-fold log loss | test log loss | accuracy | box IoU | heatmap pointing | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def spread_table(per_set: list[list[dict]], labels: dict[str, str], spreads: dict[str, str], seconds: str) -> str:
+    """One row per entry of the first set: `labels` (header -> key) as they are, `spreads` (header ->
+    key) as the mean and min-max over the sets, and the mean of the `seconds` key."""
+    headers = [*labels, *spreads, seconds]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for i, row in enumerate(per_set[0]):
         column = lambda key: [rows[i][key] for rows in per_set]  # noqa: E731
-        lines.append(
-            f"| {row['config']} | {row['head']} | {row['input']} | {spread(column('valid'))} | {spread(column('test'))} "
-            f"| {spread(column('accuracy'))} | {spread(column('iou'))} | {spread(column('pointing'))} | {np.mean(column('seconds')):.0f} |"
-        )
+        cells = [str(row[key]) for key in labels.values()] + [spread(column(key)) for key in spreads.values()]
+        lines.append("| " + " | ".join([*cells, f"{np.mean(column('seconds')):.0f}"]) + " |")
     return "\n".join(lines)
+
+
+def table(per_set: list[list[dict]]) -> str:
+    return spread_table(
+        per_set, {"config": "config", "head": "head", "input": "input"},
+        {"out-of-fold log loss": "valid", "test log loss": "test", "accuracy": "accuracy", "box IoU": "iou", "heatmap pointing": "pointing"},
+        "train s",
+    )
 
 
 def write_section(path: Path, text: str, marker: str = "compare") -> None:

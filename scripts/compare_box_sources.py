@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from compare import CONFIGS, spread, write_section
+from compare import CONFIGS, spread_table, write_section
 
 from fishcomp.config import load_config
 from fishcomp.context import Context
@@ -83,15 +83,12 @@ def one_set(data: Path, work: Path, sources: list[str]) -> list[dict]:
 
 
 def table(per_set: list[list[dict]]) -> str:
-    lines = [
-        "| box source | test boxes | box IoU out of fold | box IoU on test | crops out-of-fold log loss | crops test log loss | box source train s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for i, row in enumerate(per_set[0]):
-        column = lambda key: [rows[i][key] for rows in per_set]  # noqa: E731
-        lines.append(f"| {row['source']} | {row['rule']} | {spread(column('oof_iou'))} | {spread(column('test_iou'))} "
-                     f"| {spread(column('crops_valid'))} | {spread(column('crops_test'))} | {np.mean(column('seconds')):.0f} |")
-    return "\n".join(lines)
+    return spread_table(
+        per_set, {"box source": "source", "test boxes": "rule"},
+        {"box IoU out of fold": "oof_iou", "box IoU on test": "test_iou", "crops out-of-fold log loss": "crops_valid",
+         "crops test log loss": "crops_test"},
+        "box source train s",
+    )
 
 
 def main() -> None:

@@ -59,7 +59,6 @@ def test_maps_held_from_disk_and_only_within_the_budget(tmp_path):
     np.save(path, _maps(2))
     expected, _, _ = FeatureSet(_maps(2), np.arange(12)).batch(np.array([1, 2]), "cpu")
     too_large = FeatureSet(np.load(path, mmap_mode="r"), np.arange(12))
-    too_large.array = np.load(path, mmap_mode="r")  # as a map larger than _in_memory holds
     assert too_large.make_resident(None, budget=12 * 16 * 3 * 5 * 2 - 1) == 0
     assert isinstance(too_large.array, np.memmap)
     assert too_large.make_resident(None, budget=BUDGET) > 0

@@ -250,10 +250,10 @@ def _predicted(index: pd.DataFrame, source: Artifact, name: str, test_boxes: str
             raise FishcompError(f"{source.path} has no {split} {stem}; rebuild it on this data")
         part = pd.read_csv(path).set_index("image")[columns]
         if split != "train" and test_boxes == "consensus":
-            folds = {n: source.file(f"{split}_{GEOMETRY[n][0]}_folds.npy") for n in ("box", name)}
+            folds = {n: source.file(f"{split}_{GEOMETRY[n][0]}_folds.npy") for n in {"box", name}}
             if all(f.is_file() for f in folds.values()):
-                weights = agreeing_folds(np.load(folds["box"]))
-                part.loc[:, columns] = np.einsum("fi,fic->ic", weights, np.load(folds[name]))
+                loaded = {n: np.load(f) for n, f in folds.items()}
+                part.loc[:, columns] = np.einsum("fi,fic->ic", agreeing_folds(loaded["box"]), loaded[name])
             else:
                 warn(f"{source.path.name} keeps no per-fold test {stem} (built by an older fishcomp): "
                      f"its fold-averaged ones are used; delete {source.path} to rebuild it for crops.test_boxes: consensus")

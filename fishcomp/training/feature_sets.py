@@ -16,8 +16,10 @@ from fishcomp.metrics import KAGGLE_EPS, normalise_rows
 
 
 def _in_memory(array: np.ndarray) -> np.ndarray:
-    # Small arrays (pooled vectors) are worth holding in memory; maps stay on disk.
-    if isinstance(array, np.memmap) and array.nbytes < 1 << 30:
+    # Small arrays (pooled vectors) are worth holding in memory. Maps stay on disk here: a head
+    # that trains on them reads them once into `ResidentMaps` (`make_resident`), so a copy made
+    # here would only be copied again.
+    if isinstance(array, np.memmap) and array.ndim < 4 and array.nbytes < 1 << 30:
         return np.ascontiguousarray(array)
     return array
 
