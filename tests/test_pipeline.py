@@ -156,6 +156,22 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(demo_r
     assert code == 0 and "valid test_stg2 submission, 36 rows" in stdout
 
 
+@pytest.mark.parametrize("weights", ["fitted", "selection", "stack"])
+def test_every_blend_kind_builds_and_scores_itself_honestly(demo_run, capsys, weights):
+    """`weights: auto` may choose any of them, on data where it wins; each must then build
+    (the stacker writes its cross-fitted predictions over the members' out-of-fold ones)."""
+    work, out, args = demo_run
+    code, _, stderr = run_cli([out.with_name(f"{weights}.csv") if a == out else a for a in args] + ["--set", f"ensemble.weights={weights}"], capsys)
+    assert code == 0, stderr
+    summary = next(
+        s for s in (json.loads(p.read_text()) for p in (work / "ensemble").glob("pipeline-*/summary.json")) if s["weights"] == weights
+    )
+    assert summary["blend"] == weights
+    assert summary["valid_logloss_cross_fitted"] == pytest.approx(summary["candidates_cross_fitted"][weights])
+    if weights == "stack":  # its out-of-fold predictions are the cross-fitted ones
+        assert summary["valid_logloss"] == pytest.approx(summary["valid_logloss_cross_fitted"])
+
+
 def test_kaggle_upload_uses_the_kaggle_cli_after_validation(demo_run, tmp_path, capsys, monkeypatch):
     work, out, args = demo_run
     calls = tmp_path / "calls.txt"

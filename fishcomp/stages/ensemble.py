@@ -106,7 +106,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
     if kind == "stack":
         stacker = fit_stacker(rows, labels[validated], config.stack_strength)
         # Out of fold, each fold comes from a stacker that never saw it: the honest number.
-        stacked = oof[classes].to_numpy(dtype=np.float64)
+        stacked = oof[classes].to_numpy(dtype=np.float64, copy=True)
         stacked[validated] = cross_fitted_stack(rows, labels[validated], folds[validated], config.stack_strength)
         oof[classes] = stacked
         for split in tests:
