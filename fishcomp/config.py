@@ -332,6 +332,11 @@ class TrainConfig(Strict):
     schedule: Literal["constant", "cosine"] = "constant"
     # Stop a fold after this many epochs without a better validation log loss (0: never).
     early_stopping: int = Field(0, ge=0)
+    # Which epoch's weights a fold keeps. best: the one with the lowest validation log loss (the
+    # lesson's checkpointing), which makes that fold's out-of-fold predictions the best of several
+    # looks at the same images, an optimistic estimate that the blend then over-trusts. last: the
+    # schedule's end, chosen before seeing the fold, so the out-of-fold predictions are honest.
+    keep: Literal["best", "last"] = "best"
     # Share of each fold's training images held out to choose the best epoch (and stop early).
     # 0: the lesson's way, choosing on the fold's own validation images, which makes the
     # out-of-fold log loss optimistic; ensembles and clipping tuned on it then trust the head
@@ -364,6 +369,12 @@ class TrainConfig(Strict):
     @property
     def epochs(self) -> int:
         return sum(phase.epochs for phase in self.phases)
+
+    @model_validator(mode="after")
+    def _keeps_what_it_stops_at(self) -> TrainConfig:
+        if self.keep == "last" and self.early_stopping:
+            raise ValueError("train.early_stopping stops at the best epoch, so it needs train.keep: best")
+        return self
 
 
 class SplitConfig(Strict):

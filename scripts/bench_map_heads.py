@@ -57,7 +57,7 @@ def main() -> None:
             seconds = json.loads(trained.file("manifest.json").read_text())["seconds"]
             summary = json.loads(trained.file("summary.json").read_text())
             ratios[name] = seconds / pass_seconds
-            print(f"{name}: {summary['folds']} folds, best epochs {summary['best_epochs']}, valid logloss "
+            print(f"{name}: {summary['folds']} folds, kept epochs {summary['kept_epochs']}, valid logloss "
                   f"{summary['valid_logloss']:.4f}, trained in {seconds:.1f} s: {ratios[name]:.2f} x the pass")
     worst = max(ratios.values())
     print(f"ratio={worst:.3f} target=1.0")

@@ -7,7 +7,8 @@ Speed is measured on 4 x --images images, memory on --images and 4 x --images.
 Speed: images per second of the real precompute stage (decode, resize, backbone, float16
 memory-mapped writes) on synthetic camera-sized JPEGs, against the backbone's forward pass alone
 on random tensors of the same shape, batch size and torch thread count, in the same process
-(measured just before and just after the stage, and averaged).
+(measured just before and just after the stage, and averaged). Also the decoding alone, and the
+ceiling it puts on the ratio: model time / (model time + decoding time) per image.
 Memory: the peak RSS (main process plus loader workers) of `fishcomp precompute` in a fresh
 process for N and for 4N images. Last line: `ratio=<precompute/bare at the first size> target=0.85`.
 """
@@ -52,6 +53,21 @@ def bare_backbone(size: tuple[int, int], batch_size: int, images: int, precision
             model.forward_head(model.forward_features(batch), pre_logits=True)
             done += batch_size
     return done / (time.perf_counter() - started)
+
+
+def decode_rate(data: Path, size: tuple[int, int], batch_size: int = 32) -> float:
+    """Images per second of the stage's decoding alone (decode, resize, collate), the way the
+    stage does it on this machine (`workers: auto`), no model: what the loop adds to the model."""
+    import torch
+
+    from fishcomp.features import DecodedImages, image_batches
+
+    paths = sorted(str(p.relative_to(data)) for p in (data / "train").rglob("*.jpg"))
+    images = DecodedImages(data, paths, size)
+    started = time.perf_counter()
+    for _ in image_batches(images, batch_size, "auto", torch.device("cpu")):
+        pass
+    return len(paths) / (time.perf_counter() - started)
 
 
 def precompute_speed(data: Path, size: tuple[int, int], work: Path, precision: str = "auto") -> tuple[float, dict]:
@@ -106,7 +122,12 @@ def main() -> None:
             fast, meta = precompute_speed(large, size, tmp / f"work-{text}", args.precision)
             bare = (before + bare_backbone(size, 32, meta["counts"]["total"], args.precision)) / 2
             ratios.append(fast / bare)
-            print(f"{text} ({meta['precision']}): precompute {fast:.1f} img/s, bare backbone {bare:.1f} img/s, ratio {fast / bare:.2f}")
+            decoded = decode_rate(large, size)
+            # The loop alternates decoding and the model (see fishcomp.features.image_batches), so
+            # it cannot beat one image's model time over model plus decoding time.
+            ceiling = (1 / bare) / (1 / bare + 1 / decoded)
+            print(f"{text} ({meta['precision']}): precompute {fast:.1f} img/s, bare backbone {bare:.1f} img/s, ratio {fast / bare:.2f}; "
+                  f"decoding alone {decoded:.1f} img/s, so at most {ceiling:.2f} while decoding alternates with the model")
         if not args.skip_memory:
             small_rss = peak_rss_mib(make_data(tmp / "data", args.images), tmp / "rss-n")
             large_rss = peak_rss_mib(large, tmp / "rss-4n")

@@ -1,9 +1,9 @@
 """Box sources for the crops, scored where the crops use them, on one or several generated sets.
 
     python scripts/compare_box_sources.py --sets 1:classic:200 2:hard:200 [--scale 0.5] [--data DIR ...]
-        [--sources bbox_grid bbox_grid_k64] [--work /tmp/boxes] [--out docs/results.md]
+        [--sources bbox_grid bbox_grid_k64] [--work /tmp/boxes] [--out docs/results.md [--marker box-sources]]
 
-For each set and box source (a bbox config): the box IoU out of fold (each train image's box
+For each set and box source (a bbox config, or a class-map head's such as fcn): the box IoU out of fold (each train image's box
 from the fold model that did not train on it, against its annotation) and on the test images
 (against the synthetic answers' boxes, `solution_boxes.csv`), with each test image's box taken
 as the mean of all fold models' boxes and as their consensus (crops' `test_boxes`); then
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--sources", nargs="*", default=["bbox_grid", "bbox_grid_k64"])
     parser.add_argument("--work", type=Path, default=Path("artifacts"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--marker", default="box-sources", help="which marked section of --out to rewrite")
     args = parser.parse_args()
     from fishcomp.data.synth import synthesize
 
@@ -124,7 +125,7 @@ def main() -> None:
     print()
     print(text)
     if args.out:
-        write_section(args.out, text, marker="box-sources")
+        write_section(args.out, text, marker=args.marker)
 
 
 if __name__ == "__main__":

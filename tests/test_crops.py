@@ -141,6 +141,33 @@ def test_test_crops_come_from_the_consensus_of_the_folds_boxes(crops_run, tiny_d
         np.testing.assert_allclose(cut.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float), expected, atol=1.0)
 
 
+def test_a_class_map_head_is_a_box_source_for_the_crops(tiny_data, tmp_path, capsys):
+    """fcn's box (around its heatmap's peak) is scored like a box head's and cut like one: out of
+    fold for train images, from the folds' consensus for test images."""
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path, *_sets([*SMALL, "crops.boxes=fcn.yaml"])], capsys)
+    assert code == 0, stderr
+    fcn = _folder(tmp_path, "train", "fcn")
+    summary = json.loads((fcn / "summary.json").read_text())
+    assert 0 < summary["valid_iou"] <= 1
+    boxes = pd.read_csv(fcn / "oof_boxes.csv")
+    values = boxes[["box_x", "box_y", "box_w", "box_h"]].to_numpy()
+    assert (values[:, 2:] > 0).all() and (values[:, :2] >= 0).all() and (values[:, :2] + values[:, 2:] <= 1 + 1e-9).all()
+    # Not the whole image everywhere: the boxes come from where the maps peak.
+    assert (values[:, 2] * values[:, 3] < 0.9).mean() > 0.5
+    test_folds = np.load(fcn / "test_stg1_boxes_folds.npy")
+    assert test_folds.shape == (summary["folds"], len(pd.read_csv(fcn / "test_stg1_boxes.csv")), 4)
+    crops_folder = _folder(tmp_path, "crops", "crops")
+    assert json.loads((crops_folder / "meta.json").read_text())["boxes_from"].startswith("fcn-")
+    index = pd.read_csv(crops_folder / "index.csv").set_index("image")
+    cut = pd.read_csv(crops_folder / "crop_boxes.csv")
+    original = cut[(cut.split == "train") & (cut["copy"] == 0)].set_index("image")
+    config = load_config(CONFIGS / "crops.yaml").config.crops
+    for image, box in zip(boxes.image, values):
+        width, height = index.width[image], index.height[image]
+        expected = crop_rectangle(box * [width, height, width, height], config, width, height)
+        np.testing.assert_allclose(original.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float), expected, atol=1.0)
+
+
 def test_crops_of_annotated_train_images_contain_the_drawn_fish(tiny_data, tmp_path):
     """Unjittered copies are cut around the annotated box (the fish's drawn pixels, in the synthetic
     data): every annotated fish lies inside its crop, and the crop's pixels are the photo's."""
@@ -219,7 +246,7 @@ def test_crop_geometry_grows_squares_and_stays_inside_the_photo():
     "overrides, message",
     [
         (["head={kind: fcn}"], "use a head on pooled features"),
-        (["crops.boxes=dense.yaml"], "must train a bbox head"),
+        (["crops.boxes=dense.yaml"], "must train a head that locates the fish"),
     ],
 )
 def test_crops_config_mistakes_are_one_line_errors(tiny_data, tmp_path, capsys, overrides, message):

@@ -220,3 +220,28 @@ def test_grid_locator_and_trunk_normalise_the_map_once_between_them():
     head.eval()
     x = torch.randn(4, 37, 6, 10)
     torch.testing.assert_close(head(x)["logits"], head.forward_head(head.forward_features(x)))
+
+
+def test_a_class_map_box_outlines_the_peak_region_of_the_most_probable_fish_class():
+    from fishcomp.models.losses import CLASS_MAP_UPSAMPLE, class_map_boxes
+
+    nof = 4
+    maps = np.zeros((3, 8, 3, 5), dtype=np.float32)
+    maps[:, nof, 0, 0] = 9.0  # NoF's map lights up the empty deck: never the fish's box
+    maps[0, 2, 1, 3] = 1.0  # image 0: one hot cell in class 2's map
+    maps[1, 6, 0, 1] = maps[1, 6, 0, 2] = 1.0  # image 1: two adjacent hot cells, and a separate
+    maps[1, 6, 2, 4] = 0.9  # blob that is not the peak's
+    probs = np.full((3, 8), 0.01)
+    probs[:, nof] = 0.9  # NoF the most probable class everywhere
+    probs[0, 2] = probs[1, 6] = 0.05
+    boxes = class_map_boxes(maps, probs, background=nof)
+    # Bilinear upsampling between cell centres: a lone hot cell is above half its peak exactly
+    # within half a cell of its centre, i.e. on the cell, up to one upsampled pixel.
+    pixel = 1 / (CLASS_MAP_UPSAMPLE * 5), 1 / (CLASS_MAP_UPSAMPLE * 3)
+    tolerance = np.array([pixel[0], pixel[1], 2 * pixel[0], 2 * pixel[1]])
+    assert (np.abs(boxes[0] - [3 / 5, 1 / 3, 1 / 5, 1 / 3]) <= tolerance).all(), boxes[0]
+    assert (np.abs(boxes[1] - [1 / 5, 0, 2 / 5, 1 / 3]) <= tolerance).all(), boxes[1]
+    # A flat map says nothing about where the fish is: the whole image.
+    np.testing.assert_allclose(boxes[2], [0, 0, 1, 1])
+    # Without a background class the brightest map (NoF's here) is used.
+    assert (np.abs(class_map_boxes(maps[:1], probs[:1])[0] - [0, 0, 1 / 5, 1 / 3]) <= tolerance).all()

@@ -70,3 +70,39 @@ def pointing_hits(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         (peaks[:, 0] >= boxes[:, 0]) & (peaks[:, 0] <= boxes[:, 0] + boxes[:, 2])
         & (peaks[:, 1] >= boxes[:, 1]) & (peaks[:, 1] <= boxes[:, 1] + boxes[:, 3])
     )
+
+
+# A class map is coarse (an fcn's is 3x5 cells on a 360x640 input), so it is upsampled this many
+# times per axis before thresholding: the box edges then fall between cell centres where the
+# activation crosses the threshold, instead of on whole cells.
+CLASS_MAP_UPSAMPLE = 8
+# Half the peak (above the map's floor) outlines the region: the CAM paper's 20 % suits ImageNet
+# objects that fill the frame; a fish covers a few per cent of a boat-camera photo.
+CLASS_MAP_THRESHOLD = 0.5
+
+
+def class_map_boxes(heatmaps: np.ndarray, probs: np.ndarray, background: int | None = None) -> np.ndarray:
+    """(N, classes, h, w) class maps -> (N, 4) boxes (x, y, w, h, fractions of the image): around
+    the peak of the most probable foreground class's map (classes other than `background`, e.g.
+    NoF, whose map marks empty deck), the bounding box of the connected region, containing the
+    peak, where the upsampled map is above `CLASS_MAP_THRESHOLD` of the way from its floor to its
+    peak. A flat map gives the whole image."""
+    from scipy import ndimage
+
+    scores = np.array(probs, dtype=np.float64, copy=True)
+    if background is not None and scores.shape[1] > 1:
+        scores[:, background] = -np.inf
+    chosen = heatmaps[np.arange(len(scores)), scores.argmax(axis=1)].astype(np.float32)
+    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(chosen), 1))
+    for start in range(0, len(chosen), 256):  # upsampled in chunks: 12k stage-2 maps would not fit at once
+        maps = F.interpolate(torch.from_numpy(chosen[start:start + 256])[:, None], scale_factor=CLASS_MAP_UPSAMPLE, mode="bilinear", align_corners=False)[:, 0].numpy()
+        height, width = maps.shape[1:]
+        for i, cam in enumerate(maps, start):
+            floor, peak = cam.min(), cam.max()
+            if not np.isfinite(peak) or peak - floor <= 0:
+                continue
+            regions, _ = ndimage.label(cam >= floor + CLASS_MAP_THRESHOLD * (peak - floor), structure=np.ones((3, 3)))
+            row, column = np.unravel_index(cam.argmax(), cam.shape)
+            rows, columns = np.nonzero(regions == regions[row, column])
+            boxes[i] = [columns.min() / width, rows.min() / height, (columns.max() + 1 - columns.min()) / width, (rows.max() + 1 - rows.min()) / height]
+    return boxes

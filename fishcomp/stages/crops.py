@@ -45,6 +45,7 @@ from fishcomp.features import (
     reserved_memmap,
 )
 from fishcomp.graph import Node, Resolver, Stage, register_stage
+from fishcomp.models.heads import list_heatmap_heads
 
 # -- geometry (boxes as x, y, w, h in original pixels) ----------------------------------------------
 
@@ -203,8 +204,12 @@ class Crops(Stage):
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
         source = resolver.reference(loaded, loaded.config.crops.boxes, "crops.boxes")
         config = source.config
-        if config.head is None or config.head.kind != "bbox":
-            raise FishcompError(f"crops.boxes of {loaded.path}: {source.path} must train a bbox head (head.kind: bbox)")
+        box_heads = ["bbox", *list_heatmap_heads()]
+        if config.head is None or config.head.kind not in box_heads:
+            raise FishcompError(
+                f"crops.boxes of {loaded.path}: {source.path} must train a head that locates the fish "
+                f"(head.kind: {' or '.join(box_heads)}; class-map heads give the box around their heatmap's peak)"
+            )
         if config.split.kind == "holdout":
             raise FishcompError(
                 f"crops.boxes of {loaded.path}: {source.path} uses a hold-out split, so most train images get no "
@@ -247,7 +252,10 @@ def _predicted(index: pd.DataFrame, source: Artifact, name: str, test_boxes: str
     for split in index.split.unique():
         path = source.file(f"oof_{stem}.csv" if split == "train" else f"{split}_{stem}.csv")
         if not path.is_file():
-            raise FishcompError(f"{source.path} has no {split} {stem}; rebuild it on this data")
+            raise FishcompError(
+                f"{source.path} has no {split} {stem}: rebuild it on this data (a class-map head built "
+                "before fishcomp read boxes off heatmaps keeps none: delete that folder)"
+            )
         part = pd.read_csv(path).set_index("image")[columns]
         if split != "train" and test_boxes == "consensus":
             folds = {n: source.file(f"{split}_{GEOMETRY[n][0]}_folds.npy") for n in {"box", name}}

@@ -63,7 +63,7 @@ class FoldResult:
     valid_extras: dict[str, np.ndarray]  # "box", "points": what multi-output heads predict
     test_probs: dict[str, np.ndarray]
     test_extras: dict[str, dict[str, np.ndarray]]  # split -> the same
-    best_epoch: int
+    kept_epoch: int
     checkpoint: dict
 
 

@@ -212,12 +212,12 @@ class FinetuneFolds:
             score = log_loss(valid_labels, probs)
             return {"valid_loss": score, "valid_logloss": score, "valid_accuracy": accuracy(valid_labels, probs)}
 
-        best_epoch = run_phases(train_cfg, fold, model, records, advance, train_epoch, validate)
+        kept_epoch = run_phases(train_cfg, fold, model, records, advance, train_epoch, validate)
         valid_probs = self.predict(model, self.paths[valid], spread) if len(valid) else np.empty((0, len(data.classes)))
         test_probs = {split: self.predict(model, paths, spread) for split, paths in self.test_paths.items()}
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_probs, valid_extras={},
-            test_probs=test_probs, test_extras={}, best_epoch=best_epoch,
+            test_probs=test_probs, test_extras={}, kept_epoch=kept_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(self.head), "classes": data.classes,
                 "finetune": key_payload(self.settings), "backbone": self.precompute.backbone, "size": list(self.precompute.size),

@@ -37,7 +37,7 @@ from fishcomp.features import (
 )
 from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
-from fishcomp.models.losses import box_iou, head_loss, pointing_hits
+from fishcomp.models.losses import box_iou, class_map_boxes, head_loss, pointing_hits
 from fishcomp.predictions import Predictions, read_predictions
 from fishcomp.training.data import (
     FoldResult,
@@ -77,6 +77,15 @@ def pseudo_targets(source: Artifact, index: pd.DataFrame, splits: list[str], cla
     return targets
 
 
+def with_class_map_boxes(predicted: dict[str, np.ndarray], background: int | None) -> dict[str, np.ndarray]:
+    """A class-map head's predictions with a box read off its heatmaps (`class_map_boxes`, chosen
+    by the original view's probabilities, as the heatmaps are the original view's): a box
+    source for crops, scored by box IoU like a box head's."""
+    if "heatmaps" in predicted and "box" not in predicted:
+        predicted["box"] = class_map_boxes(predicted["heatmaps"], predicted.get("probs_original", predicted["probs"]), background)
+    return predicted
+
+
 def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None) -> dict[str, float]:
     """Mean box IoU (bbox heads) and heatmap pointing score (class-map heads) on images with a box;
     mean head/tail distance (fractions of the image) on images with points."""
@@ -101,12 +110,13 @@ def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None) 
     return scores
 
 
-def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False):
+def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False, background=None):
     """Train one fold's head, keeping the epoch with the best validation log loss.
 
     `pseudo`: (features of the pseudo-labelled test images, their soft targets) or None.
     `spread`: train on every rank with DistributedDataParallel, each rank taking its share of
     every batch and of the validation set; every rank ends with the same model.
+    `background`: the class (NoF) whose heatmap is not a fish's, for class-map boxes.
     """
     import torch
     from torch import nn
@@ -182,6 +192,7 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
         if spread:
             sync_buffers(model)
         predicted = predict_spread(model, valid_set, device, dtype=dtype) if spread else predict(model, valid_set, device, dtype=dtype)
+        predicted = with_class_map_boxes(predicted, background)
         probs = predicted["probs"]
         # The training criterion on validation (log-probabilities are valid logits for it).
         log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-15))
@@ -192,8 +203,8 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
             **_extra_scores(predicted, valid_set.boxes),
         }
 
-    best_epoch = run_phases(scaled_phases(train_cfg, batches), fold, model, record, advance, train_epoch, validate)
-    return model, best_epoch
+    kept_epoch = run_phases(scaled_phases(train_cfg, batches), fold, model, record, advance, train_epoch, validate)
+    return model, kept_epoch
 
 
 def inner_split(train: np.ndarray, valid: np.ndarray, train_cfg, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +226,8 @@ class CachedFeatureFolds:
         self.data = data
         self.kind = "map" if head_uses_map(config.head) else "pooled"
         self.tta = tta_combine(loaded)
+        # NoF's map marks the empty deck, not a fish (as in blending's NoF handling).
+        self.background = data.classes.index("NoF") if "NoF" in data.classes else None
         copies, copy_boxes = load_augmented(features_artifact, self.kind)
         self.train_features = FeatureSet(
             load_features(features_artifact, "train", self.kind), data.usable, size_onehot(data.usable_index, data.vocabulary),
@@ -268,21 +281,25 @@ class CachedFeatureFolds:
         config = data.loaded.config
         valid_set = self.train_features.subset(valid)
         fit_rows, chooser = inner_split(train, valid, config.train, fold)
-        model, best_epoch = _fit_fold(
+        model, kept_epoch = _fit_fold(
             data.loaded, fold, self.train_features.subset(fit_rows), self.train_features.subset(chooser), data.labels[fit_rows],
             data.labels[chooser], len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo, spread=spread,
+            background=self.background,
         )
         if spread and not world().is_main:
             return None  # every rank holds the same model; rank 0 predicts (a head's pass is cheap)
         dtype = training_precision(data.loaded, data.device)
-        predicted = predict(model, valid_set, data.device, tta=self.tta, dtype=dtype)
-        tests = {split: predict(model, self.test_features[split], data.device, tta=self.tta, dtype=dtype) for split in data.test_splits}
+        predicted = with_class_map_boxes(predict(model, valid_set, data.device, tta=self.tta, dtype=dtype), self.background)
+        tests = {
+            split: with_class_map_boxes(predict(model, self.test_features[split], data.device, tta=self.tta, dtype=dtype), self.background)
+            for split in data.test_splits
+        }
         return FoldResult(
             valid_probs=predicted["probs"], valid_probs_original=predicted.get("probs_original", predicted["probs"]),
             valid_extras={name: predicted[name] for name in GEOMETRY if name in predicted},
             test_probs={split: t["probs"] for split, t in tests.items()},
             test_extras={split: {name: t[name] for name in GEOMETRY if name in t} for split, t in tests.items()},
-            best_epoch=best_epoch,
+            kept_epoch=kept_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": data.classes,
                 "in_shape": self.train_features.shape, "size_vocabulary": data.vocabulary,
@@ -368,7 +385,7 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     test_probs: dict[str, list] = {split: [] for split in data.test_splits}
     test_extras: dict[str, dict[str, list]] = {name: {split: [] for split in data.test_splits} for name in GEOMETRY}
     records: list[dict] = []
-    best_epochs = []
+    kept_epochs = []
     here = world()
     # Under torchrun, either every fold trains on all ranks (data-parallel), or folds are dealt to
     # the ranks (fold f on rank f mod N: exactly the single-process result); rank 0 gathers them.
@@ -410,7 +427,7 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     for fold in range(n_folds):
         valid = np.flatnonzero(folds == fold)
         result = results[fold]
-        best_epochs.append(result.best_epoch)
+        kept_epochs.append(result.kept_epoch)
         oof[valid], oof_original[valid] = result.valid_probs, result.valid_probs_original
         for name, values in result.valid_extras.items():
             oof_extras[name][valid] = values
@@ -455,8 +472,8 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     metrics = pd.DataFrame(records)
     for score in ("valid_iou", "valid_pointing", "valid_points_error"):
         if score in metrics:
-            # The score at each fold's best epoch, averaged over folds.
-            per_fold = [metrics[(metrics.fold == f) & (metrics.epoch == e)][score].iloc[0] for f, e in enumerate(best_epochs)]
+            # The score at each fold's kept epoch, averaged over folds.
+            per_fold = [metrics[(metrics.fold == f) & (metrics.epoch == e)][score].iloc[0] for f, e in enumerate(kept_epochs)]
             extra[score] = float(np.mean(per_fold))
     summary = {
         "name": loaded.name,
@@ -465,10 +482,13 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         "split": config.split.kind,
         "folds": n_folds,
         "train_images": int(len(labels)),
-        "best_epochs": best_epochs,
+        "kept_epochs": kept_epochs,
         # Whether each fold stopped because it converged or because it ran out of epochs.
-        **stopping_summary(pd.DataFrame(records), best_epochs),
-        "epochs_chosen_on": "inner split of each fold's training images" if config.train.inner_valid else "the validation fold",
+        **stopping_summary(pd.DataFrame(records), kept_epochs),
+        "epochs_chosen_on": (
+            "none: each fold keeps its last epoch" if config.train.keep == "last"
+            else "inner split of each fold's training images" if config.train.inner_valid else "the validation fold"
+        ),
         "valid_logloss": log_loss(labels[validated], oof[validated]),
         "valid_accuracy": accuracy(labels[validated], oof[validated]),
         "valid_logloss_without_tta": log_loss(labels[validated], oof_original[validated]),

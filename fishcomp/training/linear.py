@@ -162,7 +162,7 @@ class LinearProbeFolds:
                                 "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_original, valid_extras={},
-            test_probs=tests, test_extras={s: {} for s in data.test_splits}, best_epoch=len(inner) + 1,
+            test_probs=tests, test_extras={s: {} for s in data.test_splits}, kept_epoch=len(inner) + 1,
             checkpoint={"state_dict": module.state_dict(), "head": key_payload(head), "classes": data.classes,
                         "in_shape": (self.train.shape[1],), "size_vocabulary": data.vocabulary},
         )

@@ -76,7 +76,8 @@ def check_finite(loss, name: str, fold: int, epoch: int, advice: str) -> None:
 
 def run_phases(train_cfg, fold: int, model, records: list, advance, train_epoch, validate) -> int:
     """The loop every trainer shares: the config's phases, one record per epoch, early stopping on
-    validation log loss, and the best epoch's weights restored at the end. Returns that epoch.
+    validation log loss, and at the end the best epoch's weights restored (`train.keep: best`) or
+    the last epoch's kept (`last`). Returns the kept epoch.
 
     `train_epoch(phase, phase_epoch, epoch)` trains one epoch and returns its mean loss;
     `validate()` returns the validation scores (with `valid_logloss`).
@@ -98,10 +99,13 @@ def run_phases(train_cfg, fold: int, model, records: list, advance, train_epoch,
                 {"fold": fold, "epoch": epoch, "lr": phase.lr, "train_loss": train_loss, **scores, "seconds": round(time.time() - started, 3)}
             )
             if scores["valid_logloss"] < best[0]:
-                best, stale = (scores["valid_logloss"], copy.deepcopy(model.state_dict()), epoch), 0
+                # (No copy of the weights when the last epoch's are kept whatever happens.)
+                best, stale = (scores["valid_logloss"], copy.deepcopy(model.state_dict()) if train_cfg.keep == "best" else None, epoch), 0
             else:
                 stale += 1
             advance(1, note=f"fold {fold} epoch {epoch} valid logloss {scores['valid_logloss']:.4f}")
+    if train_cfg.keep == "last":
+        return epoch
     if best[1] is not None:
         model.load_state_dict(best[1])
     return best[2]
@@ -119,17 +123,19 @@ def scaled_phases(train_cfg, steps_per_epoch: int):
     return train_cfg.model_copy(update={"phases": [p.model_copy(update={"epochs": p.epochs * factor}) for p in train_cfg.phases]})
 
 
-def stopping_summary(metrics, best_epochs: list[int]) -> dict:
-    """Per fold: epochs run, whether early stopping ended it, and whether it converged (its best
-    epoch came before its last: more epochs would not have helped) or ran out of epochs."""
+def stopping_summary(metrics, kept_epochs: list[int]) -> dict:
+    """Per fold: epochs run, the epoch kept, whether early stopping ended it, and whether it
+    converged (its lowest validation log loss came before its last epoch: more epochs would not
+    have helped, whichever epoch was kept) or ran out of epochs."""
     folds = []
-    for fold, best in enumerate(best_epochs):
+    for fold, kept in enumerate(kept_epochs):
         rows = metrics[metrics.fold == fold] if len(metrics) else metrics
         run = int(rows.epoch.max()) if len(rows) else 0
         early = bool(rows["stopped_early"].fillna(False).astype(bool).any()) if "stopped_early" in rows else False
+        best = int(rows.epoch[rows.valid_logloss.idxmin()]) if len(rows) and "valid_logloss" in rows else int(kept)
         if "converged" in rows:  # the linear probe: whether L-BFGS converged on the chosen strength
             converged = bool(rows["converged"].iloc[-1])
         else:
-            converged = early or int(best) < run
-        folds.append({"fold": fold, "epochs_run": run, "best_epoch": int(best), "stopped_early": early, "converged": converged})
+            converged = early or best < run
+        folds.append({"fold": fold, "epochs_run": run, "best_epoch": best, "kept_epoch": int(kept), "stopped_early": early, "converged": converged})
     return {"stopping": folds, "converged_folds": sum(f["converged"] for f in folds)}
