@@ -33,7 +33,9 @@ def test_each_fold_predicts_with_the_epoch_it_keeps(tiny_data, tmp_path, capsys,
     assert summary["epochs_chosen_on"] == ("none: each fold keeps its last epoch" if keep == "last" else "the validation fold")
 
 
-def test_early_stopping_with_the_last_epoch_kept_is_a_one_line_error(tiny_data, tmp_path, capsys):
-    sets = ["--set", "train.keep=last", "--set", "train.early_stopping=2"]
+@pytest.mark.parametrize("choosing", ["train.early_stopping=2", "train.inner_valid=0.15"])
+def test_choosing_an_epoch_with_the_last_one_kept_is_a_one_line_error(tiny_data, tmp_path, capsys, choosing):
+    sets = ["--set", "train.keep=last", "--set", choosing]
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", tmp_path, *sets], capsys)
     assert code == 2 and "needs train.keep: best" in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
