@@ -1,5 +1,6 @@
 """`fishcomp report`: the page, its PNGs and its numbers, and the scores it is built on."""
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -69,6 +70,12 @@ def test_the_page_its_pictures_and_its_numbers(report_page, capsys):
         summary = json.loads((folder / "summary.json").read_text())
         shown = [v for v in parser.numbers["valid log loss"]]
         assert f"{summary['valid_logloss']:.4f}" in shown
+        # How each fold ended, from the summary, in a table of its own.
+        ended = ["early stopping" if f["stopped_early"] else "converged" if f["converged"] else "ran out of epochs" for f in summary["stopping"]]
+        caption = f"training per fold (epoch chosen on: {summary['epochs_chosen_on']})"
+        run_section = page.read_text().split(html.escape(f"run {summary['name']} ("), 1)[1]
+        table = run_section.split(html.escape(caption), 1)[1].split("</table>", 1)[0]
+        assert re.findall(r"<td>(early stopping|converged|ran out of epochs)</td>", table) == ended
     blend = json.loads(next((root / "work" / "ensemble").glob("blend-*/summary.json")).read_text())
     assert parser.numbers["blend valid log loss"] == [f"{blend['valid_logloss']:.4f}"]
     pointing, chance = (float(parser.numbers[k][0]) for k in ("attention: heatmap peak inside the box (pointing)", "attention: chance (mean box area / image area)"))

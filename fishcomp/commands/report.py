@@ -127,6 +127,8 @@ def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
             section.numbers[key.replace("_", " ")] = _fmt(summary[key])
     metrics = pd.read_csv(artifact.file("metrics.csv"))
     section.figures.append((viz.training_curves(metrics, out / f"{prefix}curves.png").name, "training curves per fold"))
+    if summary.get("stopping"):
+        section.tables.append((f"training per fold (epoch chosen on: {summary.get('epochs_chosen_on', '-')})", _stopping_table(summary["stopping"])))
 
     predictions = read_predictions(artifact)
     validated = predictions.validated
@@ -157,6 +159,15 @@ def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
     if run.loaded.config.head is not None and run.loaded.config.head.kind in list_heatmap_heads():
         _attention(ctx, run, out, prefix, section)
     return section
+
+
+def _stopping_table(stopping: list[dict]) -> pd.DataFrame:
+    """Per fold: how far it trained, and whether it ended converged or short of epochs."""
+    return pd.DataFrame([{
+        "fold": f["fold"], "epochs run": f["epochs_run"], "lowest validation log loss at epoch": f["best_epoch"],
+        "epoch kept": f.get("kept_epoch", f["best_epoch"]),
+        "ended": "early stopping" if f["stopped_early"] else "converged" if f["converged"] else "ran out of epochs",
+    } for f in stopping])
 
 
 def _features(ctx: Context, run: Run) -> Artifact:
