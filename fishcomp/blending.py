@@ -157,13 +157,18 @@ def blend_nof_with_whole(loaded: LoadedConfig, whole: Artifact, oof: pd.DataFram
     crops_alone = log_loss(labels[validated], oof[classes].to_numpy()[validated])
     whole_oof = aligned(other.oof, oof.image[validated], "out-of-fold")
     blended = oof[classes].to_numpy(copy=True)
-    blended[validated] = blend_nof(blended[validated], whole_oof, settings.weight, nof)
+    weight = settings.weight
+    if weight == "auto":
+        shares = np.linspace(0.0, 1.0, 21)
+        losses = [log_loss(labels[validated], blend_nof(blended[validated], whole_oof, w, nof)) for w in shares]
+        weight = round(float(shares[int(np.argmin(losses))]), 2)
+    blended[validated] = blend_nof(blended[validated], whole_oof, weight, nof)
     oof[classes] = blended
     for split, frame in tests.items():
         if split not in other.tests:
             raise FishcompError(f"crops.nof.whole of {loaded.path}: {whole.path.name} did not predict {split}; rebuild it on this data")
-        frame[classes] = blend_nof(frame[classes].to_numpy(), aligned(other.tests[split], frame.image, split), settings.weight, nof)
+        frame[classes] = blend_nof(frame[classes].to_numpy(), aligned(other.tests[split], frame.image, split), weight, nof)
     return {
-        "whole": whole.path.name, "weight": settings.weight, "crops_alone": crops_alone,
+        "whole": whole.path.name, "weight": weight, "weight_setting": settings.weight, "crops_alone": crops_alone,
         "whole_image": log_loss(labels[validated], whole_oof), "blended": log_loss(labels[validated], blended[validated]),
     }

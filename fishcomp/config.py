@@ -272,7 +272,17 @@ class NofBlendConfig(Strict):
     # A config (relative to the file that names it) of a whole-image head on the same folds; its
     # path is not hashed: the key holds its artifact's own key instead.
     whole: str = Field(json_schema_extra={NOT_IN_KEY: True})
-    weight: float = Field(0.5, ge=0.0, le=1.0, description="share of the whole-image model in P(NoF)")
+    # Share of the whole-image model in P(NoF). auto: the share (0, 0.05, ..., 1) with the lowest
+    # out-of-fold log loss of the blend: how far to trust each model on empty decks depends on how
+    # well the box source finds fish on this data. One number fitted on every out-of-fold row.
+    weight: float | Literal["auto"] = Field(0.5, description="share of the whole-image model in P(NoF), or auto")
+
+    @field_validator("weight")
+    @classmethod
+    def _a_share(cls, value):
+        if value != "auto" and not 0.0 <= value <= 1.0:
+            raise ValueError("crops.nof.weight is a share between 0 and 1, or auto")
+        return value
 
 
 class CropsConfig(Strict):

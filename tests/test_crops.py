@@ -42,12 +42,27 @@ def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
     summary = json.loads((_folder(work, "train", "crops") / "summary.json").read_text())
     blend = summary["nof_blend"]
-    assert blend["whole"].startswith("dense_360x640-") and blend["weight"] == 0.5
+    assert blend["whole"].startswith("dense_360x640-") and blend["weight_setting"] == "auto" and 0 <= blend["weight"] <= 1
     assert summary["valid_logloss"] == pytest.approx(blend["blended"])
     assert summary["valid_logloss"] < summary["prior_logloss"]
     # The crop classifier trained on the original crop and two jittered copies per train image.
     assert summary["augment_copies"] == 2
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_an_auto_nof_weight_is_the_share_with_the_lowest_out_of_fold_log_loss(crops_run, tiny_data, capsys):
+    work, _ = crops_run
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.nof.weight=0.5"])], capsys)
+    assert code == 0, stderr
+    summaries = [json.loads(p.read_text())["nof_blend"] for p in (work / "train").glob("crops-*/summary.json")]
+    chosen = next(s for s in summaries if s["weight_setting"] == "auto")
+    fixed = next(s for s in summaries if s["weight_setting"] == 0.5)
+    assert chosen["weight"] in np.linspace(0, 1, 21).round(2).tolist()
+    code, stdout, _ = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets(SMALL)], capsys)
+    assert code == 0 and f"P(NoF) weighted {chosen['weight']:g} by auto" in stdout
+    # Among its candidates are the crop classifier alone (0) and the fixed run's 0.5: never worse.
+    assert chosen["blended"] <= min(fixed["blended"], fixed["crops_alone"]) + 1e-12
+    assert chosen["crops_alone"] == pytest.approx(fixed["crops_alone"])
 
 
 def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
@@ -247,6 +262,7 @@ def test_crop_geometry_grows_squares_and_stays_inside_the_photo():
     [
         (["head={kind: fcn}"], "use a head on pooled features"),
         (["crops.boxes=dense.yaml"], "must train a head that locates the fish"),
+        (["crops.nof.weight=1.5"], "a share between 0 and 1, or auto"),
     ],
 )
 def test_crops_config_mistakes_are_one_line_errors(tiny_data, tmp_path, capsys, overrides, message):

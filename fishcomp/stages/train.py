@@ -84,5 +84,6 @@ class Train(Stage):
             line += f" (TTA x{summary['tta_views']}; {summary['valid_logloss_without_tta']:.4f} without)"
         if summary.get("nof_blend"):
             blend = summary["nof_blend"]
-            line += f" (crops alone {blend['crops_alone']:.4f}, whole image {blend['whole_image']:.4f})"
+            line += f" (crops alone {blend['crops_alone']:.4f}, whole image {blend['whole_image']:.4f}"
+            line += f", its P(NoF) weighted {blend['weight']:g} by auto)" if blend.get("weight_setting") == "auto" else ")"
         return line
