@@ -60,9 +60,12 @@ def test_an_auto_nof_weight_is_the_share_with_the_lowest_out_of_fold_log_loss(cr
     assert chosen["weight"] in np.linspace(0, 1, 21).round(2).tolist()
     code, stdout, _ = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets(SMALL)], capsys)
     assert code == 0 and f"P(NoF) weighted {chosen['weight']:g} by auto" in stdout
-    # Among its candidates are the crop classifier alone (0) and the fixed run's 0.5: never worse.
-    assert chosen["blended"] <= min(fixed["blended"], fixed["crops_alone"]) + 1e-12
-    assert chosen["crops_alone"] == pytest.approx(fixed["crops_alone"])
+    # Among its candidates are the crop classifier alone (weight 0: the same numbers up to float64
+    # rounding) and the fixed run's 0.5, so it is never worse than either. The two runs trained
+    # the same seeded classifier (a CPU run repeats), so they agree to float32 rounding.
+    assert chosen["blended"] <= chosen["crops_alone"] + 1e-9
+    assert chosen["crops_alone"] == pytest.approx(fixed["crops_alone"], rel=1e-6)
+    assert chosen["blended"] <= fixed["blended"] + 1e-6
 
 
 def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
