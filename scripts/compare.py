@@ -32,16 +32,29 @@ HEADS = ["linear", "dense", "linear_360x640", "dense_360x640", "gap", "leakage",
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_logloss(data: Path, artifact) -> float | None:
-    """The run's stage-1 test predictions scored on the synthetic answers (None without them)."""
+def test_logloss(data: Path, artifact, splits: tuple[str, ...] = ("test_stg1",)) -> float | None:
+    """The run's test predictions of `splits` (together) scored on the synthetic answers (None
+    without them)."""
     solution = data / "solution.csv"
-    tests = artifact.file("test_stg1.csv")
-    if not solution.is_file() or not tests.is_file():
+    tests = [artifact.file(f"{split}.csv") for split in splits if artifact.file(f"{split}.csv").is_file()]
+    if not solution.is_file() or not tests:
         return None
     truth = pd.read_csv(solution).set_index("image")
-    predicted = pd.read_csv(tests).set_index("image")
+    predicted = pd.concat([pd.read_csv(path) for path in tests]).drop_duplicates("image").set_index("image")
     rows = predicted.index.intersection(truth.index)
     return log_loss(truth.loc[rows].to_numpy().argmax(axis=1), predicted.loc[rows, truth.columns].to_numpy())
+
+
+def generated_set(work: Path, spec: str, scale: float) -> tuple[Path, str, str, str]:
+    """The set `spec` (SEED:STYLE:N_TRAIN) names, under `work`/sets/, made if it is not there yet:
+    (its folder, seed, style, train images)."""
+    from fishcomp.data.synth import synthesize
+
+    seed, style, n_train = spec.split(":")
+    data = work / "sets" / f"{style}-{seed}-{n_train}"
+    if not (data / "train").is_dir():
+        synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), seed=int(seed), scale=scale, style=style)
+    return data, seed, style, n_train
 
 
 def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blend: bool) -> list[dict]:
@@ -121,14 +134,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.sets:
-        from fishcomp.data.synth import synthesize
-
         per_set, described = [], []
         for spec in args.sets:
-            seed, style, n_train = spec.split(":")
-            data = args.work / "sets" / f"{style}-{seed}-{n_train}"
-            if not (data / "train").is_dir():
-                synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), seed=int(seed), scale=args.scale, style=style)
+            data, seed, style, n_train = generated_set(args.work, spec, args.scale)
             per_set.append(one_set(data, args.work, args.heads, args.overrides, args.blend))
             described.append(f"seed {seed} {style} ({n_train} train)")
             print(f"{described[-1]}: " + ", ".join(f"{r['config']} {r['valid']:.4f}" for r in per_set[-1]), flush=True)

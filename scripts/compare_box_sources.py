@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from compare import CONFIGS, spread_table, write_section
+from compare import CONFIGS, generated_set, spread_table, test_logloss, write_section
 
 from fishcomp.config import load_config
 from fishcomp.context import Context
 from fishcomp.features import BOX_COLUMNS, load_index
-from fishcomp.metrics import log_loss
 from fishcomp.pipeline import build, resolver
 from fishcomp.stages.crops import agreeing_folds, box_iou
 
@@ -57,23 +56,19 @@ def test_iou(data: Path, source, index: pd.DataFrame) -> dict[str, float]:
 def scored(data: Path, artifact) -> dict[str, float]:
     """Out-of-fold and test (stage 1 and 2 together) log loss of a train artifact."""
     summary = json.loads(artifact.file("summary.json").read_text())
-    truth = pd.read_csv(data / "solution.csv").set_index("image")
-    predicted = pd.concat([pd.read_csv(artifact.file(f"{s}.csv")) for s in ("test_stg1", "test_stg2") if artifact.file(f"{s}.csv").is_file()])
-    predicted = predicted.drop_duplicates("image").set_index("image")
-    rows = predicted.index.intersection(truth.index)
-    test = log_loss(truth.loc[rows].to_numpy().argmax(axis=1), predicted.loc[rows, truth.columns].to_numpy())
-    return {"valid": summary["valid_logloss"], "test": test}
+    return {"valid": summary["valid_logloss"], "test": test_logloss(data, artifact, ("test_stg1", "test_stg2"))}
 
 
 def one_set(data: Path, work: Path, sources: list[str]) -> list[dict]:
     ctx = Context(data_dir=data, work_dir=work)
+    plan = resolver(ctx)
     rows = []
     for name in sources:
-        source = build(ctx, "train", load_config(CONFIGS / f"{name}.yaml"))
+        node = plan.node("train", load_config(CONFIGS / f"{name}.yaml"))
+        source = plan.build(node)
         summary = json.loads(source.file("summary.json").read_text())
         seconds = json.loads(source.file("manifest.json").read_text())["seconds"]
-        plan = resolver(ctx)
-        index = load_index(plan.build(plan.node("train", load_config(CONFIGS / f"{name}.yaml")).inputs["features"]))
+        index = load_index(plan.build(node.inputs["features"]))
         ious = test_iou(data, source, index)
         for rule in RULES:
             crops = build(ctx, "train", load_config(CONFIGS / "crops.yaml", [f"crops.boxes={name}.yaml", f"crops.test_boxes={rule}"]))
@@ -101,14 +96,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--marker", default="box-sources", help="which marked section of --out to rewrite")
     args = parser.parse_args()
-    from fishcomp.data.synth import synthesize
-
     folders, described = [], []
     for spec in args.sets:
-        seed, style, n_train = spec.split(":")
-        data = args.work / "sets" / f"{style}-{seed}-{n_train}"
-        if not (data / "train").is_dir():
-            synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), seed=int(seed), scale=args.scale, style=style)
+        data, seed, style, n_train = generated_set(args.work, spec, args.scale)
         folders.append(data)
         described.append(f"seed {seed} {style} ({n_train} train, scale {args.scale})")
     for data in args.data:
