@@ -149,6 +149,19 @@ class DenseHeadConfig(_DenseFamily):
     """The lesson's dense head: BN, dropout p/4, 2 x (Dense, BN, dropout), softmax."""
 
     kind: Literal["dense"] = "dense"
+    # On the pooled vector: first fit the linear probe (`{kind: linear}`, its own settings) on
+    # each fold's training images, then train the dense layers on top of its logits, their output
+    # starting at zero, for as many of the schedule's epochs (0 included) as score best on the
+    # probe's inner split. The head starts where the probe ends and keeps only what the dense
+    # layers add on images they did not train on: the plain dense head overfits the boats on small
+    # sets and loses to the probe (docs/results.md). None: the lesson's head.
+    base: LinearHeadConfig | None = None
+
+    @model_validator(mode="after")
+    def _probe_reads_pooled(self) -> DenseHeadConfig:
+        if self.base is not None and self.input != "pooled":
+            raise ValueError("head.base (a linear probe underneath) reads the pooled vector; set input: pooled")
+        return self
 
 
 class GapHeadConfig(Strict):

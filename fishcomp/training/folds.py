@@ -50,6 +50,7 @@ from fishcomp.training.feature_sets import FeatureSet, concat, predict, resident
 from fishcomp.training.loop import (
     batches_per_epoch,
     check_finite,
+    first_epochs,
     lr_at,
     mixed_batches,
     predict_spread,
@@ -110,13 +111,15 @@ def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None) 
     return scores
 
 
-def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False, background=None):
+def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False, background=None, base=None, epochs=None):
     """Train one fold's head, keeping the epoch with the best validation log loss.
 
     `pseudo`: (features of the pseudo-labelled test images, their soft targets) or None.
     `spread`: train on every rank with DistributedDataParallel, each rank taking its share of
     every batch and of the validation set; every rank ends with the same model.
     `background`: the class (NoF) whose heatmap is not a fish's, for class-map boxes.
+    `base`: the fold's fitted probe (`FoldProbe`) for a head with `head.base`, loaded before training.
+    `epochs`: train only the schedule's first this-many epochs (0: none, the head as built).
     """
     import torch
     from torch import nn
@@ -131,7 +134,12 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     torch.manual_seed(train_cfg.seed * 1000 + fold)
     # Every rank draws the same batches from this generator, and takes its own share of each.
     generator = np.random.default_rng([train_cfg.seed, fold])
-    model = create_head(config.head, train_set.shape, num_classes, num_sizes=num_sizes).to(device)
+    model = create_head(config.head, train_set.shape, num_classes, num_sizes=num_sizes)
+    if base is not None:
+        weight, bias = base.weights(num_classes)
+        model.base.load_state_dict({"mean": torch.from_numpy(base.mean), "scale": torch.from_numpy(base.scale),
+                                    "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
+    model = model.to(device)
     net = wrap_data_parallel(model, device) if spread else model
     if spread:
         torch.manual_seed(train_cfg.seed * 1000 + fold + 7919 * here.rank)  # own dropout masks per rank
@@ -203,7 +211,14 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
             **_extra_scores(predicted, valid_set.boxes),
         }
 
-    kept_epoch = run_phases(scaled_phases(train_cfg, batches), fold, model, record, advance, train_epoch, validate)
+    schedule = scaled_phases(train_cfg, batches)
+    if epochs is not None:
+        if epochs == 0:
+            advance(schedule.epochs, note=f"fold {fold}: no epochs")
+            return model, 0
+        advance(schedule.epochs - min(epochs, schedule.epochs))  # the epochs left out
+        schedule = first_epochs(schedule, epochs)
+    kept_epoch = run_phases(schedule, fold, model, record, advance, train_epoch, validate)
     return model, kept_epoch
 
 
@@ -281,10 +296,13 @@ class CachedFeatureFolds:
         config = data.loaded.config
         valid_set = self.train_features.subset(valid)
         fit_rows, chooser = inner_split(train, valid, config.train, fold)
+        base, epochs = None, None
+        if getattr(config.head, "base", None) is not None:
+            base, epochs = self._fit_base(fold, fit_rows, records, spread)
         model, kept_epoch = _fit_fold(
             data.loaded, fold, self.train_features.subset(fit_rows), self.train_features.subset(chooser), data.labels[fit_rows],
             data.labels[chooser], len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo, spread=spread,
-            background=self.background,
+            background=self.background, base=base, epochs=epochs,
         )
         if spread and not world().is_main:
             return None  # every rank holds the same model; rank 0 predicts (a head's pass is cheap)
@@ -306,6 +324,45 @@ class CachedFeatureFolds:
                 **({"projection": {k: torch.from_numpy(v) for k, v in self.projection.items()}} if self.projection else {}),
             },
         )
+
+    def _fit_base(self, fold: int, positions: np.ndarray, records: list, spread: bool):
+        """(the probe under a head with `head.base`, how many epochs the dense layers train on it).
+
+        Both are chosen on one inner split of these training positions, never on the fold's
+        validation images: the probe's strength, then the epoch count, 0 to the schedule's length,
+        at which the dense layers on the inner probe score best on the inner validation images
+        (0: they do not help; the head is the probe). The probe is fitted on each image and its
+        augmented copies, as the head trains on them. `metrics.csv` gets the choice as epoch-0
+        rows (`strength`, `inner_logloss`, and on the chosen strength's row `dense_epochs`)."""
+        import time
+
+        from fishcomp.training.linear import fit_fold_probe
+
+        data, features = self.data, self.train_features
+        originals = np.asarray(features.array[features.rows], dtype=np.float32)
+        copies = [np.asarray(c[features.rows], dtype=np.float32) for c in features.copies]
+
+        def rows(picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            x = np.concatenate([originals[picked], *[c[picked] for c in copies]])
+            return x, np.tile(data.labels[picked], 1 + len(copies))
+
+        tried: list = []
+        probe = fit_fold_probe(rows, originals, data.labels, positions, data.loaded.config.head.base,
+                               data.loaded.config.train.seed, fold, len(data.classes), tried, time.time())
+        curve: list = []
+        _fit_fold(
+            data.loaded, fold, features.subset(probe.inner_train), features.subset(probe.inner_valid), data.labels[probe.inner_train],
+            data.labels[probe.inner_valid], len(data.classes), len(data.vocabulary) + 1, data.device, curve, lambda *_, **__: None,
+            self.pseudo, spread=spread, base=probe.inner,
+        )
+        scores = [probe.inner_logloss, *[r["valid_logloss"] for r in curve]]
+        epochs = int(np.argmin(scores))
+        # Not `converged` rows: those mark a probe's own artifact (stopping_summary).
+        records.extend({"fold": fold, "epoch": 0, "lr": r["strength"], "strength": r["strength"], "inner_logloss": r["inner_logloss"],
+                        "chosen": r["strength"] == probe.strength, "seconds": r["seconds"],
+                        **({"dense_epochs": epochs, "dense_inner_logloss": scores[epochs]} if r["strength"] == probe.strength else {})}
+                       for r in tried)
+        return probe, epochs
 
     def summary(self) -> dict:
         return {

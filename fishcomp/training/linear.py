@@ -87,6 +87,67 @@ def _probs(model: Probe, x: np.ndarray, classes: int) -> np.ndarray:
     return out / out.sum(axis=1, keepdims=True)
 
 
+@dataclass
+class FoldProbe:
+    """A fold's probe: the fitted model and the standardisation it reads its inputs through."""
+
+    model: Probe
+    mean: np.ndarray
+    scale: np.ndarray
+    strength: float
+    converged: bool
+    tried: int  # strengths tried on the inner split
+    # The inner split's fit at the chosen strength, its rows, and its log loss on the inner
+    # validation images: what a model built on the probe can be tuned against, as the strength was.
+    inner: FoldProbe | None = None
+    inner_train: np.ndarray | None = None
+    inner_valid: np.ndarray | None = None
+    inner_logloss: float = float("nan")
+
+    def probs(self, x: np.ndarray, classes: int) -> np.ndarray:
+        return _probs(self.model, (x - self.mean) / self.scale, classes)
+
+    def weights(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(weight (classes, features), bias) over every class, for a linear layer on the
+        standardised input: a class absent from the fold's training rows is never predicted."""
+        weight = np.zeros((classes, len(self.mean)), dtype=np.float32)
+        bias = np.full(classes, -30.0, dtype=np.float32)
+        weight[self.model.classes_], bias[self.model.classes_] = self.model.weight, self.model.bias
+        return weight, bias
+
+
+def fit_fold_probe(rows, originals: np.ndarray, labels: np.ndarray, train: np.ndarray, head, seed: int, fold: int, classes: int,
+                   records: list, started: float) -> FoldProbe:
+    """Standardise, choose the L2 strength on an inner split of the fold's training positions
+    `train` (scored on their original images), refit on all of them.
+    `rows(positions) -> (x, y)`: the rows to fit on for those positions (with augmented copies).
+    `head`: the strengths, inner fraction and iteration limit (`LinearHeadConfig`'s fields).
+    Appends one record per strength tried to `records`."""
+    rng = np.random.default_rng([seed, fold, 29])
+    order = rng.permutation(train)
+    inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
+    inner_train = order[len(inner_valid):]
+    x_inner, y_inner = rows(inner_train)
+    mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
+    inner_mean, inner_scale = mean, scale
+    inner, fitted, settled = {}, {}, {}
+    model = None
+    for strength in sorted(head.strengths):  # strongest penalty first: each fit warm-starts the next
+        model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
+        fitted[strength], settled[strength] = model, converged
+        inner[strength] = log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes))
+        records.append({"fold": fold, "epoch": len(inner), "lr": strength, "strength": strength, "inner_logloss": inner[strength],
+                        "converged": converged, "seconds": round(time.time() - started, 3)})
+    best = min(inner, key=inner.get)
+    x, y = rows(train)
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    # The refit on all the fold's images starts from the inner fit at the chosen strength: the
+    # same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
+    model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, fitted[best])
+    on_inner = FoldProbe(fitted[best], inner_mean, inner_scale, best, settled[best], len(inner))
+    return FoldProbe(model, mean, scale, best, converged, len(inner), on_inner, np.sort(inner_train), np.sort(inner_valid), inner[best])
+
+
 class LinearProbeFolds:
     def __init__(self, data: TrainData, features_artifact: Artifact):
         self.data = data
@@ -121,30 +182,13 @@ class LinearProbeFolds:
         classes = len(data.classes)
         started = time.time()
         # The strength is chosen without the fold's validation images: an inner split of its train.
-        rng = np.random.default_rng([data.loaded.config.train.seed, fold, 29])
-        order = rng.permutation(train)
-        inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
-        inner_train = order[len(inner_valid):]
-        x_inner, y_inner = self._rows(inner_train)
-        mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
-        inner, fitted = {}, {}
-        model = None
-        for strength in sorted(head.strengths):  # strongest penalty first: each fit warm-starts the next
-            model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
-            fitted[strength] = model
-            inner[strength] = log_loss(data.labels[inner_valid], _probs(model, (self.train[inner_valid] - mean) / scale, classes))
-            records.append({"fold": fold, "epoch": len(inner), "lr": strength, "strength": strength, "inner_logloss": inner[strength],
-                            "converged": converged, "seconds": round(time.time() - started, 3)})
-        best = min(inner, key=inner.get)
-        x, y = self._rows(train)
-        mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-        # The refit on all the fold's images starts from the inner fit at the chosen strength: the
-        # same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
-        model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, fitted[best])
+        probe = fit_fold_probe(self._rows, self.train, data.labels, train, head, data.loaded.config.train.seed, fold, classes,
+                               records, started)
+        model, mean, scale, best, converged = probe.model, probe.mean, probe.scale, probe.strength, probe.converged
         valid_probs, valid_original = self._predict(model, mean, scale, self.train[valid], [v[valid] for v in self.train_views])
         train_probs = _probs(model, (self.train[train] - mean) / scale, classes)
         records.append({
-            "fold": fold, "epoch": len(inner) + 1, "lr": best, "strength": best, "chosen": True, "converged": converged,
+            "fold": fold, "epoch": probe.tried + 1, "lr": best, "strength": best, "chosen": True, "converged": converged,
             "train_loss": log_loss(data.labels[train], train_probs),
             "valid_logloss": log_loss(data.labels[valid], valid_probs) if len(valid) else np.nan,
             "valid_accuracy": accuracy(data.labels[valid], valid_probs) if len(valid) else np.nan,
@@ -155,14 +199,12 @@ class LinearProbeFolds:
             return None
         tests = {s: self._predict(model, mean, scale, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
         module = create_head(head, (self.train.shape[1],), classes)
-        weight = np.zeros((classes, self.train.shape[1]), dtype=np.float32)
-        bias = np.full(classes, -30.0, dtype=np.float32)  # a class absent from the fold: never predicted
-        weight[model.classes_], bias[model.classes_] = model.weight, model.bias
+        weight, bias = probe.weights(classes)
         module.load_state_dict({"mean": torch.from_numpy(mean), "scale": torch.from_numpy(scale),
                                 "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_original, valid_extras={},
-            test_probs=tests, test_extras={s: {} for s in data.test_splits}, kept_epoch=len(inner) + 1,
+            test_probs=tests, test_extras={s: {} for s in data.test_splits}, kept_epoch=probe.tried + 1,
             checkpoint={"state_dict": module.state_dict(), "head": key_payload(head), "classes": data.classes,
                         "in_shape": (self.train.shape[1],), "size_vocabulary": data.vocabulary},
         )

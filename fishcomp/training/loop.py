@@ -123,6 +123,17 @@ def scaled_phases(train_cfg, steps_per_epoch: int):
     return train_cfg.model_copy(update={"phases": [p.model_copy(update={"epochs": p.epochs * factor}) for p in train_cfg.phases]})
 
 
+def first_epochs(train_cfg, epochs: int):
+    """The schedule cut after its first `epochs` epochs (phases in order, the last one shortened)."""
+    phases, left = [], epochs
+    for phase in train_cfg.phases:
+        if left <= 0:
+            break
+        phases.append(phase.model_copy(update={"epochs": min(phase.epochs, left)}))
+        left -= phase.epochs
+    return train_cfg.model_copy(update={"phases": phases})
+
+
 def stopping_summary(metrics, kept_epochs: list[int]) -> dict:
     """Per fold: epochs run, the epoch kept, whether early stopping ended it, and whether it
     converged (its lowest validation log loss came before its last epoch: more epochs would not
@@ -132,7 +143,8 @@ def stopping_summary(metrics, kept_epochs: list[int]) -> dict:
         rows = metrics[metrics.fold == fold] if len(metrics) else metrics
         run = int(rows.epoch.max()) if len(rows) else 0
         early = bool(rows["stopped_early"].fillna(False).astype(bool).any()) if "stopped_early" in rows else False
-        best = int(rows.epoch[rows.valid_logloss.idxmin()]) if len(rows) and "valid_logloss" in rows else int(kept)
+        scored = rows[rows.valid_logloss.notna()] if "valid_logloss" in rows else rows.iloc[:0]
+        best = int(scored.epoch[scored.valid_logloss.idxmin()]) if len(scored) else int(kept)
         if "converged" in rows:  # the linear probe: whether L-BFGS converged on the chosen strength
             converged = bool(rows["converged"].iloc[-1])
         else:

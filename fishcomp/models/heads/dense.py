@@ -1,6 +1,6 @@
 """The lesson's dense family: a shared trunk (BN -> dropout p/4 -> [Dense -> ReLU -> BN -> dropout] x 2)
-with three tops: the 8-way classifier (`dense`), plus the image-size one-hot (`leakage`), plus a
-box regressor (`bbox`).
+with three tops: the 8-way classifier (`dense`, optionally on top of a fitted linear probe's
+logits: `base`), plus the image-size one-hot (`leakage`), plus a box regressor (`bbox`).
 
 On the spatial map (`input: map`) the trunk first max-pools 2x2 and flattens, as the lesson did on
 VGG's conv output (optionally after a 1x1 conv that reduces the channels, `reduce`); on the pooled
@@ -47,6 +47,15 @@ class DenseHead(nn.Module):
         self.trunk = DenseTrunk(in_shape, config.input, config.dropout, config.hidden, config.reduce)
         self.num_features = config.hidden
         self.classifier = nn.Linear(self.num_features, num_classes)
+        self.base = None
+        if getattr(config, "base", None) is not None:
+            from fishcomp.models.heads.linear import LinearProbe
+
+            # Fitted before training (fishcomp.training.folds) and frozen; the dense layers add to
+            # its logits from zero, so training starts at the probe's predictions.
+            self.base = LinearProbe(config.base, in_shape, num_classes).requires_grad_(False)
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
 
     def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         return self.trunk(x)
@@ -58,7 +67,10 @@ class DenseHead(nn.Module):
         self.classifier = nn.Linear(self.num_features, num_classes)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"logits": self.forward_head(self.forward_features(x, size))}
+        logits = self.forward_head(self.forward_features(x, size))
+        if self.base is not None:
+            logits = logits + self.base(x)["logits"]
+        return {"logits": logits}
 
 
 class LeakageHead(DenseHead):

@@ -1,0 +1,72 @@
+"""head.base: the dense head trained on top of a fitted linear probe, starting at its predictions."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import CONFIGS, SMALL, run_cli
+
+from fishcomp.config import DenseHeadConfig, LinearHeadConfig
+from fishcomp.models.heads import create_head
+
+
+def test_before_training_the_head_is_its_probe():
+    torch.manual_seed(0)
+    head = create_head(DenseHeadConfig(base=LinearHeadConfig(), hidden=32), (20,), 8).eval()
+    probe = head.base
+    with torch.no_grad():
+        probe.mean.normal_(), probe.scale.uniform_(0.5, 2.0)
+        probe.classifier.weight.normal_(), probe.classifier.bias.normal_()
+    x = torch.randn(16, 20)
+    with torch.no_grad():
+        # The dense layers' output starts at exactly zero, so the sum is the probe's logits.
+        torch.testing.assert_close(head(x)["logits"], probe(x)["logits"], rtol=0, atol=0)
+    # Only the dense layers learn: the probe stays as fitted.
+    assert not any(p.requires_grad for p in probe.parameters())
+    assert all(p.requires_grad for name, p in head.named_parameters() if not name.startswith("base."))
+
+
+def test_a_probe_base_needs_the_pooled_vector():
+    with pytest.raises(ValueError, match="pooled"):
+        DenseHeadConfig(base=LinearHeadConfig(), input="map")
+
+
+def _oof(work, name):
+    folder = next((work / "train").glob(f"{name}-*"))
+    return pd.read_csv(folder / "oof.csv"), pd.read_csv(folder / "metrics.csv")
+
+
+def _train(config, data, work, capsys, *overrides):
+    sets = [item for override in [*SMALL, *overrides] for item in ("--set", override)]
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / config, "--data", data, "--work", work, *sets], capsys)
+    assert code == 0, stderr
+    return _oof(work, config.removesuffix(".yaml"))
+
+
+CLASSES = ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
+
+
+def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tiny_data, tmp_path, capsys):
+    probe_oof, probe_metrics = _train("linear.yaml", tiny_data, tmp_path / "probe", capsys)
+    # The same folds, inner split, strengths and rows as `linear.yaml`'s own folds, so the same
+    # probe; at a learning rate of 1e-9 the dense layers stay ~1e-8 from zero.
+    still_oof, still_metrics = _train("dense.yaml", tiny_data, tmp_path / "still", capsys,
+                                      "head.base={kind: linear}", "train.phases=[{epochs: 2, lr: 1.0e-9}]")
+    # The probe's own predictions come from its float64 fit, the head's through float32 layers:
+    # probabilities agree to float32 rounding of logits of size ~10 (1e-5), far below 1e-3.
+    np.testing.assert_allclose(still_oof[CLASSES].to_numpy(), probe_oof[CLASSES].to_numpy(), atol=1e-3)
+    # Each fold chose the same strength, recorded as the dense head's epoch-0 rows.
+    chosen = lambda m: m[m.chosen.fillna(False).astype(bool)].groupby("fold").strength.first()  # noqa: E731
+    pd.testing.assert_series_equal(chosen(still_metrics[still_metrics.epoch == 0]), chosen(probe_metrics))
+
+    trained_oof, trained_metrics = _train("dense.yaml", tiny_data, tmp_path / "trained", capsys, "head.base={kind: linear}")
+    choice = trained_metrics[trained_metrics.chosen.fillna(False).astype(bool)].set_index("fold")
+    for fold, epochs in choice.dense_epochs.astype(int).items():
+        trained = trained_metrics[(trained_metrics.fold == fold) & (trained_metrics.epoch > 0)]
+        # Each fold trains exactly the epochs its inner split chose (0 to the schedule's 12)...
+        assert 0 <= epochs <= 12 and len(trained) == epochs and (epochs == 0 or trained.epoch.max() == epochs)
+        moved = np.abs(trained_oof.loc[trained_oof.fold == fold, CLASSES].to_numpy() - probe_oof.loc[probe_oof.fold == fold, CLASSES].to_numpy()).max()
+        # ...and is its probe when that is 0. Adam's first step at 1e-3 moves every last-layer
+        # weight with a gradient by exactly 1e-3: over 512 hidden units of size ~0.5 a logit moves
+        # by ~0.1 (probabilities by well over 1e-3), against the still head's float32 ~1e-5.
+        assert moved < 1e-3 if epochs == 0 else moved > 1e-3
