@@ -42,7 +42,7 @@ def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
     summary = json.loads((_folder(work, "train", "crops") / "summary.json").read_text())
     blend = summary["nof_blend"]
-    assert blend["whole"].startswith("dense_360x640-") and blend["weight_setting"] == "auto" and 0 <= blend["weight"] <= 1
+    assert blend["whole"].startswith("dense_360x640_probe-") and blend["weight_setting"] == "auto" and 0 <= blend["weight"] <= 1
     assert summary["valid_logloss"] == pytest.approx(blend["blended"])
     assert summary["valid_logloss"] < summary["prior_logloss"]
     # The crop classifier trained on the original crop and two jittered copies per train image.
@@ -329,4 +329,4 @@ def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_im
     sheets = list(out.glob("crops-*_crops.png"))
     assert len(sheets) == 1 and sheets[0].stat().st_size > 10_000
     page = (out / "index.html").read_text()
-    assert "crop classifier alone, valid log loss" in page and "whole-image model (dense_360x640-" in page
+    assert "crop classifier alone, valid log loss" in page and "whole-image model (dense_360x640_probe-" in page
