@@ -377,9 +377,6 @@ class TrainConfig(Strict):
     # labels), so every epoch reads k instead of 1280 channels (fishcomp/training/map_projection.py).
     # None: the raw map, the lesson's way.
     map_channels: int | None = Field(None, ge=1)
-    # With map_channels: scale each component to unit variance (whitened) or keep its own
-    # variance (plain principal components, the map's geometry unchanged).
-    map_whiten: bool = True
     # Train the backbone too (see FinetuneConfig); None: the head alone, on cached features.
     finetune: FinetuneConfig | None = None
     # Arithmetic of training and prediction. auto: heads that read the spatial map autocast to

@@ -30,22 +30,6 @@ def test_projected_maps_have_unit_uncorrelated_channels():
     np.testing.assert_allclose(pixels.mean(axis=0), 0.0, atol=1e-3)
 
 
-def test_unwhitened_components_keep_each_ones_own_variance():
-    maps = _correlated_maps()
-    rows = np.arange(len(maps))
-    mean, components = fit_projection(maps, rows, channels=12, seed=0, whiten=False)
-    _, whitened = fit_projection(maps, rows, channels=12, seed=0)
-    # Orthonormal directions: a rotation onto the principal axes, the map's geometry kept.
-    np.testing.assert_allclose(components.T @ components, np.eye(12), atol=1e-4)
-    pixels = project(maps, mean, components).transpose(0, 2, 3, 1).reshape(-1, 12).astype(np.float64)
-    covariance = np.cov(pixels, rowvar=False)
-    variances = np.diag(covariance)
-    # Uncorrelated, largest first, and each direction the whitened one's, only not rescaled.
-    assert np.all(np.diff(variances) <= 0) and variances[-1] > 0
-    np.testing.assert_allclose(covariance - np.diag(variances), 0.0, atol=1e-3 * variances[0])
-    np.testing.assert_allclose(np.abs(whitened * np.sqrt(variances)), np.abs(components), rtol=1e-3, atol=1e-5)
-
-
 def test_the_checkpoint_module_on_raw_maps_is_the_head_on_projected_maps():
     maps = _correlated_maps()
     mean, components = fit_projection(maps, np.arange(len(maps)), channels=12, seed=0)

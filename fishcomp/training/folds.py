@@ -258,7 +258,7 @@ class CachedFeatureFolds:
             )
         self.projection = None
         if self.kind == "map" and config.train.map_channels:
-            self._project_maps(config.train.map_channels, config.train.seed, config.train.map_whiten)
+            self._project_maps(config.train.map_channels, config.train.seed)
         self.pseudo, self.pseudo_summary = None, None
         if pseudo_source is not None:
             settings = config.train.pseudo
@@ -275,13 +275,13 @@ class CachedFeatureFolds:
             for features in (self.train_features, *self.test_features.values(), *([self.pseudo[0]] if self.pseudo else [])):
                 budget -= features.make_resident(held_as, budget)
 
-    def _project_maps(self, channels: int, seed: int, whiten: bool) -> None:
+    def _project_maps(self, channels: int, seed: int) -> None:
         """Every map this run reads (train, its copies and views, the test splits), projected once
         onto the train maps' first `channels` whitened principal components, held in memory."""
         from fishcomp.training.map_projection import fit_projection, project
 
         train = self.train_features
-        mean, components = fit_projection(train.array, train.rows, channels, seed, whiten)
+        mean, components = fit_projection(train.array, train.rows, channels, seed)
         self.projection = {"mean": mean, "components": components}
 
         for features in (train, *self.test_features.values()):

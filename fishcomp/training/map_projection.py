@@ -23,9 +23,8 @@ from fishcomp.errors import FishcompError
 SAMPLED_PIXELS = 60_000
 
 
-def fit_projection(maps: np.ndarray, rows: np.ndarray, channels: int, seed: int, whiten: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (C,), components (C, k)) of the maps' pixels over `rows`: each scaled to unit
-    variance (`whiten`) or left at its own."""
+def fit_projection(maps: np.ndarray, rows: np.ndarray, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (C,), whitening components (C, k)) of the maps' pixels over `rows`."""
     count, depth, height, width = len(rows), *maps.shape[1:]
     if channels > depth:
         raise FishcompError(f"train.map_channels {channels} is more than the map's {depth} channels")
@@ -37,9 +36,7 @@ def fit_projection(maps: np.ndarray, rows: np.ndarray, channels: int, seed: int,
     covariance = centred.T @ centred / max(len(centred) - 1, 1)
     values, vectors = np.linalg.eigh(covariance)  # ascending
     top = np.argsort(values)[::-1][:channels]
-    components = vectors[:, top]
-    if whiten:
-        components = components / np.sqrt(np.maximum(values[top], 1e-12))
+    components = vectors[:, top] / np.sqrt(np.maximum(values[top], 1e-12))
     return mean.astype(np.float32), components.astype(np.float32)
 
 
