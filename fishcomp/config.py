@@ -510,6 +510,8 @@ class RunConfig(Strict):
                 raise ValueError("train.finetune trains on whole images; crops are embedded once, by a frozen backbone")
             if getattr(self.head, "input", "map") != "pooled":
                 raise ValueError(f"train.finetune trains the backbone under a head on its pooled vector (linear, dense), not {self.head.kind} on the map")
+            if getattr(self.head, "base", None) is not None:
+                raise ValueError("head.base fits a probe on cached features; with train.finetune the features change every step: drop head.base")
         if self.crops is not None:
             if self.head is None:
                 raise ValueError("`crops` needs a `head` to classify the crops")

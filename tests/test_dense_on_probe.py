@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import CONFIGS, SMALL, run_cli
 
-from fishcomp.config import DenseHeadConfig, LinearHeadConfig
+from fishcomp.config import DenseHeadConfig, LinearHeadConfig, load_config
+from fishcomp.errors import FishcompError
 from fishcomp.models.heads import create_head
 
 
@@ -26,9 +27,12 @@ def test_before_training_the_head_is_its_probe():
     assert all(p.requires_grad for name, p in head.named_parameters() if not name.startswith("base."))
 
 
-def test_a_probe_base_needs_the_pooled_vector():
+def test_a_probe_base_needs_the_pooled_vector_of_cached_features():
     with pytest.raises(ValueError, match="pooled"):
         DenseHeadConfig(base=LinearHeadConfig(), input="map")
+    # Fine-tuning changes the features every step: a probe fitted once would not fit them.
+    with pytest.raises(FishcompError, match="head.base fits a probe on cached features"):
+        load_config(CONFIGS / "finetune.yaml", ["head.kind=dense", "head.base={kind: linear}"])
 
 
 def _oof(work, name):

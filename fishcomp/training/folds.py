@@ -112,7 +112,8 @@ def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None) 
 
 
 def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False, background=None, base=None, epochs=None):
-    """Train one fold's head, keeping the epoch with the best validation log loss.
+    """Train one fold's head; returns it with the epoch it keeps (`train.keep`: the last, or the
+    one with the best validation log loss).
 
     `pseudo`: (features of the pseudo-labelled test images, their soft targets) or None.
     `spread`: train on every rank with DistributedDataParallel, each rank taking its share of

@@ -104,9 +104,6 @@ class FoldProbe:
     inner_valid: np.ndarray | None = None
     inner_logloss: float = float("nan")
 
-    def probs(self, x: np.ndarray, classes: int) -> np.ndarray:
-        return _probs(self.model, (x - self.mean) / self.scale, classes)
-
     def weights(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
         """(weight (classes, features), bias) over every class, for a linear layer on the
         standardised input: a class absent from the fold's training rows is never predicted."""
