@@ -9,7 +9,8 @@ quarter as many test images, in `--work`/sets/), every head is trained on each, 
 gives the mean and the spread (min-max) of the out-of-fold log loss over the sets, and of the
 test log loss on the synthetic answers; `--blend` adds the auto-blend of all the heads
 (configs' ensemble with `weights: auto`), cross-fitted. `--out FILE` also writes the table into
-FILE between `<!-- compare:start -->` and `<!-- compare:end -->`, with the command that made it.
+FILE between `<!-- compare:start -->` and `<!-- compare:end -->` (`--marker NAME`: between
+`<!-- NAME:start -->` and `<!-- NAME:end -->`), with the command that made it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fishcomp.context import Context
 from fishcomp.metrics import log_loss
 from fishcomp.pipeline import build
 
-HEADS = ["linear", "dense", "linear_360x640", "dense_360x640", "gap", "leakage", "bbox", "fcn", "inception", "resblock"]
+HEADS = ["linear", "dense", "dense_probe", "linear_360x640", "dense_360x640", "dense_360x640_probe", "gap", "leakage", "bbox", "fcn", "inception", "resblock"]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="image size factor of generated sets")
     parser.add_argument("--blend", action="store_true", help="also the auto-blend of all the heads")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--marker", default="compare", help="which marked section of --out to rewrite")
     args = parser.parse_args()
     if args.sets:
         per_set, described = [], []
@@ -148,7 +150,7 @@ def main() -> None:
     print()
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, text, marker=args.marker)
 
 
 if __name__ == "__main__":
