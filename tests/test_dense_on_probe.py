@@ -74,3 +74,15 @@ def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tin
         # weight with a gradient by exactly 1e-3: over 512 hidden units of size ~0.5 a logit moves
         # by ~0.1 (probabilities by well over 1e-3), against the still head's float32 ~1e-5.
         assert moved < 1e-3 if epochs == 0 else moved > 1e-3
+
+    # The folds' checkpoints hold the probe too: `predict` on raw images gives the run's test predictions.
+    sample = pd.read_csv(tiny_data / "sample_submission_stg1.csv").image.head(4).tolist()
+    out = tmp_path / "predicted.csv"
+    sets = [item for override in [*SMALL, "head.base={kind: linear}"] for item in ("--set", override)]
+    code, _, stderr = run_cli(["predict", "-c", CONFIGS / "dense.yaml", *[tiny_data / "test_stg1" / n for n in sample], "--data", tiny_data,
+                               "--work", tmp_path / "trained", "--out", out, *sets], capsys)
+    assert code == 0, stderr
+    folder = next((tmp_path / "trained" / "train").glob("dense-*"))
+    expected = pd.read_csv(folder / "test_stg1.csv").set_index("image").loc[sample]
+    # As in the predict test of whole-image heads: float16 features, batches of other sizes.
+    np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)

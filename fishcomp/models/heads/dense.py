@@ -54,23 +54,35 @@ class DenseHead(nn.Module):
             # Fitted before training (fishcomp.training.folds) and frozen; the dense layers add to
             # its logits from zero, so training starts at the probe's predictions.
             self.base = LinearProbe(config.base, in_shape, num_classes).requires_grad_(False)
+            self.num_features = config.hidden + in_shape[0]
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
 
+    @property
+    def classifier_inputs(self) -> int:
+        return self.classifier.in_features
+
     def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
-        return self.trunk(x)
+        if self.base is None:
+            return self.trunk(x)
+        # The trunk's features, then the probe's standardised input: what the two linear tops read.
+        return torch.cat([self.trunk(x), self.base.forward_features(x)], dim=1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
+        if self.base is None:
+            return self.classifier(features)
+        return self.classifier(features[:, : self.classifier_inputs]) + self.base.forward_head(features[:, self.classifier_inputs :])
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.classifier = nn.Linear(self.num_features, num_classes)
+        self.classifier = nn.Linear(self.classifier_inputs, num_classes)
+        if self.base is not None:
+            # Other classes: the fitted probe no longer applies; its layer starts at zero and learns.
+            self.base.reset_classifier(num_classes)
+            nn.init.zeros_(self.base.classifier.weight)
+            nn.init.zeros_(self.base.classifier.bias)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits = self.forward_head(self.forward_features(x, size))
-        if self.base is not None:
-            logits = logits + self.base(x)["logits"]
-        return {"logits": logits}
+        return {"logits": self.forward_head(self.forward_features(x, size))}
 
 
 class LeakageHead(DenseHead):
