@@ -80,9 +80,12 @@ def heatmap_grid(panels: list[tuple[Image.Image, np.ndarray, str, np.ndarray | N
 
 def training_curves(metrics, path: Path) -> Path:
     """Train and validation loss, and validation log loss, per epoch; one line per fold. For the
-    linear probe, the inner-split log loss against the L2 strength, the chosen one marked."""
+    linear probe, the inner-split log loss against the L2 strength, the chosen one marked (a
+    dense head on a probe, `head.base`, has those as epoch-0 rows: its curves are its epochs)."""
     plt = _pyplot()
-    if "strength" in metrics:
+    if "strength" in metrics and "valid_loss" in metrics:
+        metrics = metrics[metrics.epoch > 0]
+    elif "strength" in metrics:
         figure, axis = plt.subplots(figsize=(6, 3.8))
         for fold, rows in metrics.groupby("fold"):
             tried = rows[rows.inner_logloss.notna()]

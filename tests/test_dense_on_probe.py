@@ -86,3 +86,18 @@ def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tin
     expected = pd.read_csv(folder / "test_stg1.csv").set_index("image").loc[sample]
     # As in the predict test of whole-image heads: float16 features, batches of other sizes.
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)
+
+
+def test_the_report_draws_a_probe_based_heads_epochs_not_its_strength_choice(tmp_path):
+    from PIL import Image
+
+    from fishcomp import viz
+
+    choice = [{"fold": f, "epoch": 0, "strength": c, "inner_logloss": 1.0 + c, "chosen": c == 0.01} for f in (0, 1) for c in (0.001, 0.01)]
+    epochs = [{"fold": f, "epoch": e, "lr": 1e-3, "train_loss": 1.0 / e, "valid_loss": 1.1 / e, "valid_logloss": 1.2 / e}
+              for f in (0, 1) for e in (1, 2, 3)]
+    probe_only = pd.DataFrame([*choice, {"fold": 0, "epoch": 3, "strength": 0.01, "chosen": True, "valid_logloss": 1.0}])
+    # The two kinds of figure: the probe's strength plot (6 inches wide), the epochs' curves (11).
+    widths = {name: Image.open(viz.training_curves(frame, tmp_path / f"{name}.png")).size[0]
+              for name, frame in (("probe", probe_only), ("dense_on_probe", pd.DataFrame([*choice, *epochs])))}
+    assert widths["dense_on_probe"] > 1.5 * widths["probe"]
