@@ -142,6 +142,10 @@ class LinearHeadConfig(Strict):
     strengths: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3], min_length=1)
     # Share of each fold's training images held out to choose the strength.
     inner_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    # That inner split drawn this many times (other seeds): the strength (and a dense head's epoch
+    # count on the probe, `head.base`) chosen by its mean inner log loss. On small sets one split's
+    # 30-odd held images make a noisy choice; each repeat costs one more fit per strength.
+    inner_repeats: int = Field(1, ge=1)
     max_iter: int = Field(500, ge=10)
 
 

@@ -88,8 +88,8 @@ def training_curves(metrics, path: Path) -> Path:
     elif "strength" in metrics:
         figure, axis = plt.subplots(figsize=(6, 3.8))
         for fold, rows in metrics.groupby("fold"):
-            tried = rows[rows.inner_logloss.notna()]
-            line = axis.plot(tried.strength, tried.inner_logloss, marker="o", label=f"fold {fold}")[0]
+            tried = rows[rows.inner_logloss.notna()].groupby("strength").inner_logloss.mean()  # over inner splits
+            line = axis.plot(tried.index, tried.to_numpy(), marker="o", label=f"fold {fold}")[0]
             chosen = rows[rows.get("chosen", False) == True]  # noqa: E712 (a column of True/NaN)
             if len(chosen):
                 axis.axvline(chosen.strength.iloc[0], color=line.get_color(), linestyle=":")

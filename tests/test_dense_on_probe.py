@@ -51,11 +51,11 @@ CLASSES = ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
 
 
 def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tiny_data, tmp_path, capsys):
-    probe_oof, probe_metrics = _train("linear.yaml", tiny_data, tmp_path / "probe", capsys)
-    # The same folds, inner split, strengths and rows as `linear.yaml`'s own folds, so the same
-    # probe; at a learning rate of 1e-9 the dense layers stay ~1e-8 from zero.
+    probe_oof, probe_metrics = _train("linear.yaml", tiny_data, tmp_path / "probe", capsys, "head.inner_repeats=2")
+    # The same folds, inner splits (two), strengths and rows as `linear.yaml`'s own folds, so the
+    # same probe; at a learning rate of 1e-9 the dense layers stay ~1e-8 from zero.
     still_oof, still_metrics = _train("dense.yaml", tiny_data, tmp_path / "still", capsys,
-                                      "head.base={kind: linear}", "train.phases=[{epochs: 2, lr: 1.0e-9}]")
+                                      "head.base={kind: linear, inner_repeats: 2}", "train.phases=[{epochs: 2, lr: 1.0e-9}]")
     # The probe's own predictions come from its float64 fit, the head's through float32 layers:
     # probabilities agree to float32 rounding of logits of size ~10 (1e-5), far below 1e-3.
     np.testing.assert_allclose(still_oof[CLASSES].to_numpy(), probe_oof[CLASSES].to_numpy(), atol=1e-3)
@@ -63,6 +63,7 @@ def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tin
     chosen = lambda m: m[m.chosen.fillna(False).astype(bool)].groupby("fold").strength.first()  # noqa: E731
     pd.testing.assert_series_equal(chosen(still_metrics[still_metrics.epoch == 0]), chosen(probe_metrics))
 
+    probe_oof, _ = _train("linear.yaml", tiny_data, tmp_path / "probe1", capsys)  # one inner split, as the head below
     trained_oof, trained_metrics = _train("dense.yaml", tiny_data, tmp_path / "trained", capsys, "head.base={kind: linear}")
     choice = trained_metrics[trained_metrics.chosen.fillna(False).astype(bool)].set_index("fold")
     for fold, epochs in choice.dense_epochs.astype(int).items():

@@ -53,3 +53,32 @@ def test_refit_starts_cold_when_the_inner_fit_never_saw_a_class():
     assert list(inner.classes_) == [0, 1, 2]
     refit, _ = _fit(x, y, 0.1, 500, 4, inner)  # other coefficient shapes: must not be reused
     _assert_same_optimum(refit, _fit(x, y, 0.1, 500, 4)[0], x)
+
+
+def test_repeated_inner_splits_choose_the_strength_by_its_mean_and_keep_the_first_split():
+    import pandas as pd
+
+    from fishcomp.config import LinearHeadConfig
+    from fishcomp.training.linear import fit_fold_probe
+
+    x, y = _blobs(3, n=200)
+    positions = np.arange(160)  # the fold's training positions; 160-199 would be its validation
+    rows = lambda picked: (x[picked], y[picked])  # noqa: E731
+    fits = {}
+    for repeats in (1, 3):
+        records: list = []
+        head = LinearHeadConfig(strengths=[0.001, 0.01, 0.1, 1.0], inner_repeats=repeats)
+        fits[repeats] = (fit_fold_probe(rows, x, y, positions, head, seed=0, fold=0, classes=4, records=records, started=0.0), records)
+    probe, records = fits[3]
+    frame = pd.DataFrame(records)
+    # Every strength on every split; the choice is the lowest mean over the three splits.
+    assert len(frame) == 12 and sorted(frame.repeat.unique()) == [0, 1, 2]
+    assert probe.strength == frame.groupby("strength").inner_logloss.mean().idxmin()
+    # Three different held-out parts of the fold's training positions, each a fifth of them.
+    helds = [set(inner.valid) for inner in probe.inner]
+    assert all(len(h) == 32 and h <= set(positions) for h in helds) and len(set(map(frozenset, helds))) == 3
+    # The first split is the one a single split draws: repeats add splits, they change none.
+    single, single_records = fits[1]
+    np.testing.assert_array_equal(single.inner[0].valid, probe.inner[0].valid)
+    np.testing.assert_allclose(pd.DataFrame(single_records).inner_logloss, frame[frame.repeat == 0].inner_logloss.to_numpy())
+    assert "repeat" not in single_records[0]

@@ -329,12 +329,13 @@ class CachedFeatureFolds:
     def _fit_base(self, fold: int, positions: np.ndarray, records: list, spread: bool):
         """(the probe under a head with `head.base`, how many epochs the dense layers train on it).
 
-        Both are chosen on one inner split of these training positions, never on the fold's
-        validation images: the probe's strength, then the epoch count, 0 to the schedule's length,
-        at which the dense layers on the inner probe score best on the inner validation images
-        (0: they do not help; the head is the probe). The probe is fitted on each image and its
-        augmented copies, as the head trains on them. `metrics.csv` gets the choice as epoch-0
-        rows (`strength`, `inner_logloss`, and on the chosen strength's row `dense_epochs`)."""
+        Both are chosen on the probe's inner splits of these training positions, never on the
+        fold's validation images: the probe's strength, then the epoch count, 0 to the schedule's
+        length, at which the dense layers on the inner probes score best on the held images, on
+        average over the splits (0: they do not help; the head is the probe). The probe is fitted
+        on each image and its augmented copies, as the head trains on them. `metrics.csv` gets the
+        choice as epoch-0 rows (`strength`, `inner_logloss`, and on the chosen strength's row
+        `dense_epochs`)."""
         import time
 
         from fishcomp.training.linear import fit_fold_probe
@@ -350,19 +351,24 @@ class CachedFeatureFolds:
         tried: list = []
         probe = fit_fold_probe(rows, originals, data.labels, positions, data.loaded.config.head.base,
                                data.loaded.config.train.seed, fold, len(data.classes), tried, time.time())
-        curve: list = []
-        _fit_fold(
-            data.loaded, fold, features.subset(probe.inner_train), features.subset(probe.inner_valid), data.labels[probe.inner_train],
-            data.labels[probe.inner_valid], len(data.classes), len(data.vocabulary) + 1, data.device, curve, lambda *_, **__: None,
-            self.pseudo, spread=spread, base=probe.inner,
-        )
-        scores = [probe.inner_logloss, *[r["valid_logloss"] for r in curve]]
+        curves = []
+        for inner in probe.inner:
+            curve: list = []
+            _fit_fold(
+                data.loaded, fold, features.subset(inner.train), features.subset(inner.valid), data.labels[inner.train],
+                data.labels[inner.valid], len(data.classes), len(data.vocabulary) + 1, data.device, curve, lambda *_, **__: None,
+                self.pseudo, spread=spread, base=inner.probe,
+            )
+            curves.append([inner.logloss, *[r["valid_logloss"] for r in curve]])
+        # Per epoch count, 0 (the probe alone) first; a run that stopped early leaves its tail out.
+        scores = np.nanmean([curve + [np.nan] * (max(map(len, curves)) - len(curve)) for curve in curves], axis=0)
         epochs = int(np.argmin(scores))
         # Not `converged` rows: those mark a probe's own artifact (stopping_summary).
-        records.extend({"fold": fold, "epoch": 0, "lr": r["strength"], "strength": r["strength"], "inner_logloss": r["inner_logloss"],
-                        "chosen": r["strength"] == probe.strength, "seconds": r["seconds"],
-                        **({"dense_epochs": epochs, "dense_inner_logloss": scores[epochs]} if r["strength"] == probe.strength else {})}
-                       for r in tried)
+        for r in tried:
+            chosen = r["strength"] == probe.strength and not r.get("repeat")  # marked once per fold
+            records.append({"fold": fold, "epoch": 0, "lr": r["strength"], "strength": r["strength"], "inner_logloss": r["inner_logloss"],
+                            "chosen": chosen, "seconds": r["seconds"], **({"repeat": r["repeat"]} if "repeat" in r else {}),
+                            **({"dense_epochs": epochs, "dense_inner_logloss": float(scores[epochs])} if chosen else {})})
         return probe, epochs
 
     def summary(self) -> dict:

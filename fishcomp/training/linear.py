@@ -9,7 +9,7 @@ log loss and whether L-BFGS converged within `max_iter`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -88,6 +88,18 @@ def _probs(model: Probe, x: np.ndarray, classes: int) -> np.ndarray:
 
 
 @dataclass
+class InnerFit:
+    """One inner split of a fold's training images: the probe fitted on its training part at the
+    chosen strength, the two parts, and that probe's log loss on the held part: what a model
+    built on the probe can be tuned against, as the strength was."""
+
+    probe: FoldProbe
+    train: np.ndarray
+    valid: np.ndarray
+    logloss: float
+
+
+@dataclass
 class FoldProbe:
     """A fold's probe: the fitted model and the standardisation it reads its inputs through."""
 
@@ -96,13 +108,8 @@ class FoldProbe:
     scale: np.ndarray
     strength: float
     converged: bool
-    tried: int  # strengths tried on the inner split
-    # The inner split's fit at the chosen strength, its rows, and its log loss on the inner
-    # validation images: what a model built on the probe can be tuned against, as the strength was.
-    inner: FoldProbe | None = None
-    inner_train: np.ndarray | None = None
-    inner_valid: np.ndarray | None = None
-    inner_logloss: float = float("nan")
+    tried: int  # strengths tried on each inner split
+    inner: list[InnerFit] = field(default_factory=list)
 
     def weights(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
         """(weight (classes, features), bias) over every class, for a linear layer on the
@@ -115,34 +122,40 @@ class FoldProbe:
 
 def fit_fold_probe(rows, originals: np.ndarray, labels: np.ndarray, train: np.ndarray, head, seed: int, fold: int, classes: int,
                    records: list, started: float) -> FoldProbe:
-    """Standardise, choose the L2 strength on an inner split of the fold's training positions
-    `train` (scored on their original images), refit on all of them.
+    """Standardise, choose the L2 strength by its mean log loss over `head.inner_repeats` inner
+    splits of the fold's training positions `train` (scored on their original images), refit on
+    all of them.
     `rows(positions) -> (x, y)`: the rows to fit on for those positions (with augmented copies).
-    `head`: the strengths, inner fraction and iteration limit (`LinearHeadConfig`'s fields).
-    Appends one record per strength tried to `records`."""
-    rng = np.random.default_rng([seed, fold, 29])
-    order = rng.permutation(train)
-    inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
-    inner_train = order[len(inner_valid):]
-    x_inner, y_inner = rows(inner_train)
-    mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
-    inner_mean, inner_scale = mean, scale
-    inner, fitted, settled = {}, {}, {}
-    model = None
-    for strength in sorted(head.strengths):  # strongest penalty first: each fit warm-starts the next
-        model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
-        fitted[strength], settled[strength] = model, converged
-        inner[strength] = log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes))
-        records.append({"fold": fold, "epoch": len(inner), "lr": strength, "strength": strength, "inner_logloss": inner[strength],
-                        "converged": converged, "seconds": round(time.time() - started, 3)})
-    best = min(inner, key=inner.get)
+    `head`: the strengths, inner fraction and repeats, iteration limit (`LinearHeadConfig`'s fields).
+    Appends one record per strength and inner split to `records`."""
+    strengths = sorted(head.strengths)  # strongest penalty first: each fit warm-starts the next
+    scores: dict[float, list[float]] = {strength: [] for strength in strengths}
+    splits = []
+    for repeat in range(head.inner_repeats):
+        # The first split's seed is the one a single split always had (its results unchanged).
+        order = np.random.default_rng([seed, fold, 29, *([repeat] if repeat else [])]).permutation(train)
+        inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
+        inner_train = order[len(inner_valid):]
+        x_inner, y_inner = rows(inner_train)
+        mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
+        fitted, model = {}, None
+        for number, strength in enumerate(strengths, start=1):
+            model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
+            fitted[strength] = (model, converged)
+            scores[strength].append(log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes)))
+            records.append({"fold": fold, "epoch": number, "lr": strength, "strength": strength, "inner_logloss": scores[strength][-1],
+                            "converged": converged, **({"repeat": repeat} if head.inner_repeats > 1 else {}),
+                            "seconds": round(time.time() - started, 3)})
+        splits.append((np.sort(inner_train), np.sort(inner_valid), mean, scale, fitted))
+    best = min(strengths, key=lambda strength: float(np.mean(scores[strength])))
     x, y = rows(train)
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-    # The refit on all the fold's images starts from the inner fit at the chosen strength: the
-    # same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
-    model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, fitted[best])
-    on_inner = FoldProbe(fitted[best], inner_mean, inner_scale, best, settled[best], len(inner))
-    return FoldProbe(model, mean, scale, best, converged, len(inner), on_inner, np.sort(inner_train), np.sort(inner_valid), inner[best])
+    # The refit on all the fold's images starts from the first inner fit at the chosen strength:
+    # the same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
+    model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, splits[0][4][best][0])
+    inner = [InnerFit(FoldProbe(fitted[best][0], inner_mean, inner_scale, best, fitted[best][1], len(strengths)), part, held, scores[best][r])
+             for r, (part, held, inner_mean, inner_scale, fitted) in enumerate(splits)]
+    return FoldProbe(model, mean, scale, best, converged, len(strengths), inner)
 
 
 class LinearProbeFolds:
