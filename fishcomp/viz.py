@@ -83,7 +83,10 @@ def training_curves(metrics, path: Path) -> Path:
     linear probe, the inner-split log loss against the L2 strength, the chosen one marked (a
     dense head on a probe, `head.base`, has those as epoch-0 rows: its curves are its epochs)."""
     plt = _pyplot()
+    probe_only = []
     if "strength" in metrics and "valid_loss" in metrics:
+        # Folds whose inner split chose 0 epochs are their probe: no epochs to draw, named instead.
+        probe_only = sorted(set(metrics.fold) - set(metrics.fold[metrics.epoch > 0]))
         metrics = metrics[metrics.epoch > 0]
     elif "strength" in metrics:
         figure, axis = plt.subplots(figsize=(6, 3.8))
@@ -103,7 +106,8 @@ def training_curves(metrics, path: Path) -> Path:
         left.plot(rows.epoch, rows.valid_loss, linestyle="--", color=line.get_color(), label=f"fold {fold} valid")
         right.plot(rows.epoch, rows.valid_logloss, color=line.get_color(), label=f"fold {fold}")
     left.set(title="loss (solid: train, dashed: validation)", xlabel="epoch")
-    right.set(title="validation log loss", xlabel="epoch")
+    alone = f" (fold {', '.join(map(str, probe_only))}: the probe alone, 0 epochs)" if probe_only else ""
+    right.set(title=f"validation log loss{alone}", xlabel="epoch")
     right.legend(fontsize=7)
     figure.tight_layout()
     return save_figure(figure, path)

@@ -94,7 +94,8 @@ def test_the_report_draws_a_probe_based_heads_epochs_not_its_strength_choice(tmp
 
     from fishcomp import viz
 
-    choice = [{"fold": f, "epoch": 0, "strength": c, "inner_logloss": 1.0 + c, "chosen": c == 0.01} for f in (0, 1) for c in (0.001, 0.01)]
+    # Fold 2's inner split chose 0 epochs: it has only its choice rows (the title names it).
+    choice = [{"fold": f, "epoch": 0, "strength": c, "inner_logloss": 1.0 + c, "chosen": c == 0.01} for f in (0, 1, 2) for c in (0.001, 0.01)]
     epochs = [{"fold": f, "epoch": e, "lr": 1e-3, "train_loss": 1.0 / e, "valid_loss": 1.1 / e, "valid_logloss": 1.2 / e}
               for f in (0, 1) for e in (1, 2, 3)]
     probe_only = pd.DataFrame([*choice, {"fold": 0, "epoch": 3, "strength": 0.01, "chosen": True, "valid_logloss": 1.0}])
