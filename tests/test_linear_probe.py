@@ -59,16 +59,16 @@ def test_repeated_inner_splits_choose_the_strength_by_its_mean_and_keep_the_firs
     import pandas as pd
 
     from fishcomp.config import LinearHeadConfig
-    from fishcomp.training.linear import fit_fold_probe
+    from fishcomp.training.linear import ProbeRows, fit_fold_probe
 
     x, y = _blobs(3, n=200)
     positions = np.arange(160)  # the fold's training positions; 160-199 would be its validation
-    rows = lambda picked: (x[picked], y[picked])  # noqa: E731
+    rows = ProbeRows(x, [], y)
     fits = {}
     for repeats in (1, 3):
         records: list = []
         head = LinearHeadConfig(strengths=[0.001, 0.01, 0.1, 1.0], inner_repeats=repeats)
-        fits[repeats] = (fit_fold_probe(rows, x, y, positions, head, seed=0, fold=0, classes=4, records=records, started=0.0), records)
+        fits[repeats] = (fit_fold_probe(rows, positions, head, seed=0, fold=0, classes=4, records=records, started=0.0), records)
     probe, records = fits[3]
     frame = pd.DataFrame(records)
     # Every strength on every split; the choice is the lowest mean over the three splits.

@@ -137,9 +137,7 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     generator = np.random.default_rng([train_cfg.seed, fold])
     model = create_head(config.head, train_set.shape, num_classes, num_sizes=num_sizes)
     if base is not None:
-        weight, bias = base.weights(num_classes)
-        model.base.load_state_dict({"mean": torch.from_numpy(base.mean), "scale": torch.from_numpy(base.scale),
-                                    "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
+        model.base.load_state_dict(base.state_dict(num_classes))
     model = model.to(device)
     net = wrap_data_parallel(model, device) if spread else model
     if spread:
@@ -257,7 +255,7 @@ class CachedFeatureFolds:
                 array, np.arange(len(array)), size_onehot(data.index[data.index.split == split], data.vocabulary),
                 views=load_views(features_artifact, split, self.kind),
             )
-        self.projection = None
+        self.projection, self.probe_rows = None, None
         if self.kind == "map" and config.train.map_channels:
             self._project_maps(config.train.map_channels, config.train.seed)
         self.pseudo, self.pseudo_summary = None, None
@@ -338,19 +336,14 @@ class CachedFeatureFolds:
         `dense_epochs`)."""
         import time
 
-        from fishcomp.training.linear import fit_fold_probe
+        from fishcomp.training.linear import ProbeRows, fit_fold_probe
 
         data, features = self.data, self.train_features
-        originals = np.asarray(features.array[features.rows], dtype=np.float32)
-        copies = [np.asarray(c[features.rows], dtype=np.float32) for c in features.copies]
-
-        def rows(picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            x = np.concatenate([originals[picked], *[c[picked] for c in copies]])
-            return x, np.tile(data.labels[picked], 1 + len(copies))
-
+        if self.probe_rows is None:  # every fold's probe reads the same rows
+            self.probe_rows = ProbeRows(features.array[features.rows], [c[features.rows] for c in features.copies], data.labels)
         tried: list = []
-        probe = fit_fold_probe(rows, originals, data.labels, positions, data.loaded.config.head.base,
-                               data.loaded.config.train.seed, fold, len(data.classes), tried, time.time())
+        probe = fit_fold_probe(self.probe_rows, positions, data.loaded.config.head.base, data.loaded.config.train.seed, fold,
+                               len(data.classes), tried, time.time())
         curves = []
         for inner in probe.inner:
             curve: list = []

@@ -111,23 +111,40 @@ class FoldProbe:
     tried: int  # strengths tried on each inner split
     inner: list[InnerFit] = field(default_factory=list)
 
-    def weights(self, classes: int) -> tuple[np.ndarray, np.ndarray]:
-        """(weight (classes, features), bias) over every class, for a linear layer on the
-        standardised input: a class absent from the fold's training rows is never predicted."""
+    def state_dict(self, classes: int) -> dict:
+        """The weights of a `LinearProbe` module (models.heads.linear) over every class: a class
+        absent from the fold's training rows is never predicted."""
+        import torch
+
         weight = np.zeros((classes, len(self.mean)), dtype=np.float32)
         bias = np.full(classes, -30.0, dtype=np.float32)
         weight[self.model.classes_], bias[self.model.classes_] = self.model.weight, self.model.bias
-        return weight, bias
+        return {"mean": torch.from_numpy(self.mean), "scale": torch.from_numpy(self.scale),
+                "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)}
 
 
-def fit_fold_probe(rows, originals: np.ndarray, labels: np.ndarray, train: np.ndarray, head, seed: int, fold: int, classes: int,
-                   records: list, started: float) -> FoldProbe:
+class ProbeRows:
+    """A probe's training rows for given positions: each image, and its augmented copies as more
+    rows (float32, read once)."""
+
+    def __init__(self, originals, copies, labels: np.ndarray):
+        self.originals = np.asarray(originals, dtype=np.float32)
+        self.copies = [np.asarray(c, dtype=np.float32) for c in copies]
+        self.labels = labels
+
+    def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([self.originals[positions], *[c[positions] for c in self.copies]])
+        return x, np.tile(self.labels[positions], 1 + len(self.copies))
+
+
+def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: int, classes: int, records: list, started: float) -> FoldProbe:
     """Standardise, choose the L2 strength by its mean log loss over `head.inner_repeats` inner
     splits of the fold's training positions `train` (scored on their original images), refit on
     all of them.
     `rows(positions) -> (x, y)`: the rows to fit on for those positions (with augmented copies).
     `head`: the strengths, inner fraction and repeats, iteration limit (`LinearHeadConfig`'s fields).
     Appends one record per strength and inner split to `records`."""
+    originals, labels = rows.originals, rows.labels
     strengths = sorted(head.strengths)  # strongest penalty first: each fit warm-starts the next
     scores: dict[float, list[float]] = {strength: [] for strength in strengths}
     splits = []
@@ -164,17 +181,12 @@ class LinearProbeFolds:
         self.head = data.loaded.config.head
         self.tta = tta_combine(data.loaded)
         as_float = lambda array: np.asarray(array, dtype=np.float32)  # noqa: E731
-        self.train = as_float(load_features(features_artifact, "train", "pooled"))[data.usable]
         copies, _ = load_augmented(features_artifact, "pooled")
-        self.copies = [as_float(c)[data.usable] for c in copies]
+        self.rows = ProbeRows(load_features(features_artifact, "train", "pooled")[data.usable], [c[data.usable] for c in copies], data.labels)
+        self.train = self.rows.originals
         self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", "pooled")] if self.tta else []
         self.tests = {s: as_float(load_features(features_artifact, s, "pooled")) for s in data.test_splits}
         self.test_views = {s: [as_float(v) for v in load_views(features_artifact, s, "pooled")] if self.tta else [] for s in data.test_splits}
-
-    def _rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The fold's training rows: each image, and its augmented copies as more rows."""
-        x = np.concatenate([self.train[positions], *[c[positions] for c in self.copies]])
-        return x, np.tile(self.data.labels[positions], 1 + len(self.copies))
 
     def _predict(self, model, mean, scale, original: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         classes = len(self.data.classes)
@@ -184,15 +196,13 @@ class LinearProbeFolds:
         return combine_views([first, *[_probs(model, (v - mean) / scale, classes) for v in views]], self.tta), first
 
     def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
-        import torch
-
         from fishcomp.models.heads import create_head
 
         data, head = self.data, self.head
         classes = len(data.classes)
         started = time.time()
         # The strength is chosen without the fold's validation images: an inner split of its train.
-        probe = fit_fold_probe(self._rows, self.train, data.labels, train, head, data.loaded.config.train.seed, fold, classes,
+        probe = fit_fold_probe(self.rows, train, head, data.loaded.config.train.seed, fold, classes,
                                records, started)
         model, mean, scale, best, converged = probe.model, probe.mean, probe.scale, probe.strength, probe.converged
         valid_probs, valid_original = self._predict(model, mean, scale, self.train[valid], [v[valid] for v in self.train_views])
@@ -209,9 +219,7 @@ class LinearProbeFolds:
             return None
         tests = {s: self._predict(model, mean, scale, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
         module = create_head(head, (self.train.shape[1],), classes)
-        weight, bias = probe.weights(classes)
-        module.load_state_dict({"mean": torch.from_numpy(mean), "scale": torch.from_numpy(scale),
-                                "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)})
+        module.load_state_dict(probe.state_dict(classes))
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_original, valid_extras={},
             test_probs=tests, test_extras={s: {} for s in data.test_splits}, kept_epoch=probe.tried + 1,
@@ -220,4 +228,4 @@ class LinearProbeFolds:
         )
 
     def summary(self) -> dict:
-        return {"features": "pooled", "tta_views": 1 + len(self.train_views), "augment_copies": len(self.copies), "pseudo": None}
+        return {"features": "pooled", "tta_views": 1 + len(self.train_views), "augment_copies": len(self.rows.copies), "pseudo": None}
