@@ -116,20 +116,6 @@ class PrecomputeConfig(Strict):
         return value
 
 
-class _DenseFamily(Strict):
-    """What the dense-trunk heads share (see fishcomp/models/heads/dense.py)."""
-
-    # p = 0.6 in the lesson; the three dropouts are p/4, p and p/2.
-    dropout: float = Field(0.6, ge=0.0, lt=1.0)
-    hidden: int = Field(512, ge=1)
-    # pooled: the backbone's global-average-pooled vector; map: max-pooled spatial map, flattened
-    # (the lesson's variant, which needs `precompute.spatial`).
-    input: Literal["pooled", "map"] = "pooled"
-    # On the map: a 1x1 conv to this many channels (BN, ReLU) before the 2x2 max-pool and flatten,
-    # so a 360x640 map (12x20x1280) does not need tens of millions of dense weights. None: the lesson's.
-    reduce: int | None = Field(None, ge=1)
-
-
 class LinearHeadConfig(Strict):
     """The linear probe: multinomial logistic regression with L2 on the pooled vector (standardised),
     fitted full-batch (torch's L-BFGS on scikit-learn's objective). The floor every other head must
@@ -149,23 +135,38 @@ class LinearHeadConfig(Strict):
     max_iter: int = Field(500, ge=10)
 
 
-class DenseHeadConfig(_DenseFamily):
-    """The lesson's dense head: BN, dropout p/4, 2 x (Dense, BN, dropout), softmax."""
+class _DenseFamily(Strict):
+    """What the dense-trunk heads share (see fishcomp/models/heads/dense.py)."""
 
-    kind: Literal["dense"] = "dense"
+    # p = 0.6 in the lesson; the three dropouts are p/4, p and p/2.
+    dropout: float = Field(0.6, ge=0.0, lt=1.0)
+    hidden: int = Field(512, ge=1)
+    # pooled: the backbone's global-average-pooled vector; map: max-pooled spatial map, flattened
+    # (the lesson's variant, which needs `precompute.spatial`).
+    input: Literal["pooled", "map"] = "pooled"
+    # On the map: a 1x1 conv to this many channels (BN, ReLU) before the 2x2 max-pool and flatten,
+    # so a 360x640 map (12x20x1280) does not need tens of millions of dense weights. None: the lesson's.
+    reduce: int | None = Field(None, ge=1)
     # On the pooled vector: first fit the linear probe (`{kind: linear}`, its own settings) on
     # each fold's training images, then train the dense layers on top of its logits, their output
     # starting at zero, for as many of the schedule's epochs (0 included) as score best on the
     # probe's inner split. The head starts where the probe ends and keeps only what the dense
     # layers add on images they did not train on: the plain dense head overfits the boats on small
-    # sets and loses to the probe (docs/results.md). None: the lesson's head.
+    # sets and loses to the probe (docs/results.md). The leakage head's size one-hot and the bbox
+    # head's box read the same features as its classifier. None: the lesson's head.
     base: LinearHeadConfig | None = None
 
     @model_validator(mode="after")
-    def _probe_reads_pooled(self) -> DenseHeadConfig:
+    def _probe_reads_pooled(self) -> _DenseFamily:
         if self.base is not None and self.input != "pooled":
             raise ValueError("head.base (a linear probe underneath) reads the pooled vector; set input: pooled")
         return self
+
+
+class DenseHeadConfig(_DenseFamily):
+    """The lesson's dense head: BN, dropout p/4, 2 x (Dense, BN, dropout), softmax."""
+
+    kind: Literal["dense"] = "dense"
 
 
 class GapHeadConfig(Strict):

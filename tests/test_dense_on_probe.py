@@ -1,4 +1,5 @@
-"""head.base: the dense head trained on top of a fitted linear probe, starting at its predictions."""
+"""head.base: the dense family (dense, leakage, bbox) trained on top of a fitted linear probe,
+starting at its predictions."""
 
 import numpy as np
 import pandas as pd
@@ -6,30 +7,44 @@ import pytest
 import torch
 from helpers import CONFIGS, SMALL, run_cli
 
-from fishcomp.config import DenseHeadConfig, LinearHeadConfig, load_config
+from fishcomp.config import BboxHeadConfig, DenseHeadConfig, LeakageHeadConfig, LinearHeadConfig, load_config
 from fishcomp.errors import FishcompError
 from fishcomp.models.heads import create_head
 
 
-def test_before_training_the_head_is_its_probe():
+# Every head of the dense family, on the pooled vector (the only input a probe reads).
+FAMILY = {
+    "dense": lambda **kw: DenseHeadConfig(**kw),
+    "leakage": lambda **kw: LeakageHeadConfig(**kw),
+    "bbox": lambda **kw: BboxHeadConfig(input="pooled", points_weight=1.0, **kw),
+}
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_before_training_the_head_is_its_probe(kind):
     torch.manual_seed(0)
-    head = create_head(DenseHeadConfig(base=LinearHeadConfig(), hidden=32), (20,), 8).eval()
+    head = create_head(FAMILY[kind](base=LinearHeadConfig(), hidden=32), (20,), 8, num_sizes=3).eval()
     probe = head.base
     with torch.no_grad():
         probe.mean.normal_(), probe.scale.uniform_(0.5, 2.0)
         probe.classifier.weight.normal_(), probe.classifier.bias.normal_()
-    x = torch.randn(16, 20)
+    x, size = torch.randn(16, 20), torch.nn.functional.one_hot(torch.arange(16) % 3, 3).float()
     with torch.no_grad():
+        outputs = head(x, size)
         # The dense layers' output starts at exactly zero, so the sum is the probe's logits.
-        torch.testing.assert_close(head(x)["logits"], probe(x)["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(outputs["logits"], probe(x)["logits"], rtol=0, atol=0)
+    # The other outputs read the same features as the classifier: all of them, probe's input too.
+    assert head.forward_features(x, size).shape == (16, head.num_features)
+    assert all(outputs[name].shape == (16, 4) for name in ("box", "points") if kind == "bbox")
     # Only the dense layers learn: the probe stays as fitted.
     assert not any(p.requires_grad for p in probe.parameters())
     assert all(p.requires_grad for name, p in head.named_parameters() if not name.startswith("base."))
 
 
 def test_a_probe_base_needs_the_pooled_vector_of_cached_features():
-    with pytest.raises(ValueError, match="pooled"):
-        DenseHeadConfig(base=LinearHeadConfig(), input="map")
+    for kind in FAMILY:
+        with pytest.raises(ValueError, match="pooled"):
+            FAMILY[kind](base=LinearHeadConfig(), input="map") if kind != "bbox" else BboxHeadConfig(base=LinearHeadConfig())
     # Fine-tuning changes the features every step: a probe fitted once would not fit them.
     with pytest.raises(FishcompError, match="head.base fits a probe on cached features"):
         load_config(CONFIGS / "finetune.yaml", ["head.kind=dense", "head.base={kind: linear}"])
@@ -103,3 +118,27 @@ def test_the_report_draws_a_probe_based_heads_epochs_not_its_strength_choice(tmp
     widths = {name: Image.open(viz.training_curves(frame, tmp_path / f"{name}.png")).size[0]
               for name, frame in (("probe", probe_only), ("dense_on_probe", pd.DataFrame([*choice, *epochs])))}
     assert widths["dense_on_probe"] > 1.5 * widths["probe"]
+
+
+@pytest.mark.parametrize("config, overrides", [("leakage.yaml", []), ("bbox.yaml", ["head.input=pooled"])])
+def test_leakage_and_bbox_heads_on_a_probe_train_the_chosen_epochs_and_predict_from_checkpoints(config, overrides, tiny_data, tmp_path, capsys):
+    name = config.removesuffix(".yaml")
+    work = tmp_path / "work"
+    overrides = [*overrides, "head.base={kind: linear}"]
+    oof, metrics = _train(config, tiny_data, work, capsys, *overrides)
+    choice = metrics[metrics.chosen.fillna(False).astype(bool)].set_index("fold")
+    assert sorted(choice.index) == sorted(oof.fold.unique())
+    for fold, epochs in choice.dense_epochs.astype(int).items():
+        assert len(metrics[(metrics.fold == fold) & (metrics.epoch > 0)]) == epochs
+    np.testing.assert_allclose(oof[CLASSES].sum(axis=1), 1.0, atol=1e-5)
+    # The leakage head's checkpoint needs each image's size, the bbox head's gives a box too:
+    # `predict` on raw images reproduces the run's own test predictions either way.
+    sample = pd.read_csv(tiny_data / "sample_submission_stg1.csv").image.head(4).tolist()
+    out = tmp_path / "predicted.csv"
+    sets = [item for override in [*SMALL, *overrides] for item in ("--set", override)]
+    code, _, stderr = run_cli(["predict", "-c", CONFIGS / config, *[tiny_data / "test_stg1" / n for n in sample], "--data", tiny_data,
+                               "--work", work, "--out", out, *sets], capsys)
+    assert code == 0, stderr
+    expected = pd.read_csv(next((work / "train").glob(f"{name}-*")) / "test_stg1.csv").set_index("image").loc[sample]
+    # As in the predict test of whole-image heads: float16 features, batches of other sizes.
+    np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)

@@ -1,5 +1,5 @@
 """The lesson's dense family: a shared trunk (BN -> dropout p/4 -> [Dense -> ReLU -> BN -> dropout] x 2)
-with three tops: the 8-way classifier (`dense`, optionally on top of a fitted linear probe's
+XX
 logits: `base`), plus the image-size one-hot (`leakage`), plus a box regressor (`bbox`).
 
 On the spatial map (`input: map`) the trunk first max-pools 2x2 and flattens, as the lesson did on
@@ -94,13 +94,20 @@ class LeakageHead(DenseHead):
     def __init__(self, config: LeakageHeadConfig, in_shape: tuple[int, ...], num_classes: int, num_sizes: int = 1, **_):
         super().__init__(config, in_shape, num_classes)
         self.size_norm = nn.BatchNorm1d(num_sizes)
-        self.num_features = config.hidden + num_sizes
-        self.classifier = nn.Linear(self.num_features, num_classes)
+        self.num_features += num_sizes
+        self.classifier = nn.Linear(config.hidden + num_sizes, num_classes)
+        if self.base is not None:  # starts at the probe, as the dense head does
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
 
     def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         if size is None:
             raise ValueError("the leakage head needs the image-size one-hot")
-        return torch.cat([self.trunk(x), self.size_norm(size)], dim=1)
+        # The classifier reads the trunk and the size; a probe underneath, its standardised input.
+        parts = [self.trunk(x), self.size_norm(size)]
+        if self.base is not None:
+            parts.append(self.base.forward_features(x))
+        return torch.cat(parts, dim=1)
 
 
 class GridLocator(nn.Module):
