@@ -1,6 +1,8 @@
 """head.base: the dense family (dense, leakage, bbox) trained on top of a fitted linear probe,
 starting at its predictions."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -120,25 +122,42 @@ def test_the_report_draws_a_probe_based_heads_epochs_not_its_strength_choice(tmp
     assert widths["dense_on_probe"] > 1.5 * widths["probe"]
 
 
-@pytest.mark.parametrize("config, overrides", [("leakage.yaml", []), ("bbox.yaml", ["head.input=pooled"])])
-def test_leakage_and_bbox_heads_on_a_probe_train_the_chosen_epochs_and_predict_from_checkpoints(config, overrides, tiny_data, tmp_path, capsys):
-    name = config.removesuffix(".yaml")
-    work = tmp_path / "work"
-    overrides = [*overrides, "head.base={kind: linear}"]
-    oof, metrics = _train(config, tiny_data, work, capsys, *overrides)
+def _predict_matches_the_runs_test_predictions(config, data, work, overrides, tmp_path, capsys):
+    sample = pd.read_csv(data / "sample_submission_stg1.csv").image.head(4).tolist()
+    out = tmp_path / "predicted.csv"
+    sets = [item for override in [*SMALL, *overrides] for item in ("--set", override)]
+    code, _, stderr = run_cli(["predict", "-c", CONFIGS / config, *[data / "test_stg1" / n for n in sample], "--data", data,
+                               "--work", work, "--out", out, *sets], capsys)
+    assert code == 0, stderr
+    expected = pd.read_csv(next((work / "train").glob(f"{config.removesuffix('.yaml')}-*")) / "test_stg1.csv").set_index("image").loc[sample]
+    # As in the predict test of whole-image heads: float16 features, batches of other sizes.
+    np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)
+
+
+def test_a_leakage_head_on_a_probe_trains_the_chosen_epochs_and_predicts_from_its_checkpoints(tiny_data, tmp_path, capsys):
+    work, overrides = tmp_path / "work", ["head.base={kind: linear}"]
+    oof, metrics = _train("leakage.yaml", tiny_data, work, capsys, *overrides)
     choice = metrics[metrics.chosen.fillna(False).astype(bool)].set_index("fold")
     assert sorted(choice.index) == sorted(oof.fold.unique())
     for fold, epochs in choice.dense_epochs.astype(int).items():
         assert len(metrics[(metrics.fold == fold) & (metrics.epoch > 0)]) == epochs
-    np.testing.assert_allclose(oof[CLASSES].sum(axis=1), 1.0, atol=1e-5)
-    # The leakage head's checkpoint needs each image's size, the bbox head's gives a box too:
-    # `predict` on raw images reproduces the run's own test predictions either way.
-    sample = pd.read_csv(tiny_data / "sample_submission_stg1.csv").image.head(4).tolist()
-    out = tmp_path / "predicted.csv"
+    # Its checkpoints need each image's size: `predict` reads it from the photos.
+    _predict_matches_the_runs_test_predictions("leakage.yaml", tiny_data, work, overrides, tmp_path, capsys)
+
+
+def test_a_bbox_head_left_at_its_probe_says_its_boxes_never_trained_and_scores_them(tiny_data, tmp_path, capsys):
+    # At a learning rate of 10 one Adam step wrecks the dense layers' predictions, so every
+    # fold's inner split chooses 0 epochs: the classification is the probe, the box layer untrained.
+    work, overrides = tmp_path / "work", ["head.input=pooled", "head.base={kind: linear}", "train.phases=[{epochs: 2, lr: 10.0}]"]
     sets = [item for override in [*SMALL, *overrides] for item in ("--set", override)]
-    code, _, stderr = run_cli(["predict", "-c", CONFIGS / config, *[tiny_data / "test_stg1" / n for n in sample], "--data", tiny_data,
-                               "--work", work, "--out", out, *sets], capsys)
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "bbox.yaml", "--data", tiny_data, "--work", work, *sets], capsys)
     assert code == 0, stderr
-    expected = pd.read_csv(next((work / "train").glob(f"{name}-*")) / "test_stg1.csv").set_index("image").loc[sample]
-    # As in the predict test of whole-image heads: float16 features, batches of other sizes.
-    np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)
+    folder = next((work / "train").glob("bbox-*"))
+    metrics, summary = pd.read_csv(folder / "metrics.csv"), json.loads((folder / "summary.json").read_text())
+    assert (metrics.epoch == 0).all() and summary["kept_epochs"] == [0] * summary["folds"]
+    assert stderr.count("chose 0 epochs on the probe, so its box output never trained") == summary["folds"]
+    # The boxes it wrote are scored, not left out: the IoU of each fold's out-of-fold boxes.
+    chosen = metrics[metrics.chosen.fillna(False).astype(bool)]
+    assert chosen.valid_iou.notna().all() and 0 <= summary["valid_iou"] <= 1
+    assert summary["valid_iou"] == pytest.approx(chosen.valid_iou.mean())
+    _predict_matches_the_runs_test_predictions("bbox.yaml", tiny_data, work, overrides, tmp_path, capsys)

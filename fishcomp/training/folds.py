@@ -22,7 +22,7 @@ import pandas as pd
 from fishcomp.blending import blend_nof_with_whole
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, dump_yaml, key_payload
-from fishcomp.console import info, progress
+from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, autocast, training_precision
 from fishcomp.data.splits import fold_count
 from fishcomp.distributed import data_parallel, gather_to_main, world
@@ -307,6 +307,8 @@ class CachedFeatureFolds:
             return None  # every rank holds the same model; rank 0 predicts (a head's pass is cheap)
         dtype = training_precision(data.loaded, data.device)
         predicted = with_class_map_boxes(predict(model, valid_set, data.device, tta=self.tta, dtype=dtype), self.background)
+        if epochs == 0:
+            self._score_probe_fold(fold, predicted, valid_set, records)
         tests = {
             split: with_class_map_boxes(predict(model, self.test_features[split], data.device, tta=self.tta, dtype=dtype), self.background)
             for split in data.test_splits
@@ -363,6 +365,18 @@ class CachedFeatureFolds:
                             "chosen": chosen, "seconds": r["seconds"], **({"repeat": r["repeat"]} if "repeat" in r else {}),
                             **({"dense_epochs": epochs, "dense_inner_logloss": float(scores[epochs])} if chosen else {})})
         return probe, epochs
+
+    def _score_probe_fold(self, fold: int, predicted: dict, valid_set: FeatureSet, records: list) -> None:
+        """A fold whose inner split chose 0 epochs on its probe has no epoch row for its box IoU
+        (and the like): they go on its chosen-strength row, the row its kept epoch 0 points at.
+        Its other outputs (a bbox head's box) never trained, which is said, not hidden."""
+        scores = _extra_scores(predicted, valid_set.boxes)
+        next(r for r in reversed(records) if r["fold"] == fold and r.get("chosen")).update(scores)
+        untrained = [name for name in ("box", "points") if name in predicted]
+        if untrained:
+            warn(f"train      [{self.data.loaded.name}] fold {fold}: its inner split chose 0 epochs on the probe, "
+                 f"so its {' and '.join(untrained)} output{'s' if len(untrained) > 1 else ''} never trained"
+                 + (f" (out-of-fold IoU {scores['valid_iou']:.3f})" if "valid_iou" in scores else ""))
 
     def summary(self) -> dict:
         return {
@@ -530,8 +544,8 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     for score in ("valid_iou", "valid_pointing", "valid_points_error"):
         if score in metrics:
             # The score at each fold's kept epoch, averaged over folds.
-            per_fold = [metrics[(metrics.fold == f) & (metrics.epoch == e)][score].iloc[0] for f, e in enumerate(kept_epochs)]
-            extra[score] = float(np.mean(per_fold))
+            at_kept = [metrics[(metrics.fold == f) & (metrics.epoch == e)][score].dropna() for f, e in enumerate(kept_epochs)]
+            extra[score] = float(np.mean([values.iloc[0] if len(values) else np.nan for values in at_kept]))
     summary = {
         "name": loaded.name,
         "head": config.head.kind,
