@@ -29,7 +29,10 @@ from fishcomp.context import Context
 from fishcomp.metrics import log_loss
 from fishcomp.pipeline import build
 
-HEADS = ["linear", "dense", "dense_probe", "linear_360x640", "dense_360x640", "dense_360x640_probe", "gap", "leakage", "bbox", "fcn", "inception", "resblock"]
+HEADS = [
+    "linear", "dense", "dense_probe", "linear_360x640", "dense_360x640", "dense_360x640_probe", "gap", "leakage", "leakage_probe",
+    "bbox", "bbox_probe", "fcn", "inception", "resblock",
+]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
