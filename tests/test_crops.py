@@ -330,3 +330,18 @@ def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_im
     assert len(sheets) == 1 and sheets[0].stat().st_size > 10_000
     page = (out / "index.html").read_text()
     assert "crop classifier alone, valid log loss" in page and "whole-image model (dense_360x640_probe-" in page
+
+
+def test_without_box_annotations_the_box_source_and_its_crops_say_they_are_cut_blind(tiny_data, tmp_path, capsys):
+    # The competition shipped no boxes (the lesson's came from its forum): data without annos/.
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("annos", "solution_boxes.csv"))
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", data, "--work", tmp_path / "work", *_sets(SMALL)], capsys)
+    # It still runs (a blend weighs such crops by their out-of-fold predictions), and says why they are poor.
+    assert code == 0, stderr
+    assert f"[{BOX_SOURCE}] no train image has a box" in stderr
+    assert "[crops] no train image has a box" in stderr and "cut at untrained boxes" in stderr
+    summary = json.loads((_folder(tmp_path / "work", "train", BOX_SOURCE) / "summary.json").read_text())
+    assert summary.get("valid_iou") is None  # no box to score it on

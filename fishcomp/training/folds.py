@@ -248,6 +248,9 @@ class CachedFeatureFolds:
             geometry_targets(data.usable_index, config.head), copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, data.usable],
             views=load_views(features_artifact, "train", self.kind),
         )
+        if config.head.kind == "bbox" and np.isnan(self.train_features.boxes[:, :4]).all():
+            warn(f"train      [{loaded.name}] no train image has a box (no *_labels.json in the data's annos/ folder): "
+                 "its box output learns nothing, and crops cut around its boxes would be cut blind")
         self.test_features = {}
         for split in data.test_splits:
             array = load_features(features_artifact, split, self.kind)
