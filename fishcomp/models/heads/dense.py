@@ -1,6 +1,6 @@
 """The lesson's dense family: a shared trunk (BN -> dropout p/4 -> [Dense -> ReLU -> BN -> dropout] x 2)
-XX
-logits: `base`), plus the image-size one-hot (`leakage`), plus a box regressor (`bbox`).
+with three tops: the 8-way classifier (`dense`), plus the image-size one-hot (`leakage`), plus a box
+regressor (`bbox`). Any of the three can sit on top of a fitted linear probe's logits (`base`).
 
 On the spatial map (`input: map`) the trunk first max-pools 2x2 and flattens, as the lesson did on
 VGG's conv output (optionally after a 1x1 conv that reduces the channels, `reduce`); on the pooled
