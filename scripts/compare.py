@@ -4,10 +4,11 @@
     python scripts/compare.py --sets 1:classic:400 2:hard:400 3:mixed:400 [--scale 0.5] [--blend] [--out docs/results.md]
 
 With `--data`, each row is `fishcomp train -c configs/<head>.yaml` on that data (cached like any
-run). With `--sets SEED:STYLE:N_TRAIN ...`, each set is synthesised (N_TRAIN train images and a
-quarter as many test images, in `--work`/sets/), every head is trained on each, and the table
-gives the mean and the spread (min-max) of the out-of-fold log loss over the sets, and of the
-test log loss on the synthetic answers; `--blend` adds the auto-blend of all the heads
+run). With `--sets SEED:STYLE:N_TRAIN[:N_STAGE2] ...`, each set is synthesised (N_TRAIN train images
+and a quarter as many test images, plus N_STAGE2 stage-2 images from boats absent from train, in
+`--work`/sets/), every head is trained on each, and the table gives the mean and the spread
+(min-max) of the out-of-fold log loss over the sets, and of the test log loss on the synthetic
+answers (stage 1; and stage 2, new boats, where the data has a stage-2 test); `--blend` adds the auto-blend of all the heads
 (configs' ensemble with `weights: auto`), cross-fitted. `--out FILE` also writes the table into
 FILE between `<!-- compare:start -->` and `<!-- compare:end -->` (`--marker NAME`: between
 `<!-- NAME:start -->` and `<!-- NAME:end -->`), with the command that made it.
@@ -54,10 +55,12 @@ def generated_set(work: Path, spec: str, scale: float) -> tuple[Path, str, str, 
     (its folder, seed, style, train images)."""
     from fishcomp.data.synth import synthesize
 
-    seed, style, n_train = spec.split(":")
-    data = work / "sets" / f"{style}-{seed}-{n_train}"
+    seed, style, n_train, *stage2 = spec.split(":")
+    n_stage2 = int(stage2[0]) if stage2 else 0
+    # Sets without a stage 2 keep the folder (and the cached artifacts) they always had.
+    data = work / "sets" / (f"{style}-{seed}-{n_train}" + (f"-s{n_stage2}" if n_stage2 else ""))
     if not (data / "train").is_dir():
-        synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), seed=int(seed), scale=scale, style=style)
+        synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), n_stage2=n_stage2, seed=int(seed), scale=scale, style=style)
     return data, seed, style, n_train
 
 
@@ -70,7 +73,8 @@ def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blen
         summary = json.loads(artifact.file("summary.json").read_text())
         rows.append({
             "config": name, "head": summary["head"], "input": "x".join(map(str, summary["input_size"])),
-            "valid": summary["valid_logloss"], "test": test_logloss(data, artifact), "accuracy": summary["valid_accuracy"],
+            "valid": summary["valid_logloss"], "test": test_logloss(data, artifact), "stage2": test_logloss(data, artifact, ("test_stg2",)),
+            "accuracy": summary["valid_accuracy"],
             "iou": summary.get("valid_iou"), "pointing": summary.get("valid_pointing"), "seconds": manifest["seconds"],
         })
     if blend:
@@ -83,7 +87,7 @@ def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blen
         rows.append({
             "config": f"auto blend ({summary['blend']})", "head": "ensemble", "input": "",
             "valid": summary["valid_logloss_cross_fitted"] or summary["valid_logloss"], "test": test_logloss(data, artifact),
-            "accuracy": summary["valid_accuracy"], "iou": None, "pointing": None,
+            "stage2": test_logloss(data, artifact, ("test_stg2",)), "accuracy": summary["valid_accuracy"], "iou": None, "pointing": None,
             "seconds": json.loads(artifact.file("manifest.json").read_text())["seconds"],
         })
     return rows
@@ -111,9 +115,11 @@ def spread_table(per_set: list[list[dict]], labels: dict[str, str], spreads: dic
 
 
 def table(per_set: list[list[dict]]) -> str:
+    # Stage 2 (new boats) only where some set has one, so tables of sets without it look as before.
+    stage2 = {"stage-2 log loss": "stage2"} if any(row.get("stage2") is not None for rows in per_set for row in rows) else {}
     return spread_table(
         per_set, {"config": "config", "head": "head", "input": "input"},
-        {"out-of-fold log loss": "valid", "test log loss": "test", "accuracy": "accuracy", "box IoU": "iou", "heatmap pointing": "pointing"},
+        {"out-of-fold log loss": "valid", "test log loss": "test", **stage2, "accuracy": "accuracy", "box IoU": "iou", "heatmap pointing": "pointing"},
         "train s",
     )
 
@@ -132,7 +138,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("artifacts"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--heads", nargs="*", default=HEADS)
-    parser.add_argument("--sets", nargs="*", default=None, help="SEED:STYLE:N_TRAIN of each generated set")
+    parser.add_argument("--sets", nargs="*", default=None, help="SEED:STYLE:N_TRAIN[:N_STAGE2] of each generated set")
     parser.add_argument("--scale", type=float, default=1.0, help="image size factor of generated sets")
     parser.add_argument("--blend", action="store_true", help="also the auto-blend of all the heads")
     parser.add_argument("--out", type=Path, default=None)

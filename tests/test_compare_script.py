@@ -1,0 +1,33 @@
+"""scripts/compare.py: its rows score each head on both test stages where the data has answers."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from helpers import SMALL
+
+from fishcomp.metrics import log_loss
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("compare_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_scores_stage_two_on_new_boats_where_the_data_has_it(tiny_data, tmp_path):
+    compare = _compare()
+    [row] = compare.one_set(tiny_data, tmp_path / "work", ["linear"], SMALL, blend=False)
+    folder = next((tmp_path / "work" / "train").glob("linear-*"))
+    truth = pd.read_csv(tiny_data / "solution.csv").set_index("image")
+    for key, split in (("test", "test_stg1"), ("stage2", "test_stg2")):
+        predicted = pd.read_csv(folder / f"{split}.csv").set_index("image")
+        expected = log_loss(truth.loc[predicted.index].to_numpy().argmax(axis=1), predicted[truth.columns].to_numpy())
+        assert np.isfinite(row[key]) and row[key] == expected
+    assert "stage-2 log loss" in compare.table([[row]]).splitlines()[0]
+    # Data without a stage-2 test: the table looks as it always did.
+    assert "stage-2" not in compare.table([[{**row, "stage2": None}]])
