@@ -28,7 +28,7 @@ import pandas as pd
 from fishcomp.config import load_config
 from fishcomp.context import Context
 from fishcomp.metrics import log_loss
-from fishcomp.pipeline import build
+from fishcomp.pipeline import build, resolver
 
 HEADS = [
     "linear", "dense", "dense_probe", "linear_360x640", "dense_360x640", "dense_360x640_probe", "gap", "leakage", "leakage_probe",
@@ -66,9 +66,16 @@ def generated_set(work: Path, spec: str, scale: float) -> tuple[Path, str, str, 
 
 def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blend: bool) -> list[dict]:
     ctx = Context(data_dir=data, work_dir=work, overrides=overrides)
+    plan = resolver(ctx)
+    configs = {name: load_config(CONFIGS / f"{name}.yaml", overrides) for name in heads}
+    # Every head planned before any is built, as `fishcomp run` plans an ensemble's members: heads on
+    # the pooled vector then read the pass that also holds the map for heads at the same size,
+    # one backbone pass per backbone and size instead of two.
+    for loaded in configs.values():
+        plan.plan("train", loaded)
     rows = []
-    for name in heads:
-        artifact = build(ctx, "train", load_config(CONFIGS / f"{name}.yaml", overrides))
+    for name, loaded in configs.items():
+        artifact = plan.build(plan.plan("train", loaded))
         manifest = json.loads(artifact.file("manifest.json").read_text())
         summary = json.loads(artifact.file("summary.json").read_text())
         rows.append({

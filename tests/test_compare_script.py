@@ -31,3 +31,12 @@ def test_compare_scores_stage_two_on_new_boats_where_the_data_has_it(tiny_data, 
     assert "stage-2 log loss" in compare.table([[row]]).splitlines()[0]
     # Data without a stage-2 test: the table looks as it always did.
     assert "stage-2" not in compare.table([[{**row, "stage2": None}]])
+
+
+def test_compare_makes_one_backbone_pass_for_pooled_and_map_heads_of_one_size(tiny_data, tmp_path):
+    compare = _compare()
+    # linear reads the pooled vector, gap the 224 map: the pass with the map serves both.
+    rows = compare.one_set(tiny_data, tmp_path / "work", ["linear", "gap"], SMALL, blend=False)
+    assert [row["config"] for row in rows] == ["linear", "gap"]
+    passes = [p for p in (tmp_path / "work" / "precompute").iterdir() if not p.name.startswith(".")]  # not the cache's locks
+    assert len(passes) == 1 and (passes[0] / "train_map.npy").exists()
