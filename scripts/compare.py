@@ -156,7 +156,8 @@ def main() -> None:
         for spec in args.sets:
             data, seed, style, n_train = generated_set(args.work, spec, args.scale)
             per_set.append(one_set(data, args.work, args.heads, args.overrides, args.blend))
-            described.append(f"seed {seed} {style} ({n_train} train)")
+            stage2 = spec.split(":")[3:]
+            described.append(f"seed {seed} {style} ({n_train} train{f', {stage2[0]} stage 2' if stage2 else ''})")
             print(f"{described[-1]}: " + ", ".join(f"{r['config']} {r['valid']:.4f}" for r in per_set[-1]), flush=True)
         heading = f"Mean (min-max) over {len(per_set)} generated sets: {'; '.join(described)}; scale {args.scale}."
     else:
