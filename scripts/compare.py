@@ -50,9 +50,9 @@ def test_logloss(data: Path, artifact, splits: tuple[str, ...] = ("test_stg1",))
     return log_loss(truth.loc[rows].to_numpy().argmax(axis=1), predicted.loc[rows, truth.columns].to_numpy())
 
 
-def generated_set(work: Path, spec: str, scale: float) -> tuple[Path, str, str, str]:
-    """The set `spec` (SEED:STYLE:N_TRAIN) names, under `work`/sets/, made if it is not there yet:
-    (its folder, seed, style, train images)."""
+def generated_set(work: Path, spec: str, scale: float) -> tuple[Path, str]:
+    """The set `spec` (SEED:STYLE:N_TRAIN[:N_STAGE2]) names, under `work`/sets/, made if it is not
+    there yet: (its folder, how tables describe it)."""
     from fishcomp.data.synth import synthesize
 
     seed, style, n_train, *stage2 = spec.split(":")
@@ -61,7 +61,7 @@ def generated_set(work: Path, spec: str, scale: float) -> tuple[Path, str, str, 
     data = work / "sets" / (f"{style}-{seed}-{n_train}" + (f"-s{n_stage2}" if n_stage2 else ""))
     if not (data / "train").is_dir():
         synthesize(data, n_train=int(n_train), n_test=max(8, int(n_train) // 4), n_stage2=n_stage2, seed=int(seed), scale=scale, style=style)
-    return data, seed, style, n_train
+    return data, f"seed {seed} {style} ({n_train} train" + (f", {n_stage2} stage 2" if n_stage2 else "") + ")"
 
 
 def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blend: bool) -> list[dict]:
@@ -154,10 +154,9 @@ def main() -> None:
     if args.sets:
         per_set, described = [], []
         for spec in args.sets:
-            data, seed, style, n_train = generated_set(args.work, spec, args.scale)
+            data, description = generated_set(args.work, spec, args.scale)
             per_set.append(one_set(data, args.work, args.heads, args.overrides, args.blend))
-            stage2 = spec.split(":")[3:]
-            described.append(f"seed {seed} {style} ({n_train} train{f', {stage2[0]} stage 2' if stage2 else ''})")
+            described.append(description)
             print(f"{described[-1]}: " + ", ".join(f"{r['config']} {r['valid']:.4f}" for r in per_set[-1]), flush=True)
         heading = f"Mean (min-max) over {len(per_set)} generated sets: {'; '.join(described)}; scale {args.scale}."
     else:

@@ -98,9 +98,9 @@ def main() -> None:
     args = parser.parse_args()
     folders, described = [], []
     for spec in args.sets:
-        data, seed, style, n_train = generated_set(args.work, spec, args.scale)
+        data, description = generated_set(args.work, spec, args.scale)
         folders.append(data)
-        described.append(f"seed {seed} {style} ({n_train} train, scale {args.scale})")
+        described.append(f"{description[:-1]}, scale {args.scale})")
     for data in args.data:
         folders.append(data)
         described.append(str(data))

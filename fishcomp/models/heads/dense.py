@@ -19,6 +19,14 @@ from fishcomp.models.heads.convolutional import map_input_norm
 from fishcomp.models.heads.registry import register_head
 
 
+def _start_at_zero(layer: nn.Linear) -> nn.Linear:
+    """A layer whose output starts at exactly zero: added to a fitted probe's logits (`base`), the
+    head starts at the probe's predictions."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class DenseTrunk(nn.Sequential):
     def __init__(self, in_shape: tuple[int, ...], input_kind: str, dropout: float, hidden: int, reduce: int | None = None):
         if input_kind == "map":
@@ -55,8 +63,7 @@ class DenseHead(nn.Module):
             # its logits from zero, so training starts at the probe's predictions.
             self.base = LinearProbe(config.base, in_shape, num_classes).requires_grad_(False)
             self.num_features = config.hidden + in_shape[0]
-            nn.init.zeros_(self.classifier.weight)
-            nn.init.zeros_(self.classifier.bias)
+            _start_at_zero(self.classifier)
 
     @property
     def classifier_inputs(self) -> int:
@@ -78,8 +85,7 @@ class DenseHead(nn.Module):
         if self.base is not None:
             # Other classes: the fitted probe no longer applies; its layer starts at zero and learns.
             self.base.reset_classifier(num_classes)
-            nn.init.zeros_(self.base.classifier.weight)
-            nn.init.zeros_(self.base.classifier.bias)
+            _start_at_zero(self.base.classifier)
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {"logits": self.forward_head(self.forward_features(x, size))}
@@ -96,9 +102,8 @@ class LeakageHead(DenseHead):
         self.size_norm = nn.BatchNorm1d(num_sizes)
         self.num_features += num_sizes
         self.classifier = nn.Linear(config.hidden + num_sizes, num_classes)
-        if self.base is not None:  # starts at the probe, as the dense head does
-            nn.init.zeros_(self.classifier.weight)
-            nn.init.zeros_(self.classifier.bias)
+        if self.base is not None:
+            _start_at_zero(self.classifier)
 
     def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         if size is None:
