@@ -382,6 +382,11 @@ class TrainConfig(Strict):
     # labels), so every epoch reads k instead of 1280 channels (fishcomp/training/map_projection.py).
     # None: the raw map, the lesson's way.
     map_channels: int | None = Field(None, ge=1)
+    # Heads on the spatial map: train the layers that read the map (its normalisation and the
+    # first convolution, most of a step's arithmetic) for this many epochs, then freeze them, so
+    # that their output is computed once per fold and the remaining epochs train only the layers
+    # above it (fishcomp/training/frozen_stem.py). None: every layer trains every epoch.
+    stem_epochs: int | None = Field(None, ge=1)
     # Train the backbone too (see FinetuneConfig); None: the head alone, on cached features.
     finetune: FinetuneConfig | None = None
     # Arithmetic of training and prediction. auto: heads that read the spatial map autocast to
@@ -486,6 +491,11 @@ class TrackingConfig(Strict):
     experiment: str = "fishcomp"
 
 
+def _reads_map_with_one_conv(head) -> bool:
+    """Whether the head's first layer on the map is one convolution (its `stem()`)."""
+    return head.kind in ("fcn", "resblock") or (head.kind == "inception" and head.reduce is not None)
+
+
 class RunConfig(Strict):
     # Shown in messages and artifact folder names; defaults to the config file's stem.
     name: str | None = None
@@ -517,6 +527,10 @@ class RunConfig(Strict):
                 raise ValueError(f"train.finetune trains the backbone under a head on its pooled vector (linear, dense), not {self.head.kind} on the map")
             if getattr(self.head, "base", None) is not None:
                 raise ValueError("head.base fits a probe on cached features; with train.finetune the features change every step: drop head.base")
+        if self.train is not None and self.train.stem_epochs is not None and not _reads_map_with_one_conv(self.head):
+            raise ValueError(
+                f"train.stem_epochs freezes a map head's first convolution: use fcn, resblock or inception with head.reduce, not {self.head.kind}"
+            )
         if self.crops is not None:
             if self.head is None:
                 raise ValueError("`crops` needs a `head` to classify the crops")

@@ -90,6 +90,18 @@ def test_map_heads_give_the_same_logits_in_either_memory_layout(name):
         torch.testing.assert_close(head(batch, size=size)["logits"], head(batch.contiguous(), size=size)["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", MAP_HEADS)
+def test_a_map_head_has_a_stem_to_freeze_exactly_where_the_config_allows_stem_epochs(name):
+    from fishcomp.config import _reads_map_with_one_conv
+
+    head = create_head(config_for(name), shapes(config_for(name)), 8, num_sizes=5)
+    stem = head.stem() if hasattr(head, "stem") else None
+    assert (stem is not None) == _reads_map_with_one_conv(config_for(name))
+    if stem is not None:  # the map's normalisation, then the one convolution that reads it
+        assert isinstance(stem[0], torch.nn.BatchNorm2d) and isinstance(stem[1], torch.nn.Conv2d)
+        assert stem[1].in_channels == shapes(config_for(name))[0]
+
+
 def test_every_registered_head_has_a_shipped_config():
     assert set(list_heads()) == {c.kind for c in CONFIGS.values()}
     assert {"dense", "gap", "leakage", "bbox", "fcn", "inception", "resblock"} <= set(list_heads())

@@ -62,6 +62,14 @@ class ResidentMaps:
         self.shape = tuple(array.shape)
         self.dtype = dtype
 
+    @classmethod
+    def from_tensor(cls, nchw) -> ResidentMaps:
+        """Maps computed in this process (an (N, C, H, W) tensor), held as they are."""
+        maps = cls.__new__(cls)
+        maps.nhwc = nchw.permute(0, 2, 3, 1).contiguous()
+        maps.shape, maps.dtype = tuple(nchw.shape), nchw.dtype
+        return maps
+
     def __len__(self) -> int:
         return self.shape[0]
 

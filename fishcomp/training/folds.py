@@ -47,6 +47,7 @@ from fishcomp.training.data import (
     size_onehot,
 )
 from fishcomp.training.feature_sets import FeatureSet, concat, predict, resident_budget, resident_dtype
+from fishcomp.training.frozen_stem import FrozenStem
 from fishcomp.training.loop import (
     batches_per_epoch,
     check_finite,
@@ -149,8 +150,18 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     batches = batches_per_epoch(len(train_set), train_cfg.batch_size, train_cfg.pseudo if pseudo else None)
     # BatchNorm cannot normalise a batch of one, on any rank.
     smallest_batch = 2 * here.size if spread else 2
+    # What the epochs read: the cached features, or once the stem is frozen, its outputs.
+    sets = {"train": train_set, "valid": valid_set, "pseudo": pseudo_set}
+    stem = None
+    if train_cfg.stem_epochs is not None:
+        if spread:
+            raise FishcompError(f"[{loaded.name}] train.stem_epochs freezes layers mid-fold, which data-parallel training cannot: run folds in parallel (train.parallel: folds) or drop it")
+        stem = FrozenStem(model.stem(), device, dtype, resident_dtype(dtype, device))
 
     def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
+        if stem is not None and epoch == train_cfg.stem_epochs:
+            sets.update(stem.freeze(sets))
+        train_set, pseudo_set = sets["train"], sets["pseudo"]
         net.train()
         mix = mixed_batches(
             len(train_set), len(pseudo_set) if pseudo_set is not None else 0, train_cfg.batch_size,
@@ -198,6 +209,7 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     def validate() -> dict:
         if spread:
             sync_buffers(model)
+        valid_set = sets["valid"]
         predicted = predict_spread(model, valid_set, device, dtype=dtype) if spread else predict(model, valid_set, device, dtype=dtype)
         predicted = with_class_map_boxes(predicted, background)
         probs = predicted["probs"]
@@ -217,7 +229,11 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
             return model, 0
         advance(schedule.epochs - min(epochs, schedule.epochs))  # the epochs left out
         schedule = first_epochs(schedule, epochs)
-    kept_epoch = run_phases(schedule, fold, model, record, advance, train_epoch, validate)
+    try:
+        kept_epoch = run_phases(schedule, fold, model, record, advance, train_epoch, validate)
+    finally:
+        if stem is not None:
+            stem.release()
     return model, kept_epoch
 
 

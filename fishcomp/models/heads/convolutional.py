@@ -55,6 +55,14 @@ class _MapHead(nn.Module):
     def forward_features(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         return self.body(x)
 
+    def stem(self) -> list[nn.Module] | None:
+        """The layers that read the map itself, the map's normalisation and the first convolution
+        (`train.stem_epochs` freezes them); None where the first layer is not one convolution."""
+        first = self.body[1] if len(self.body) > 1 else None
+        if isinstance(first, nn.Sequential) and isinstance(first[0], nn.Conv2d):
+            return [self.body[0], first[0]]
+        return None
+
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {"logits": self.forward_head(self.forward_features(x))}
 
