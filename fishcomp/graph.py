@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from fishcomp.cache import Artifact, damage
 from fishcomp.config import MEMBER_SECTIONS, LoadedConfig, cache_key, load_config
-from fishcomp.console import stage_line
+from fishcomp.console import stage_line, warn
 from fishcomp.context import Context
 from fishcomp.errors import FishcompError
 
@@ -141,6 +141,7 @@ class Resolver:
         self._stack: list[tuple[str, Path, str]] = []  # (stage, config file, the field that led here)
         # Keys of every node this run will build (see `plan`).
         self.planned: set[str] = set()
+        self._skips_said: set[tuple[Path, Path]] = set()
 
     # -- configs -----------------------------------------------------------------------------------
 
@@ -160,16 +161,53 @@ class Resolver:
             raise FishcompError(f"{field} of {loaded.path}: {exc}") from exc
 
     def members(self, loaded: LoadedConfig) -> list[LoadedConfig]:
-        """The single-model configs an ensemble names (or the config itself when it trains)."""
+        """The single-model configs an ensemble names and the data can train (see
+        `member_entries`), or the config itself when it trains."""
         if loaded.config.ensemble is None:
             return [loaded] if loaded.config.trains else []
-        members = []
+        return [config for _, config in self.member_entries(loaded)]
+
+    def member_entries(self, loaded: LoadedConfig) -> list[tuple[Any, LoadedConfig]]:
+        """(its `ensemble.members` entry, its config) of each member the data can train. A member
+        whose crops are cut at a box head's boxes is skipped, with a warning, when the data has
+        train images and none of them has a box: that head would never learn where the fish are,
+        and its crops would cost a backbone pass to add noise to the blend."""
+        entries = []
         for member in loaded.config.ensemble.members:
             config = self.reference(loaded, member.config, "ensemble.members")
             if not config.config.trains:
                 raise FishcompError(f"{config.path}: an ensemble member must train a head (needs `head:`)")
-            members.append(config)
-        return members
+            reason = self._unusable(config)
+            if reason is None:
+                entries.append((member, config))
+            elif (loaded.path, config.path) not in self._skips_said:
+                self._skips_said.add((loaded.path, config.path))
+                warn(f"ensemble   [{loaded.name}] member {config.name} skipped: {reason}")
+        if not entries:
+            raise FishcompError(f"{loaded.path}: no ensemble member can train on this data (see the warnings above)")
+        return entries
+
+    def skipped_members(self, loaded: LoadedConfig) -> list[dict]:
+        """The members `member_entries` leaves out, each with why."""
+        skipped = []
+        for member in loaded.config.ensemble.members:
+            config = self.reference(loaded, member.config, "ensemble.members")
+            reason = self._unusable(config)
+            if reason is not None:
+                skipped.append({"name": config.name, "skipped": reason})
+        return skipped
+
+    def _unusable(self, member: LoadedConfig) -> str | None:
+        crops = member.config.crops
+        if crops is None or not (self.ctx.data_dir / "train").is_dir():
+            return None
+        source = self.reference(member, crops.boxes, "crops.boxes")
+        if source.config.head is None or source.config.head.kind != "bbox":
+            return None  # boxes read off a classifier's heatmaps need no annotations
+        if any(self.ctx.annotations(member.config.data).boxes.values()):
+            return None
+        return (f"no train image has a box (no *_labels.json in {self.ctx.annotations_dir(member.config.data)}), "
+                f"so its box source {source.name} could not learn where the fish are")
 
     # -- nodes -------------------------------------------------------------------------------------
 

@@ -332,16 +332,48 @@ def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_im
     assert "crop classifier alone, valid log loss" in page and "whole-image model (dense_360x640_probe-" in page
 
 
-def test_without_box_annotations_the_box_source_and_its_crops_say_they_are_cut_blind(tiny_data, tmp_path, capsys):
-    # The competition shipped no boxes (the lesson's came from its forum): data without annos/.
+@pytest.fixture(scope="module")
+def unannotated_data(tiny_data, tmp_path_factory):
+    """The competition shipped no boxes (the lesson's came from its forum): data without annos/."""
     import shutil
 
-    data = tmp_path / "data"
+    data = tmp_path_factory.mktemp("unannotated") / "data"
     shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("annos", "solution_boxes.csv"))
-    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", data, "--work", tmp_path / "work", *_sets(SMALL)], capsys)
+    return data
+
+
+def test_without_box_annotations_the_box_source_and_its_crops_say_they_are_cut_blind(unannotated_data, tmp_path, capsys):
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", unannotated_data, "--work", tmp_path / "work", *_sets(SMALL)], capsys)
     # It still runs (a blend weighs such crops by their out-of-fold predictions), and says why they are poor.
     assert code == 0, stderr
     assert f"[{BOX_SOURCE}] no train image has a box" in stderr
     assert "[crops] no train image has a box" in stderr and "cut at untrained boxes" in stderr
     summary = json.loads((_folder(tmp_path / "work", "train", BOX_SOURCE) / "summary.json").read_text())
     assert summary.get("valid_iou") is None  # no box to score it on
+
+
+def test_without_box_annotations_an_ensemble_skips_its_crops_member_and_says_so(unannotated_data, tmp_path, capsys):
+    config = tmp_path / "library.yaml"
+    config.write_text(f"ensemble:\n  weights: auto\n  members:\n    - {{config: {CONFIGS / 'linear.yaml'}}}\n"
+                      f"    - {{config: {CONFIGS / 'crops.yaml'}}}\n    - {{config: {CONFIGS / 'dense_probe.yaml'}}}\n")
+    work = tmp_path / "work"
+    code, stdout, stderr = run_cli(["run", "-c", config, "--data", unannotated_data, "--work", work, *_sets(SMALL)], capsys)
+    assert code == 0, stderr
+    assert stderr.count("member crops skipped: no train image has a box") == 1
+    # Neither its box source nor its crops were built: no time spent on them.
+    assert not list((work / "train").glob(f"{BOX_SOURCE}-*")) and not (work / "crops").exists()
+    summary = json.loads(next((work / "ensemble").glob("library-*/summary.json")).read_text())
+    assert [m["name"] for m in summary["members"]] == ["linear", "dense_probe"]
+    assert [s["name"] for s in summary["skipped"]] == ["crops"] and "could not learn where the fish are" in summary["skipped"][0]["skipped"]
+    assert "crops skipped" in stdout
+    # The report lists it beside the members.
+    code, _, stderr = run_cli(["report", "-c", config, "--data", unannotated_data, "--work", work, "--out", tmp_path / "report", *_sets(SMALL)], capsys)
+    assert code == 0, stderr
+    assert "members skipped" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_an_ensemble_whose_only_members_need_missing_boxes_is_a_one_line_error(unannotated_data, tmp_path, capsys):
+    config = tmp_path / "crops_only.yaml"
+    config.write_text(f"ensemble:\n  members:\n    - {{config: {CONFIGS / 'crops.yaml'}}}\n")
+    code, _, stderr = run_cli(["run", "-c", config, "--data", unannotated_data, "--work", tmp_path / "work", *_sets(SMALL)], capsys)
+    assert code == 2 and "no ensemble member can train on this data" in stderr and "Traceback" not in stderr

@@ -275,6 +275,8 @@ def ensemble_section(run: Run, out: Path, prefix: str) -> Section:
         section.numbers["blend with weights fitted on the other folds"] = _fmt(summary["valid_logloss_cross_fitted"])
     members = summary["members"]
     section.tables.append(("members", pd.DataFrame(members).drop(columns=["artifact"], errors="ignore")))
+    if summary.get("skipped"):
+        section.tables.append(("members skipped", pd.DataFrame(summary["skipped"])))
     names = [m["name"] for m in members] + ["blend"]
     values = [m["valid_logloss"] for m in members] + [summary["valid_logloss"]]
     section.figures.append((viz.bar_chart(names, values, out / f"{prefix}members.png", "out-of-fold log loss", highlight="blend").name, "members vs blend"))

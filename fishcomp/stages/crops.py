@@ -320,7 +320,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     if np.isnan(normalised_boxes(index[index.split == "train"])).all():
         warn(f"crops      [{loaded.name}] no train image has a box (no *_labels.json in the data's annos/ folder), so "
              f"{boxes.path.name.rsplit('-', 1)[0]} never learned where the fish are: these crops are cut at untrained boxes "
-             "(an ensemble weighs them by their out-of-fold predictions; add box annotations to make them useful)")
+             "(an ensemble leaves such a member out; add box annotations to make them useful)")
     copies = planned.shape[1] - 1
     dim = embedder.num_features
     splits = index.split.to_numpy()

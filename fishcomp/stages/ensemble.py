@@ -58,14 +58,16 @@ class Ensemble(Stage):
         return {"ensemble": key_payload(loaded.config.ensemble)}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        return _build(node.loaded, [member.loaded for member in node.inputs["members"]], inputs["members"], tmp)
+        skipped = Resolver(ctx).skipped_members(node.loaded)
+        return _build(node.loaded, [member.loaded for member in node.inputs["members"]], inputs["members"], tmp, skipped)
 
     def describe(self, artifact: Artifact) -> str:
         summary = json.loads(artifact.file("summary.json").read_text())
         scores = ", ".join(f"{m['name']} {m['valid_logloss']:.4f} x{m['weight']:.2f}" for m in summary["members"])
         honest = summary.get("valid_logloss_cross_fitted")
         crossed = f", cross-fitted {honest:.4f}" if honest is not None else ""
-        return f"blend ({summary.get('blend', summary['weights'])}) {summary['valid_logloss']:.4f}{crossed} ({scores})"
+        left_out = "".join(f"; {m['name']} skipped" for m in summary.get("skipped", []))
+        return f"blend ({summary.get('blend', summary['weights'])}) {summary['valid_logloss']:.4f}{crossed} ({scores}{left_out})"
 
 
 def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> tuple[str, dict, float | None]:
@@ -87,7 +89,20 @@ def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.n
     return kind, candidates, candidates[kind]
 
 
-def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Artifact], tmp: Path) -> dict:
+def _given_weights(loaded: LoadedConfig, members: list[LoadedConfig]) -> list[float]:
+    """Each member's `weight` from the config's entries, matched by file (a skipped member's
+    entry is left over)."""
+    left = [((loaded.path.parent / entry.config).resolve(), entry.weight) for entry in loaded.config.ensemble.members]
+    weights = []
+    for member in members:
+        position = next(i for i, (path, _) in enumerate(left) if path == member.path.resolve())
+        weights.append(left.pop(position)[1])
+    if sum(weights) <= 0:
+        raise FishcompError(f"{loaded.path}: the members left after skipping have no weight; give them a positive `weight` or use weights: auto")
+    return weights
+
+
+def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Artifact], tmp: Path, skipped: list[dict]) -> dict:
     config = loaded.config.ensemble
     names = [m.name for m in members]
     predictions = [read_predictions(a) for a in trained]
@@ -97,7 +112,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
     member_oof = [p.oof[classes].to_numpy(dtype=np.float64) for p in predictions]
     validated = (first.oof.fold >= 0).to_numpy()
     labels, folds = first.oof.label.to_numpy(), first.oof.fold.to_numpy()
-    weights = [m.weight for m in config.members]
+    weights = _given_weights(loaded, members)
     rows = [p[validated] for p in member_oof]
     kind, candidates, cross_fitted = choose_blend(config, rows, labels[validated], folds[validated])
     test_probs = {split: [p.tests[split][classes].to_numpy(dtype=np.float64) for p in predictions] for split in first.tests}
@@ -132,6 +147,8 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
             }
             for name, weight, p, artifact in zip(names, weights, predictions, trained)
         ],
+        # Members the data could not train (with why): listed, not silently left out.
+        "skipped": skipped,
         "blend": kind,
         "valid_logloss": blended.oof_logloss(),
         # Each fold blended by weights (or a stacker) fitted on the other folds only.
