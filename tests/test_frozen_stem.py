@@ -100,3 +100,20 @@ def test_stem_epochs_on_a_head_without_one_first_convolution_is_a_one_line_error
     assert code == 2 and "not inception" in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert load_config(CONFIGS / "inception.yaml", ["train.stem_epochs=3", "head.reduce=64"]).config.train.stem_epochs == 3
+
+
+def test_a_stem_whose_outputs_would_not_fit_in_memory_stays_unfrozen_and_says_so(tiny_data, tmp_path, capsys, monkeypatch):
+    two_epochs = "train.phases=[{epochs: 1, lr: 1.0e-3}, {epochs: 1, lr: 1.0e-4}]"
+    whole = _train(tiny_data, tmp_path / "whole", capsys, two_epochs, "train.stem_epochs=null")
+    monkeypatch.setattr("fishcomp.training.folds.resident_budget", lambda: 1 << 20)  # 1 MiB
+    sets = [arg for override in [*SMALL, "train.precision=fp32", two_epochs, "train.stem_epochs=1"] for arg in ("--set", override)]
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "fcn.yaml", "--data", tiny_data, "--work", tmp_path / "small", *sets], capsys)
+    assert code == 0, stderr
+    assert "fold 0: the frozen stem's outputs" in stderr and "train.stem_epochs ignored" in stderr
+    unfrozen = next((tmp_path / "small" / "train").glob("fcn-*"))
+    mine = torch.load(unfrozen / "checkpoints" / "fold0.pt", weights_only=True)["state_dict"]
+    reference = torch.load(whole / "checkpoints" / "fold0.pt", weights_only=True)["state_dict"]
+    # The same training as without the setting (maps read from disk instead of memory: the same
+    # float16 values converted to the same float32 batches): equal to float32 rounding.
+    for name, tensor in reference.items():
+        torch.testing.assert_close(mine[name], tensor, rtol=1e-5, atol=1e-6)

@@ -157,6 +157,10 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
         if spread:
             raise FishcompError(f"[{loaded.name}] train.stem_epochs freezes layers mid-fold, which data-parallel training cannot: run folds in parallel (train.parallel: folds) or drop it")
         stem = FrozenStem(model.stem(), device, dtype, resident_dtype(dtype, device))
+        if stem.bytes_needed(sets) > resident_budget():
+            warn(f"train      [{loaded.name}] fold {fold}: the frozen stem's outputs ({stem.bytes_needed(sets) / 2**30:.1f} GiB) "
+                 "would not fit in the memory map heads may hold, so every layer trains every epoch (train.stem_epochs ignored)")
+            stem = None
 
     def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
         if stem is not None and epoch == train_cfg.stem_epochs:

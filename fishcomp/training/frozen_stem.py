@@ -28,6 +28,15 @@ class FrozenStem:
         self.layers, self.device, self.dtype, self.held_as = layers, device, dtype, held_as
         self.frozen = False
 
+    def bytes_needed(self, sets: dict[str, FeatureSet | None]) -> int:
+        """What `freeze` would hold in memory for `sets`: one output per row and copy, the
+        convolution's channels at the map's size (its padding keeps the size)."""
+        import torch
+
+        itemsize = torch.empty(0, dtype=self.held_as or torch.float32).element_size()
+        per_map = self.layers[-1].out_channels * int(np.prod(next(iter(sets.values())).shape[1:])) * itemsize
+        return sum(len(features) * features.copy_count * per_map for features in sets.values() if features is not None)
+
     def freeze(self, sets: dict[str, FeatureSet | None]) -> dict[str, FeatureSet | None]:
         """`sets` (train, validation, pseudo-labelled) as the stem's outputs; from now on the head
         passes its input straight to the layers above the stem."""
