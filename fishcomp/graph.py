@@ -161,41 +161,38 @@ class Resolver:
             raise FishcompError(f"{field} of {loaded.path}: {exc}") from exc
 
     def members(self, loaded: LoadedConfig) -> list[LoadedConfig]:
-        """The single-model configs an ensemble names and the data can train (see
-        `member_entries`), or the config itself when it trains."""
+        """The single-model configs an ensemble names and the data can train, or the config itself
+        when it trains. A member whose crops are cut at a box head's boxes is skipped, with a
+        warning, when the data has train images and none of them has a box: that head would
+        never learn where the fish are, and its crops would cost a backbone pass to add noise to
+        the blend."""
         if loaded.config.ensemble is None:
             return [loaded] if loaded.config.trains else []
-        return [config for _, config in self.member_entries(loaded)]
+        kept, skipped = self._members_and_skips(loaded)
+        for config, reason in skipped:
+            if (loaded.path, config.path) not in self._skips_said:
+                self._skips_said.add((loaded.path, config.path))
+                warn(f"ensemble   [{loaded.name}] member {config.name} skipped: {reason}")
+        if not kept:
+            raise FishcompError(f"{loaded.path}: no ensemble member can train on this data (see the warnings above)")
+        return kept
 
-    def member_entries(self, loaded: LoadedConfig) -> list[tuple[Any, LoadedConfig]]:
-        """(its `ensemble.members` entry, its config) of each member the data can train. A member
-        whose crops are cut at a box head's boxes is skipped, with a warning, when the data has
-        train images and none of them has a box: that head would never learn where the fish are,
-        and its crops would cost a backbone pass to add noise to the blend."""
-        entries = []
+    def skipped_members(self, loaded: LoadedConfig) -> list[dict]:
+        """The ensemble members `members` leaves out, each with why."""
+        return [{"name": config.name, "skipped": reason} for config, reason in self._members_and_skips(loaded)[1]]
+
+    def _members_and_skips(self, loaded: LoadedConfig) -> tuple[list[LoadedConfig], list[tuple[LoadedConfig, str]]]:
+        kept, skipped = [], []
         for member in loaded.config.ensemble.members:
             config = self.reference(loaded, member.config, "ensemble.members")
             if not config.config.trains:
                 raise FishcompError(f"{config.path}: an ensemble member must train a head (needs `head:`)")
             reason = self._unusable(config)
             if reason is None:
-                entries.append((member, config))
-            elif (loaded.path, config.path) not in self._skips_said:
-                self._skips_said.add((loaded.path, config.path))
-                warn(f"ensemble   [{loaded.name}] member {config.name} skipped: {reason}")
-        if not entries:
-            raise FishcompError(f"{loaded.path}: no ensemble member can train on this data (see the warnings above)")
-        return entries
-
-    def skipped_members(self, loaded: LoadedConfig) -> list[dict]:
-        """The members `member_entries` leaves out, each with why."""
-        skipped = []
-        for member in loaded.config.ensemble.members:
-            config = self.reference(loaded, member.config, "ensemble.members")
-            reason = self._unusable(config)
-            if reason is not None:
-                skipped.append({"name": config.name, "skipped": reason})
-        return skipped
+                kept.append(config)
+            else:
+                skipped.append((config, reason))
+        return kept, skipped
 
     def _unusable(self, member: LoadedConfig) -> str | None:
         crops = member.config.crops

@@ -370,6 +370,14 @@ def test_without_box_annotations_an_ensemble_skips_its_crops_member_and_says_so(
     code, _, stderr = run_cli(["report", "-c", config, "--data", unannotated_data, "--work", work, "--out", tmp_path / "report", *_sets(SMALL)], capsys)
     assert code == 0, stderr
     assert "members skipped" in (tmp_path / "report" / "index.html").read_text()
+    # Given weights stay with their members when one before them is skipped.
+    given = tmp_path / "given.yaml"
+    given.write_text(f"ensemble:\n  members:\n    - {{config: {CONFIGS / 'crops.yaml'}, weight: 5}}\n"
+                     f"    - {{config: {CONFIGS / 'linear.yaml'}, weight: 3}}\n    - {{config: {CONFIGS / 'dense_probe.yaml'}, weight: 1}}\n")
+    code, _, stderr = run_cli(["run", "-c", given, "--data", unannotated_data, "--work", work, *_sets(SMALL)], capsys)
+    assert code == 0, stderr
+    summary = json.loads(next((work / "ensemble").glob("given-*/summary.json")).read_text())
+    assert {m["name"]: m["weight"] for m in summary["members"]} == {"linear": 0.75, "dense_probe": 0.25}
 
 
 def test_an_ensemble_whose_only_members_need_missing_boxes_is_a_one_line_error(unannotated_data, tmp_path, capsys):

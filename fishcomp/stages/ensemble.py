@@ -97,7 +97,7 @@ def _given_weights(loaded: LoadedConfig, members: list[LoadedConfig]) -> list[fl
     for member in members:
         position = next(i for i, (path, _) in enumerate(left) if path == member.path.resolve())
         weights.append(left.pop(position)[1])
-    if sum(weights) <= 0:
+    if loaded.config.ensemble.weights == "given" and sum(weights) <= 0:
         raise FishcompError(f"{loaded.path}: the members left after skipping have no weight; give them a positive `weight` or use weights: auto")
     return weights
 
