@@ -109,7 +109,7 @@ def test_a_stem_whose_outputs_would_not_fit_in_memory_stays_unfrozen_and_says_so
     sets = [arg for override in [*SMALL, "train.precision=fp32", two_epochs, "train.stem_epochs=1"] for arg in ("--set", override)]
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "fcn.yaml", "--data", tiny_data, "--work", tmp_path / "small", *sets], capsys)
     assert code == 0, stderr
-    assert "fold 0: the frozen stem's outputs" in stderr and "train.stem_epochs ignored" in stderr
+    assert "fold 0: every layer trains every epoch (train.stem_epochs ignored): its outputs" in stderr and "would not fit" in stderr
     unfrozen = next((tmp_path / "small" / "train").glob("fcn-*"))
     mine = torch.load(unfrozen / "checkpoints" / "fold0.pt", weights_only=True)["state_dict"]
     reference = torch.load(whole / "checkpoints" / "fold0.pt", weights_only=True)["state_dict"]

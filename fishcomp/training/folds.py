@@ -154,12 +154,16 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     sets = {"train": train_set, "valid": valid_set, "pseudo": pseudo_set}
     stem = None
     if train_cfg.stem_epochs is not None:
-        if spread:
-            raise FishcompError(f"[{loaded.name}] train.stem_epochs freezes layers mid-fold, which data-parallel training cannot: run folds in parallel (train.parallel: folds) or drop it")
+        # A saving, not a different model: where it cannot apply, every layer trains every epoch.
         stem = FrozenStem(model.stem(), device, dtype, resident_dtype(dtype, device))
-        if stem.bytes_needed(sets) > resident_budget():
-            warn(f"train      [{loaded.name}] fold {fold}: the frozen stem's outputs ({stem.bytes_needed(sets) / 2**30:.1f} GiB) "
-                 "would not fit in the memory map heads may hold, so every layer trains every epoch (train.stem_epochs ignored)")
+        needed = stem.bytes_needed(sets)
+        why_not = (
+            "data-parallel training keeps the ranks' layers in step, not frozen mid-fold" if spread
+            else f"its outputs ({needed / 2**30:.1f} GiB) would not fit in the memory map heads may hold" if needed > resident_budget()
+            else None
+        )
+        if why_not:
+            warn(f"train      [{loaded.name}] fold {fold}: every layer trains every epoch (train.stem_epochs ignored): {why_not}")
             stem = None
 
     def train_epoch(phase, phase_epoch: int, epoch: int) -> float:
