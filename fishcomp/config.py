@@ -385,7 +385,9 @@ class TrainConfig(Strict):
     # Heads on the spatial map: train the layers that read the map (its normalisation and the
     # first convolution, most of a step's arithmetic) for this many epochs, then freeze them, so
     # that their output is computed once per fold and the remaining epochs train only the layers
-    # above it (fishcomp/training/frozen_stem.py). None: every layer trains every epoch.
+    # above it (fishcomp/training/frozen_stem.py). None: every layer trains every epoch, as it
+    # also does (with a warning) under data-parallel training or where the outputs would not fit
+    # in memory.
     stem_epochs: int | None = Field(None, ge=1)
     # Train the backbone too (see FinetuneConfig); None: the head alone, on cached features.
     finetune: FinetuneConfig | None = None
