@@ -168,20 +168,18 @@ class Resolver:
         the blend."""
         if loaded.config.ensemble is None:
             return [loaded] if loaded.config.trains else []
-        kept, skipped = self._members_and_skips(loaded)
+        kept, skipped = self.ensemble_members(loaded)
         for config, reason in skipped:
             if (loaded.path, config.path) not in self._skips_said:
                 self._skips_said.add((loaded.path, config.path))
                 warn(f"ensemble   [{loaded.name}] member {config.name} skipped: {reason}")
         if not kept:
             raise FishcompError(f"{loaded.path}: no ensemble member can train on this data (see the warnings above)")
-        return kept
+        return [config for _, config in kept]
 
-    def skipped_members(self, loaded: LoadedConfig) -> list[dict]:
-        """The ensemble members `members` leaves out, each with why."""
-        return [{"name": config.name, "skipped": reason} for config, reason in self._members_and_skips(loaded)[1]]
-
-    def _members_and_skips(self, loaded: LoadedConfig) -> tuple[list[LoadedConfig], list[tuple[LoadedConfig, str]]]:
+    def ensemble_members(self, loaded: LoadedConfig) -> tuple[list[tuple[Any, LoadedConfig]], list[tuple[LoadedConfig, str]]]:
+        """An ensemble's members as `members` sorts them: ((its `ensemble.members` entry, its
+        config) of each kept one, in order; (config, why) of each skipped one)."""
         kept, skipped = [], []
         for member in loaded.config.ensemble.members:
             config = self.reference(loaded, member.config, "ensemble.members")
@@ -189,7 +187,7 @@ class Resolver:
                 raise FishcompError(f"{config.path}: an ensemble member must train a head (needs `head:`)")
             reason = self._unusable(config)
             if reason is None:
-                kept.append(config)
+                kept.append((member, config))
             else:
                 skipped.append((config, reason))
         return kept, skipped

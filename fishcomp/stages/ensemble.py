@@ -58,8 +58,10 @@ class Ensemble(Stage):
         return {"ensemble": key_payload(loaded.config.ensemble)}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        skipped = Resolver(ctx).skipped_members(node.loaded)
-        return _build(node.loaded, [member.loaded for member in node.inputs["members"]], inputs["members"], tmp, skipped)
+        # The same sorting that chose the input nodes, so the kept entries line up with them.
+        kept, skipped = Resolver(ctx).ensemble_members(node.loaded)
+        return _build(node.loaded, [config for _, config in kept], [entry.weight for entry, _ in kept], inputs["members"], tmp,
+                      [{"name": config.name, "skipped": reason} for config, reason in skipped])
 
     def describe(self, artifact: Artifact) -> str:
         summary = json.loads(artifact.file("summary.json").read_text())
@@ -89,20 +91,7 @@ def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.n
     return kind, candidates, candidates[kind]
 
 
-def _given_weights(loaded: LoadedConfig, members: list[LoadedConfig]) -> list[float]:
-    """Each member's `weight` from the config's entries, matched by file (a skipped member's
-    entry is left over)."""
-    left = [((loaded.path.parent / entry.config).resolve(), entry.weight) for entry in loaded.config.ensemble.members]
-    weights = []
-    for member in members:
-        position = next(i for i, (path, _) in enumerate(left) if path == member.path.resolve())
-        weights.append(left.pop(position)[1])
-    if loaded.config.ensemble.weights == "given" and sum(weights) <= 0:
-        raise FishcompError(f"{loaded.path}: the members left after skipping have no weight; give them a positive `weight` or use weights: auto")
-    return weights
-
-
-def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Artifact], tmp: Path, skipped: list[dict]) -> dict:
+def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[float], trained: list[Artifact], tmp: Path, skipped: list[dict]) -> dict:
     config = loaded.config.ensemble
     names = [m.name for m in members]
     predictions = [read_predictions(a) for a in trained]
@@ -112,7 +101,8 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], trained: list[Arti
     member_oof = [p.oof[classes].to_numpy(dtype=np.float64) for p in predictions]
     validated = (first.oof.fold >= 0).to_numpy()
     labels, folds = first.oof.label.to_numpy(), first.oof.fold.to_numpy()
-    weights = _given_weights(loaded, members)
+    if config.weights == "given" and sum(weights) <= 0:
+        raise FishcompError(f"{loaded.path}: the members left after skipping have no weight; give them a positive `weight` or use weights: auto")
     rows = [p[validated] for p in member_oof]
     kind, candidates, cross_fitted = choose_blend(config, rows, labels[validated], folds[validated])
     test_probs = {split: [p.tests[split][classes].to_numpy(dtype=np.float64) for p in predictions] for split in first.tests}
