@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -122,7 +122,12 @@ class LinearHeadConfig(Strict):
     beat on the same features; often the best head when there are few training images."""
 
     kind: Literal["linear"] = "linear"
-    input: ClassVar[str] = "pooled"
+    # How the probe pools the map. None: the backbone's own global average (the cached pooled
+    # vector; no map needed). max / gem: read the cached map and take each channel's maximum, or
+    # its generalised mean (Radenovic et al., "Fine-tuning CNN image retrieval with no human
+    # annotation", 2018: (mean x^3)^(1/3), between average and max). A small fish lights up a few
+    # of the 240 cells of a 360x640 map and the average dilutes it (docs/results.md).
+    pool: Literal["max", "gem"] | None = None
     # Inverse L2 strengths tried; each fold picks one on an inner split of its own training
     # images (never its validation images), then refits on all of them.
     strengths: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3], min_length=1)
@@ -133,6 +138,11 @@ class LinearHeadConfig(Strict):
     # 30-odd held images make a noisy choice; each repeat costs one more fit per strength.
     inner_repeats: int = Field(1, ge=1)
     max_iter: int = Field(500, ge=10)
+
+    @property
+    def input(self) -> str:
+        """What the probe reads from the cache: the pooled vector, or the map it pools itself."""
+        return "pooled" if self.pool is None else "map"
 
 
 class _DenseFamily(Strict):
@@ -160,6 +170,9 @@ class _DenseFamily(Strict):
     def _probe_reads_pooled(self) -> _DenseFamily:
         if self.base is not None and self.input != "pooled":
             raise ValueError("head.base (a linear probe underneath) reads the pooled vector; set input: pooled")
+        if self.base is not None and self.base.pool is not None:
+            raise ValueError(f"head.base.pool: {self.base.pool} reads the map, but the dense layers above read the pooled "
+                             "vector; leave the base's pool out, or use the probe alone (kind: linear)")
         return self
 
 

@@ -130,8 +130,8 @@ def training_precision(loaded, device):
         if loaded.config.train.finetune is not None:
             if torch_device_type(device) != "cuda":
                 return None
-        elif not head_uses_map(loaded.config.head):
-            return None
+        elif loaded.config.head.kind == "linear" or not head_uses_map(loaded.config.head):
+            return None  # (the probe pools a map once and is fitted in float64)
     return autocast_dtype(setting, device)
 
 

@@ -31,7 +31,7 @@ from fishcomp.metrics import log_loss
 from fishcomp.pipeline import build, resolver
 
 HEADS = [
-    "linear", "dense", "dense_probe", "linear_360x640", "dense_360x640", "dense_360x640_probe", "gap", "leakage", "leakage_probe",
+    "linear", "dense", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640", "dense_360x640_probe", "gap", "leakage", "leakage_probe",
     "bbox", "bbox_probe", "fcn", "inception", "resblock", "linear_lite2", "dense_lite2",
 ]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

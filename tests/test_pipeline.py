@@ -36,9 +36,10 @@ def _dag(args, capsys, *extra):
 # pass (with the map, for fcn and the box source) serves all lite0 members: one backbone pass per
 # backbone, size and view set; and the 360x640 members are then the 224 ones (same key), listed
 # once. A node is named after the first config that asks for it.
-LIBRARY = ["linear", "dense_probe", "linear_360x640", "dense_360x640_probe", "fcn", "crops", "linear_lite2"]
+LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "crops", "linear_lite2"]
 PIPELINE_NODES = {
-    ("precompute", "linear"), ("precompute", "linear_lite2"), *(("train", m) for m in ["linear", "dense_probe", "fcn", "crops", "linear_lite2"]),
+    ("precompute", "linear"), ("precompute", "linear_lite2"),
+    *(("train", m) for m in ["linear", "dense_probe", "linear_360x640_gem", "fcn", "crops", "linear_lite2"]),
     ("train", "bbox_grid_k64"), ("crops", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline"),
 }
 

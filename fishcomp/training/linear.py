@@ -180,13 +180,23 @@ class LinearProbeFolds:
         self.data = data
         self.head = data.loaded.config.head
         self.tta = tta_combine(data.loaded)
-        as_float = lambda array: np.asarray(array, dtype=np.float32)  # noqa: E731
-        copies, _ = load_augmented(features_artifact, "pooled")
-        self.rows = ProbeRows(load_features(features_artifact, "train", "pooled")[data.usable], [c[data.usable] for c in copies], data.labels)
+        kind = self.head.input
+        # The backbone's pooled vectors as cached, or the maps pooled here (`head.pool`).
+        if kind == "map":
+            from fishcomp.models.heads.linear import pooled_rows
+
+            as_float = lambda array: pooled_rows(array, self.head.pool)  # noqa: E731
+            self.in_shape = tuple(load_features(features_artifact, "train", "map").shape[1:])
+        else:
+            as_float = lambda array: np.asarray(array, dtype=np.float32)  # noqa: E731
+            self.in_shape = tuple(load_features(features_artifact, "train", "pooled").shape[1:])
+        copies, _ = load_augmented(features_artifact, kind)
+        self.rows = ProbeRows(as_float(load_features(features_artifact, "train", kind))[data.usable],
+                              [as_float(c)[data.usable] for c in copies], data.labels)
         self.train = self.rows.originals
-        self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", "pooled")] if self.tta else []
-        self.tests = {s: as_float(load_features(features_artifact, s, "pooled")) for s in data.test_splits}
-        self.test_views = {s: [as_float(v) for v in load_views(features_artifact, s, "pooled")] if self.tta else [] for s in data.test_splits}
+        self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", kind)] if self.tta else []
+        self.tests = {s: as_float(load_features(features_artifact, s, kind)) for s in data.test_splits}
+        self.test_views = {s: [as_float(v) for v in load_views(features_artifact, s, kind)] if self.tta else [] for s in data.test_splits}
 
     def _predict(self, model, mean, scale, original: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         classes = len(self.data.classes)
@@ -218,14 +228,14 @@ class LinearProbeFolds:
         if spread and not world().is_main:
             return None
         tests = {s: self._predict(model, mean, scale, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
-        module = create_head(head, (self.train.shape[1],), classes)
+        module = create_head(head, self.in_shape, classes)
         module.load_state_dict(probe.state_dict(classes))
         return FoldResult(
             valid_probs=valid_probs, valid_probs_original=valid_original, valid_extras={},
             test_probs=tests, test_extras={s: {} for s in data.test_splits}, kept_epoch=probe.tried + 1,
             checkpoint={"state_dict": module.state_dict(), "head": key_payload(head), "classes": data.classes,
-                        "in_shape": (self.train.shape[1],), "size_vocabulary": data.vocabulary},
+                        "in_shape": self.in_shape, "size_vocabulary": data.vocabulary},
         )
 
     def summary(self) -> dict:
-        return {"features": "pooled", "tta_views": 1 + len(self.train_views), "augment_copies": len(self.rows.copies), "pseudo": None}
+        return {"features": self.head.input, **({"pool": self.head.pool} if self.head.pool else {}), "tta_views": 1 + len(self.train_views), "augment_copies": len(self.rows.copies), "pseudo": None}
