@@ -41,7 +41,7 @@ report: install data ## Figures + index.html for CONFIG's runs and the dataset, 
 	$(FISHCOMP) report $(CONFIG) --data $(DATA) --work $(WORK) --out $(REPORT)
 
 test: install ## Run the test suite
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The README's comparison table was measured on this set (1000 train images, seed 0).
 COMPARE_DATA ?= data-compare
