@@ -186,10 +186,10 @@ class LinearProbeFolds:
             from fishcomp.models.heads.linear import pooled_rows
 
             as_float = lambda array: pooled_rows(array, self.head.pool)  # noqa: E731
-            self.in_shape = tuple(load_features(features_artifact, "train", "map").shape[1:])
         else:
             as_float = lambda array: np.asarray(array, dtype=np.float32)  # noqa: E731
-            self.in_shape = tuple(load_features(features_artifact, "train", "pooled").shape[1:])
+        # What the folds' checkpoints read, (C,) or (C, H, W): the module pools a map itself.
+        self.in_shape = tuple(load_features(features_artifact, "train", kind).shape[1:])
         copies, _ = load_augmented(features_artifact, kind)
         self.rows = ProbeRows(as_float(load_features(features_artifact, "train", kind))[data.usable],
                               [as_float(c)[data.usable] for c in copies], data.labels)
