@@ -188,11 +188,11 @@ class LinearProbeFolds:
             as_float = lambda array: pooled_rows(array, self.head.pool)  # noqa: E731
         else:
             as_float = lambda array: np.asarray(array, dtype=np.float32)  # noqa: E731
+        cached = load_features(features_artifact, "train", kind)
         # What the folds' checkpoints read, (C,) or (C, H, W): the module pools a map itself.
-        self.in_shape = tuple(load_features(features_artifact, "train", kind).shape[1:])
+        self.in_shape = tuple(cached.shape[1:])
         copies, _ = load_augmented(features_artifact, kind)
-        self.rows = ProbeRows(as_float(load_features(features_artifact, "train", kind))[data.usable],
-                              [as_float(c)[data.usable] for c in copies], data.labels)
+        self.rows = ProbeRows(as_float(cached)[data.usable], [as_float(c)[data.usable] for c in copies], data.labels)
         self.train = self.rows.originals
         self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", kind)] if self.tta else []
         self.tests = {s: as_float(load_features(features_artifact, s, kind)) for s in data.test_splits}
