@@ -337,6 +337,10 @@ class CropsConfig(Strict):
     # Turn each crop so the fish lies horizontally, head left (the top teams' alignment): needs a
     # box source that also predicts head and tail (head.points_weight, point annotations).
     align: bool = False
+    # How each crop's map becomes its vector. None: the backbone's own average. gem: each channel's
+    # generalised mean (as the probe's `head.pool`), so the fish's cells outweigh the margin and
+    # the deck around it; max: each channel's largest cell. Same pass, same cost.
+    pool: Literal["max", "gem"] | None = None
 
 
 class FinetuneConfig(Strict):

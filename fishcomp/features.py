@@ -239,13 +239,15 @@ class Embedder:
         """(N, H, W, 3) uint8 -> the model's normalised input on its device."""
         return to_model_input(batch, self.device, self.mean, self.std)
 
-    def embed(self, batch, spatial: bool = True):
-        """(pooled (N, C) float32 array, feature map (N, C, h, w) float32 array or None)."""
+    def embed(self, batch, spatial: bool = True, pool: str | None = None):
+        """(pooled (N, C) float32 array, feature map (N, C, h, w) float32 array or None); pooled by
+        the backbone's own head, or by `pool` (`fishcomp.models.pooling`)."""
+        from fishcomp.models.pooling import pool_map
 
         inputs = self.inputs(batch)
         with autocast(self.autocast_dtype, self.device):
             feature_map = self.model.forward_features(inputs)
-            pooled = self.model.forward_head(feature_map, pre_logits=True)
+            pooled = self.model.forward_head(feature_map, pre_logits=True) if pool is None else pool_map(feature_map, pool)
         return pooled.float().cpu().numpy(), feature_map.float().cpu().numpy() if spatial else None
 
 

@@ -42,7 +42,7 @@ def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
     summary = json.loads((_folder(work, "train", "crops") / "summary.json").read_text())
     blend = summary["nof_blend"]
-    assert blend["whole"].startswith("dense_360x640_probe-") and blend["weight_setting"] == "auto" and 0 <= blend["weight"] <= 1
+    assert blend["whole"].startswith("linear_360x640_gem-") and blend["weight_setting"] == "auto" and 0 <= blend["weight"] <= 1
     assert summary["valid_logloss"] == pytest.approx(blend["blended"])
     assert summary["valid_logloss"] < summary["prior_logloss"]
     # The crop classifier trained on the original crop and two jittered copies per train image.
@@ -122,6 +122,31 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
         # Whole pixels, plus the box's own tolerance grown by the margin and the squaring.
         slack = 1.0 + 4 * tolerance * max(width, height)
         np.testing.assert_allclose(original.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float), expected, atol=slack)
+
+
+def test_gem_pooled_crops_are_the_same_crops_pooled_above_their_average(crops_run, tiny_data, capsys):
+    """`crops.pool: gem` (crops.yaml's) changes how each crop's map becomes its vector, nothing
+    else: against the backbone's average (`crops.pool: null`), the same rectangles, another
+    artifact, and every channel at least its average (the power mean inequality for p = 3 >= 1 on
+    the backbone's non-negative ReLU6 cells)."""
+    work, _ = crops_run
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.pool=null"])], capsys)
+    assert code == 0, stderr
+    folders = {json.loads(p.read_text()).get("pool"): p.parent for p in (work / "crops").glob("crops-*/meta.json")}
+    assert set(folders) >= {"avg", "gem"}
+    average, gem = folders["avg"], folders["gem"]
+    assert pd.read_csv(average / "crop_boxes.csv").equals(pd.read_csv(gem / "crop_boxes.csv"))
+    for name in ("train_pooled.npy", "train_aug_pooled.npy", "test_stg1_pooled.npy"):
+        a, g = np.load(average / name).astype(np.float32), np.load(gem / name).astype(np.float32)
+        assert a.shape == g.shape
+        # Both vectors were rounded to float16 when stored (2^-11 relative) and, where the CPU
+        # computes bf16, computed under bf16 autocast (the average's head pools in bf16: 2^-8):
+        # 1 % bounds both.
+        assert (g >= a * (1 - 1e-2) - 1e-3).all()
+        # Not the average again: above it by more than twice the rounding bound on every crop
+        # (GeM lifts each channel whose activity sits in a few cells).
+        assert (g.mean(axis=-1) > 1.02 * a.mean(axis=-1)).all()
+    assert len(list((work / "train").glob("crops-*/summary.json"))) >= 2
 
 
 def test_fold_boxes_that_point_elsewhere_are_left_out_of_the_test_box():
@@ -329,7 +354,7 @@ def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_im
     sheets = list(out.glob("crops-*_crops.png"))
     assert len(sheets) == 1 and sheets[0].stat().st_size > 10_000
     page = (out / "index.html").read_text()
-    assert "crop classifier alone, valid log loss" in page and "whole-image model (dense_360x640_probe-" in page
+    assert "crop classifier alone, valid log loss" in page and "whole-image model (linear_360x640_gem-" in page
 
 
 @pytest.fixture(scope="module")

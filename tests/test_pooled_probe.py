@@ -8,7 +8,7 @@ from helpers import CONFIGS, SMALL, run_cli
 
 from fishcomp.config import DenseHeadConfig, LinearHeadConfig, load_config
 from fishcomp.models.heads import create_head, head_uses_map
-from fishcomp.models.heads.linear import GEM_POWER, pool_map, pooled_rows
+from fishcomp.models.pooling import GEM_POWER, pool_map, pooled_rows
 
 CLASSES = ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
 

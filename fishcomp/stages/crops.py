@@ -197,7 +197,7 @@ class Crops(Stage):
     section = "crops"
     # Not `crops.nof`: only training reads it, so a new NoF weight re-embeds nothing. Not
     # precompute's augment, tta or spatial: crops are embedded once each, as pooled vectors.
-    declares = ("data", "crops.margin", "crops.square", "crops.jitter", "crops.align", "crops.test_boxes",
+    declares = ("data", "crops.margin", "crops.square", "crops.jitter", "crops.align", "crops.test_boxes", "crops.pool",
                 *(f"precompute.{f}" for f in CROP_PRECOMPUTE_FIELDS))
     summary = "detect, then classify: crops around the predicted fish, cut at full resolution and embedded"
 
@@ -343,7 +343,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
             )
             for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
                 n = len(local)
-                pooled = embedder.embed(batch.flatten(0, 1), spatial=False)[0].reshape(n, count, dim)
+                pooled = embedder.embed(batch.flatten(0, 1), spatial=False, pool=config.pool)[0].reshape(n, count, dim)
                 position = local.numpy()
                 outputs[split][position] = pooled[:, 0]
                 if split == "train" and copies:
@@ -369,7 +369,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         "mean": list(embedder.backbone.mean), "std": list(embedder.backbone.std), "pooled_dim": dim, "map_shape": None,
         "augment_copies": copies, "tta_views": 1, "classes": dataset.classes,
         "counts": {"total": len(index), **index.split.value_counts().to_dict()},
-        "unreadable": index.path[~ok].tolist(), "boxes_from": boxes.path.name, "boxes_key": boxes.key,
+        "unreadable": index.path[~ok].tolist(), "boxes_from": boxes.path.name, "boxes_key": boxes.key, "pool": config.pool or "avg",
         "crops": len(table), "seconds": round(time.time() - started, 2),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -183,7 +183,7 @@ class LinearProbeFolds:
         kind = self.head.input
         # The backbone's pooled vectors as cached, or the maps pooled here (`head.pool`).
         if kind == "map":
-            from fishcomp.models.heads.linear import pooled_rows
+            from fishcomp.models.pooling import pooled_rows
 
             as_float = lambda array: pooled_rows(array, self.head.pool)  # noqa: E731
         else:
