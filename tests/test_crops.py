@@ -130,8 +130,9 @@ def test_gem_pooled_crops_are_the_same_crops_pooled_above_their_average(crops_ru
     artifact, and every channel at least its average (the power mean inequality for p = 3 >= 1 on
     the backbone's non-negative ReLU6 cells)."""
     work, _ = crops_run
-    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.pool=null"])], capsys)
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.pool=null"])], capsys)
     assert code == 0, stderr
+    assert "crops of 156 images, boxes from" in stdout
     folders = {json.loads(p.read_text()).get("pool"): p.parent for p in (work / "crops").glob("crops-*/meta.json")}
     assert set(folders) >= {"avg", "gem"}
     average, gem = folders["avg"], folders["gem"]

@@ -240,7 +240,9 @@ class Crops(Stage):
 
     def describe(self, artifact: Artifact) -> str:
         meta = json.loads(artifact.file("meta.json").read_text())
-        return f"{meta['crops']} crops of {meta['counts']['total']} images, boxes from {meta['boxes_from']}"
+        # Crops made before `crops.pool` record no pooling: theirs was the backbone's average.
+        pooled = {"gem": ", pooled by GeM", "max": ", max-pooled"}.get(meta.get("pool"), "")
+        return f"{meta['crops']} crops of {meta['counts']['total']} images{pooled}, boxes from {meta['boxes_from']}"
 
 
 def _predicted(index: pd.DataFrame, source: Artifact, name: str, test_boxes: str = "mean") -> np.ndarray:
