@@ -218,6 +218,11 @@ class BboxHeadConfig(_DenseFamily):
     # branch on the map scores every cell for holding the box centre and regresses the centre's
     # offset in the cell and the box size there (one-object CenterNet); needs `input: map`.
     box_from: Literal["trunk", "grid"] | None = None
+    # Where the box outputs start. None: the sigmoid's midpoint, half the image wide and high.
+    # median: the fold's training boxes' median (the grid locator's width and height, the trunk's
+    # whole box), as a detector's output layer starts at its prior: on 200-image sets the few
+    # dozen steps of 12 epochs left the grid locator's widths near 0 (docs/results.md).
+    box_start: Literal["median"] | None = None
     # Also regress the fish's head and tail (needs point annotations, `*_points.json`), for
     # crops rotated so the fish lies horizontally (crops.align). None: no point output.
     points_weight: float | None = Field(None, ge=0.0)

@@ -171,6 +171,33 @@ def test_bbox_iou_rises_with_training(box_from, floor):
     assert iou() > max(floor, 3 * before)
 
 
+@pytest.mark.parametrize("box_from", [None, "grid"])
+def test_box_outputs_start_at_the_training_boxes_median_size(box_from):
+    """`box_start: median`: before any step, predicted boxes are about the annotated size, not
+    half the image (the sigmoid's midpoint), which a few dozen steps did not leave."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(4)
+    x, _, _ = _blob_maps(256, rng)
+    sizes = rng.uniform(0.05, 0.2, (256, 2))
+    boxes = np.concatenate([rng.uniform(0, 0.7, (256, 2)), sizes], axis=1).astype(np.float32)
+    boxes[::5] = np.nan  # images without a fish say nothing about the size
+    median = np.median(sizes[~np.isnan(boxes).any(axis=1)], axis=0)
+
+    def start_size(box_start):
+        config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_from=box_from, box_start=box_start)
+        head = create_head(config, tuple(x.shape[1:]), 8)
+        head.start_from_targets(boxes)
+        head.eval()
+        with torch.no_grad():
+            return np.median(head(x)["box"].numpy()[:, 2:], axis=0)
+
+    # The layers below add a random offset to the started logit, the same one for every image:
+    # with PyTorch's default init a few tenths, far less than the factor of 2 allowed here
+    # (0.7 in logit), while the midpoint, 0.5, is 2.5 to 10 times these sizes.
+    np.testing.assert_array_less(np.abs(np.log(start_size("median") / median)), np.log(2))
+    assert (start_size(None) > 2 * median).all()
+
+
 def test_bbox_head_learns_head_and_tail_points_where_they_are_given():
     from fishcomp.models.losses import head_loss
 

@@ -139,6 +139,8 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     model = create_head(config.head, train_set.shape, num_classes, num_sizes=num_sizes)
     if base is not None:
         model.base.load_state_dict(base.state_dict(num_classes))
+    if train_set.boxes is not None and hasattr(model, "start_from_targets"):
+        model.start_from_targets(train_set.boxes)
     model = model.to(device)
     net = wrap_data_parallel(model, device) if spread else model
     if spread:

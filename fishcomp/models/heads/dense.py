@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -115,6 +116,11 @@ class LeakageHead(DenseHead):
         return torch.cat(parts, dim=1)
 
 
+def _logit(fractions: np.ndarray) -> torch.Tensor:
+    """The sigmoid's input that gives these fractions (kept off 0 and 1, where it is infinite)."""
+    return torch.logit(torch.as_tensor(fractions, dtype=torch.float32), eps=1e-3)
+
+
 class GridLocator(nn.Module):
     """Finds one box on the spatial map: a logit per cell for holding the box centre, and per cell
     the centre's offset inside it and the box's width and height (fractions of the image)."""
@@ -128,6 +134,12 @@ class GridLocator(nn.Module):
             nn.BatchNorm2d(hidden), nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 5, 1),
         )
+
+    def start_at_size(self, width: float, height: float) -> None:
+        """Start every cell's box size at (width, height), fractions of the image, instead of the
+        sigmoid's 0.5 (`box_start`)."""
+        with torch.no_grad():
+            self.net[-1].bias[3:5] = _logit(np.array([width, height]))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.net(x)
@@ -154,10 +166,24 @@ class BboxHead(DenseHead):
         # With a channel reduction the trunk starts by normalising the map, as the grid locator
         # would: the same statistics of the same batch, so it is done once for both (on a
         # 1280-channel map each normalisation was an eighth of a training step).
+        self.box_start = config.box_start
         self.shared_norm = config.box_from == "grid" and config.input == "map" and config.reduce is not None
         self.locator = GridLocator(in_shape[0], normalised=self.shared_norm) if config.box_from == "grid" else None
         # Head (x, y) and tail (x, y) of the fish, when asked for.
         self.points = nn.Sequential(nn.Linear(self.num_features, 4), nn.Sigmoid()) if config.points_weight else None
+
+    def start_from_targets(self, boxes: np.ndarray) -> None:
+        """With `box_start: median`, the box outputs start at the fold's training boxes' median
+        ((N, 4+) fractions, NaN for none): the grid locator's size, the trunk's whole box."""
+        have = ~np.isnan(boxes[:, :4]).any(axis=1)
+        if self.box_start != "median" or not have.any():
+            return
+        median = np.median(boxes[have, :4], axis=0)
+        if self.locator is not None:
+            self.locator.start_at_size(float(median[2]), float(median[3]))
+        else:
+            with torch.no_grad():
+                self.box[0].bias.copy_(_logit(median))
 
     def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.shared_norm:
