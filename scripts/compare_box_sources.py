@@ -1,10 +1,13 @@
 """Box sources for the crops, scored where the crops use them, on one or several generated sets.
 
     python scripts/compare_box_sources.py --sets 1:classic:200 2:hard:200 [--scale 0.5] [--data DIR ...]
-        [--sources bbox_grid bbox_grid_k64] [--work /tmp/boxes] [--out docs/results.md [--marker box-sources]]
+        [--sources bbox_grid bbox_grid_k64 "bbox_grid_k64:head.box_start=null"] [--work /tmp/boxes]
+        [--out docs/results.md [--marker box-sources]]
 
-For each set and box source (a bbox config, or a class-map head's such as fcn): the box IoU out of fold (each train image's box
-from the fold model that did not train on it, against its annotation) and on the test images
+For each set and box source (a bbox config, or a class-map head's such as fcn; `NAME:OVERRIDE;...`
+for that config with `--set`-style overrides): the box IoU out of fold (each train image's box
+from the fold model that did not train on it, against its annotation), how wide its boxes are
+(the median predicted width over the median annotated one, out of fold), and on the test images
 (against the synthetic answers' boxes, `solution_boxes.csv`), with each test image's box taken
 as the mean of all fold models' boxes and as their consensus (crops' `test_boxes`); then
 `configs/crops.yaml` on that source with either rule: its out-of-fold and its stage-1 + stage-2
@@ -16,6 +19,7 @@ folders that already exist (synthetic, with `solution_boxes.csv`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,9 +28,9 @@ import numpy as np
 import pandas as pd
 from compare import CONFIGS, generated_set, spread_table, test_logloss, write_section
 
-from fishcomp.config import load_config
+from fishcomp.config import dump_yaml, load_config
 from fishcomp.context import Context
-from fishcomp.features import BOX_COLUMNS, load_index
+from fishcomp.features import BOX_COLUMNS, load_index, normalised_boxes
 from fishcomp.pipeline import build, resolver
 from fishcomp.stages.crops import agreeing_folds, box_iou
 
@@ -59,28 +63,50 @@ def scored(data: Path, artifact) -> dict[str, float]:
     return {"valid": summary["valid_logloss"], "test": test_logloss(data, artifact, ("test_stg1", "test_stg2"))}
 
 
+def width_ratio(source, index: pd.DataFrame) -> float:
+    """Median out-of-fold box width over the median annotated width, on the train images with a fish."""
+    predicted = pd.read_csv(source.file("oof_boxes.csv"))
+    truth = normalised_boxes(index[index.split == "train"].set_index("image").loc[predicted.image].reset_index())
+    have = ~np.isnan(truth).any(axis=1)
+    return float(np.median(predicted.box_w.to_numpy()[have]) / np.median(truth[have, 2]))
+
+
+def source_config(spec: str, work: Path) -> Path:
+    """A box source's config file: configs/NAME.yaml, or with overrides (`NAME:A=1;B=2`) that
+    config resolved and written whole under `work`, so that crops.boxes can name it."""
+    name, _, overrides = spec.partition(":")
+    if not overrides:
+        return CONFIGS / f"{name}.yaml"
+    loaded = load_config(CONFIGS / f"{name}.yaml", overrides.split(";"))
+    path = work / "box_sources" / f"{name}-{hashlib.sha256(overrides.encode()).hexdigest()[:8]}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_yaml(loaded.config.model_dump(mode="json")))
+    return path
+
+
 def one_set(data: Path, work: Path, sources: list[str]) -> list[dict]:
     ctx = Context(data_dir=data, work_dir=work)
     plan = resolver(ctx)
     rows = []
-    for name in sources:
-        node = plan.node("train", load_config(CONFIGS / f"{name}.yaml"))
+    for spec in sources:
+        config = source_config(spec, work)
+        node = plan.node("train", load_config(config))
         source = plan.build(node)
         summary = json.loads(source.file("summary.json").read_text())
         seconds = json.loads(source.file("manifest.json").read_text())["seconds"]
         index = load_index(plan.build(node.inputs["features"]))
         ious = test_iou(data, source, index)
         for rule in RULES:
-            crops = build(ctx, "train", load_config(CONFIGS / "crops.yaml", [f"crops.boxes={name}.yaml", f"crops.test_boxes={rule}"]))
-            rows.append({"source": name, "rule": rule, "oof_iou": summary["valid_iou"], "test_iou": ious[rule],
-                         "seconds": seconds, **{f"crops_{k}": v for k, v in scored(data, crops).items()}})
+            crops = build(ctx, "train", load_config(CONFIGS / "crops.yaml", [f"crops.boxes={config}", f"crops.test_boxes={rule}"]))
+            rows.append({"source": spec, "rule": rule, "oof_iou": summary["valid_iou"], "width": width_ratio(source, index),
+                         "test_iou": ious[rule], "seconds": seconds, **{f"crops_{k}": v for k, v in scored(data, crops).items()}})
     return rows
 
 
 def table(per_set: list[list[dict]]) -> str:
     return spread_table(
         per_set, {"box source": "source", "test boxes": "rule"},
-        {"box IoU out of fold": "oof_iou", "box IoU on test": "test_iou", "crops out-of-fold log loss": "crops_valid",
+        {"box IoU out of fold": "oof_iou", "box width / annotated (median, out of fold)": "width", "box IoU on test": "test_iou", "crops out-of-fold log loss": "crops_valid",
          "crops test log loss": "crops_test"},
         "box source train s",
     )
