@@ -150,6 +150,24 @@ def test_gem_pooled_crops_are_the_same_crops_pooled_above_their_average(crops_ru
     assert len(list((work / "train").glob("crops-*/summary.json"))) >= 2
 
 
+def test_each_fold_of_the_box_source_starts_at_its_training_boxes_median_size(tiny_data, tmp_path, capsys):
+    """`head.box_start: median` reaches the folds' models: trained with a learning rate too small
+    to move them, its out-of-fold boxes are about the annotated size, not half the photo."""
+    from fishcomp.features import normalised_boxes
+
+    still = [*SMALL, "train.phases=[{epochs: 1, lr: 1.0e-9}]"]
+    code, _, err = run_cli(["train", "-c", CONFIGS / f"{BOX_SOURCE}.yaml", "--data", tiny_data, "--work", tmp_path, *_sets(still)], capsys)
+    assert code == 0, err
+    predicted = pd.read_csv(_folder(tmp_path, "train", BOX_SOURCE) / "oof_boxes.csv")
+    index = pd.read_csv(next(p for p in (tmp_path / "precompute").iterdir() if (p / "index.csv").is_file()) / "index.csv")
+    truth = normalised_boxes(index[index.split == "train"].set_index("image").loc[predicted.image].reset_index())
+    have = ~np.isnan(truth).any(axis=1)
+    ratio = np.median(predicted[["box_w", "box_h"]].to_numpy()[have], axis=0) / np.median(truth[have, 2:], axis=0)
+    # The layers below the started logit add a few tenths to it (test_heads), well inside a factor
+    # of 2; half the photo is 3-4 times these fish's median size.
+    assert ((ratio > 0.5) & (ratio < 2)).all(), ratio
+
+
 def test_fold_boxes_that_point_elsewhere_are_left_out_of_the_test_box():
     fish, other = np.array([0.10, 0.10, 0.20, 0.10]), np.array([0.70, 0.60, 0.20, 0.10])
     nudge = np.array([0.01, 0.0, 0.0, 0.0])
