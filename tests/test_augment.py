@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import CONFIGS, TINY, run_cli
+from helpers import CONFIGS, SMALL, run_cli
 
 from fishcomp.config import load_config
 from fishcomp.context import Context
@@ -125,7 +125,7 @@ def test_tta_with_identical_views_changes_nothing_and_different_views_are_averag
 
 def test_training_draws_augmented_copies_and_reports_tta(tiny_data, tmp_path, capsys):
     args = ["train", "-c", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", tmp_path]
-    for override in TINY + ["precompute.augment={copies: 2}", "precompute.tta={views: 3}"]:
+    for override in SMALL + ["precompute.augment={copies: 2}", "precompute.tta={views: 3}"]:
         args += ["--set", override]
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr

@@ -68,10 +68,13 @@ CLASSES = ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
 
 
 def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tiny_data, tmp_path, capsys):
-    probe_oof, probe_metrics = _train("linear.yaml", tiny_data, tmp_path / "probe", capsys, "head.inner_repeats=2")
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    probe_oof, probe_metrics = _train("linear.yaml", tiny_data, first, capsys, "head.inner_repeats=2")
     # The same folds, inner splits (two), strengths and rows as `linear.yaml`'s own folds, so the
     # same probe; at a learning rate of 1e-9 the dense layers stay ~1e-8 from zero.
-    still_oof, still_metrics = _train("dense.yaml", tiny_data, tmp_path / "still", capsys,
+    still_oof, still_metrics = _train("dense.yaml", tiny_data, first, capsys,
                                       "head.base={kind: linear, inner_repeats: 2}", "train.phases=[{epochs: 2, lr: 1.0e-9}]")
     # The probe's own predictions come from its float64 fit, the head's through float32 layers:
     # probabilities agree to float32 rounding of logits of size ~10 (1e-5), far below 1e-3.
@@ -80,8 +83,10 @@ def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tin
     chosen = lambda m: m[m.chosen.fillna(False).astype(bool)].groupby("fold").strength.first()  # noqa: E731
     pd.testing.assert_series_equal(chosen(still_metrics[still_metrics.epoch == 0]), chosen(probe_metrics))
 
-    probe_oof, _ = _train("linear.yaml", tiny_data, tmp_path / "probe1", capsys)  # one inner split, as the head below
-    trained_oof, trained_metrics = _train("dense.yaml", tiny_data, tmp_path / "trained", capsys, "head.base={kind: linear}")
+    # The same cached features (one backbone pass for the whole test); other keys for the heads.
+    shutil.copytree(first / "precompute", second / "precompute")
+    probe_oof, _ = _train("linear.yaml", tiny_data, second, capsys)  # one inner split, as the head below
+    trained_oof, trained_metrics = _train("dense.yaml", tiny_data, second, capsys, "head.base={kind: linear}")
     choice = trained_metrics[trained_metrics.chosen.fillna(False).astype(bool)].set_index("fold")
     for fold, epochs in choice.dense_epochs.astype(int).items():
         trained = trained_metrics[(trained_metrics.fold == fold) & (trained_metrics.epoch > 0)]
@@ -98,9 +103,9 @@ def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tin
     out = tmp_path / "predicted.csv"
     sets = [item for override in [*SMALL, "head.base={kind: linear}"] for item in ("--set", override)]
     code, _, stderr = run_cli(["predict", "-c", CONFIGS / "dense.yaml", *[tiny_data / "test_stg1" / n for n in sample], "--data", tiny_data,
-                               "--work", tmp_path / "trained", "--out", out, *sets], capsys)
+                               "--work", second, "--out", out, *sets], capsys)
     assert code == 0, stderr
-    folder = next((tmp_path / "trained" / "train").glob("dense-*"))
+    folder = next((second / "train").glob("dense-*"))
     expected = pd.read_csv(folder / "test_stg1.csv").set_index("image").loc[sample]
     # As in the predict test of whole-image heads: float16 features, batches of other sizes.
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)

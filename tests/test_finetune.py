@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from helpers import CONFIGS, TINY, run_cli
 
-SMALL = TINY + ["precompute.size=[96,160]", "train.phases=[{epochs: 3, lr: 3.0e-4}]", "train.batch_size=16"]
+SMALL = TINY + ["precompute.size=[96,160]", "train.phases=[{epochs: 2, lr: 3.0e-4}]", "train.batch_size=16"]
 
 
 def test_finetuning_lowers_its_loss_and_joins_an_ensemble(tiny_data, tmp_path, capsys):

@@ -20,7 +20,9 @@ def test_loader_workers_and_decoding_threads_give_exactly_the_same_features(tiny
         loaded = load_config(
             CONFIGS / "dense_aug.yaml",
             [f"precompute.workers={workers}", "precompute.batch_size=7", "precompute.device=cpu",
-             "precompute.augment.copies=1", "precompute.tta.views=2"],
+             "precompute.augment.copies=1", "precompute.tta.views=2",
+             # What is compared is the decoding and the order of rows, not the backbone's size.
+             "precompute.size=[96,96]"],
         )
         artifact = build(Context(data_dir=tiny_data, work_dir=tmp_path / f"w{workers}"), "precompute", loaded)
         arrays = {path.name: np.load(path) for path in sorted(artifact.path.glob("*.npy"))}

@@ -40,7 +40,7 @@ def report_page(tiny_data, tmp_path_factory):
         "name: blend\nensemble:\n  weights: fitted\n  members:\n"
         f"    - {{config: {CONFIGS / 'bbox.yaml'}}}\n    - {{config: {CONFIGS / 'fcn.yaml'}}}\n"
     )
-    args = ["report", blend, "--data", tiny_data, "--work", root / "work", "--out", root / "out", "--set", "precompute.size=[224,224]"]
+    args = ["report", blend, "--data", tiny_data, "--work", root / "work", "--out", root / "out", "--set", "precompute.size=[128,224]"]
     for override in TINY:
         args += ["--set", override]
     return root, args

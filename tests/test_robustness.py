@@ -149,7 +149,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_artifact(data, tmp_path, cap
 def test_an_interrupted_precompute_leaves_nothing_complete_and_the_rerun_equals_a_clean_run(data, tmp_path, capsys, how):
     work = tmp_path / "work"
     command = [sys.executable, "-m", "fishcomp", "precompute", "-c", str(CONFIGS / "dense.yaml"), "--data", str(data),
-               "--work", str(work), "--set", "precompute.batch_size=4", "--set", "precompute.size=[320,320]"]
+               "--work", str(work), "--set", "precompute.batch_size=4", "--set", "precompute.size=[160,160]"]
     marker = tmp_path / "paused"
     # The stage pauses after its first batch and says so (fishcomp/faults.py): the signal arrives
     # mid-way on any machine, however fast, instead of after a guessed sleep.
@@ -164,7 +164,7 @@ def test_an_interrupted_precompute_leaves_nothing_complete_and_the_rerun_equals_
 
     arrays = []
     for folder in (work, tmp_path / "clean"):
-        code, _, stderr = run_cli(["precompute", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", folder, "--set", "precompute.size=[320,320]"], capsys)
+        code, _, stderr = run_cli(["precompute", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", folder, "--set", "precompute.size=[160,160]"], capsys)
         assert code == 0, stderr
         artifact = next((folder / "precompute").glob("eff*"))
         arrays.append([np.load(artifact / f"{split}_pooled.npy") for split in ("train", "test_stg1")])
