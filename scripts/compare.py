@@ -4,7 +4,8 @@
     python scripts/compare.py --sets 1:classic:400 2:hard:400 3:mixed:400 [--scale 0.5] [--blend] [--out docs/results.md]
 
 With `--data`, each row is `fishcomp train -c configs/<head>.yaml` on that data (cached like any
-run). With `--sets SEED:STYLE:N_TRAIN[:N_STAGE2] ...`, each set is synthesised (N_TRAIN train images
+run); `--heads NAME:OVERRIDE;...` is that config with `--set`-style overrides of its own, so one
+table can hold a config beside its variants. With `--sets SEED:STYLE:N_TRAIN[:N_STAGE2] ...`, each set is synthesised (N_TRAIN train images
 and a quarter as many test images, plus N_STAGE2 stage-2 images from boats absent from train, in
 `--work`/sets/), every head is trained on each, and the table gives the mean and the spread
 (min-max) of the out-of-fold log loss over the sets, and of the test log loss on the synthetic
@@ -64,10 +65,16 @@ def generated_set(work: Path, spec: str, scale: float) -> tuple[Path, str]:
     return data, f"seed {seed} {style} ({n_train} train" + (f", {n_stage2} stage 2" if n_stage2 else "") + ")"
 
 
+def head_config(spec: str, overrides: list[str]):
+    """configs/NAME.yaml loaded with `overrides`, then the head's own (`NAME:A=1;B=2`)."""
+    name, _, own = spec.partition(":")
+    return load_config(CONFIGS / f"{name}.yaml", [*overrides, *(own.split(";") if own else [])])
+
+
 def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blend: bool) -> list[dict]:
     ctx = Context(data_dir=data, work_dir=work, overrides=overrides)
     plan = resolver(ctx)
-    configs = {name: load_config(CONFIGS / f"{name}.yaml", overrides) for name in heads}
+    configs = {spec: head_config(spec, overrides) for spec in heads}
     # Every head planned before any is built, as `fishcomp run` plans an ensemble's members: heads on
     # the pooled vector then read the pass that also holds the map for heads at the same size,
     # one backbone pass per backbone and size instead of two.
@@ -151,6 +158,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--marker", default="compare", help="which marked section of --out to rewrite")
     args = parser.parse_args()
+    if args.blend and any(":" in spec for spec in args.heads):
+        parser.error("--blend blends configs as they are: name no NAME:OVERRIDE heads with it")
     if args.sets:
         per_set, described = [], []
         for spec in args.sets:

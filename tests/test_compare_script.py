@@ -40,3 +40,14 @@ def test_compare_makes_one_backbone_pass_for_pooled_and_map_heads_of_one_size(ti
     assert [row["config"] for row in rows] == ["linear", "gap"]
     passes = [p for p in (tmp_path / "work" / "precompute").iterdir() if not p.name.startswith(".")]  # not the cache's locks
     assert len(passes) == 1 and (passes[0] / "train_map.npy").exists()
+
+
+def test_a_head_named_with_overrides_is_that_config_varied_beside_it(tiny_data, tmp_path):
+    compare = _compare()
+    rows = compare.one_set(tiny_data, tmp_path / "work", ["linear", "linear:head.strengths=[0.01];head.max_iter=50"], SMALL, blend=False)
+    assert [row["config"] for row in rows] == ["linear", "linear:head.strengths=[0.01];head.max_iter=50"]
+    folders = list((tmp_path / "work" / "train").glob("linear-*"))
+    assert len(folders) == 2  # same backbone pass, two trainings
+    strengths = {tuple(sorted(pd.read_csv(f / "metrics.csv").strength.dropna().unique())) for f in folders}
+    assert strengths == {(0.001, 0.003, 0.01, 0.03, 0.1, 0.3), (0.01,)}
+    assert rows[0]["valid"] != rows[1]["valid"]
