@@ -346,6 +346,11 @@ class CropsConfig(Strict):
     # generalised mean (as the probe's `head.pool`), so the fish's cells outweigh the margin and
     # the deck around it; max: each channel's largest cell. Same pass, same cost.
     pool: Literal["max", "gem"] | None = None
+    # Test-time views of each crop. mirror: the out-of-fold and test crops are also embedded
+    # flipped left-right and the classifier's probabilities are averaged over both (a fish facing
+    # the other way is the same fish). Out of fold too, so the blend weighs what the test
+    # predictions will be. One more crop per image to embed; measured in docs/results.md.
+    tta: Literal["mirror"] | None = None
 
 
 class FinetuneConfig(Strict):

@@ -268,8 +268,11 @@ def resolved_precompute(section: PrecomputeConfig, spatial: bool = False, origin
 def tta_combine(loaded) -> str | None:
     """How a run combines its test-time views (None without TTA); training reads it, so it is in
     the train key, not precompute's."""
+    crops = loaded.config.crops
+    if crops is not None:  # crops have their own views (precompute.tta is for whole images)
+        return "mean" if crops.tta else None
     tta = loaded.config.precompute.tta
-    return tta.combine if tta is not None and tta.views > 1 and loaded.config.crops is None else None
+    return tta.combine if tta is not None and tta.views > 1 else None
 
 
 def backbone_precision(precompute: PrecomputeConfig) -> str:

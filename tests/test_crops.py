@@ -150,6 +150,62 @@ def test_gem_pooled_crops_are_the_same_crops_pooled_above_their_average(crops_ru
     assert len(list((work / "train").glob("crops-*/summary.json"))) >= 2
 
 
+def test_mirrored_crops_are_a_test_time_view_that_the_classifier_averages(crops_run, tiny_data, capsys):
+    """`crops.tta: mirror` (crops.yaml's): every out-of-fold and test crop is embedded again,
+    flipped left-right, as a test-time view; the originals and the rectangles are those of the
+    run without it (`crops.tta: null`), and the classifier's predictions average both views."""
+    import torch
+    from PIL import Image, ImageOps
+
+    from fishcomp.data.images import load_rgb
+    from fishcomp.features import Embedder
+
+    work, _ = crops_run
+    assert load_config(CONFIGS / "crops.yaml").config.crops.tta == "mirror"
+    mirrored_run = json.loads(_folder(work, "train", "crops").joinpath("summary.json").read_text())
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.tta=null"])], capsys)
+    assert code == 0, stderr
+    metas = {p.parent: json.loads(p.read_text()) for p in (work / "crops").glob("crops-*/meta.json")}
+    views = {meta["tta_views"]: folder for folder, meta in metas.items() if meta.get("pool") == "gem"}
+    plain, mirrored = views[1], views[2]
+    boxes = pd.read_csv(plain / "crop_boxes.csv")
+    assert boxes.equals(pd.read_csv(mirrored / "crop_boxes.csv"))
+
+    def relative(a, b):
+        return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    for split in ("train", "test_stg1", "test_stg2"):
+        original, view = np.load(mirrored / f"{split}_pooled.npy").astype(np.float32), np.load(mirrored / f"{split}_tta_pooled.npy")
+        assert view.shape == (1, *original.shape) and not (plain / f"{split}_tta_pooled.npy").exists()
+        # The same crops in the same batches: float16 storage and, where the CPU has it, bf16
+        # autocast (2^-8 per rounding) bound any difference well inside 2 %.
+        assert relative(original, np.load(plain / f"{split}_pooled.npy").astype(np.float32)).max() < 0.02
+    # The view is the mirrored crop: cut the recorded rectangle from the photo, flip it, embed it.
+    loaded = load_config(CONFIGS / "crops.yaml", SMALL)
+    embedder = Embedder(loaded.config.precompute, torch.device("cpu"))
+    index = pd.read_csv(mirrored / "index.csv")
+    test = index[index.split == "test_stg1"].reset_index(drop=True).head(4)
+    height, width = loaded.config.precompute.size
+    crops = []
+    for image, path in zip(test.image, test.path):
+        x, y, w, h = boxes[(boxes.image == image) & (boxes.split == "test_stg1") & (boxes["copy"] == 0)][["x", "y", "w", "h"]].iloc[0]
+        photo, _ = load_rgb(tiny_data / path)
+        crops.append(np.asarray(ImageOps.mirror(photo.crop((x, y, x + w, y + h)).resize((width, height), Image.BILINEAR))))
+    expected = embedder.embed(torch.from_numpy(np.stack(crops)), spatial=False, pool="gem")[0]
+    stored = np.load(mirrored / "test_stg1_tta_pooled.npy")[0, :4].astype(np.float32)
+    original = np.load(mirrored / "test_stg1_pooled.npy")[:4].astype(np.float32)
+    # Within the 2 % above (another batch size here), and far closer to the mirrored crop than
+    # the unmirrored crop is.
+    assert relative(stored, expected).max() < 0.02
+    assert (relative(stored, expected) < 0.25 * relative(original, expected)).all()
+    plain_run = json.loads(max(work.glob("train/crops-*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert (mirrored_run["tta_views"], plain_run["tta_views"]) == (2, 1)
+    # Without the view, the mirrored run's classifier is the plain run's: same originals, same
+    # training; the view changes its predictions.
+    assert mirrored_run["valid_logloss_without_tta"] == pytest.approx(plain_run["valid_logloss_without_tta"], abs=0.01)
+    assert mirrored_run["valid_logloss"] != plain_run["valid_logloss"]
+
+
 def test_each_fold_of_the_box_source_starts_at_its_training_boxes_median_size(tiny_data, tmp_path, capsys):
     """`head.box_start: median` reaches the folds' models: trained with a learning rate too small
     to move them, its out-of-fold boxes are about the annotated size, not half the photo."""
