@@ -5,12 +5,13 @@
 
 With `--data`, each row is `fishcomp train -c configs/<head>.yaml` on that data (cached like any
 run); `--heads NAME:OVERRIDE;...` is that config with `--set`-style overrides of its own, so one
-table can hold a config beside its variants. With `--sets SEED:STYLE:N_TRAIN[:N_STAGE2] ...`, each set is synthesised (N_TRAIN train images
-and a quarter as many test images, plus N_STAGE2 stage-2 images from boats absent from train, in
-`--work`/sets/), every head is trained on each, and the table gives the mean and the spread
-(min-max) of the out-of-fold log loss over the sets, and of the test log loss on the synthetic
-answers (stage 1; and stage 2, new boats, where the data has a stage-2 test); `--blend` adds the auto-blend of all the heads
-(configs' ensemble with `weights: auto`), cross-fitted. `--out FILE` also writes the table into
+table can hold a config beside its variants. With `--sets SEED:STYLE:N_TRAIN[:N_STAGE2] ...`, each
+set is synthesised (N_TRAIN train images and a quarter as many test images, plus N_STAGE2 stage-2
+images from boats absent from train, in `--work`/sets/), every head is trained on each, and the
+table gives the mean and the spread (min-max) of the out-of-fold log loss over the sets, and of the
+test log loss on the synthetic answers (stage 1; and stage 2, new boats, where the data has a
+stage-2 test); `--blend` adds the auto-blend of all the heads (configs' ensemble with `weights:
+auto`), cross-fitted. `--out FILE` also writes the table into
 FILE between `<!-- compare:start -->` and `<!-- compare:end -->` (`--marker NAME`: between
 `<!-- NAME:start -->` and `<!-- NAME:end -->`), with the command that made it.
 """

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from compare import CONFIGS, generated_set, spread_table, test_logloss, write_section
+from compare import CONFIGS, generated_set, head_config, spread_table, test_logloss, write_section
 
 from fishcomp.config import dump_yaml, load_config
 from fishcomp.context import Context
@@ -77,7 +77,7 @@ def source_config(spec: str, work: Path) -> Path:
     name, _, overrides = spec.partition(":")
     if not overrides:
         return CONFIGS / f"{name}.yaml"
-    loaded = load_config(CONFIGS / f"{name}.yaml", overrides.split(";"))
+    loaded = head_config(spec, [])
     path = work / "box_sources" / f"{name}-{hashlib.sha256(overrides.encode()).hexdigest()[:8]}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_yaml(loaded.config.model_dump(mode="json")))

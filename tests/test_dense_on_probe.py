@@ -2,6 +2,7 @@
 starting at its predictions."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -68,8 +69,6 @@ CLASSES = ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
 
 
 def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tiny_data, tmp_path, capsys):
-    import shutil
-
     first, second = tmp_path / "first", tmp_path / "second"
     probe_oof, probe_metrics = _train("linear.yaml", tiny_data, first, capsys, "head.inner_repeats=2")
     # The same folds, inner splits (two), strengths and rows as `linear.yaml`'s own folds, so the
