@@ -299,6 +299,10 @@ class JitterConfig(Strict):
     shift: float = Field(0.1, ge=0.0, le=1.0, description="centre moved by up to this share of the box size")
     scale: float = Field(0.15, ge=0.0, le=1.0, description="box sides scaled by up to exp(+-scale)")
     seed: int = 0
+    # alternate: every other copy (the first, third, ...) flipped left-right: a fish facing the
+    # other way is the same fish, and with `crops.tta: mirror` the classifier is scored on mirrored
+    # crops too. The same number of crops embedded, so no extra cost; measured in docs/results.md.
+    mirror: Literal["alternate"] | None = None
 
 
 class NofBlendConfig(Strict):

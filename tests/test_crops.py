@@ -36,11 +36,20 @@ def _folder(work, stage, name):
     return next((work / stage).glob(f"{name}-*/meta.json" if stage == "crops" else f"{name}-*/summary.json")).parent
 
 
+def _fixture_artifact(work, data, stage):
+    """The `stage` artifact crops_run built (crops.yaml with SMALL), found by its key: other tests
+    add variants beside it in the same work folder."""
+    from fishcomp.pipeline import resolver
+
+    node = resolver(Context(data_dir=data, work_dir=work, overrides=SMALL)).plan(stage, load_config(CONFIGS / "crops.yaml", SMALL))
+    return next((work / stage).glob(f"*-{node.key}"))
+
+
 def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops_run, tiny_data, capsys):
     work, out = crops_run
     code, stdout, _ = run_cli(["validate", out, "--data", tiny_data], capsys)
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
-    summary = json.loads((_folder(work, "train", "crops") / "summary.json").read_text())
+    summary = json.loads((_fixture_artifact(work, tiny_data, "train") / "summary.json").read_text())
     blend = summary["nof_blend"]
     assert blend["whole"].startswith("linear_360x640_gem-") and blend["weight_setting"] == "auto" and 0 <= blend["weight"] <= 1
     assert summary["valid_logloss"] == pytest.approx(blend["blended"])
@@ -82,8 +91,8 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
     bbox = _folder(work, "train", BOX_SOURCE)
     oof = pd.read_csv(bbox / "oof.csv")
     boxes = pd.read_csv(bbox / "oof_boxes.csv")
-    crops = pd.read_csv(_folder(work, "crops", "crops") / "crop_boxes.csv")
-    index = pd.read_csv(_folder(work, "crops", "crops") / "index.csv")
+    crops = pd.read_csv(_fixture_artifact(work, tiny_data, "crops") / "crop_boxes.csv")
+    index = pd.read_csv(_fixture_artifact(work, tiny_data, "crops") / "index.csv")
     train_index = index[index.split == "train"].reset_index(drop=True)
     features_folder = next(p for p in (work / "precompute").iterdir() if (p / "train_map.npy").is_file())
     maps = np.load(features_folder / "train_map.npy")
@@ -150,60 +159,94 @@ def test_gem_pooled_crops_are_the_same_crops_pooled_above_their_average(crops_ru
     assert len(list((work / "train").glob("crops-*/summary.json"))) >= 2
 
 
-def test_mirrored_crops_are_a_test_time_view_that_the_classifier_averages(crops_run, tiny_data, capsys):
-    """`crops.tta: mirror` (crops.yaml's): every out-of-fold and test crop is embedded again,
-    flipped left-right, as a test-time view; the originals and the rectangles are those of the
-    run without it (`crops.tta: null`), and the classifier's predictions average both views."""
+def _relative(a, b):
+    return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def _embedded_cuts(data, crops, boxes, split, copy, mirror, count=4):
+    """The first `count` images of `split` in the crops artifact `crops`: the rectangle recorded
+    for their crop `copy` cut from the photo (flipped left-right with `mirror`), resized and
+    embedded as crops.yaml's precompute does, GeM-pooled."""
     import torch
     from PIL import Image, ImageOps
 
     from fishcomp.data.images import load_rgb
     from fishcomp.features import Embedder
 
+    loaded = load_config(CONFIGS / "crops.yaml", SMALL)
+    index = pd.read_csv(crops / "index.csv")
+    rows = index[index.split == split].reset_index(drop=True).head(count)
+    height, width = loaded.config.precompute.size
+    cuts = []
+    for image, path in zip(rows.image, rows.path):
+        x, y, w, h = boxes[(boxes.image == image) & (boxes.split == split) & (boxes["copy"] == copy)][["x", "y", "w", "h"]].iloc[0]
+        photo, _ = load_rgb(data / path)
+        cut = photo.crop((x, y, x + w, y + h)).resize((width, height), Image.BILINEAR)
+        cuts.append(np.asarray(ImageOps.mirror(cut) if mirror else cut))
+    return Embedder(loaded.config.precompute, torch.device("cpu")).embed(torch.from_numpy(np.stack(cuts)), spatial=False, pool="gem")[0]
+
+
+def test_mirrored_crops_are_a_test_time_view_that_the_classifier_averages(crops_run, tiny_data, capsys):
+    """`crops.tta: mirror` (crops.yaml's): every out-of-fold and test crop is embedded again,
+    flipped left-right, as a test-time view; the originals and the rectangles are those of the
+    run without it (`crops.tta: null`), and the classifier's predictions average both views."""
     work, _ = crops_run
     assert load_config(CONFIGS / "crops.yaml").config.crops.tta == "mirror"
-    mirrored_run = json.loads(_folder(work, "train", "crops").joinpath("summary.json").read_text())
+    mirrored_run = json.loads(_fixture_artifact(work, tiny_data, "train").joinpath("summary.json").read_text())
+    mirrored = _fixture_artifact(work, tiny_data, "crops")
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.tta=null"])], capsys)
     assert code == 0, stderr
-    metas = {p.parent: json.loads(p.read_text()) for p in (work / "crops").glob("crops-*/meta.json")}
-    views = {meta["tta_views"]: folder for folder, meta in metas.items() if meta.get("pool") == "gem"}
-    plain, mirrored = views[1], views[2]
+    plain = next(p.parent for p in (work / "crops").glob("crops-*/meta.json") if json.loads(p.read_text())["tta_views"] == 1)
     boxes = pd.read_csv(plain / "crop_boxes.csv")
     assert boxes.equals(pd.read_csv(mirrored / "crop_boxes.csv"))
-
-    def relative(a, b):
-        return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
 
     for split in ("train", "test_stg1", "test_stg2"):
         original, view = np.load(mirrored / f"{split}_pooled.npy").astype(np.float32), np.load(mirrored / f"{split}_tta_pooled.npy")
         assert view.shape == (1, *original.shape) and not (plain / f"{split}_tta_pooled.npy").exists()
         # The same crops in the same batches: float16 storage and, where the CPU has it, bf16
         # autocast (2^-8 per rounding) bound any difference well inside 2 %.
-        assert relative(original, np.load(plain / f"{split}_pooled.npy").astype(np.float32)).max() < 0.02
+        assert _relative(original, np.load(plain / f"{split}_pooled.npy").astype(np.float32)).max() < 0.02
     # The view is the mirrored crop: cut the recorded rectangle from the photo, flip it, embed it.
-    loaded = load_config(CONFIGS / "crops.yaml", SMALL)
-    embedder = Embedder(loaded.config.precompute, torch.device("cpu"))
-    index = pd.read_csv(mirrored / "index.csv")
-    test = index[index.split == "test_stg1"].reset_index(drop=True).head(4)
-    height, width = loaded.config.precompute.size
-    crops = []
-    for image, path in zip(test.image, test.path):
-        x, y, w, h = boxes[(boxes.image == image) & (boxes.split == "test_stg1") & (boxes["copy"] == 0)][["x", "y", "w", "h"]].iloc[0]
-        photo, _ = load_rgb(tiny_data / path)
-        crops.append(np.asarray(ImageOps.mirror(photo.crop((x, y, x + w, y + h)).resize((width, height), Image.BILINEAR))))
-    expected = embedder.embed(torch.from_numpy(np.stack(crops)), spatial=False, pool="gem")[0]
+    expected = _embedded_cuts(tiny_data, mirrored, boxes, "test_stg1", 0, mirror=True)
     stored = np.load(mirrored / "test_stg1_tta_pooled.npy")[0, :4].astype(np.float32)
     original = np.load(mirrored / "test_stg1_pooled.npy")[:4].astype(np.float32)
     # Within the 2 % above (another batch size here), and far closer to the mirrored crop than
     # the unmirrored crop is.
-    assert relative(stored, expected).max() < 0.02
-    assert (relative(stored, expected) < 0.25 * relative(original, expected)).all()
+    assert _relative(stored, expected).max() < 0.02
+    assert (_relative(stored, expected) < 0.25 * _relative(original, expected)).all()
     plain_run = json.loads(max(work.glob("train/crops-*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert (mirrored_run["tta_views"], plain_run["tta_views"]) == (2, 1)
     # Without the view, the mirrored run's classifier is the plain run's: same originals, same
     # training; the view changes its predictions.
     assert mirrored_run["valid_logloss_without_tta"] == pytest.approx(plain_run["valid_logloss_without_tta"], abs=0.01)
     assert mirrored_run["valid_logloss"] != plain_run["valid_logloss"]
+
+
+def test_every_other_jittered_copy_is_mirrored(crops_run, tiny_data, capsys):
+    """`crops.jitter.mirror: alternate` (crops.yaml's): the first jittered copy of each train image
+    is flipped left-right before it is embedded, the second is not; the rectangles, the originals
+    and their test-time views are those of the run without it."""
+    work, _ = crops_run
+    assert load_config(CONFIGS / "crops.yaml").config.crops.jitter.mirror == "alternate"
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work,
+                               *_sets([*SMALL, "crops.jitter.mirror=null"])], capsys)
+    assert code == 0, stderr
+    mirrored = _fixture_artifact(work, tiny_data, "crops")
+    plain = next(p.parent for p in (work / "crops").glob("crops-*/crop_boxes.csv") if not pd.read_csv(p).mirrored.any())
+    boxes = pd.read_csv(mirrored / "crop_boxes.csv")
+    # Exactly the train images' first jittered copies are marked, and every rectangle is the plain run's.
+    assert boxes.mirrored.tolist() == ((boxes.split == "train") & (boxes["copy"] == 1)).tolist()
+    assert boxes.drop(columns="mirrored").equals(pd.read_csv(plain / "crop_boxes.csv").drop(columns="mirrored"))
+    # float16 storage (and bf16 autocast where the CPU has it) keep the same crops within 2 %.
+    for name in ("train_pooled.npy", "test_stg1_pooled.npy", "train_tta_pooled.npy", "test_stg1_tta_pooled.npy"):
+        assert _relative(np.load(mirrored / name).astype(np.float32), np.load(plain / name).astype(np.float32)).max() < 0.02, name
+    copies, plain_copies = np.load(mirrored / "train_aug_pooled.npy").astype(np.float32), np.load(plain / "train_aug_pooled.npy").astype(np.float32)
+    assert _relative(copies[1], plain_copies[1]).max() < 0.02
+    # The first copy is its rectangle's cut mirrored: within the same 2 %, and far closer to it
+    # than the plain run's unmirrored copy is.
+    expected = _embedded_cuts(tiny_data, mirrored, boxes, "train", 1, mirror=True)
+    assert _relative(copies[0, :4], expected).max() < 0.02
+    assert (_relative(copies[0, :4], expected) < 0.25 * _relative(plain_copies[0, :4], expected)).all()
 
 
 def test_each_fold_of_the_box_source_starts_at_its_training_boxes_median_size(tiny_data, tmp_path, capsys):
@@ -249,8 +292,8 @@ def test_test_crops_come_from_the_consensus_of_the_folds_boxes(crops_run, tiny_d
     consensus = np.einsum("fi,fic->ic", agreeing_folds(folds.astype(np.float64)), folds)
     # On these few, small images some folds point elsewhere, so the two rules cut other crops.
     assert np.abs(consensus - folds.mean(axis=0)).max() > 0.05
-    index = pd.read_csv(_folder(work, "crops", "crops") / "index.csv").set_index("image")
-    crops = pd.read_csv(_folder(work, "crops", "crops") / "crop_boxes.csv")
+    index = pd.read_csv(_fixture_artifact(work, tiny_data, "crops") / "index.csv").set_index("image")
+    crops = pd.read_csv(_fixture_artifact(work, tiny_data, "crops") / "crop_boxes.csv")
     cut = crops[crops.split == "test_stg1"].set_index("image")
     config = load_config(CONFIGS / "crops.yaml").config.crops
     for row, image in enumerate(listed.image):

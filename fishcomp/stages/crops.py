@@ -8,7 +8,8 @@ its crops, and embeds the crops with `precompute`'s backbone. Box sources:
 - train images, original copy: the bbox head's *out-of-fold* box, so the classifier validates on
   (and learns from) the kind of box it will get at test time, never one its own fold's detector saw;
 - train images, augmented copies (`crops.jitter`): the annotated box (the predicted one where the
-  image has none, e.g. NoF), shifted and resized at random;
+  image has none, e.g. NoF), shifted and resized at random, every other copy mirrored with
+  `crops.jitter.mirror`;
 - test images: the bbox head's box from its fold models: the mean of those that agree with the
   consensus box (`crops.test_boxes: consensus`), or of all (`mean`).
 
@@ -325,6 +326,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
              f"{boxes.path.name.rsplit('-', 1)[0]} never learned where the fish are: these crops are cut at untrained boxes "
              "(an ensemble leaves such a member out; add box annotations to make them useful)")
     copies = planned.shape[1] - 1
+    mirrored_copies = bool(copies and config.jitter.mirror == "alternate")
     dim = embedder.num_features
     splits = index.split.to_numpy()
 
@@ -348,6 +350,8 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
             )
             for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
                 n = len(local)
+                if split == "train" and mirrored_copies:  # (images, crops, height, width, channels)
+                    batch[:, 1::2] = batch[:, 1::2].flip(3)
                 pooled = embedder.embed(batch.flatten(0, 1), spatial=False, pool=config.pool)[0].reshape(n, count, dim)
                 position = local.numpy()
                 if config.tta:  # (images, crops, height, width, channels): the first crops, mirrored.
@@ -370,7 +374,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         for k in range(1 + copies if split == "train" else 1):
             x, y, w, h = rectangles[row, k]
             table.append({"image": image, "split": split, "copy": k, "source": sources[row] if k == 0 else "jittered",
-                          "x": x, "y": y, "w": w, "h": h, "turned_degrees": turns[row, k]})
+                          "x": x, "y": y, "w": w, "h": h, "turned_degrees": turns[row, k], "mirrored": mirrored_copies and k % 2 == 1})
     pd.DataFrame(table).to_csv(tmp / "crop_boxes.csv", index=False)
     meta = {
         "backbone": precompute.backbone, "weights": precompute.weights, "size": list(precompute.size),
