@@ -207,6 +207,12 @@ def normalised_boxes(index: pd.DataFrame, columns: list[str] = BOX_COLUMNS) -> n
     return boxes / np.where(scale > 0, scale, np.nan)
 
 
+# Pixels per backbone call on a CPU: on 2 cores (lite0 and lite2) calls of 4 images at 224x224,
+# 3-4 at 260x260 and 1 at 360x640 were about the fastest, 1.3-1.8x faster than 32 a call (the first
+# layers' activations of a large call spill out of the caches); docs/results.md.
+CPU_CALL_PIXELS = 200_000
+
+
 class Embedder:
     """One frozen backbone pass, the same for every stage that embeds images (precompute, crops;
     fine-tuning unfreezes its model and trains it under a head):
@@ -224,6 +230,16 @@ class Embedder:
         self.mean = torch.tensor(self.backbone.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.backbone.std, device=device).view(1, 3, 1, 1) * 255
         self.autocast_dtype = autocast_dtype(precompute.precision, device)
+        self.cpu_chunk = precompute.cpu_chunk
+
+    def images_per_call(self, height: int, width: int, images: int) -> int:
+        """How many of `images` go through the model at once: all of them on a GPU; on a CPU
+        `cpu_chunk`, whose auto keeps a call near CPU_CALL_PIXELS."""
+        if self.device.type != "cpu":
+            return max(1, images)
+        if self.cpu_chunk == "auto":
+            return max(1, round(CPU_CALL_PIXELS / (height * width)))
+        return self.cpu_chunk
 
     @property
     def num_features(self) -> int:
@@ -244,11 +260,15 @@ class Embedder:
         the backbone's own head, or by `pool` (`fishcomp.models.pooling`)."""
         from fishcomp.models.pooling import pool_map
 
-        inputs = self.inputs(batch)
-        with autocast(self.autocast_dtype, self.device):
-            feature_map = self.model.forward_features(inputs)
-            pooled = self.model.forward_head(feature_map, pre_logits=True) if pool is None else pool_map(feature_map, pool)
-        return pooled.float().cpu().numpy(), feature_map.float().cpu().numpy() if spatial else None
+        pooled_parts, map_parts = [], []
+        for part in batch.split(self.images_per_call(batch.shape[1], batch.shape[2], len(batch))):
+            with autocast(self.autocast_dtype, self.device):
+                feature_map = self.model.forward_features(self.inputs(part))
+                pooled = self.model.forward_head(feature_map, pre_logits=True) if pool is None else pool_map(feature_map, pool)
+            pooled_parts.append(pooled.float().cpu().numpy())
+            if spatial:
+                map_parts.append(feature_map.float().cpu().numpy())
+        return np.concatenate(pooled_parts), np.concatenate(map_parts) if spatial else None
 
 
 def resolved_precompute(section: PrecomputeConfig, spatial: bool = False, originals_only: bool = False) -> PrecomputeConfig:

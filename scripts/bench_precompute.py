@@ -6,7 +6,7 @@ Speed is measured on 4 x --images images, memory on --images and 4 x --images.
 
 Speed: images per second of the real precompute stage (decode, resize, backbone, float16
 memory-mapped writes) on synthetic camera-sized JPEGs, against the backbone's forward pass alone
-on random tensors of the same shape, batch size and torch thread count, in the same process
+on random tensors of the same shape, images per backbone call and torch thread count, in the same process
 (measured just before and just after the stage, and averaged). Also the decoding alone, and the
 ceiling it puts on the ratio: model time / (model time + decoding time) per image.
 Memory: the peak RSS (main process plus loader workers) of `fishcomp precompute` in a fresh
@@ -35,23 +35,28 @@ def make_data(root: Path, images: int) -> Path:
     return root
 
 
-def bare_backbone(size: tuple[int, int], batch_size: int, images: int, precision: str = "auto") -> float:
+def bare_backbone(size: tuple[int, int], images: int, precision: str = "auto", per_call: int | None = None,
+                  backbone: str = "efficientnet_lite0") -> float:
     """Images per second of forward_features + pooling on random tensors, in the arithmetic the
-    stage uses (`precision`, resolved as precompute resolves it): the ceiling."""
+    stage uses (`precision`, resolved as precompute resolves it), `per_call` images a call (None:
+    as the stages call the backbone on this machine, `Embedder.images_per_call` of a batch of 32):
+    the ceiling."""
     import torch
 
     from fishcomp.config import PrecomputeConfig
-    from fishcomp.context import autocast, autocast_dtype
-    from fishcomp.models.backbones import create_backbone
+    from fishcomp.context import autocast
+    from fishcomp.features import Embedder
 
-    model = create_backbone(PrecomputeConfig(size=size)).model.to(memory_format=torch.channels_last)
-    batch = torch.randn(batch_size, 3, *size).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), autocast(autocast_dtype(precision, torch.device("cpu")), torch.device("cpu")):
+    cpu = torch.device("cpu")
+    embedder = Embedder(PrecomputeConfig(backbone=backbone, size=size, precision=precision), cpu)
+    model, per_call = embedder.model, per_call or embedder.images_per_call(*size, 32)
+    batch = torch.randn(per_call, 3, *size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast(embedder.autocast_dtype, cpu):
         model.forward_head(model.forward_features(batch), pre_logits=True)  # warm-up
         started, done = time.perf_counter(), 0
         while done < images:
             model.forward_head(model.forward_features(batch), pre_logits=True)
-            done += batch_size
+            done += per_call
     return done / (time.perf_counter() - started)
 
 
@@ -118,9 +123,9 @@ def main() -> None:
         for text in args.sizes:
             size = tuple(int(v) for v in text.split("x"))
             # The bare pass before and after, averaged: this machine's speed drifts within a run.
-            before = bare_backbone(size, 32, 4 * args.images, args.precision)
+            before = bare_backbone(size, 4 * args.images, args.precision)
             fast, meta = precompute_speed(large, size, tmp / f"work-{text}", args.precision)
-            bare = (before + bare_backbone(size, 32, meta["counts"]["total"], args.precision)) / 2
+            bare = (before + bare_backbone(size, meta["counts"]["total"], args.precision)) / 2
             ratios.append(fast / bare)
             decoded = decode_rate(large, size)
             # The loop alternates decoding and the model (see fishcomp.features.image_batches), so

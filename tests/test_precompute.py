@@ -48,3 +48,35 @@ def test_draft_decode_is_close_to_the_full_decode(tmp_path, target):
     a = np.asarray(drafted.resize(target, Image.BILINEAR), dtype=np.float32)
     b = np.asarray(full.resize(target, Image.BILINEAR), dtype=np.float32)
     assert np.abs(a - b).mean() < 4.0  # out of 255: invisible at the backbone's input size
+
+
+def test_the_backbone_gives_the_same_features_however_many_images_go_through_it_a_call(tiny_data):
+    """On a CPU the backbone takes a few images a call (`precompute.cpu_chunk`, auto: about
+    CPU_CALL_PIXELS a call), which is faster there; the features are those of one call for all."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fishcomp.errors import FishcompError
+    from fishcomp.features import Embedder
+
+    loaded = load_config(CONFIGS / "dense.yaml", ["precompute.precision=fp32", "precompute.size=[96,160]"])
+    photos = [np.asarray(load_rgb(path)[0].resize((160, 96), Image.BILINEAR)) for path in sorted((tiny_data / "train").rglob("*.jpg"))[:7]]
+    batch = torch.from_numpy(np.stack(photos))
+    results = {}
+    for chunk in (32, 1, 3):
+        embedder = Embedder(loaded.config.precompute.model_copy(update={"cpu_chunk": chunk}), torch.device("cpu"))
+        with torch.inference_mode():
+            results[chunk] = embedder.embed(batch, spatial=True)
+    for chunk in (1, 3):
+        for together, apart in zip(results[32], results[chunk]):
+            # float32 throughout: only the kernels' summation order may differ with the batch's
+            # size (a few ulp per layer), far inside 1e-4 of the features' norm.
+            assert together.shape == apart.shape and np.linalg.norm(together - apart) < 1e-4 * np.linalg.norm(together)
+    rule = Embedder.images_per_call
+    cpu = SimpleNamespace(device=torch.device("cpu"), cpu_chunk="auto")
+    assert [rule(cpu, h, w, 32) for h, w in ((224, 224), (260, 260), (360, 640), (720, 1280))] == [4, 3, 1, 1]
+    assert rule(SimpleNamespace(device=torch.device("cpu"), cpu_chunk=5), 360, 640, 32) == 5
+    assert rule(SimpleNamespace(device=torch.device("cuda"), cpu_chunk=5), 360, 640, 32) == 32  # a GPU takes the batch
+    with pytest.raises(FishcompError, match="cpu_chunk"):
+        load_config(CONFIGS / "dense.yaml", ["precompute.cpu_chunk=0"])
