@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -112,18 +113,12 @@ class PrecomputeConfig(Strict):
     workers: int | Literal["auto"] = _runtime_only("auto")
     device: str = _runtime_only("auto")
 
-    @field_validator("workers")
+    @field_validator("workers", "cpu_chunk")
     @classmethod
-    def _non_negative(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 0:
-            raise ValueError("must be >= 0 or 'auto'")
-        return value
-
-    @field_validator("cpu_chunk")
-    @classmethod
-    def _positive(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be >= 1 or 'auto'")
+    def _count_or_auto(cls, value: int | str, info: ValidationInfo) -> int | str:
+        least = 0 if info.field_name == "workers" else 1  # workers: 0 decodes in the main process
+        if isinstance(value, int) and value < least:
+            raise ValueError(f"must be >= {least} or 'auto'")
         return value
 
 
