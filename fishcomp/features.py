@@ -262,8 +262,9 @@ class Embedder:
 
         pooled_parts, map_parts = [], []
         for part in batch.split(self.images_per_call(batch.shape[1], batch.shape[2], len(batch))):
+            inputs = self.inputs(part)
             with autocast(self.autocast_dtype, self.device):
-                feature_map = self.model.forward_features(self.inputs(part))
+                feature_map = self.model.forward_features(inputs)
                 pooled = self.model.forward_head(feature_map, pre_logits=True) if pool is None else pool_map(feature_map, pool)
             pooled_parts.append(pooled.float().cpu().numpy())
             if spatial:

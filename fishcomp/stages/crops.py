@@ -350,12 +350,16 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
             )
             for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
                 n = len(local)
-                if split == "train" and mirrored_copies:  # (images, crops, height, width, channels)
-                    batch[:, 1::2] = batch[:, 1::2].flip(3)
-                pooled = embedder.embed(batch.flatten(0, 1), spatial=False, pool=config.pool)[0].reshape(n, count, dim)
+                # (images, crops, height, width, channels): flip(-2) mirrors left-right.
+                if split == "train" and mirrored_copies:
+                    batch[:, 1::2] = batch[:, 1::2].flip(-2)
+                # One call for the crops and, with the view, the first crops mirrored after them.
+                crops = torch.cat([batch.flatten(0, 1), batch[:, 0].flip(-2)]) if config.tta else batch.flatten(0, 1)
+                embedded = embedder.embed(crops, spatial=False, pool=config.pool)[0]
+                pooled = embedded[: n * count].reshape(n, count, dim)
                 position = local.numpy()
-                if config.tta:  # (images, crops, height, width, channels): the first crops, mirrored.
-                    views[split][0, position] = embedder.embed(batch[:, 0].flip(2), spatial=False, pool=config.pool)[0]
+                if config.tta:
+                    views[split][0, position] = embedded[n * count:]
                 outputs[split][position] = pooled[:, 0]
                 if split == "train" and copies:
                     augmented[:, position] = pooled[:, 1:].transpose(1, 0, 2)
