@@ -87,6 +87,27 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def describe_machine() -> str:
+    """One line on what a benchmark ran on: its seconds and ratios depend on the CPU (whether it
+    computes bf16 natively above all: `precision: auto` runs the backbone and the map heads in it
+    there), its cores and torch's threads, so every benchmark prints this beside its numbers."""
+    import os
+
+    import torch
+
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    gpu = f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    bf16 = f"native bf16 ({'AMX' if amx else 'AVX-512 BF16'})" if cpu_has_bf16() else "bf16 only emulated (precision auto runs float32)"
+    return (f"{model or 'CPU'}, {os.cpu_count()} cores, {bf16}; torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads{gpu}")
+
+
 def autocast_dtype(precision: str, device):
     """The dtype to autocast to for `precision` (auto | fp32 | bf16) on `device`, or None for fp32.
 

@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--marker", default="backbone-calls")
     args = parser.parse_args()
+    from fishcomp.context import describe_machine
+
+    print(f"machine: {describe_machine()}", flush=True)
     lines = [f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
              f"milliseconds per image of the bare backbone, by images a call, the fastest of {args.rounds} measurements "
              "(**auto**'s choice in bold):", "",

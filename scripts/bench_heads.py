@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=160)
     parser.add_argument("--size", default="224x224")
     args = parser.parse_args()
+    from fishcomp.context import describe_machine
+
+    print(f"machine: {describe_machine()}", flush=True)
     os.environ.setdefault("FISHCOMP_NO_PROGRESS", "1")
     from fishcomp.context import cpu_has_bf16
     from fishcomp.data.synth import synthesize

@@ -26,6 +26,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--work", type=Path, default=None, help="keep the data and artifacts here (default: a temporary folder)")
     args = parser.parse_args()
+    from fishcomp.context import describe_machine
+
+    print(f"machine: {describe_machine()}", flush=True)
 
     from fishcomp.allocator import keep_freed_memory
     from fishcomp.config import load_config

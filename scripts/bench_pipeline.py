@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the data and artifacts here")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    from fishcomp.context import describe_machine
+
+    print(f"machine: {describe_machine()}", flush=True)
     from fishcomp.allocator import keep_freed_memory
     from fishcomp.data.synth import synthesize
 

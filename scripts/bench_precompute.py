@@ -113,7 +113,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     args = parser.parse_args()
     os.environ.setdefault("FISHCOMP_NO_PROGRESS", "1")
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+    from fishcomp.context import describe_machine
+
+    print(f"machine: {describe_machine()}; "
           f"workers: auto on the CPU decodes each batch with {torch.get_num_threads()} threads between the model's batches")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
     args = parser.parse_args()
+    from fishcomp.context import describe_machine
+
+    print(f"machine: {describe_machine()}", flush=True)
     if not (args.data / "train").is_dir():
         # The data `make demo` makes.
         fishcomp("synth", str(args.data), "--n-train", "800", "--n-test", "200", "--n-stage2", "100", "--seed", "0")
