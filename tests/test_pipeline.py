@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from helpers import CONFIGS, SMALL, TINY, run_cli
 
+from fishcomp.config import load_config
 from fishcomp.models import backbones
 
 
@@ -32,14 +33,14 @@ def _dag(args, capsys, *extra):
     return {(row.stage, row.config): row.status for row in rows.itertuples()}
 
 
-# The member library of configs/pipeline.yaml. Under SMALL every lite0 pass is 128x224, so one
-# pass (with the map, for fcn and the box source) serves all lite0 members: one backbone pass per
-# backbone, size and view set; and the 360x640 members are then the 224 ones (same key), listed
-# once. A node is named after the first config that asks for it.
+# The member library of configs/pipeline.yaml. One backbone pass per backbone, size and view set:
+# under SMALL every lite0 pass is 128x224, so the 224 members read one pass, and the 360x640
+# members (their view set: each photo and its mirror image) another, with the map, for fcn and
+# the box source. A node is named after the first config that asks for it.
 LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "crops", "linear_lite2"]
 PIPELINE_NODES = {
-    ("precompute", "linear"), ("precompute", "linear_lite2"),
-    *(("train", m) for m in ["linear", "dense_probe", "linear_360x640_gem", "fcn", "crops", "linear_lite2"]),
+    ("precompute", "linear"), ("precompute", "linear_360x640"), ("precompute", "linear_lite2"),
+    *(("train", m) for m in LIBRARY),
     ("train", "bbox_grid_k64"), ("crops", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline"),
 }
 
@@ -53,13 +54,31 @@ def test_dag_lists_every_node_of_the_pipeline_to_build_on_a_fresh_work_folder(de
     assert not work.joinpath("train").exists()  # nothing was built
 
 
+def test_every_360x640_member_and_the_box_source_read_one_pass_with_the_mirrored_view(tiny_data, tmp_path, capsys):
+    """At the configs' own sizes (nothing is built: `dag` only plans): the 360x640 members, fcn
+    and the crops' box source ask for one view set, so the pipeline makes one 360x640 pass, and
+    it holds each photo's mirror image as a test-time view."""
+    code, stdout, stderr = run_cli(["dag", "-c", CONFIGS / "pipeline.yaml", "--data", tiny_data, "--work", tmp_path, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout))
+    passes = rows[rows.stage == "precompute"]
+    assert sorted(passes.config) == ["linear", "linear_360x640", "linear_lite2"]
+    at_360x640 = passes[passes.config == "linear_360x640"]["#"].item()
+    readers = rows[rows.reads.fillna("").str.contains(f"features:#{at_360x640}(?!\\d)")]
+    assert set(readers.config) == {"linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "bbox_grid_k64", "crops"}
+    tta = load_config(CONFIGS / "fcn.yaml").config.precompute.tta
+    assert tta.views == 2 and tta.transforms == [{"name": "HorizontalFlip", "p": 1.0}]
+    for name in ("linear_360x640", "dense_360x640_probe", "bbox_grid_k64", "inception", "resblock"):
+        assert load_config(CONFIGS / f"{name}.yaml").config.precompute.tta == tta, name
+
+
 def test_run_writes_a_valid_submission_that_beats_the_prior(demo_run, tiny_data, capsys):
     work, out, args = demo_run
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
     assert stdout.count("built") >= 6  # 2 precomputes, 2 trains, ensemble, submit
-    # One pass per backbone, size and view set: the pooled-only member reads the map pass.
-    assert len(list((work / "precompute").glob("eff*"))) == 2
+    # One pass per backbone, size and view set: the pooled-only 360x640 members read the map pass.
+    assert len(list((work / "precompute").glob("eff*"))) == 3
     assert out.is_file() and out.with_name("submission_stg2.csv").is_file()
     code, stdout, _ = run_cli(["validate", out, "--data", tiny_data], capsys)
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout

@@ -19,11 +19,13 @@ from fishcomp.console import progress, warn
 from fishcomp.context import Context, resolve_device
 from fishcomp.distributed import device_for
 from fishcomp.errors import FishcompError
+from fishcomp.data.augment import build_transform
 from fishcomp.features import (
     DecodedImages,
     Embedder,
     image_batches,
     resolved_precompute,
+    tta_combine,
 )
 from fishcomp.models.heads import head_uses_map
 from fishcomp.training.data import size_onehot
@@ -60,28 +62,40 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     kind = "map" if head_uses_map(config.head) else "pooled"
     device = resolve_device(device_for(precompute.device))
     embedder = Embedder(precompute, device)
-    images = DecodedImages(Path("/"), [str(p.resolve()) for p in paths], tuple(precompute.size))
-    features, sizes, readable = [], np.zeros((len(paths), 2), dtype=np.int64), np.zeros(len(paths), dtype=bool)
+    # The run's test-time views too (its `precompute.tta`), made as precompute makes them and
+    # combined as the run's test predictions are: otherwise a TTA config would predict a photo
+    # otherwise than it predicted the same photo among its test images.
+    combine = tta_combine(loaded)
+    tta = precompute.tta if combine else None
+    transforms = [None, *([build_transform(tta.transforms)] * (tta.views - 1) if tta else [])]
+    located = [str(p.resolve()) for p in paths]
+    views, sizes, readable = [], np.zeros((len(paths), 2), dtype=np.int64), np.zeros(len(paths), dtype=bool)
     import torch
 
-    with progress("predict", len(paths)) as advance, torch.inference_mode():
-        for batch, local, width, height, ok, _ in image_batches(images, precompute.batch_size, precompute.workers, device):
-            pooled, feature_map = embedder.embed(batch, spatial=kind == "map")
-            features.append(feature_map if kind == "map" else pooled)
-            rows = local.numpy()
-            sizes[rows], readable[rows] = np.stack([width.numpy(), height.numpy()], axis=1), ok.numpy()
-            advance(len(rows))
+    with progress("predict", len(paths) * len(transforms)) as advance, torch.inference_mode():
+        for number, transform in enumerate(transforms):
+            seed = tta.seed * 1000 + number - 1 if transform is not None else 0
+            images = DecodedImages(Path("/"), located, tuple(precompute.size), transform, seed)
+            features = []
+            for batch, local, width, height, ok, _ in image_batches(images, precompute.batch_size, precompute.workers, device):
+                pooled, feature_map = embedder.embed(batch, spatial=kind == "map")
+                features.append(feature_map if kind == "map" else pooled)
+                rows = local.numpy()
+                if number == 0:
+                    sizes[rows], readable[rows] = np.stack([width.numpy(), height.numpy()], axis=1), ok.numpy()
+                advance(len(rows))
+            views.append(np.concatenate(features))
     for path in np.asarray(paths, dtype=object)[~readable]:
         warn(f"unreadable image skipped: {path}")
     if not readable.any():
         raise FishcompError("none of the images could be read")
     # Stored features are float16; so are these, so the heads see what they saw in training.
-    array = np.concatenate(features).astype(np.float16)[readable]
+    original, *others = [view.astype(np.float16)[readable] for view in views]
     index = pd.DataFrame({"width": sizes[readable, 0], "height": sizes[readable, 1]})
-    feature_set = FeatureSet(array, np.arange(len(array)), size_onehot(index, summary["size_vocabulary"]))
-    probs = np.zeros((len(array), len(trained_classes(trained))))
+    feature_set = FeatureSet(original, np.arange(len(original)), size_onehot(index, summary["size_vocabulary"]), views=others)
+    probs = np.zeros((len(original), len(trained_classes(trained))))
     for fold in range(summary["folds"]):
-        probs += predict(load_fold_model(trained, fold, device), feature_set, device)["probs"] / summary["folds"]
+        probs += predict(load_fold_model(trained, fold, device), feature_set, device, tta=combine)["probs"] / summary["folds"]
     frame = pd.DataFrame(probs, columns=trained_classes(trained))
     frame.insert(0, "image", [str(p) for p in np.asarray(paths, dtype=object)[readable]])
     return frame
