@@ -4,6 +4,9 @@ The photos go through the pass the run's features came from (same backbone, size
 normalisation and precision), then every fold's head; the folds' probabilities are averaged, as
 for the test images of the run itself. Runs on whole-image features (every head on pooled
 vectors or maps, the linear probe); detect-then-classify and fine-tuned runs are not supported.
+A config with test-time views (`precompute.tta`) gets them here too, combined as in its run: a
+deterministic view (the 360x640 configs' mirror image) gives exactly the run's probabilities for
+its own test photos; random views are drawn afresh, the same kind of draw as the run's.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from fishcomp.config import LoadedConfig
 from fishcomp.console import progress, warn
 from fishcomp.context import Context, resolve_device
 from fishcomp.distributed import device_for
-from fishcomp.errors import FishcompError
 from fishcomp.data.augment import build_transform
+from fishcomp.errors import FishcompError
 from fishcomp.features import (
     DecodedImages,
     Embedder,
@@ -79,7 +82,8 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
             features = []
             for batch, local, width, height, ok, _ in image_batches(images, precompute.batch_size, precompute.workers, device):
                 pooled, feature_map = embedder.embed(batch, spatial=kind == "map")
-                features.append(feature_map if kind == "map" else pooled)
+                # Stored features are float16; so are these, so the heads see what they saw in training.
+                features.append((feature_map if kind == "map" else pooled).astype(np.float16))
                 rows = local.numpy()
                 if number == 0:
                     sizes[rows], readable[rows] = np.stack([width.numpy(), height.numpy()], axis=1), ok.numpy()
@@ -89,8 +93,7 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
         warn(f"unreadable image skipped: {path}")
     if not readable.any():
         raise FishcompError("none of the images could be read")
-    # Stored features are float16; so are these, so the heads see what they saw in training.
-    original, *others = [view.astype(np.float16)[readable] for view in views]
+    original, *others = [view[readable] for view in views]
     index = pd.DataFrame({"width": sizes[readable, 0], "height": sizes[readable, 1]})
     feature_set = FeatureSet(original, np.arange(len(original)), size_onehot(index, summary["size_vocabulary"]), views=others)
     probs = np.zeros((len(original), len(trained_classes(trained))))
