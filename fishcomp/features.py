@@ -107,6 +107,12 @@ def share_of_batches(count: int, batch_size: int) -> np.ndarray:
     return np.concatenate([np.arange(s, min(s + batch_size, count)) for s in starts] or [np.empty(0, dtype=np.int64)]).astype(np.int64)
 
 
+def transform_seed(seed: int, number: int) -> int:
+    """The seed of augmented copy or test-time view `number` (from 0) of a transform list seeded
+    `seed` (each image's draw then adds its index): `precompute` and `predict` draw the same views."""
+    return seed * 1000 + number
+
+
 def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
     """A writable .npy memory map whose disk blocks are allocated up front: a full disk fails here
     with ENOSPC (a clear error) instead of as a SIGBUS crash at some later page write."""

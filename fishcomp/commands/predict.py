@@ -28,6 +28,7 @@ from fishcomp.features import (
     Embedder,
     image_batches,
     resolved_precompute,
+    transform_seed,
     tta_combine,
 )
 from fishcomp.models.heads import head_uses_map
@@ -77,7 +78,7 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
 
     with progress("predict", len(paths) * len(transforms)) as advance, torch.inference_mode():
         for number, transform in enumerate(transforms):
-            seed = tta.seed * 1000 + number - 1 if transform is not None else 0
+            seed = transform_seed(tta.seed, number - 1) if transform is not None else 0
             images = DecodedImages(Path("/"), located, tuple(precompute.size), transform, seed)
             features = []
             for batch, local, width, height, ok, _ in image_batches(images, precompute.batch_size, precompute.workers, device):

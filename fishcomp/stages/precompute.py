@@ -42,6 +42,7 @@ from fishcomp.features import (
     reserved_memmap,
     resolved_precompute,
     share_of_batches,
+    transform_seed,
 )
 from fishcomp.graph import Node, Resolver, Stage, node_key, register_stage
 
@@ -180,7 +181,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     with progress(f"precompute {config.size[0]}x{config.size[1]}", total) as advance, torch.inference_mode():
         for kind, transform, number in passes:
             rows = train_rows if kind == "augment" else np.arange(len(images))
-            seed = (augment.seed if kind == "augment" else tta.seed if kind == "tta" else 0) * 1000 + number
+            seed = transform_seed(augment.seed if kind == "augment" else tta.seed if kind == "tta" else 0, number)
             loader = image_batches(
                 DecodedImages(
                     dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed,
