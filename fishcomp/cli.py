@@ -114,6 +114,19 @@ def _sweep(overrides: list[str] | None, work: Path, one) -> None:
     _runs_table(work, keys=keys, sort="valid_logloss", title=f"sweep of {len(combinations)} runs")
 
 
+def _build_swept(config: Path, data: Path, work: Path, overrides, on_bad_test, track: bool, nodes_of) -> None:
+    """Build the nodes `nodes_of(plan, loaded)` picks from the config's graph, once per
+    combination of a sweep (their dependencies first, cached ones skipped)."""
+    from fishcomp.pipeline import resolver
+
+    def one(combination, number):
+        loaded = _load(config, combination)
+        plan = resolver(_context(data, work, combination, on_bad_test, loaded, track))
+        return [plan.build(node) for node in nodes_of(plan, loaded)]
+
+    _sweep(overrides, work, one)
+
+
 def _runs_table(work: Path, keys: set[str] | None = None, sort: str = "created", fmt: str = "table", title: str | None = None) -> None:
     from fishcomp.commands.runs import COLUMNS, collect_runs, sort_rows, table_cells
     from fishcomp.console import table
@@ -242,14 +255,9 @@ def train_cli(
     on_bad_test: BadTestOpt = OnBadTest.fail, track: TrackOpt = False, nproc: NprocOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Train the head(s) the config names, building their features first if needed."""
-    from fishcomp.pipeline import resolver, train_nodes
+    from fishcomp.pipeline import train_nodes
 
-    def one(combination, number):
-        loaded = _load(config, combination)
-        plan = resolver(_context(data, work, combination, on_bad_test, loaded, track))
-        return [plan.build(node) for node in train_nodes(plan, loaded)]
-
-    _sweep(overrides, work, one)
+    _build_swept(config, data, work, overrides, on_bad_test, track, train_nodes)
 
 
 @app.command("ensemble")
@@ -258,14 +266,9 @@ def ensemble_cli(
     on_bad_test: BadTestOpt = OnBadTest.fail, track: TrackOpt = False, nproc: NprocOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Blend the members the config lists (training them first if needed)."""
-    from fishcomp.pipeline import resolver, stage_node
+    from fishcomp.pipeline import stage_node
 
-    def one(combination, number):
-        loaded = _load(config, combination)
-        plan = resolver(_context(data, work, combination, on_bad_test, loaded, track))
-        return [plan.build(stage_node(plan, loaded, "ensemble"))]
-
-    _sweep(overrides, work, one)
+    _build_swept(config, data, work, overrides, on_bad_test, track, lambda plan, loaded: [stage_node(plan, loaded, "ensemble")])
 
 
 @app.command("submit")
