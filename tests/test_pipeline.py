@@ -23,6 +23,17 @@ def demo_run(tiny_data, tmp_path_factory):
     return work, out, args
 
 
+@pytest.fixture
+def built_run(demo_run, capsys):
+    """demo_run after one complete run, whichever test made it: each test that reads a built
+    pipeline passes alone too (`-k`), not only after the test that runs it first."""
+    work, _, args = demo_run
+    if not any((work / "submit").glob("pipeline-*")):
+        code, _, stderr = run_cli(args, capsys)
+        assert code == 0, stderr
+    return demo_run
+
+
 def _dag(args, capsys, *extra):
     """`fishcomp dag` with run's config, data, work and --set: {(stage, config): status}."""
     dag_args = ["dag", *[a for a in args[1:] if a != "--out" and not str(a).endswith(".csv")], "--format", "csv", *extra]
@@ -98,8 +109,8 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(demo_run, tiny_data,
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_a_second_run_skips_every_stage_without_loading_a_model(demo_run, capsys):
-    work, out, args = demo_run
+def test_a_second_run_skips_every_stage_without_loading_a_model(built_run, capsys):
+    work, out, args = built_run
     out.unlink(missing_ok=True)
     loads = backbones.MODEL_LOADS
     code, stdout, _ = run_cli(args, capsys)
@@ -110,8 +121,8 @@ def test_a_second_run_skips_every_stage_without_loading_a_model(demo_run, capsys
     assert out.is_file()
 
 
-def test_after_a_run_the_dag_is_all_cached_and_a_nof_weight_marks_only_the_crops_head_and_downstream(demo_run, tmp_path, capsys):
-    _, _, args = demo_run
+def test_after_a_run_the_dag_is_all_cached_and_a_nof_weight_marks_only_the_crops_head_and_downstream(built_run, tmp_path, capsys):
+    _, _, args = built_run
     assert set(_dag(args, capsys).values()) == {"cached"}
     # The same pipeline whose crops member blends NoF at another weight.
     (tmp_path / "crops.yaml").write_text(
@@ -126,9 +137,9 @@ def test_after_a_run_the_dag_is_all_cached_and_a_nof_weight_marks_only_the_crops
     assert to_build == {("train", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline")}
 
 
-def test_a_new_stage_is_reachable_by_name(demo_run, tiny_data, tmp_path, capsys):
+def test_a_new_stage_is_reachable_by_name(built_run, tiny_data, tmp_path, capsys):
     """The README's worked example (fishcomp/stages/calibrate.py): temperature scaling of a run."""
-    _, _, args = demo_run
+    _, _, args = built_run
     work = args[args.index("--work") + 1]
     command = ["run", "-c", CONFIGS / "dense_360x640_probe.yaml", "--data", tiny_data, "--work", work, "--stage", "calibrate",
                "--set", "calibrate={bounds: [0.5, 2.0]}", *[a for o in SMALL for a in ("--set", o)]]
@@ -143,16 +154,16 @@ def test_a_new_stage_is_reachable_by_name(demo_run, tiny_data, tmp_path, capsys)
     assert code == 2 and "has no `calibrate` section" in stderr
 
 
-def test_changing_the_blend_redoes_only_the_ensemble(demo_run, capsys):
-    work, out, args = demo_run
+def test_changing_the_blend_redoes_only_the_ensemble(built_run, capsys):
+    work, out, args = built_run
     code, stdout, _ = run_cli(args + ["--set", "ensemble.method=geometric"], capsys)
     assert code == 0
     lines = {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in ("precompute", "train", "ensemble", "submit")}
     assert lines == {"precompute": "cached", "train": "cached", "ensemble": "built", "submit": "built"}
 
 
-def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(demo_run, tiny_data, capsys):
-    work, out, args = demo_run
+def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(built_run, tiny_data, capsys):
+    work, out, args = built_run
     gz_out = out.with_name("fitted.csv")
     # The demo pipeline fits its weights and its clip; only the copy to --out changes here.
     code, stdout, stderr = run_cli([gz_out if a == out else a for a in args] + ["--gzip"], capsys)
@@ -180,10 +191,10 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(demo_r
 
 
 @pytest.mark.parametrize("weights", ["fitted", "selection", "stack"])
-def test_every_blend_kind_builds_and_scores_itself_honestly(demo_run, capsys, weights):
+def test_every_blend_kind_builds_and_scores_itself_honestly(built_run, capsys, weights):
     """`weights: auto` may choose any of them, on data where it wins; each must then build
     (the stacker writes its cross-fitted predictions over the members' out-of-fold ones)."""
-    work, out, args = demo_run
+    work, out, args = built_run
     code, _, stderr = run_cli([out.with_name(f"{weights}.csv") if a == out else a for a in args] + ["--set", f"ensemble.weights={weights}"], capsys)
     assert code == 0, stderr
     summary = next(
@@ -195,8 +206,8 @@ def test_every_blend_kind_builds_and_scores_itself_honestly(demo_run, capsys, we
         assert summary["valid_logloss"] == pytest.approx(summary["valid_logloss_cross_fitted"])
 
 
-def test_kaggle_upload_uses_the_kaggle_cli_after_validation(demo_run, tmp_path, capsys, monkeypatch):
-    work, out, args = demo_run
+def test_kaggle_upload_uses_the_kaggle_cli_after_validation(built_run, tmp_path, capsys, monkeypatch):
+    work, out, args = built_run
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "bin" / "kaggle"
     fake.parent.mkdir()
