@@ -36,12 +36,13 @@ def _folder(work, stage, name):
     return next((work / stage).glob(f"{name}-*/meta.json" if stage == "crops" else f"{name}-*/summary.json")).parent
 
 
-def _fixture_artifact(work, data, stage):
-    """The `stage` artifact crops_run built (crops.yaml with SMALL), found by its key: other tests
-    add variants beside it in the same work folder."""
+def _fixture_artifact(work, data, stage, overrides=()):
+    """The `stage` artifact crops_run built (crops.yaml with SMALL, and `overrides` for a variant),
+    found by its key: other tests add variants beside it in the same work folder."""
     from fishcomp.pipeline import resolver
 
-    node = resolver(Context(data_dir=data, work_dir=work, overrides=SMALL)).plan(stage, load_config(CONFIGS / "crops.yaml", SMALL))
+    settings = [*SMALL, *overrides]
+    node = resolver(Context(data_dir=data, work_dir=work, overrides=settings)).plan(stage, load_config(CONFIGS / "crops.yaml", settings))
     return next((work / stage).glob(f"*-{node.key}"))
 
 
@@ -63,9 +64,9 @@ def test_an_auto_nof_weight_is_the_share_with_the_lowest_out_of_fold_log_loss(cr
     work, _ = crops_run
     code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.nof.weight=0.5"])], capsys)
     assert code == 0, stderr
-    summaries = [json.loads(p.read_text())["nof_blend"] for p in (work / "train").glob("crops-*/summary.json")]
-    chosen = next(s for s in summaries if s["weight_setting"] == "auto")
-    fixed = next(s for s in summaries if s["weight_setting"] == 0.5)
+    chosen, fixed = (json.loads((_fixture_artifact(work, tiny_data, "train", overrides) / "summary.json").read_text())["nof_blend"]
+                     for overrides in ([], ["crops.nof.weight=0.5"]))
+    assert chosen["weight_setting"] == "auto" and fixed["weight_setting"] == 0.5
     assert chosen["weight"] in np.linspace(0, 1, 21).round(2).tolist()
     code, stdout, _ = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets(SMALL)], capsys)
     assert code == 0 and f"P(NoF) weighted {chosen['weight']:g} by auto" in stdout
@@ -142,9 +143,8 @@ def test_gem_pooled_crops_are_the_same_crops_pooled_above_their_average(crops_ru
     code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.pool=null"])], capsys)
     assert code == 0, stderr
     assert "crops of 156 images, boxes from" in stdout
-    folders = {json.loads(p.read_text()).get("pool"): p.parent for p in (work / "crops").glob("crops-*/meta.json")}
-    assert set(folders) >= {"avg", "gem"}
-    average, gem = folders["avg"], folders["gem"]
+    average, gem = _fixture_artifact(work, tiny_data, "crops", ["crops.pool=null"]), _fixture_artifact(work, tiny_data, "crops")
+    assert (json.loads((average / "meta.json").read_text())["pool"], json.loads((gem / "meta.json").read_text())["pool"]) == ("avg", "gem")
     assert pd.read_csv(average / "crop_boxes.csv").equals(pd.read_csv(gem / "crop_boxes.csv"))
     for name in ("train_pooled.npy", "train_aug_pooled.npy", "test_stg1_pooled.npy"):
         a, g = np.load(average / name).astype(np.float32), np.load(gem / name).astype(np.float32)
@@ -196,7 +196,7 @@ def test_mirrored_crops_are_a_test_time_view_that_the_classifier_averages(crops_
     mirrored = _fixture_artifact(work, tiny_data, "crops")
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.tta=null"])], capsys)
     assert code == 0, stderr
-    plain = next(p.parent for p in (work / "crops").glob("crops-*/meta.json") if json.loads(p.read_text())["tta_views"] == 1)
+    plain = _fixture_artifact(work, tiny_data, "crops", ["crops.tta=null"])
     boxes = pd.read_csv(plain / "crop_boxes.csv")
     assert boxes.equals(pd.read_csv(mirrored / "crop_boxes.csv"))
 
@@ -214,7 +214,7 @@ def test_mirrored_crops_are_a_test_time_view_that_the_classifier_averages(crops_
     # the unmirrored crop is.
     assert _relative(stored, expected).max() < 0.02
     assert (_relative(stored, expected) < 0.25 * _relative(original, expected)).all()
-    plain_run = json.loads(max(work.glob("train/crops-*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
+    plain_run = json.loads(_fixture_artifact(work, tiny_data, "train", ["crops.tta=null"]).joinpath("summary.json").read_text())
     assert (mirrored_run["tta_views"], plain_run["tta_views"]) == (2, 1)
     # Without the view, the mirrored run's classifier is the plain run's: same originals, same
     # training; the view changes its predictions.
@@ -232,7 +232,8 @@ def test_every_other_jittered_copy_is_mirrored(crops_run, tiny_data, capsys):
                                *_sets([*SMALL, "crops.jitter.mirror=null"])], capsys)
     assert code == 0, stderr
     mirrored = _fixture_artifact(work, tiny_data, "crops")
-    plain = next(p.parent for p in (work / "crops").glob("crops-*/crop_boxes.csv") if not pd.read_csv(p).mirrored.any())
+    plain = _fixture_artifact(work, tiny_data, "crops", ["crops.jitter.mirror=null"])
+    assert not pd.read_csv(plain / "crop_boxes.csv").mirrored.any()
     boxes = pd.read_csv(mirrored / "crop_boxes.csv")
     # Exactly the train images' first jittered copies are marked, and every rectangle is the plain run's.
     assert boxes.mirrored.tolist() == ((boxes.split == "train") & (boxes["copy"] == 1)).tolist()
