@@ -40,6 +40,12 @@ def built_run(demo_run, capsys):
     return demo_run
 
 
+def _printed_artifact(stdout: str, stage: str) -> Path:
+    """The folder of the `stage` artifact a run printed (`<stage>  built|cached  <folder>  ...`):
+    the run's own, whatever variants other tests left beside it."""
+    return Path(next(line.split()[2] for line in stdout.splitlines() if line.split()[:1] == [stage]))
+
+
 def _dag(args, capsys, *extra):
     """`fishcomp dag` with run's config, data, work and --set: {(stage, config): status}."""
     dag_args = ["dag", *[a for a in args[1:] if a != "--out" and not str(a).endswith(".csv")], "--format", "csv", *extra]
@@ -94,7 +100,7 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(built_run, tiny_data
     assert FIRST_RUN[work].count("built") >= 6  # 2 precomputes, 2 trains, ensemble, submit
     code, stdout, stderr = run_cli(args, capsys)  # cached: this config's own submission, whatever ran since
     assert code == 0, stderr
-    blend_folder = Path(next(line.split()[2] for line in stdout.splitlines() if line.startswith("ensemble")))
+    blend_folder = _printed_artifact(stdout, "ensemble")
     # One pass per backbone, size and view set: the pooled-only 360x640 members read the map pass.
     assert len(list((work / "precompute").glob("eff*"))) == 3
     assert out.is_file() and out.with_name("submission_stg2.csv").is_file()
@@ -176,7 +182,7 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(built_
     code, stdout, stderr = run_cli([gz_out if a == out else a for a in args] + ["--gzip"], capsys)
     assert code == 0, stderr
     assert "built" not in stdout
-    summary = json.loads(next(p for p in (work / "ensemble").glob("pipeline-*/summary.json") if json.loads(p.read_text())["method"] == "mean").read_text())
+    summary = json.loads((_printed_artifact(stdout, "ensemble") / "summary.json").read_text())
     assert summary["weights"] == "auto" and set(summary["candidates_cross_fitted"]) == {"fitted", "selection", "stack"}
     assert summary["blend"] == min(summary["candidates_cross_fitted"], key=summary["candidates_cross_fitted"].get)
     weights = [m["weight"] for m in summary["members"]]
@@ -186,9 +192,7 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(built_
     else:  # fitted on the out-of-fold rows, the blend is never worse there than its best member
         assert summary["valid_logloss"] <= min(m["valid_logloss"] for m in summary["members"]) + 1e-9
     assert summary["valid_logloss_cross_fitted"] is not None
-    # The submit of this blend (an earlier test built a geometric one too): the one whose clip this run printed.
-    submits = [json.loads(p.read_text()) for p in (work / "submit").glob("pipeline-*/summary.json")]
-    submit = next(s for s in submits if f"after clip ({s['clip_used']})" in stdout)
+    submit = json.loads((_printed_artifact(stdout, "submit") / "summary.json").read_text())
     assert submit["clip"]["kind"] == "auto"
     assert submit["oof_logloss_clipped"] <= submit["oof_logloss_raw"] + 1e-12
     assert submit["clip_used"] in stdout
