@@ -10,6 +10,7 @@ from fishcomp.data.images import load_rgb, read_size
 from fishcomp.data.layout import FISHERIES_CLASSES, load_dataset
 from fishcomp.data.synth import REAL_SIZES, TRAIN_BOATS, class_counts, synthesize
 from fishcomp.errors import FishcompError
+from helpers import run_cli
 
 
 def test_synth_layout_is_the_competitions(tiny_data):
@@ -75,6 +76,82 @@ def test_boxes_are_inside_the_image_and_fish_sized(tiny_data):
         image = np.asarray(Image.open(tiny_data / path).convert("L"), dtype=float)
         assert 0 <= box.x and box.x + box.w <= image.shape[1] + 1e-6
         assert box.w >= image.shape[1] * 0.05
+
+
+def _job(boat_index: int, number: int, style, label: str = "ALB"):
+    from fishcomp.data.synth import ImageJob, make_boats
+
+    boat = make_boats(4, TRAIN_BOATS, 0)[boat_index]
+    return ImageJob("", label, boat, 0.25, (4, 1, number), style)
+
+
+def _drawn(job, tmp_path):
+    from dataclasses import replace
+
+    from fishcomp.data.synth import render
+
+    job = replace(job, path=str(tmp_path / f"{job.boat.index}-{job.seed[-1]}-{hash(job.style)}.jpg"))
+    boxes, points = render(job)
+    return boxes, points, np.asarray(Image.open(job.path), dtype=float)
+
+
+def test_a_styles_light_changes_the_pixels_but_not_the_fish(tmp_path):
+    """Glare, white balance and exposure draw from streams of their own: the same photo under
+    another light holds the same fish in the same places."""
+    from dataclasses import replace
+
+    from fishcomp.data.synth import STYLES
+
+    plain = STYLES["classic"]
+    harsh = replace(plain, glare=1.0, colour_cast=40, exposure=(0.5, 0.5))
+    for number in range(3):
+        boxes, points, pixels = _drawn(_job(0, number, plain), tmp_path)
+        lit_boxes, lit_points, lit_pixels = _drawn(_job(0, number, harsh), tmp_path)
+        assert boxes and lit_boxes == boxes and lit_points == points
+        assert np.abs(lit_pixels - pixels).mean() > 10  # the light did change (JPEG noise is ~1)
+
+
+def test_camera_height_makes_every_fish_of_one_boat_larger_or_smaller_alike(tmp_path):
+    """Each boat's camera sits at its own height: its fish are all scaled by one factor (so new
+    boats show new fish sizes), within exp(+-h); the rest of the photo is drawn as before."""
+    from dataclasses import replace
+
+    from fishcomp.data.synth import STYLES
+
+    plain, high = STYLES["classic"], replace(STYLES["classic"], camera_height=0.35)
+    factors = {}
+    for boat in range(3):
+        ratios = []
+        for number in range(4):
+            (box, *_), _, _ = _drawn(_job(boat, number, plain), tmp_path)
+            (scaled, *_), _, _ = _drawn(_job(boat, number, high), tmp_path)
+            # A rotated fish's box scales with it; a few pixels of rounding on ~60-pixel boxes.
+            ratios.append(np.sqrt(scaled["width"] * scaled["height"] / (box["width"] * box["height"])))
+        assert max(ratios) / min(ratios) < 1.15, ratios
+        factors[boat] = float(np.median(ratios))
+        assert np.exp(-0.35) - 0.05 < factors[boat] < np.exp(0.35) + 0.05
+    assert max(factors.values()) / min(factors.values()) > 1.05, factors  # the boats differ
+
+
+def test_fish_aspect_makes_the_same_kind_slimmer_or_stouter():
+    from fishcomp.data.synth import draw_fish
+
+    def height(aspect_range):
+        fish = draw_fish("BET", 200, np.random.default_rng(0), aspect_range)
+        left, top, right, bottom = fish.getchannel("A").getbbox()
+        return bottom - top
+
+    assert height((1.3, 1.3)) < height((1.0, 1.0)) < height((0.7, 0.7))
+
+
+def test_synth_wild_style_through_the_cli(tmp_path, capsys):
+    code, out, err = run_cli(["synth", tmp_path / "wild", "--n-train", 24, "--n-test", 6, "--n-stage2", 4, "--scale", 0.15, "--style", "wild"], capsys)
+    assert code == 0, err
+    dataset = load_dataset(tmp_path / "wild")
+    assert len(dataset.train) == 24 and (dataset.images.split == "test_stg2").sum() == 4
+    assert (tmp_path / "wild" / "annos" / "alb_labels.json").is_file()
+    code, _, err = run_cli(["synth", tmp_path / "other", "--style", "wilder"], capsys)
+    assert code == 2 and "unknown synth style `wilder`" in err and "wild" in err
 
 
 def make_layout(root, extra=None):

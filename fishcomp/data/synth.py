@@ -52,6 +52,15 @@ class Style:
     night_boost: float = 0.0  # added to every boat's share of night photos
     blur: float = 1.2  # largest Gaussian blur radius
     boat_concentration: float = 0.6  # Dirichlet concentration of P(boat | class): lower leaks more
+    # The fields below draw from random streams of their own, so that at these defaults every
+    # other style's images stay byte for byte what they were (and the numbers measured on them).
+    fish_aspect: tuple[float, float] = (0.9, 1.1)  # each fish's length/height, times its kind's
+    # Each boat's camera height: every fish on that boat is exp(u) times as long, u ~ U(-h, h),
+    # so that boats a model has not seen (stage 2) show fish at sizes it has not seen.
+    camera_height: float = 0.0
+    exposure: tuple[float, float] = (0.75, 1.15)  # a daylight photo's brightness factor
+    glare: float = 0.0  # share of photos with a soft, saturated patch of sun or floodlight
+    colour_cast: int = 0  # each photo's white balance: up to this much per channel
 
 
 STYLES = {
@@ -61,6 +70,12 @@ STYLES = {
     "hard": Style(fish_length=(0.06, 0.16), tint=30, clutter=(6, 16), night_boost=0.2, blur=2.0, boat_concentration=2.0),
     # Large, sharp fish on quiet decks, and boats that nearly identify the class.
     "easy": Style(fish_length=(0.18, 0.32), clutter=(0, 4), blur=0.6, boat_concentration=0.2),
+    # What the others hold fixed: fish shapes that overlap between kinds, a camera height per boat,
+    # harsh and uneven light, white balance; a moderate size leak. Not between easy and hard.
+    "wild": Style(
+        fish_length=(0.07, 0.26), tint=20, clutter=(4, 14), night_boost=0.1, blur=1.6, boat_concentration=1.0,
+        fish_aspect=(0.7, 1.3), camera_height=0.35, exposure=(0.5, 1.35), glare=0.35, colour_cast=25,
+    ),
 }
 
 
@@ -160,10 +175,10 @@ def _profile(kind: str, t: np.ndarray) -> np.ndarray:
     return np.sin(np.pi * (0.06 + 0.9 * t)) ** 0.75
 
 
-def draw_fish(kind: str, length: int, rng: np.random.Generator) -> Image.Image:
+def draw_fish(kind: str, length: int, rng: np.random.Generator, aspect_range: tuple[float, float] = (0.9, 1.1)) -> Image.Image:
     """An RGBA fish lying horizontally with its head to the right."""
     look = FISH_LOOKS[kind]
-    aspect = look["aspect"] * rng.uniform(0.9, 1.1)
+    aspect = look["aspect"] * rng.uniform(*aspect_range)
     body_len = length * 0.78
     height = length / aspect
     pad = int(height * 0.9) + 4
@@ -278,6 +293,23 @@ def _night(canvas: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(green, 0, 255).astype(np.uint8))
 
 
+def _lit(canvas: Image.Image, rng: np.random.Generator, style: Style) -> Image.Image:
+    """The style's glare and white balance, drawn from the photo's own stream (`rng`)."""
+    if not style.glare and not style.colour_cast:
+        return canvas
+    image = np.asarray(canvas, dtype=np.float32)
+    if rng.random() < style.glare:
+        height, width = image.shape[:2]
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        radius = rng.uniform(0.15, 0.45) * width
+        yy, xx = np.ogrid[0:height, 0:width]
+        patch = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+        image = image + rng.uniform(90, 200) * patch[..., None]
+    if style.colour_cast:
+        image = image + rng.integers(-style.colour_cast, style.colour_cast + 1, size=3)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
 @dataclass(frozen=True)
 class ImageJob:
     path: str
@@ -312,11 +344,12 @@ def render(job: ImageJob) -> tuple[list[dict], list[dict]]:
     canvas = _deck(job.boat, rng, width, height)
     _clutter(canvas, rng, style.clutter)
     boxes, points = [], []
+    camera_zoom = math.exp(np.random.default_rng([job.boat.seed, 43]).uniform(-1, 1) * style.camera_height)
     if job.label != "NoF":
         count = 1 + int(rng.random() < 0.25) + int(rng.random() < 0.08)
         for _ in range(count):
-            length = max(12, int(width * rng.uniform(*style.fish_length)))
-            upright = draw_fish(job.label, length, rng)
+            length = max(12, int(width * rng.uniform(*style.fish_length) * camera_zoom))
+            upright = draw_fish(job.label, length, rng, style.fish_aspect)
             if style.tint:
                 upright = _tinted(upright, np.random.default_rng([job.seed[0], 41, FISHERIES_CLASSES.index(job.label)]), style.tint)
             angle = rng.uniform(0, 360)
@@ -334,7 +367,8 @@ def render(job: ImageJob) -> tuple[list[dict], list[dict]]:
     if rng.random() < min(1.0, job.boat.night_share + style.night_boost):
         canvas = _night(canvas, rng)
     else:
-        canvas = Image.fromarray(np.clip(np.asarray(canvas, dtype=np.float32) * rng.uniform(0.75, 1.15), 0, 255).astype(np.uint8))
+        canvas = Image.fromarray(np.clip(np.asarray(canvas, dtype=np.float32) * rng.uniform(*style.exposure), 0, 255).astype(np.uint8))
+    canvas = _lit(canvas, np.random.default_rng([*job.seed, 47]), style)
     canvas = canvas.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.0, style.blur)))
     Path(job.path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(job.path, quality=88)
