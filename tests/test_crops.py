@@ -97,6 +97,8 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
     train_index = index[index.split == "train"].reset_index(drop=True)
     features_folder = next(p for p in (work / "precompute").iterdir() if (p / "train_map.npy").is_file())
     maps = np.load(features_folder / "train_map.npy")
+    # The box source also looks at each photo's mirrored view (bbox_grid.yaml's `head.box_tta`).
+    mirrored = np.load(features_folder / "train_tta_map.npy")[0]
     original = crops[(crops.split == "train") & (crops["copy"] == 0)].set_index("image")
     assert (original.source == "predicted (out of fold)").all()
 
@@ -119,10 +121,11 @@ def test_train_crops_come_from_out_of_fold_boxes(crops_run, tiny_data):
     projection = torch.load(bbox / "checkpoints" / "fold0.pt", weights_only=False).get("projection")
     if projection is not None:  # the maps were projected once before any fold trained
         maps = project(maps, projection["mean"].numpy(), projection["components"].numpy())
+        mirrored = project(mirrored, projection["mean"].numpy(), projection["components"].numpy())
     for row in range(0, len(oof), 10):
         image, fold = oof.image[row], oof.fold[row]
         position = int(np.flatnonzero(train_index.image == image)[0])
-        one = FeatureSet(maps[position : position + 1], np.arange(1))
+        one = FeatureSet(maps[position : position + 1], np.arange(1), views=[mirrored[position : position + 1]])
         one.make_resident(resident_dtype(dtype, "cpu"), budget=1 << 30)
         predicted = {f: predict(h, one, "cpu", dtype=dtype)["box"][0] for f, h in heads.items()}
         np.testing.assert_allclose(boxes.loc[row, ["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=float), predicted[fold], atol=tolerance)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fishcomp.training.feature_sets import FeatureSet
+from fishcomp.training.feature_sets import FeatureSet, predict
 
 # bfloat16 keeps 8 significant bits: rounding a float16 value to it moves it by at most half a
 # unit in the last place, 2**-8 of its magnitude (float16's own rounding is already in the cache).
@@ -74,3 +74,37 @@ def test_projected_float32_maps_are_held_as_float32_unless_the_head_computes_in_
     torch.testing.assert_close(got, torch.from_numpy(maps[[4, 0]]), rtol=0, atol=0)
     halved = FeatureSet(maps, np.arange(12))
     assert halved.make_resident(torch.bfloat16, BUDGET) == maps.nbytes // 2
+
+
+def test_mirror_box_tta_gives_a_photo_and_its_mirror_mirrored_boxes():
+    """With `head.box_tta: mirror` the grid locator's box is read off its cells averaged over the
+    photo and its mirrored view flipped back, so swapping the two views mirrors the box exactly;
+    the original view's own box is kept beside it."""
+    from fishcomp.config import BboxHeadConfig
+    from fishcomp.models.heads import create_head
+
+    torch.manual_seed(0)
+    config = BboxHeadConfig(box_from="grid", reduce=8, hidden=16, box_tta="mirror")
+    model = create_head(config, (16, 6, 10), 8).eval()
+    maps = np.random.default_rng(3).normal(0, 1, size=(20, 16, 6, 10)).astype(np.float32)
+    mirrored = maps[..., ::-1].copy()
+    ahead = predict(model, FeatureSet(maps, np.arange(20), views=[mirrored]), "cpu", tta="mean")
+    swapped = predict(model, FeatureSet(mirrored, np.arange(20), views=[maps]), "cpu", tta="mean")
+    x, y, w, h = swapped["box"].T
+    np.testing.assert_allclose(ahead["box"], np.stack([1 - x - w, y, w, h], axis=1), atol=1e-5)
+    alone = predict(model, FeatureSet(maps, np.arange(20)), "cpu")
+    np.testing.assert_array_equal(ahead["box_original"], alone["box"])
+    assert np.abs(ahead["box"] - alone["box"]).max() > 0.01  # the second look moved some boxes
+
+
+def test_the_mirror_box_tta_needs_a_mirrored_view_and_a_grid_locator():
+    from fishcomp.config import RunConfig
+
+    with pytest.raises(ValueError, match="precompute.tta"):
+        RunConfig(head={"kind": "bbox", "box_from": "grid", "box_tta": "mirror"})
+    with pytest.raises(ValueError, match="box_from: grid"):
+        RunConfig(head={"kind": "bbox", "box_tta": "mirror"})
+    RunConfig(
+        head={"kind": "bbox", "box_from": "grid", "box_tta": "mirror"},
+        precompute={"size": [360, 640], "tta": {"views": 2, "transforms": [{"name": "HorizontalFlip", "p": 1.0}]}},
+    )

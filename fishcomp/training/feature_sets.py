@@ -230,6 +230,10 @@ def predict(model, features: FeatureSet, device, tta: str | None = None, batch_s
 
     model.eval()
 
+    # The grid locator's cells of every view, to flip the mirrored ones back (`head.box_tta`).
+    mirror_boxes = getattr(model, "box_tta", None) == "mirror" and features.view_count > 1
+    cell_outputs = ("box_cells", "box_geometry") if mirror_boxes else ()
+
     def run(view: FeatureSet, keep_extras: bool) -> dict[str, np.ndarray]:
         outputs: dict[str, list] = {}
         with torch.inference_mode(), autocast(dtype, device):
@@ -237,15 +241,35 @@ def predict(model, features: FeatureSet, device, tta: str | None = None, batch_s
                 x, size, _ = view.batch(np.arange(start, min(start + batch_size, len(view))), device)
                 result = model(x, size=size)
                 outputs.setdefault("probs", []).append(torch.softmax(result["logits"].float(), dim=1).cpu().numpy())
-                for name in ("box", "points", "heatmaps") if keep_extras else ():
+                for name in (*(("box", "points", "heatmaps") if keep_extras else ()), *cell_outputs):
                     if name in result:
                         outputs.setdefault(name, []).append(result[name].float().cpu().numpy())
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
     predicted = run(features.view(0), keep_extras=True)
-    if tta and features.view_count > 1:
-        # Boxes and heatmaps of a flipped view are in flipped coordinates, so only probabilities are combined.
-        others = [run(features.view(v), keep_extras=False)["probs"] for v in range(1, features.view_count)]
+    others = [run(features.view(v), keep_extras=False) for v in range(1, features.view_count)] if (tta or mirror_boxes) else []
+    if tta and others:
+        # Boxes and heatmaps of a flipped view are in flipped coordinates: probabilities are
+        # combined as they are; the grid locator's cells only flipped back (below).
         predicted["probs_original"] = predicted["probs"]
-        predicted["probs"] = combine_views([predicted["probs"], *others], tta)
+        predicted["probs"] = combine_views([predicted["probs"], *(other["probs"] for other in others)], tta)
+    if mirror_boxes:
+        predicted["box_original"] = predicted["box"]
+        predicted["box"] = _mirror_averaged_boxes(model, predicted, others)
+    for name in cell_outputs:
+        predicted.pop(name, None)
     return predicted
+
+
+def _mirror_averaged_boxes(model, original: dict, mirrored: list[dict]) -> np.ndarray:
+    """The grid locator's box from its cell scores and geometry averaged over the original view
+    and the mirrored ones flipped back: the best cell of the two looks together."""
+    import torch
+
+    from fishcomp.models.heads.dense import GridLocator
+
+    cells, geometry = [torch.from_numpy(original["box_cells"])], [torch.from_numpy(original["box_geometry"])]
+    for view in mirrored:
+        flipped_cells, flipped_geometry = GridLocator.mirrored_back(torch.from_numpy(view["box_cells"]), torch.from_numpy(view["box_geometry"]))
+        cells.append(flipped_cells), geometry.append(flipped_geometry)
+    return GridLocator.decode(torch.stack(cells).mean(0), torch.stack(geometry).mean(0)).numpy()

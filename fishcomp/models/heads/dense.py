@@ -144,16 +144,28 @@ class GridLocator(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.net(x)
         cells, geometry = out[:, 0], torch.sigmoid(out[:, 1:])  # (N, h, w), (N, 4, h, w)
+        return {"box": self.decode(cells, geometry), "box_cells": cells, "box_geometry": geometry}
+
+    @staticmethod
+    def mirrored_back(cells: torch.Tensor, geometry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mirrored view's cell scores and geometry in the original photo's frame: columns
+        reversed, and the centre's offset inside its cell measured from the other side."""
+        cells, geometry = cells.flip(-1), geometry.flip(-1).clone()
+        geometry[:, 0] = 1 - geometry[:, 0]
+        return cells, geometry
+
+    @staticmethod
+    def decode(cells: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """The box (x, y, w, h fractions) of each image's highest-scoring cell."""
         n, height, width = cells.shape
         best = cells.flatten(1).argmax(dim=1)
-        chosen = geometry.flatten(2)[torch.arange(n, device=x.device), :, best]  # (N, 4)
+        chosen = geometry.flatten(2)[torch.arange(n, device=cells.device), :, best]  # (N, 4)
         centre_x = (best % width + chosen[:, 0]) / width
         centre_y = (best // width + chosen[:, 1]) / height
         # Clipped to the image, as the annotated boxes are.
         left, top = (centre_x - chosen[:, 2] / 2).clamp(0, 1), (centre_y - chosen[:, 3] / 2).clamp(0, 1)
         right, bottom = (centre_x + chosen[:, 2] / 2).clamp(0, 1), (centre_y + chosen[:, 3] / 2).clamp(0, 1)
-        box = torch.stack([left, top, right - left, bottom - top], dim=1)
-        return {"box": box, "box_cells": cells, "box_geometry": geometry}
+        return torch.stack([left, top, right - left, bottom - top], dim=1)
 
 
 class BboxHead(DenseHead):
@@ -167,6 +179,7 @@ class BboxHead(DenseHead):
         # would: the same statistics of the same batch, so it is done once for both (on a
         # 1280-channel map each normalisation was an eighth of a training step).
         self.box_start = config.box_start
+        self.box_tta = config.box_tta
         self.shared_norm = config.box_from == "grid" and config.input == "map" and config.reduce is not None
         self.locator = GridLocator(in_shape[0], normalised=self.shared_norm) if config.box_from == "grid" else None
         # Head (x, y) and tail (x, y) of the fish, when asked for.
