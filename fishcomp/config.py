@@ -442,6 +442,10 @@ class TrainConfig(Strict):
     # also does (with a warning) under data-parallel training or where the outputs would not fit
     # in memory.
     stem_epochs: int | None = Field(None, ge=1)
+    # Train on each photo's mirrored view too (the test-time view `precompute.tta` already made:
+    # HorizontalFlip): every epoch each image is drawn as itself or mirrored, its box mirrored
+    # with it. Augmentation at no cost: the same steps, no extra pass. None: the originals only.
+    mirror_copies: bool | None = None
     # Train the backbone too (see FinetuneConfig); None: the head alone, on cached features.
     finetune: FinetuneConfig | None = None
     # Arithmetic of training and prediction. auto: heads that read the spatial map autocast to
@@ -586,6 +590,14 @@ class RunConfig(Strict):
             raise ValueError(
                 f"train.stem_epochs freezes a map head's first convolution: use fcn, resblock or inception with head.reduce, not {self.head.kind}"
             )
+        if self.train is not None and self.train.mirror_copies:
+            if not mirrors_every_view(self.precompute.tta):
+                raise ValueError(
+                    "train.mirror_copies trains on the mirrored view of each photo: set precompute.tta to "
+                    "{views: 2, transforms: [{name: HorizontalFlip, p: 1.0}]} or drop mirror_copies"
+                )
+            if self.precompute.augment is not None or self.crops is not None or self.train.finetune is not None:
+                raise ValueError("train.mirror_copies makes the cached mirrored view the training copy: drop precompute.augment, crops or train.finetune, or drop mirror_copies")
         if getattr(self.head, "box_tta", None) == "mirror" and not mirrors_every_view(self.precompute.tta):
             raise ValueError(
                 "head.box_tta: mirror reads the mirrored view of each photo: set precompute.tta to "

@@ -108,3 +108,33 @@ def test_the_mirror_box_tta_needs_a_mirrored_view_and_a_grid_locator():
         head={"kind": "bbox", "box_from": "grid", "box_tta": "mirror"},
         precompute={"size": [360, 640], "tta": {"views": 2, "transforms": [{"name": "HorizontalFlip", "p": 1.0}]}},
     )
+
+
+def test_mirrored_copies_are_the_views_with_their_boxes_mirrored_and_held_once():
+    maps, mirrored = _maps(0), _maps(1)
+    boxes = np.tile(np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.6, 0.6], dtype=np.float32), (len(maps), 1))
+    boxes[3] = np.nan  # an image without a box keeps none when mirrored
+    features = FeatureSet(maps, np.arange(len(maps)), boxes=boxes, views=[mirrored])
+    features.add_mirrored_copies()
+    assert features.copies[0] is features.views[0] and features.copy_count == 2
+    # Held once although it is both a copy and a view: the maps and one mirrored array.
+    assert features.make_resident(None, BUDGET) == 2 * 12 * 16 * 3 * 5 * 2
+    assert features.copies[0] is features.views[0]
+    x, _, box = features.batch(np.array([0, 3, 5]), "cpu", copies=np.array([1, 1, 0]))
+    torch.testing.assert_close(x[0], torch.from_numpy(mirrored[0].astype(np.float32)), rtol=0, atol=0)
+    torch.testing.assert_close(x[2], torch.from_numpy(maps[5].astype(np.float32)), rtol=0, atol=0)
+    np.testing.assert_allclose(box[0, :4].numpy(), [0.6, 0.2, 0.3, 0.4], atol=1e-6)  # x -> 1 - x - w
+    assert torch.isnan(box[0, 4:]).all()  # head and tail are not mirrored with it: left out
+    assert torch.isnan(box[1]).all()
+    np.testing.assert_array_equal(box[2].numpy(), boxes[5])
+
+
+def test_mirror_copies_need_the_mirrored_view_and_no_other_copies():
+    from fishcomp.config import RunConfig
+
+    mirror = {"views": 2, "transforms": [{"name": "HorizontalFlip", "p": 1.0}]}
+    with pytest.raises(ValueError, match="precompute.tta"):
+        RunConfig(head={"kind": "fcn"}, train={"mirror_copies": True})
+    with pytest.raises(ValueError, match="drop precompute.augment"):
+        RunConfig(head={"kind": "fcn"}, train={"mirror_copies": True}, precompute={"tta": mirror, "augment": {"copies": 1}})
+    RunConfig(head={"kind": "fcn"}, train={"mirror_copies": True}, precompute={"tta": mirror})

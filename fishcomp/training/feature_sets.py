@@ -116,18 +116,31 @@ class FeatureSet:
         self.copy_boxes = copy_boxes
         self.views = [_in_memory(v) for v in views]
 
+    def add_mirrored_copies(self) -> None:
+        """The test-time views, each the photo mirrored left-right, as training copies too (the
+        same arrays), their boxes mirrored; head/tail points are dropped for a copy (`batch`)."""
+        if self.copies:
+            raise ValueError("mirrored copies replace augmented ones; this set has both")
+        self.copies = list(self.views)
+        if self.boxes is not None:
+            mirrored = self.boxes[:, :4].copy()
+            mirrored[:, 0] = 1 - self.boxes[:, 0] - self.boxes[:, 2]
+            self.copy_boxes = np.stack([mirrored] * len(self.copies))
+
     def make_resident(self, dtype, budget: int) -> int:
         """Hold this set's maps (with their copies and views) as `ResidentMaps` of `dtype` (None:
-        their own) if they fit in `budget` bytes; the bytes taken (0: left as they were)."""
-        arrays = [self.array, *self.copies, *self.views]
-        if any(isinstance(a, ResidentMaps) or a.ndim != 4 for a in arrays):
+        their own) if they fit in `budget` bytes; the bytes taken (0: left as they were). An
+        array that is both a copy and a view is held once."""
+        distinct = {id(a): a for a in [self.array, *self.copies, *self.views]}
+        if any(isinstance(a, ResidentMaps) or a.ndim != 4 for a in distinct.values()):
             return 0  # done already, or not maps
-        needed = sum(a.size * (dtype.itemsize if dtype is not None else a.dtype.itemsize) for a in arrays)
+        needed = sum(a.size * (dtype.itemsize if dtype is not None else a.dtype.itemsize) for a in distinct.values())
         if needed > budget:
             return 0
-        self.array = ResidentMaps(self.array, dtype)
-        self.copies = [ResidentMaps(c, dtype) for c in self.copies]
-        self.views = [ResidentMaps(v, dtype) for v in self.views]
+        held = {key: ResidentMaps(a, dtype) for key, a in distinct.items()}
+        self.array = held[id(self.array)]
+        self.copies = [held[id(c)] for c in self.copies]
+        self.views = [held[id(v)] for v in self.views]
         return needed
 
     def subset(self, positions: np.ndarray) -> FeatureSet:

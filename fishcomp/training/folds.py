@@ -287,6 +287,8 @@ class CachedFeatureFolds:
         self.projection, self.probe_rows = None, None
         if self.kind == "map" and config.train.map_channels:
             self._project_maps(config.train.map_channels, config.train.seed)
+        if config.train.mirror_copies:
+            self.train_features.add_mirrored_copies()
         self.pseudo, self.pseudo_summary = None, None
         if pseudo_source is not None:
             settings = config.train.pseudo
