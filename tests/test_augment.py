@@ -140,3 +140,23 @@ def test_training_draws_augmented_copies_and_reports_tta(tiny_data, tmp_path, ca
     assert summary["augment_copies"] == 2 and summary["tta_views"] == 3
     assert summary["valid_logloss"] < summary["prior_logloss"]
     assert summary["valid_logloss"] != summary["valid_logloss_without_tta"]
+
+
+def test_mirror_copies_train_on_the_mirrored_view_the_pass_already_made(tiny_data, tmp_path, capsys):
+    """`train.mirror_copies`: the probe fits on each photo and its mirror (twice the rows), a head
+    trained by steps draws either each epoch (the crops' box source does so on the map); all from
+    the one cached pass, no copies computed."""
+    for config in ("linear_360x640", "dense_360x640_probe"):
+        summaries = {}
+        for mirror in ("null", "true"):
+            args = ["train", "-c", CONFIGS / f"{config}.yaml", "--data", tiny_data, "--work", tmp_path]
+            for override in [*SMALL, f"train.mirror_copies={mirror}"]:
+                args += ["--set", override]
+            code, stdout, stderr = run_cli(args, capsys)
+            assert code == 0, stderr
+            folder = stdout.split("train      built   ")[1].split()[0]
+            summaries[mirror] = json.loads((tmp_path / "train" / folder.rsplit("/", 1)[-1] / "summary.json").read_text())
+        assert (summaries["null"]["augment_copies"], summaries["true"]["augment_copies"]) == (0, 1), config
+        assert summaries["true"]["valid_logloss"] != summaries["null"]["valid_logloss"], config
+        assert summaries["true"]["valid_logloss"] < summaries["true"]["prior_logloss"], config
+    assert len(list((tmp_path / "precompute").glob("efficientnet*"))) == 1  # one pass (with its mirrored view)

@@ -192,9 +192,11 @@ class LinearProbeFolds:
         # What the folds' checkpoints read, (C,) or (C, H, W): the module pools a map itself.
         self.in_shape = tuple(cached.shape[1:])
         copies, _ = load_augmented(features_artifact, kind)
-        self.rows = ProbeRows(as_float(cached)[data.usable], [as_float(c)[data.usable] for c in copies], data.labels)
-        self.train = self.rows.originals
         self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", kind)] if self.tta else []
+        # `train.mirror_copies`: the mirrored views are more rows to fit on, as augmented copies are.
+        copy_rows = self.train_views if data.loaded.config.train.mirror_copies else [as_float(c)[data.usable] for c in copies]
+        self.rows = ProbeRows(as_float(cached)[data.usable], copy_rows, data.labels)
+        self.train = self.rows.originals
         self.tests = {s: as_float(load_features(features_artifact, s, kind)) for s in data.test_splits}
         self.test_views = {s: [as_float(v) for v in load_views(features_artifact, s, kind)] if self.tta else [] for s in data.test_splits}
 
