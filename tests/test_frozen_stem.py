@@ -60,9 +60,10 @@ def test_a_frozen_stem_serves_its_outputs_in_place_of_the_maps_and_gives_its_lay
 
 
 def _train(tiny_data, work, capsys, *overrides):
-    # Without fcn.yaml's mirrored view: the epochs' validation, which the test compares with the
-    # out-of-fold predictions, reads the original view only.
-    sets = [arg for override in [*SMALL, "train.precision=fp32", "precompute.tta=null", *overrides] for arg in ("--set", override)]
+    # Without fcn.yaml's mirrored view (nor the training copies made of it): the epochs'
+    # validation, which the test compares with the out-of-fold predictions, reads the original view only.
+    plain = ["precompute.tta=null", "train.mirror_copies=null"]
+    sets = [arg for override in [*SMALL, "train.precision=fp32", *plain, *overrides] for arg in ("--set", override)]
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "fcn.yaml", "--data", tiny_data, "--work", work, *sets], capsys)
     assert code == 0, stderr
     return next((work / "train").glob("fcn-*"))
