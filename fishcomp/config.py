@@ -786,7 +786,8 @@ def _describe_error(error: dict) -> str:
         head_kind = str(error["loc"][1]) if error["loc"][:1] == ("head",) and len(error["loc"]) > 2 else None
         return f"unknown key `{location}`{did_you_mean(parts[-1], _fields_at(parts[:-1], head_kind))}"
     if kind == "value_error" and "error" in ctx:
-        return f"`{location}`: {ctx['error']}"
+        # A rule across sections (the whole config's) names its keys itself.
+        return f"`{location}`: {ctx['error']}" if location else str(ctx["error"])
     if kind == "union_tag_invalid":
         expected = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
         tag = ctx.get("tag")

@@ -160,3 +160,10 @@ def test_mirror_copies_train_on_the_mirrored_view_the_pass_already_made(tiny_dat
         assert summaries["true"]["valid_logloss"] != summaries["null"]["valid_logloss"], config
         assert summaries["true"]["valid_logloss"] < summaries["true"]["prior_logloss"], config
     assert len(list((tmp_path / "precompute").glob("efficientnet*"))) == 1  # one pass (with its mirrored view)
+
+
+def test_turning_off_the_view_that_training_copies_read_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "fcn.yaml", "--data", tiny_data, "--work", tmp_path, "--set", "precompute.tta=null"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert "train.mirror_copies" in stderr and "``" not in stderr  # a rule across sections names its keys itself
+    assert not (tmp_path / "train").exists() and not (tmp_path / "precompute").exists()
