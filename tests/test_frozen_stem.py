@@ -59,11 +59,13 @@ def test_a_frozen_stem_serves_its_outputs_in_place_of_the_maps_and_gives_its_lay
     assert torch.equal(norm.running_mean, statistics[0]) and torch.equal(norm.running_var, statistics[1])
 
 
+PLAIN = ["precompute.tta=null", "train.mirror_copies=null"]
+
+
 def _train(tiny_data, work, capsys, *overrides):
     # Without fcn.yaml's mirrored view (nor the training copies made of it): the epochs'
     # validation, which the test compares with the out-of-fold predictions, reads the original view only.
-    plain = ["precompute.tta=null", "train.mirror_copies=null"]
-    sets = [arg for override in [*SMALL, "train.precision=fp32", *plain, *overrides] for arg in ("--set", override)]
+    sets = [arg for override in [*SMALL, "train.precision=fp32", *PLAIN, *overrides] for arg in ("--set", override)]
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "fcn.yaml", "--data", tiny_data, "--work", work, *sets], capsys)
     assert code == 0, stderr
     return next((work / "train").glob("fcn-*"))
@@ -109,7 +111,7 @@ def test_a_stem_whose_outputs_would_not_fit_in_memory_stays_unfrozen_and_says_so
     two_epochs = "train.phases=[{epochs: 1, lr: 1.0e-3}, {epochs: 1, lr: 1.0e-4}]"
     whole = _train(tiny_data, tmp_path / "whole", capsys, two_epochs, "train.stem_epochs=null")
     monkeypatch.setattr("fishcomp.training.folds.resident_budget", lambda: 1 << 20)  # 1 MiB
-    sets = [arg for override in [*SMALL, "train.precision=fp32", two_epochs, "train.stem_epochs=1"] for arg in ("--set", override)]
+    sets = [arg for override in [*SMALL, "train.precision=fp32", *PLAIN, two_epochs, "train.stem_epochs=1"] for arg in ("--set", override)]
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "fcn.yaml", "--data", tiny_data, "--work", tmp_path / "small", *sets], capsys)
     assert code == 0, stderr
     assert "fold 0: every layer trains every epoch (train.stem_epochs ignored): its outputs" in stderr and "would not fit" in stderr
