@@ -268,13 +268,13 @@ def predict(model, features: FeatureSet, device, tta: str | None = None, batch_s
         predicted["probs"] = combine_views([predicted["probs"], *(other["probs"] for other in others)], tta)
     if mirror_boxes:
         predicted["box_original"] = predicted["box"]
-        predicted["box"] = _mirror_averaged_boxes(model, predicted, others)
+        predicted["box"] = _mirror_averaged_boxes(predicted, others)
     for name in cell_outputs:
         predicted.pop(name, None)
     return predicted
 
 
-def _mirror_averaged_boxes(model, original: dict, mirrored: list[dict]) -> np.ndarray:
+def _mirror_averaged_boxes(original: dict, mirrored: list[dict]) -> np.ndarray:
     """The grid locator's box from its cell scores and geometry averaged over the original view
     and the mirrored ones flipped back: the best cell of the two looks together."""
     import torch

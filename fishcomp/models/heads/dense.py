@@ -150,7 +150,7 @@ class GridLocator(nn.Module):
     def mirrored_back(cells: torch.Tensor, geometry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A mirrored view's cell scores and geometry in the original photo's frame: columns
         reversed, and the centre's offset inside its cell measured from the other side."""
-        cells, geometry = cells.flip(-1), geometry.flip(-1).clone()
+        cells, geometry = cells.flip(-1), geometry.flip(-1)  # flip returns a copy
         geometry[:, 0] = 1 - geometry[:, 0]
         return cells, geometry
 
