@@ -72,7 +72,7 @@ def select_weights(probabilities: list[np.ndarray], labels: np.ndarray, method: 
 WEIGHT_FITTERS = {"fitted": fit_weights, "selection": select_weights}
 
 
-def _cross_fitted(probabilities: list[np.ndarray], folds: np.ndarray, fit_and_apply) -> np.ndarray | None:
+def cross_fitted(probabilities: list[np.ndarray], folds: np.ndarray, fit_and_apply) -> np.ndarray | None:
     """Each validated fold predicted by `fit_and_apply(rest, this)` fitted on the other folds
     only. None with a single validated fold (nothing to fit on)."""
     validated = sorted(f for f in np.unique(folds) if f >= 0)
@@ -93,7 +93,7 @@ def cross_fitted_blend(probabilities: list[np.ndarray], labels: np.ndarray, fold
         weights = WEIGHT_FITTERS[kind]([p[rest] for p in probabilities], labels[rest], method)
         return blend([p[this] for p in probabilities], weights, method)
 
-    return _cross_fitted(probabilities, folds, fit_and_apply)
+    return cross_fitted(probabilities, folds, fit_and_apply)
 
 
 def _stack_features(probabilities: list[np.ndarray]) -> np.ndarray:
@@ -120,7 +120,7 @@ def cross_fitted_stack(probabilities: list[np.ndarray], labels: np.ndarray, fold
         stacker = fit_stacker([p[rest] for p in probabilities], labels[rest], strength)
         return stack_predict(stacker, [p[this] for p in probabilities], probabilities[0].shape[1])
 
-    return _cross_fitted(probabilities, folds, fit_and_apply)
+    return cross_fitted(probabilities, folds, fit_and_apply)
 
 
 

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 from helpers import CONFIGS, SMALL, TINY, run_cli
 
-from fishcomp.config import load_config
+from fishcomp.config import ClipConfig, load_config
 from fishcomp.models import backbones
+from fishcomp.stages.calibrate import with_temperature
+from fishcomp.stages.submit import apply_clip
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +124,26 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(built_run, tiny_data
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
 
 
+def test_the_submission_is_the_calibrated_blend(built_run, capsys):
+    """pipeline.yaml's calibrate section sits between the blend and the submission: the written
+    rows are the blend's test predictions raised to 1/T, renormalised, then clipped."""
+    work, out, args = built_run
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    blend_folder, calibrated = _printed_artifact(stdout, "ensemble"), _printed_artifact(stdout, "calibrate")
+    summary = json.loads((calibrated / "summary.json").read_text())
+    assert 0.25 <= summary["temperature"] <= 4.0
+    assert summary["valid_logloss"] <= summary["valid_logloss_before"] + 1e-9  # fitted on these very rows
+    assert math.isfinite(summary["valid_logloss_cross_fitted"])  # each fold scaled by a temperature fitted on the others
+    clip = json.loads((_printed_artifact(stdout, "submit") / "summary.json").read_text())["clip_resolved"]
+    blend = pd.read_csv(blend_folder / "test_stg1.csv")
+    classes = list(blend.columns[1:])
+    expected = apply_clip(with_temperature(blend[classes].to_numpy(dtype=float), summary["temperature"]), ClipConfig(**clip))
+    written = pd.read_csv(out).set_index("image").loc[blend.image, classes].to_numpy()
+    np.testing.assert_allclose(written, expected, atol=2e-6)  # the CSV's six decimals
+    assert not np.allclose(summary["temperature"], 1.0, atol=1e-3)  # so the check above can tell the two apart
+
+
 def test_a_second_run_skips_every_stage_without_loading_a_model(built_run, capsys):
     work, out, args = built_run
     out.unlink(missing_ok=True)
@@ -147,7 +169,7 @@ def test_after_a_run_the_dag_is_all_cached_and_a_nof_weight_marks_only_the_crops
     statuses = _dag([tmp_path / "pipeline.yaml" if a == CONFIGS / "pipeline.yaml" else a for a in args], capsys)
     to_build = {node for node, status in statuses.items() if status != "cached"}
     # The crops embedding (the expensive part) is not redone: only the head that blends NoF.
-    assert to_build == {("train", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline")}
+    assert to_build == {("train", "crops"), ("ensemble", "pipeline"), ("calibrate", "pipeline"), ("submit", "pipeline")}
 
 
 def test_a_new_stage_is_reachable_by_name(built_run, tiny_data, tmp_path, capsys):

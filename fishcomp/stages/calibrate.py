@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fishcomp.blending import cross_fitted
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, key_payload
 from fishcomp.context import Context
@@ -47,7 +48,11 @@ class Calibrate(Stage):
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict:
         before = read_predictions(inputs["predictions"])
         labels, probs = before.oof_labels(), before.oof_probs()
-        temperature = fit_temperature(labels, probs, node.loaded.config.calibrate.bounds)
+        bounds = node.loaded.config.calibrate.bounds
+        temperature = fit_temperature(labels, probs, bounds)
+        # The honest estimate, as the blend's: each fold scaled by a temperature fitted on the others.
+        folds = before.validated.fold.to_numpy()
+        held_out = cross_fitted([probs], folds, lambda rest, this: with_temperature(probs[this], fit_temperature(labels[rest], probs[rest], bounds)))
         oof = before.oof.copy()
         validated = (oof.fold >= 0).to_numpy()
         oof.loc[validated, before.classes] = with_temperature(oof.loc[validated, before.classes].to_numpy(dtype=float), temperature)
@@ -55,10 +60,15 @@ class Calibrate(Stage):
                  for split, frame in before.tests.items()}
         after = Predictions(classes=before.classes, oof=oof, tests=tests)
         after.write(tmp)
-        summary = {"name": node.name, "temperature": temperature, "valid_logloss_before": before.oof_logloss(), "valid_logloss": after.oof_logloss()}
+        summary = {
+            "name": node.name, "temperature": temperature, "valid_logloss_before": before.oof_logloss(), "valid_logloss": after.oof_logloss(),
+            "valid_logloss_cross_fitted": None if held_out is None else log_loss(labels, held_out),
+        }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         return {"summary": summary}
 
     def describe(self, artifact: Artifact) -> str:
         summary = json.loads(artifact.file("summary.json").read_text())
-        return f"T={summary['temperature']:.3f}: valid logloss {summary['valid_logloss_before']:.4f} -> {summary['valid_logloss']:.4f}"
+        honest = summary.get("valid_logloss_cross_fitted")
+        crossed = "" if honest is None else f", cross-fitted {honest:.4f}"
+        return f"T={summary['temperature']:.3f}: valid logloss {summary['valid_logloss_before']:.4f} -> {summary['valid_logloss']:.4f}{crossed}"

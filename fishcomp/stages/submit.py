@@ -88,7 +88,12 @@ class Submit(Stage):
     summary = "the clipped submission CSVs in the sample submission's order, validated"
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
-        stage = "ensemble" if loaded.config.ensemble is not None else "train"
+        # The last stage that shaped the predictions: calibrate when configured, else the blend or
+        # the single head.
+        if loaded.config.calibrate is not None:
+            stage = "calibrate"
+        else:
+            stage = "ensemble" if loaded.config.ensemble is not None else "train"
         return {"predictions": resolver.node(stage, loaded)}
 
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
