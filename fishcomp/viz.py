@@ -166,6 +166,24 @@ def bar_chart(names: list[str], values: list[float], path: Path, title: str, hig
     return save_figure(figure, path)
 
 
+def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """Confidence against accuracy, one line per `name: (labels, probabilities)`: the top class's
+    probability, binned (scikit-learn's calibration_curve), against how often that class is right.
+    A calibrated model lies on the diagonal; below it, over-confident; above it, under-confident."""
+    from sklearn.calibration import calibration_curve
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for name, (labels, probs) in curves.items():
+        right = (probs.argmax(axis=1) == labels).astype(int)
+        accuracy, confidence = calibration_curve(right, probs.max(axis=1), n_bins=10, strategy="quantile")
+        axis.plot(confidence, accuracy, marker="o", label=name)
+    axis.set(title=title, xlabel="top-class probability", ylabel="share right", xlim=(0, 1), ylim=(0, 1))
+    axis.legend(loc="upper left")
+    return save_figure(figure, path)
+
+
 def matrix_plot(matrix: np.ndarray, rows: list[str], columns: list[str], path: Path, title: str, fmt: str = "{:.2f}") -> Path:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(1 + 0.8 * len(columns), 1 + 0.45 * len(rows)))

@@ -37,7 +37,7 @@ def report_page(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     blend = root / "blend.yaml"
     blend.write_text(
-        "name: blend\nensemble:\n  weights: fitted\n  members:\n"
+        "name: blend\ncalibrate: {}\nensemble:\n  weights: fitted\n  members:\n"
         f"    - {{config: {CONFIGS / 'bbox.yaml'}}}\n    - {{config: {CONFIGS / 'fcn.yaml'}}}\n"
     )
     args = ["report", blend, "--data", tiny_data, "--work", root / "work", "--out", root / "out", "--set", "precompute.size=[128,224]"]
@@ -89,6 +89,10 @@ def test_the_page_its_pictures_and_its_numbers(report_page, capsys):
         assert re.findall(r"<td>(early stopping|converged|ran out of epochs)</td>", table) == ended
     blend = json.loads(next((root / "work" / "ensemble").glob("blend-*/summary.json")).read_text())
     assert parser.numbers["blend valid log loss"] == [f"{blend['valid_logloss']:.4f}"]
+    calibrated = json.loads(next((root / "work" / "calibrate").glob("blend-*/summary.json")).read_text())
+    assert parser.numbers["temperature"] == [f"{calibrated['temperature']:.3f}"]
+    assert parser.numbers["valid log loss before calibration"] == [f"{blend['valid_logloss']:.4f}"]  # what it calibrated
+    assert any(n.endswith("_reliability.png") for n in names)
     pointing, chance = (float(parser.numbers[k][0]) for k in ("attention: heatmap peak inside the box (pointing)", "attention: chance (mean box area / image area)"))
     assert 0 <= pointing <= 1 and 0 < chance < 0.5
     by_size, prior = (float(parser.numbers[k][0]) for k in ("log loss from image size alone (5-fold)", "log loss of the class prior (same folds)"))

@@ -56,6 +56,7 @@ class Run:
     artifact: Artifact
     stage: str  # train or ensemble
     members: list[Run] = field(default_factory=list)
+    calibration: Artifact | None = None  # the calibrate stage's, when the config has one
 
 
 def _artifact(path: Path) -> Artifact:
@@ -84,11 +85,12 @@ def _resolve(ctx: Context, spec: str) -> Run:
         raise FishcompError(f"{spec}: name a run by its config file (.yaml) or its artifact folder")
     loaded = load_config(path, ctx.overrides)
     plan = resolver(ctx)
+    calibration = plan.build(plan.node("calibrate", loaded)) if loaded.config.calibrate is not None else None
     if loaded.config.ensemble is not None:
         node = plan.node("ensemble", loaded)
         blend = plan.build(node)  # trains its members first
-        return Run(loaded, blend, "ensemble", [Run(m.loaded, plan.build(m), "train") for m in node.inputs["members"]])
-    return Run(loaded, plan.build(plan.node("train", loaded)), "train")
+        return Run(loaded, blend, "ensemble", [Run(m.loaded, plan.build(m), "train") for m in node.inputs["members"]], calibration)
+    return Run(loaded, plan.build(plan.node("train", loaded)), "train", calibration=calibration)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -291,6 +293,23 @@ def ensemble_section(run: Run, out: Path, prefix: str) -> Section:
     return section
 
 
+def calibration_section(run: Run, out: Path, prefix: str) -> Section:
+    summary = json.loads(run.calibration.file("summary.json").read_text())
+    section = Section(title=f"calibration of {summary['name']} (one temperature, fitted out of fold)")
+    section.numbers = {
+        "calibration artifact": str(run.calibration.path),
+        "temperature": f"{summary['temperature']:.3f}",
+        "valid log loss before calibration": _fmt(summary["valid_logloss_before"]),
+        "calibrated valid log loss": _fmt(summary["valid_logloss"]),
+    }
+    if summary.get("valid_logloss_cross_fitted") is not None:
+        section.numbers["calibrated with temperatures fitted on the other folds"] = _fmt(summary["valid_logloss_cross_fitted"])
+    before, after = read_predictions(run.artifact), read_predictions(run.calibration)
+    curves = {"before": (before.oof_labels(), before.oof_probs()), f"T={summary['temperature']:.2f}": (after.oof_labels(), after.oof_probs())}
+    section.figures.append((viz.reliability_diagram(curves, out / f"{prefix}reliability.png", "out of fold").name, "confidence against accuracy"))
+    return section
+
+
 def _looks_like_night(photo) -> bool:
     """Night infrared frames are dark and nearly colourless (or green-tinted)."""
     array = np.asarray(photo.resize((64, 36)), dtype=np.float32)
@@ -392,6 +411,8 @@ def report(ctx: Context, specs: list[str], out: Path, include_dataset: bool = Tr
                 sections.append(ensemble_section(item, out, prefix))
             else:
                 sections.append(train_section(ctx, item, out, prefix))
+            if item.calibration is not None:
+                sections.append(calibration_section(item, out, prefix))
     page = write_page(sections, out)
     info(f"report     wrote   {page}")
     return page
