@@ -66,7 +66,7 @@ LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "den
 PIPELINE_NODES = {
     ("precompute", "linear"), ("precompute", "linear_360x640"), ("precompute", "linear_lite2"),
     *(("train", m) for m in LIBRARY),
-    ("train", "bbox_grid_k64"), ("crops", "crops"), ("ensemble", "pipeline"), ("submit", "pipeline"),
+    ("train", "bbox_grid_k64"), ("crops", "crops"), ("ensemble", "pipeline"), ("calibrate", "pipeline"), ("submit", "pipeline"),
 }
 
 
