@@ -20,6 +20,14 @@ from fishcomp.metrics import accuracy, log_loss
 OOF_COLUMNS = ["image", "label", "fold"]
 
 
+def predictions_stage(config, calibrated: bool = False) -> str:
+    """The stage whose artifact holds a run config's predictions: its blend, else its head; with
+    `calibrated`, its calibrate stage first, when the config has one."""
+    if calibrated and config.calibrate is not None:
+        return "calibrate"
+    return "ensemble" if config.ensemble is not None else "train"
+
+
 @dataclass
 class Predictions:
     classes: list[str]

@@ -17,7 +17,7 @@ from fishcomp.config import LoadedConfig, key_payload
 from fishcomp.context import Context
 from fishcomp.graph import Node, Resolver, Stage, register_stage
 from fishcomp.metrics import KAGGLE_EPS, log_loss, normalise_rows
-from fishcomp.predictions import Predictions, read_predictions
+from fishcomp.predictions import Predictions, predictions_stage, read_predictions
 
 
 def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -40,7 +40,7 @@ class Calibrate(Stage):
     summary = "temperature scaling of a run's predictions, the temperature fitted out of fold"
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
-        return {"predictions": resolver.node("ensemble" if loaded.config.ensemble is not None else "train", loaded)}
+        return {"predictions": resolver.node(predictions_stage(loaded.config), loaded)}
 
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
         return {"calibrate": key_payload(loaded.config.calibrate)}
@@ -55,7 +55,7 @@ class Calibrate(Stage):
         held_out = cross_fitted([probs], folds, lambda rest, this: with_temperature(probs[this], fit_temperature(labels[rest], probs[rest], bounds)))
         oof = before.oof.copy()
         validated = (oof.fold >= 0).to_numpy()
-        oof.loc[validated, before.classes] = with_temperature(oof.loc[validated, before.classes].to_numpy(dtype=float), temperature)
+        oof.loc[validated, before.classes] = with_temperature(probs, temperature)  # probs: these rows, in order
         tests = {split: frame.assign(**dict(zip(before.classes, with_temperature(frame[before.classes].to_numpy(dtype=float), temperature).T)))
                  for split, frame in before.tests.items()}
         after = Predictions(classes=before.classes, oof=oof, tests=tests)

@@ -25,7 +25,7 @@ from fishcomp.data.layout import SOLUTION_FILE, TEST_SPLITS, sample_submission_p
 from fishcomp.errors import FishcompError
 from fishcomp.graph import Node, Resolver, Stage, register_stage
 from fishcomp.metrics import do_clip, eps_clip, log_loss
-from fishcomp.predictions import read_predictions
+from fishcomp.predictions import predictions_stage, read_predictions
 from fishcomp.submission import read_submission, score_submission, validate_submission
 
 # Bumped when the written files change for the same inputs (2: every clip renormalises its rows),
@@ -88,13 +88,7 @@ class Submit(Stage):
     summary = "the clipped submission CSVs in the sample submission's order, validated"
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
-        # The last stage that shaped the predictions: calibrate when configured, else the blend or
-        # the single head.
-        if loaded.config.calibrate is not None:
-            stage = "calibrate"
-        else:
-            stage = "ensemble" if loaded.config.ensemble is not None else "train"
-        return {"predictions": resolver.node(stage, loaded)}
+        return {"predictions": resolver.node(predictions_stage(loaded.config, calibrated=True), loaded)}
 
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
         config = loaded.config.submit or SubmitConfig()

@@ -19,6 +19,7 @@ from fishcomp.errors import FishcompError
 from fishcomp.features import tta_combine
 from fishcomp.graph import Node, Resolver, Stage, register_stage
 from fishcomp.models.heads import head_needs_size, head_uses_map
+from fishcomp.predictions import predictions_stage
 from fishcomp.training.folds import FoldStore, fit_folds
 
 
@@ -52,8 +53,7 @@ class Train(Stage):
             source = resolver.reference(loaded, config.train.pseudo.source, "train.pseudo.source")
             if source.config.ensemble is None and not source.config.trains:
                 raise FishcompError(f"{source.path}: a pseudo-label source must train a head or blend an ensemble")
-            stage = "ensemble" if source.config.ensemble is not None else "train"
-            inputs["pseudo"] = resolver.node(stage, source, via="train.pseudo.source")
+            inputs["pseudo"] = resolver.node(predictions_stage(source.config), source, via="train.pseudo.source")
         if config.crops is not None and config.crops.nof is not None:
             whole = resolver.reference(loaded, config.crops.nof.whole, "crops.nof.whole")
             inputs["whole"] = resolver.node("train", whole, via="crops.nof.whole")
