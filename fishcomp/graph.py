@@ -125,6 +125,7 @@ def node_key(stage: Stage, params: dict, inputs: dict[str, Node | list[Node]]) -
 # Which stage a config ends in, deepest first: decided here and nowhere else.
 _TARGETS: tuple[tuple[str, Callable[[LoadedConfig], bool]], ...] = (
     ("submit", lambda loaded: loaded.config.submit is not None),
+    ("calibrate", lambda loaded: loaded.config.calibrate is not None),
     ("ensemble", lambda loaded: loaded.config.ensemble is not None),
     ("train", lambda loaded: loaded.config.trains),
     ("precompute", lambda loaded: True),

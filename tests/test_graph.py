@@ -176,3 +176,13 @@ def test_a_reference_loop_is_one_line_before_anything_is_built(field, tiny_data,
     assert not work.exists() or not any(work.rglob("manifest.json"))
     code, _, stderr = run_cli(["dag", "-c", a, "--data", tiny_data, "--work", work], capsys)
     assert code == 2 and "lead back to it" in stderr
+
+
+def test_a_config_with_calibrate_and_no_submit_section_runs_up_to_its_calibrate_stage(tiny_data, tmp_path, capsys):
+    """`run` builds the deepest stage a config names; calibrate is one (it was skipped once, and
+    the run ended at the uncalibrated blend without a word)."""
+    members = "".join(f"    - {{config: {CONFIGS / name}}}\n" for name in ("linear.yaml", "dense_probe.yaml"))
+    config = _write(tmp_path / "two.yaml", f"name: two\nensemble:\n  members:\n{members}calibrate: {{}}\n")
+    code, stdout, stderr = run_cli(["dag", "-c", config, "--data", tiny_data, "--work", tmp_path, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    assert stdout.strip().splitlines()[-1].split(",")[1:3] == ["calibrate", "two"]
