@@ -134,8 +134,9 @@ def blend_nof(crop_probs: np.ndarray, whole_probs: np.ndarray, weight: float, no
     return blended
 
 
-def blend_nof_with_whole(loaded: LoadedConfig, whole: Artifact, oof: pd.DataFrame, tests: dict, labels, validated) -> dict:
-    """Blend the whole-image model's P(NoF) into the crop classifier's predictions, in place."""
+def blend_nof_with_whole(loaded: LoadedConfig, whole: Artifact, oof: pd.DataFrame, tests: dict, labels, validated, test_folds: dict | None = None) -> dict:
+    """Blend the whole-image model's P(NoF) into the crop classifier's predictions, in place
+    (and into each fold model's test predictions, `test_folds`: split -> folds x rows x classes)."""
     settings = loaded.config.crops.nof
     classes = [c for c in oof.columns if c not in ("image", "label", "fold")]
     if "NoF" not in classes:
@@ -167,7 +168,10 @@ def blend_nof_with_whole(loaded: LoadedConfig, whole: Artifact, oof: pd.DataFram
     for split, frame in tests.items():
         if split not in other.tests:
             raise FishcompError(f"crops.nof.whole of {loaded.path}: {whole.path.name} did not predict {split}; rebuild it on this data")
-        frame[classes] = blend_nof(frame[classes].to_numpy(), aligned(other.tests[split], frame.image, split), weight, nof)
+        whole_test = aligned(other.tests[split], frame.image, split)
+        frame[classes] = blend_nof(frame[classes].to_numpy(), whole_test, weight, nof)
+        if test_folds is not None:
+            test_folds[split] = np.stack([blend_nof(fold, whole_test, weight, nof) for fold in test_folds[split]])
     return {
         "whole": whole.path.name, "weight": weight, "weight_setting": settings.weight, "crops_alone": crops_alone,
         "whole_image": log_loss(labels[validated], whole_oof), "blended": log_loss(labels[validated], blended[validated]),

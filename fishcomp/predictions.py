@@ -2,12 +2,13 @@
 
 `oof`: image, label, fold, then one probability column per class (NaN where never validated);
 `tests`: split -> image, then probabilities. Both are plain CSV in the artifact, so they can be
-read with anything.
+read with anything. `test_folds`: split -> each fold model's own test probabilities (folds x rows x
+classes, rows as in the CSV, which holds their mean), where the artifact has them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,10 @@ from fishcomp.data.layout import TEST_SPLITS
 from fishcomp.metrics import accuracy, log_loss
 
 OOF_COLUMNS = ["image", "label", "fold"]
+
+
+def test_folds_file(split: str) -> str:
+    return f"{split}_probs_folds.npy"
 
 
 def predictions_stage(config, calibrated: bool = False) -> str:
@@ -33,6 +38,8 @@ class Predictions:
     classes: list[str]
     oof: pd.DataFrame
     tests: dict[str, pd.DataFrame]
+    # Absent for a hold-out split (one model) and for artifacts built before fishcomp kept them.
+    test_folds: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def validated(self) -> pd.DataFrame:
@@ -54,6 +61,8 @@ class Predictions:
         self.oof.to_csv(folder / "oof.csv", index=False)
         for split, frame in self.tests.items():
             frame.to_csv(folder / f"{split}.csv", index=False)
+        for split, stacked in self.test_folds.items():
+            np.save(folder / test_folds_file(split), stacked.astype(np.float32))
 
 
 def read_predictions(artifact: Artifact) -> Predictions:
@@ -62,4 +71,8 @@ def read_predictions(artifact: Artifact) -> Predictions:
     tests = {
         split: pd.read_csv(artifact.file(f"{split}.csv")) for split in TEST_SPLITS if artifact.file(f"{split}.csv").is_file()
     }
-    return Predictions(classes=classes, oof=oof, tests=tests)
+    test_folds = {
+        split: np.load(artifact.file(test_folds_file(split))).astype(np.float64)
+        for split in tests if artifact.file(test_folds_file(split)).is_file()
+    }
+    return Predictions(classes=classes, oof=oof, tests=tests, test_folds=test_folds)

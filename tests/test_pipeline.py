@@ -12,7 +12,7 @@ from helpers import CONFIGS, SMALL, TINY, run_cli
 
 from fishcomp.config import ClipConfig, load_config
 from fishcomp.models import backbones
-from fishcomp.stages.calibrate import with_temperature
+from fishcomp.stages.calibrate import fold_mean_ratio, with_temperature
 from fishcomp.stages.submit import apply_clip
 
 
@@ -126,7 +126,8 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(built_run, tiny_data
 
 def test_the_submission_is_the_calibrated_blend(built_run, capsys):
     """pipeline.yaml's calibrate section sits between the blend and the submission: the written
-    rows are the blend's test predictions raised to 1/T, renormalised, then clipped."""
+    rows are the blend's test predictions raised to 1/T', renormalised, then clipped, where T' is
+    the out-of-fold T scaled for a mean of fold models by the spread of the blend's fold copies."""
     work, out, args = built_run
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
@@ -138,10 +139,42 @@ def test_the_submission_is_the_calibrated_blend(built_run, capsys):
     clip = json.loads((_printed_artifact(stdout, "submit") / "summary.json").read_text())["clip_resolved"]
     blend = pd.read_csv(blend_folder / "test_stg1.csv")
     classes = list(blend.columns[1:])
-    expected = apply_clip(with_temperature(blend[classes].to_numpy(dtype=float), summary["temperature"]), ClipConfig(**clip))
+    ratio = fold_mean_ratio(np.load(blend_folder / "test_stg1_probs_folds.npy").astype(np.float64))
+    assert 1 / 3 <= ratio < 1  # three fold models that disagree somewhere
+    assert summary["test_temperatures"]["test_stg1"] == pytest.approx(summary["temperature"] * ratio, rel=1e-6)
+    test_temperature = summary["test_temperatures"]["test_stg1"]
+    expected = apply_clip(with_temperature(blend[classes].to_numpy(dtype=float), test_temperature), ClipConfig(**clip))
     written = pd.read_csv(out).set_index("image").loc[blend.image, classes].to_numpy()
     np.testing.assert_allclose(written, expected, atol=2e-6)  # the CSV's six decimals
-    assert not np.allclose(summary["temperature"], 1.0, atol=1e-3)  # so the check above can tell the two apart
+    # So the check above can tell them apart: the blend as it was, and scaled by T alone.
+    assert not np.allclose(test_temperature, 1.0, atol=1e-3) and not np.allclose(test_temperature, summary["temperature"], atol=1e-3)
+
+
+def test_every_member_and_the_blend_keep_each_fold_models_test_predictions(built_run, capsys):
+    """What `calibrate` measures the folds' spread on: each train artifact's fold copies average to
+    its test CSV (the crops head's too, before its NoF blend, which is not linear), and the blend's
+    fold copy f is the blend of the members' fold copies f."""
+    work, _, args = built_run
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    members = [Path(line.split()[2]) for line in stdout.splitlines() if line.split()[:1] == ["train"]]
+    assert len(members) == len(LIBRARY) + 1  # and the crops' box source
+    for folder in members:
+        for split, rows in (("test_stg1", 24), ("test_stg2", 12)):
+            folds = np.load(folder / f"{split}_probs_folds.npy")
+            assert folds.shape == (3, rows, 8), folder.name
+            np.testing.assert_allclose(folds.sum(axis=2), 1.0, atol=1e-5)
+            if not folder.name.startswith("crops-"):
+                mean = pd.read_csv(folder / f"{split}.csv").iloc[:, 1:].to_numpy()
+                np.testing.assert_allclose(folds.mean(axis=0), mean, atol=1e-6)  # float32 copies of float64 rows
+    blend_folder = _printed_artifact(stdout, "ensemble")
+    summary = json.loads((blend_folder / "summary.json").read_text())
+    blend_folds = np.load(blend_folder / "test_stg1_probs_folds.npy")
+    assert blend_folds.shape == (3, 24, 8)
+    if summary["blend"] != "stack":  # a weighted mean: the mean of the blends is the blend of the means
+        by_name = {m["artifact"]: m["weight"] for m in summary["members"]}
+        expected = sum(by_name[f.name] * np.load(f / "test_stg1_probs_folds.npy").astype(np.float64) for f in members if f.name in by_name)
+        np.testing.assert_allclose(blend_folds, expected, atol=1e-5)
 
 
 def test_a_second_run_skips_every_stage_without_loading_a_model(built_run, capsys):

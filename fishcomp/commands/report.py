@@ -304,6 +304,9 @@ def calibration_section(run: Run, out: Path, prefix: str) -> Section:
     }
     if summary.get("valid_logloss_cross_fitted") is not None:
         section.numbers["calibrated with temperatures fitted on the other folds"] = _fmt(summary["valid_logloss_cross_fitted"])
+    for split, temperature in summary.get("test_temperatures", {}).items():
+        # A test row is the mean of the fold models, which earns a lower temperature than one of them.
+        section.numbers[f"{split} temperature (for the mean of the fold models)"] = f"{temperature:.3f}"
     before, after = read_predictions(run.artifact), read_predictions(run.calibration)
     curves = {"before": (before.oof_labels(), before.oof_probs()), f"T={summary['temperature']:.2f}": (after.oof_labels(), after.oof_probs())}
     section.figures.append((viz.reliability_diagram(curves, out / f"{prefix}reliability.png", "out of fold").name, "confidence against accuracy"))

@@ -7,6 +7,7 @@ predictions could not be compared (and a blend tuned on them would leak).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from fishcomp.blending import (
 )
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, dump_yaml, key_payload
+from fishcomp.console import warn
 from fishcomp.context import Context
 from fishcomp.errors import FishcompError
 from fishcomp.graph import Node, Resolver, Stage, register_stage
@@ -55,7 +57,9 @@ class Ensemble(Stage):
         return {"members": [resolver.node("train", member, via="ensemble.members") for member in resolver.members(loaded)]}
 
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
-        return {"ensemble": key_payload(loaded.config.ensemble)}
+        # The blend's fold copies (`calibrate` reads their spread) came later than the blend: a blend
+        # built without them is rebuilt, which takes seconds, rather than read without them.
+        return {"ensemble": key_payload(loaded.config.ensemble), "writes": ["test_folds"]}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
         # The same sorting that chose the input nodes, so the kept entries line up with them.
@@ -70,6 +74,18 @@ class Ensemble(Stage):
         crossed = f", cross-fitted {honest:.4f}" if honest is not None else ""
         left_out = "".join(f"; {m['name']} skipped" for m in summary.get("skipped", []))
         return f"blend ({summary.get('blend', summary['weights'])}) {summary['valid_logloss']:.4f}{crossed} ({scores}{left_out})"
+
+
+def _blend_per_fold(predictions: list[Predictions], combine) -> dict[str, np.ndarray]:
+    """Fold f's blend of the members' fold-f test predictions: what each out-of-fold row's blend is
+    made of (`calibrate` reads their spread). Empty for a split some member kept no fold copies of."""
+    per_fold = {}
+    for split in predictions[0].tests:
+        stacks = [p.test_folds.get(split) for p in predictions]
+        if any(s is None for s in stacks) or len({s.shape for s in stacks}) > 1:
+            continue
+        per_fold[split] = np.stack([combine([s[fold] for s in stacks]) for fold in range(len(stacks[0]))])
+    return per_fold
 
 
 def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> tuple[str, dict, float | None]:
@@ -116,6 +132,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         oof[classes] = stacked
         for split in tests:
             tests[split][classes] = stack_predict(stacker, test_probs[split], len(classes))
+        combine = partial(stack_predict, stacker, classes=len(classes))
         coefficients = np.abs(stacker.coef_).reshape(len(stacker.coef_), len(rows), -1).sum(axis=(0, 2))
         weights = (coefficients / coefficients.sum()).tolist()  # each member's share of the stacker's weight
     else:
@@ -124,7 +141,15 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         oof[classes] = blend(member_oof, weights, config.method)
         for split in tests:
             tests[split][classes] = blend(test_probs[split], weights, config.method)
-    blended = Predictions(classes=classes, oof=oof, tests=tests)
+        combine = partial(blend, weights=weights, method=config.method)
+    stale = [a.path for a, p in zip(trained, predictions) if p.validated.fold.nunique() > 1 and not p.test_folds]
+    if stale:
+        warn(
+            f"ensemble   [{loaded.name}] {len(stale)} member(s) were trained before fishcomp kept each fold model's test predictions "
+            f"(e.g. {stale[0]}), so `calibrate` cannot scale the test temperature for the mean of the folds; "
+            "for that, delete them and the blend printed below, and run again"
+        )
+    blended = Predictions(classes=classes, oof=oof, tests=tests, test_folds=_blend_per_fold(predictions, combine))
     blended.write(tmp)
     summary = {
         "name": loaded.name,

@@ -543,21 +543,23 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     oof_frame.insert(0, "fold", folds)
     oof_frame.insert(0, "label", labels)
     oof_frame.insert(0, "image", data.usable_index.image.to_numpy())
-    tests = {}
+    tests, test_folds = {}, {}
     prior = np.bincount(labels, minlength=len(classes)) + 1.0
     for split in data.test_splits:
         split_index = data.index[data.index.split == split]
-        probs = np.mean(test_probs[split], axis=0)
+        test_folds[split] = np.stack(test_probs[split]).astype(np.float64)
         # An unreadable test image (allowed by --on-bad-test prior) gets the class prior, not a
         # prediction from the zeros that stand in for its features.
-        probs[~split_index.ok.to_numpy(dtype=bool)] = prior / prior.sum()
-        tests[split] = pd.DataFrame(probs, columns=classes)
+        test_folds[split][:, ~split_index.ok.to_numpy(dtype=bool)] = prior / prior.sum()
+        tests[split] = pd.DataFrame(test_folds[split].mean(axis=0), columns=classes)
         tests[split].insert(0, "image", split_index.image.to_numpy())
     extra = {}
     if whole is not None:
-        extra["nof_blend"] = blend_nof_with_whole(loaded, whole, oof_frame, tests, labels, folds >= 0)
+        extra["nof_blend"] = blend_nof_with_whole(loaded, whole, oof_frame, tests, labels, folds >= 0, test_folds)
         oof = oof_frame[classes].to_numpy()
-    Predictions(classes=list(classes), oof=oof_frame, tests=tests).write(tmp)
+    # With one fold (a hold-out split) the test predictions are that model's own: nothing to keep.
+    fold_copies = test_folds if n_folds > 1 else {}
+    Predictions(classes=list(classes), oof=oof_frame, tests=tests, test_folds=fold_copies).write(tmp)
     pd.DataFrame(records).to_csv(tmp / "metrics.csv", index=False)
 
     validated = folds >= 0
