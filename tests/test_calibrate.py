@@ -15,7 +15,7 @@ import pytest
 from helpers import CONFIGS, SMALL, run_cli
 from scipy.special import softmax
 
-from fishcomp.stages.calibrate import fit_temperature, fold_mean_ratio
+from fishcomp.stages.calibrate import Calibration, fit_calibration, fit_temperature, fold_mean_ratio
 
 
 def _fold_models(rng, rows: int, tau: float, sigma: float, k: int, classes: int = 8):
@@ -44,6 +44,24 @@ def test_the_scaled_temperature_errs_on_the_safe_side_of_what_the_labels_choose(
     chosen = fit_temperature(labels, folds.mean(axis=0), (0.25, 4.0)) / single
     # Seen over seeds: chosen 0.63 / 0.51 against r 0.75 / 0.71, a gap of ten standard errors.
     assert chosen < fold_mean_ratio(folds) < 1.0
+
+
+def test_a_per_class_shift_and_temperature_are_recovered_from_a_model_that_leans_to_common_classes():
+    """Calibrated probabilities distorted by a known temperature and per-class shift: the fit
+    undoes both. 20,000 rows: the prior (sd 0.3, as a sum over rows) moves a shift by well under
+    0.01, and each shift's standard error is about 0.03, so 0.1 is over three of them."""
+    rng = np.random.default_rng(4)
+    labels, folds = _fold_models(rng, 20000, 1.5, 0.0, 1)
+    shift = np.array([0.5, -0.3, -0.2, 0.0, 0.4, -0.2, -0.1, -0.1])
+    leaning = softmax(np.log(folds[0]) / 0.8 + shift, axis=1)
+    fitted = fit_calibration(labels, leaning, (0.25, 4.0), bias_sd=0.3)
+    assert fitted.temperature == pytest.approx(1 / 0.8, rel=0.05)
+    np.testing.assert_allclose(fitted.bias, -(shift - shift.mean()) * 0.8, atol=0.1)  # (log p / 0.8 + shift) / T + b = log p
+    np.testing.assert_allclose(fitted.apply(leaning), folds[0], atol=0.05)
+    # Calibrated already: T near 1 and shifts near 0; T alone is the same T as before.
+    plain = fit_calibration(labels, folds[0], (0.25, 4.0), bias_sd=0.3)
+    assert plain.temperature == pytest.approx(1.0, abs=0.05) and np.abs(plain.bias).max() < 0.1
+    assert fit_calibration(labels, folds[0], (0.25, 4.0)) == Calibration(fit_temperature(labels, folds[0], (0.25, 4.0)))
 
 
 def test_folds_that_agree_or_a_single_model_leave_the_temperature_alone():
@@ -87,6 +105,23 @@ def test_a_k_fold_model_gets_each_test_split_its_own_lower_temperature(tiny_data
     # Off, the fold mean gets the out-of-fold T as before.
     summary, _ = _calibrated_linear_probe(tiny_data, tmp_path, capsys, "calibrate.fold_spread=false")
     assert set(summary["test_temperatures"].values()) == {summary["temperature"]}
+
+
+@pytest.mark.parametrize("bias", ["auto", "true", "false"])
+def test_the_per_class_shift_is_kept_when_asked_or_when_it_wins_out_of_fold(bias, tiny_data, tmp_path, capsys):
+    summary, _ = _calibrated_linear_probe(tiny_data, tmp_path, capsys, f"calibrate.bias={bias}")
+    scores = summary["cross_fitted_by_kind"]
+    if bias == "auto":
+        assert set(scores) == {"temperature", "temperature_and_bias"}
+        kept = scores["temperature_and_bias"] < scores["temperature"]
+    else:
+        kept = bias == "true"
+        assert set(scores) == {"temperature_and_bias" if kept else "temperature"}
+    assert summary["valid_logloss_cross_fitted"] == min(scores.values())
+    assert (summary["bias"] is not None) == kept
+    if kept:
+        assert list(summary["bias"]) == ["ALB", "BET", "DOL", "LAG", "NoF", "OTHER", "SHARK", "YFT"]
+        assert abs(sum(summary["bias"].values())) < 1e-9  # only differences between classes matter
 
 
 def test_members_trained_before_fold_copies_are_named_and_the_blend_keeps_the_out_of_fold_t(tiny_data, tmp_path, capsys):

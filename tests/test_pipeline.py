@@ -12,7 +12,7 @@ from helpers import CONFIGS, SMALL, TINY, run_cli
 
 from fishcomp.config import ClipConfig, load_config
 from fishcomp.models import backbones
-from fishcomp.stages.calibrate import fold_mean_ratio, with_temperature
+from fishcomp.stages.calibrate import Calibration, fold_mean_ratio
 from fishcomp.stages.submit import apply_clip
 
 
@@ -126,8 +126,9 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(built_run, tiny_data
 
 def test_the_submission_is_the_calibrated_blend(built_run, capsys):
     """pipeline.yaml's calibrate section sits between the blend and the submission: the written
-    rows are the blend's test predictions raised to 1/T', renormalised, then clipped, where T' is
-    the out-of-fold T scaled for a mean of fold models by the spread of the blend's fold copies."""
+    rows are the blend's test log-probabilities divided by T' (plus the per-class shift, where the
+    out-of-fold evidence kept one), the softmax, then clipped, where T' is the out-of-fold T scaled
+    for a mean of fold models by the spread of the blend's fold copies."""
     work, out, args = built_run
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
@@ -143,7 +144,9 @@ def test_the_submission_is_the_calibrated_blend(built_run, capsys):
     assert 1 / 3 <= ratio < 1  # three fold models that disagree somewhere
     assert summary["test_temperatures"]["test_stg1"] == pytest.approx(summary["temperature"] * ratio, rel=1e-6)
     test_temperature = summary["test_temperatures"]["test_stg1"]
-    expected = apply_clip(with_temperature(blend[classes].to_numpy(dtype=float), test_temperature), ClipConfig(**clip))
+    bias = None if summary["bias"] is None else np.array([summary["bias"][c] for c in classes])
+    assert (bias is not None) == (summary["cross_fitted_by_kind"]["temperature_and_bias"] < summary["cross_fitted_by_kind"]["temperature"])  # bias: auto
+    expected = apply_clip(Calibration(summary["temperature"], bias).apply(blend[classes].to_numpy(dtype=float), test_temperature), ClipConfig(**clip))
     written = pd.read_csv(out).set_index("image").loc[blend.image, classes].to_numpy()
     np.testing.assert_allclose(written, expected, atol=2e-6)  # the CSV's six decimals
     # So the check above can tell them apart: the blend as it was, and scaled by T alone.

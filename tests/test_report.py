@@ -91,6 +91,9 @@ def test_the_page_its_pictures_and_its_numbers(report_page, capsys):
     assert parser.numbers["blend valid log loss"] == [f"{blend['valid_logloss']:.4f}"]
     calibrated = json.loads(next((root / "work" / "calibrate").glob("blend-*/summary.json")).read_text())
     assert parser.numbers["temperature"] == [f"{calibrated['temperature']:.3f}"]
+    assert parser.numbers["cross-fitted, temperature"] == [f"{calibrated['cross_fitted_by_kind']['temperature']:.4f}"]
+    if calibrated["bias"]:
+        assert parser.numbers["per-class shift of the log-probabilities"][0].startswith(f"ALB {calibrated['bias']['ALB']:+.2f}, BET")
     shown = parser.numbers["test_stg1 temperature (for the mean of the fold models)"]
     assert shown == [f"{calibrated['test_temperatures']['test_stg1']:.3f}"] and float(shown[0]) < calibrated["temperature"]
     assert parser.numbers["valid log loss before calibration"] == [f"{blend['valid_logloss']:.4f}"]  # what it calibrated

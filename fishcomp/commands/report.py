@@ -304,6 +304,11 @@ def calibration_section(run: Run, out: Path, prefix: str) -> Section:
     }
     if summary.get("valid_logloss_cross_fitted") is not None:
         section.numbers["calibrated with temperatures fitted on the other folds"] = _fmt(summary["valid_logloss_cross_fitted"])
+    for kind, score in summary.get("cross_fitted_by_kind", {}).items():
+        section.numbers[f"cross-fitted, {kind.replace('_', ' ')}"] = _fmt(score)
+    if summary.get("bias"):
+        # The shift the classes got: a blend leaning to the common classes gets them lowered.
+        section.numbers["per-class shift of the log-probabilities"] = ", ".join(f"{c} {v:+.2f}" for c, v in summary["bias"].items())
     for split, temperature in summary.get("test_temperatures", {}).items():
         # A test row is the mean of the fold models, which earns a lower temperature than one of them.
         section.numbers[f"{split} temperature (for the mean of the fold models)"] = f"{temperature:.3f}"
