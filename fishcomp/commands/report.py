@@ -295,7 +295,8 @@ def ensemble_section(run: Run, out: Path, prefix: str) -> Section:
 
 def calibration_section(run: Run, out: Path, prefix: str) -> Section:
     summary = json.loads(run.calibration.file("summary.json").read_text())
-    section = Section(title=f"calibration of {summary['name']} (one temperature, fitted out of fold)")
+    shift = " and a per-class shift" if summary.get("bias") else ""
+    section = Section(title=f"calibration of {summary['name']} (a temperature{shift}, fitted out of fold)")
     section.numbers = {
         "calibration artifact": str(run.calibration.path),
         "temperature": f"{summary['temperature']:.3f}",
@@ -303,7 +304,7 @@ def calibration_section(run: Run, out: Path, prefix: str) -> Section:
         "calibrated valid log loss": _fmt(summary["valid_logloss"]),
     }
     if summary.get("valid_logloss_cross_fitted") is not None:
-        section.numbers["calibrated with temperatures fitted on the other folds"] = _fmt(summary["valid_logloss_cross_fitted"])
+        section.numbers["calibrated, each fold by a fit on the other folds (the kept kind)"] = _fmt(summary["valid_logloss_cross_fitted"])
     for kind, score in summary.get("cross_fitted_by_kind", {}).items():
         section.numbers[f"cross-fitted, {kind.replace('_', ' ')}"] = _fmt(score)
     if summary.get("bias"):
@@ -313,7 +314,7 @@ def calibration_section(run: Run, out: Path, prefix: str) -> Section:
         # A test row is the mean of the fold models, which earns a lower temperature than one of them.
         section.numbers[f"{split} temperature (for the mean of the fold models)"] = f"{temperature:.3f}"
     before, after = read_predictions(run.artifact), read_predictions(run.calibration)
-    curves = {"before": (before.oof_labels(), before.oof_probs()), f"T={summary['temperature']:.2f}": (after.oof_labels(), after.oof_probs())}
+    curves = {"before": (before.oof_labels(), before.oof_probs()), f"T={summary['temperature']:.2f}{shift}": (after.oof_labels(), after.oof_probs())}
     section.figures.append((viz.reliability_diagram(curves, out / f"{prefix}reliability.png", "out of fold").name, "confidence against accuracy"))
     return section
 
