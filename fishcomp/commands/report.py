@@ -303,9 +303,8 @@ def calibration_section(run: Run, out: Path, prefix: str) -> Section:
         "valid log loss before calibration": _fmt(summary["valid_logloss_before"]),
         "calibrated valid log loss": _fmt(summary["valid_logloss"]),
     }
-    if summary.get("valid_logloss_cross_fitted") is not None:
-        section.numbers["calibrated, each fold by a fit on the other folds (the kept kind)"] = _fmt(summary["valid_logloss_cross_fitted"])
-    for kind, score in summary.get("cross_fitted_by_kind", {}).items():
+    # Each fold calibrated by a fit on the other folds, for each kind `bias: auto` chose between.
+    for kind, score in summary["cross_fitted_by_kind"].items():
         section.numbers[f"cross-fitted, {kind.replace('_', ' ')}"] = _fmt(score)
     if summary.get("bias"):
         # The shift the classes got: a blend leaning to the common classes gets them lowered.

@@ -20,20 +20,8 @@ from fishcomp.config import LoadedConfig, key_payload
 from fishcomp.console import warn
 from fishcomp.context import Context
 from fishcomp.graph import Node, Resolver, Stage, register_stage
-from fishcomp.metrics import KAGGLE_EPS, log_loss, normalise_rows
+from fishcomp.metrics import KAGGLE_EPS, log_loss
 from fishcomp.predictions import Predictions, predictions_stage, read_predictions
-
-
-def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    return normalise_rows(np.exp(np.log(np.clip(probs, KAGGLE_EPS, 1.0)) / temperature))
-
-
-def fit_temperature(labels: np.ndarray, probs: np.ndarray, bounds: tuple[float, float]) -> float:
-    from scipy.optimize import minimize_scalar
-
-    # In log T the loss is smooth and the interval symmetric about T = 1.
-    found = minimize_scalar(lambda log_t: log_loss(labels, with_temperature(probs, np.exp(log_t))), bounds=np.log(bounds), method="bounded")
-    return float(np.exp(found.x))
 
 
 @dataclass(frozen=True)
@@ -46,6 +34,14 @@ class Calibration:
     def apply(self, probs: np.ndarray, temperature: float | None = None) -> np.ndarray:
         logits = np.log(np.clip(probs, KAGGLE_EPS, 1.0)) / (temperature or self.temperature)
         return softmax(logits if self.bias is None else logits + self.bias, axis=1)
+
+
+def fit_temperature(labels: np.ndarray, probs: np.ndarray, bounds: tuple[float, float]) -> float:
+    from scipy.optimize import minimize_scalar
+
+    # In log T the loss is smooth and the interval symmetric about T = 1.
+    found = minimize_scalar(lambda log_t: log_loss(labels, Calibration(np.exp(log_t)).apply(probs)), bounds=np.log(bounds), method="bounded")
+    return float(np.exp(found.x))
 
 
 def fit_calibration(labels: np.ndarray, probs: np.ndarray, bounds: tuple[float, float], bias_sd: float | None = None) -> Calibration:
