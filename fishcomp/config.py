@@ -347,6 +347,27 @@ class NofBlendConfig(Strict):
         return value
 
 
+class CandidatesConfig(Strict):
+    """Where the box source is unsure, more than one place to look: its next most probable boxes
+    (a grid locator's cells, each box's centre outside those already chosen) are cropped and
+    classified too, and their predictions mixed, each weighted by its cell's probability. On boats
+    the locator never saw it misses the fish more often, and a mixture of the likely places then
+    loses much less than one wrong crop (measured in docs/results.md)."""
+
+    # Boxes per photo, the usual one included.
+    count: int = Field(3, ge=2, le=8)
+    # Share of the mixture in the prediction, the rest the usual crop's. auto: the share (0, 0.05,
+    # ..., 1) with the lowest out-of-fold log loss, so data whose boxes are good keeps its one crop.
+    share: float | Literal["auto"] = Field("auto", description="share of the candidates' mixture, or auto")
+
+    @field_validator("share")
+    @classmethod
+    def _a_share(cls, value):
+        if value != "auto" and not 0.0 <= value <= 1.0:
+            raise ValueError("crops.candidates.share is a share between 0 and 1, or auto")
+        return value
+
+
 class CropsConfig(Strict):
     """Detect, then classify: crops around the fish, cut from the full-resolution photo and
     embedded by `precompute`'s backbone at `precompute.size`; `head` then trains on them."""
@@ -377,6 +398,16 @@ class CropsConfig(Strict):
     # the other way is the same fish). Out of fold too, so the blend weighs what the test
     # predictions will be. One more crop per image to embed; measured in docs/results.md.
     tta: Literal["mirror"] | None = None
+    # More boxes per photo where a grid locator (head.box_from: grid) is unsure; see CandidatesConfig.
+    # Each further box is one more crop (and its mirrored view) to embed per image.
+    candidates: CandidatesConfig | None = None
+
+    @model_validator(mode="after")
+    def _candidates_are_not_turned(self):
+        if self.candidates is not None and self.align:
+            raise ValueError("crops.candidates with crops.align: the further boxes have no head/tail points to turn them by; "
+                             "set crops.candidates: null to align")
+        return self
 
 
 class FinetuneConfig(Strict):

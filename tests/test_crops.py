@@ -298,7 +298,7 @@ def test_test_crops_come_from_the_consensus_of_the_folds_boxes(crops_run, tiny_d
     assert np.abs(consensus - folds.mean(axis=0)).max() > 0.05
     index = pd.read_csv(_fixture_artifact(work, tiny_data, "crops") / "index.csv").set_index("image")
     crops = pd.read_csv(_fixture_artifact(work, tiny_data, "crops") / "crop_boxes.csv")
-    cut = crops[crops.split == "test_stg1"].set_index("image")
+    cut = crops[(crops.split == "test_stg1") & (crops["copy"] == 0)].set_index("image")
     config = load_config(CONFIGS / "crops.yaml").config.crops
     for row, image in enumerate(listed.image):
         width, height = index.width[image], index.height[image]
@@ -309,7 +309,7 @@ def test_test_crops_come_from_the_consensus_of_the_folds_boxes(crops_run, tiny_d
 def test_a_class_map_head_is_a_box_source_for_the_crops(tiny_data, tmp_path, capsys):
     """fcn's box (around its heatmap's peak) is scored like a box head's and cut like one: out of
     fold for train images, from the folds' consensus for test images."""
-    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path, *_sets([*SMALL, "crops.boxes=fcn.yaml"])], capsys)
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path, *_sets([*SMALL, "crops.boxes=fcn.yaml", "crops.candidates=null"])], capsys)
     assert code == 0, stderr
     fcn = _folder(tmp_path, "train", "fcn")
     summary = json.loads((fcn / "summary.json").read_text())
@@ -413,6 +413,9 @@ def test_crop_geometry_grows_squares_and_stays_inside_the_photo():
         (["head={kind: fcn}"], "use a head on pooled features"),
         (["crops.boxes=dense.yaml"], "must train a head that locates the fish"),
         (["crops.nof.weight=1.5"], "a share between 0 and 1, or auto"),
+        (["crops.candidates.share=2"], "a share between 0 and 1, or auto"),
+        (["crops.boxes=fcn.yaml"], "does not locate with a grid of cells"),
+        (["crops.align=true"], "no head/tail points to turn them by"),
     ],
 )
 def test_crops_config_mistakes_are_one_line_errors(tiny_data, tmp_path, capsys, overrides, message):
@@ -453,7 +456,7 @@ def test_alignment_turns_a_fish_with_known_head_and_tail_horizontal_head_left(ki
 
 
 def test_aligned_crops_use_predicted_points_and_need_a_source_that_predicts_them(tiny_data, tmp_path, capsys):
-    small = [*TINY, "precompute.size=[96,160]", "crops.nof=null", "crops.jitter.copies=1"]  # smaller still
+    small = [*TINY, "precompute.size=[96,160]", "crops.nof=null", "crops.jitter.copies=1", "crops.candidates=null"]  # smaller still
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path,
                                *_sets([*small, "crops.boxes=bbox.yaml", "crops.align=true"])], capsys)
     assert code == 2 and "crops.align needs head/tail points" in stderr
@@ -477,6 +480,10 @@ def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_im
     assert len(sheets) == 1 and sheets[0].stat().st_size > 10_000
     page = (out / "index.html").read_text()
     assert "crop classifier alone, valid log loss" in page and "whole-image model (linear_360x640_gem-" in page
+    # crops.yaml's further boxes: what they bought, and where they were cut.
+    assert "further boxes mixed in at share" in page and "the usual crop alone (before the NoF blend)" in page
+    drawn = list(out.glob("crops-*_candidates.png"))
+    assert len(drawn) == 1 and drawn[0].stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
@@ -532,3 +539,119 @@ def test_an_ensemble_whose_only_members_need_missing_boxes_is_a_one_line_error(u
     config.write_text(f"ensemble:\n  members:\n    - {{config: {CONFIGS / 'crops.yaml'}}}\n")
     code, _, stderr = run_cli(["run", "-c", config, "--data", unannotated_data, "--work", tmp_path / "work", *_sets(SMALL)], capsys)
     assert code == 2 and "no ensemble member can train on this data" in stderr and "Traceback" not in stderr
+
+
+# -- further candidate boxes (`crops.candidates`) ---------------------------------------------------
+
+
+def test_further_candidates_are_other_places_in_order_of_their_cells_probability():
+    from fishcomp.stages.crops import next_candidates
+
+    # Four cells' boxes (x, y, w, h fractions): A inside the usual box, B elsewhere, C a cell
+    # whose centre lies inside B's box (the same fish again), D elsewhere again.
+    cell_boxes = np.array([[0.10, 0.10, 0.10, 0.10], [0.60, 0.60, 0.20, 0.20], [0.65, 0.65, 0.10, 0.10], [0.10, 0.70, 0.10, 0.10]])
+    probability = np.array([0.5, 0.3, 0.15, 0.05])
+    usual = np.array([0.05, 0.05, 0.25, 0.25])
+    boxes, weights = next_candidates(probability, cell_boxes, usual, count=3)
+    np.testing.assert_allclose(boxes, cell_boxes[[1, 3]])
+    np.testing.assert_allclose(weights, [0.5, 0.3, 0.05])
+    # More candidates asked for than there are other places: the rest are empty and weigh nothing.
+    boxes, weights = next_candidates(probability, cell_boxes, usual, count=5)
+    assert np.isnan(boxes[2:]).all() and (weights[3:] == 0).all()
+    # A usual box on none of the cells weighs as the best cell.
+    _, weights = next_candidates(probability, cell_boxes, np.array([0.9, 0.0, 0.05, 0.05]), count=2)
+    assert weights[0] == 0.5 and weights[1] == 0.5  # and the best cell (A) is the next place
+
+
+def test_the_mixture_weighs_each_crop_by_its_cell_and_keeps_the_usual_crop_at_share_zero():
+    from fishcomp.training.candidates import mixture
+
+    first = np.array([[0.8, 0.2], [0.6, 0.4]])
+    further = np.array([[[0.2, 0.8], [0.1, 0.9]]])  # one further candidate, (1, rows, classes)
+    weights = np.array([[3.0, 1.0], [0.0, 0.0]])  # the second row has no cell map
+    np.testing.assert_allclose(mixture(first, further, weights, 0.0), first)
+    mixed = mixture(first, further, weights, 1.0)
+    np.testing.assert_allclose(mixed[0], 0.75 * first[0] + 0.25 * further[0, 0])
+    np.testing.assert_allclose(mixed[1], first[1])
+    np.testing.assert_allclose(mixture(first, further, weights, 0.4)[0], 0.6 * first[0] + 0.4 * mixed[0])
+
+
+def test_each_cells_box_is_the_box_the_locator_decodes_at_its_best_cell():
+    import torch
+
+    from fishcomp.models.heads.dense import GridLocator
+
+    generator = torch.Generator().manual_seed(0)
+    cells, geometry = torch.randn(6, 3, 5, generator=generator), torch.rand(6, 4, 3, 5, generator=generator)
+    probability, boxes = GridLocator.cell_boxes(GridLocator.cell_map(cells, geometry).numpy())
+    np.testing.assert_allclose(probability.sum(axis=1), 1.0, rtol=1e-6)
+    best = probability.argmax(axis=1)
+    np.testing.assert_allclose(boxes[np.arange(6), best], GridLocator.decode(cells, geometry).numpy(), atol=1e-6)
+
+
+def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_fold_says(crops_run, tiny_data):
+    """crops.yaml's `candidates`: every image's next most probable boxes are cropped and embedded
+    (and mirrored), and every fold model's predictions on its validation images are the mixture,
+    re-derived here from the artifacts, before the NoF blend."""
+    import torch
+
+    from fishcomp.context import training_precision
+    from fishcomp.training.candidates import SHARES, mixture
+    from fishcomp.training.feature_sets import FeatureSet, predict
+    from fishcomp.training.folds import load_fold_model
+
+    work, _ = crops_run
+    count = load_config(CONFIGS / "crops.yaml").config.crops.candidates.count
+    crops = _fixture_artifact(work, tiny_data, "crops")
+    trained = _fixture_artifact(work, tiny_data, "train")
+    summary = json.loads((trained / "summary.json").read_text())
+    chosen = summary["candidates"]
+    assert chosen["count"] == count and chosen["share_setting"] == "auto" and chosen["share"] in SHARES.round(2).tolist()
+    # Share 0 (the usual crop alone) is among those tried, so the chosen one is never worse.
+    assert chosen["mixed"] <= chosen["usual_crop_alone"] + 1e-12
+    index = pd.read_csv(crops / "index.csv")
+    train_rows = int((index.split == "train").sum())
+    further = np.load(crops / "train_candidates_pooled.npy")
+    assert further.shape[:2] == (count - 1, train_rows) and np.load(crops / "train_candidates_tta_pooled.npy").shape == further.shape
+    weights = np.load(crops / "train_candidate_weights.npy")
+    assert weights.shape == (train_rows, count) and (weights >= 0).all() and (weights.sum(axis=1) <= 1 + 1e-6).all()
+    table = pd.read_csv(crops / "crop_boxes.csv")
+    assert table.source.str.startswith("candidate").sum() == (count - 1) * len(index)
+    # The usual crop and the first further one are different places wherever the cell map offers one.
+    usual = table[(table.split == "train") & (table["copy"] == 0)].set_index("image")
+    second = table[table.source.str.startswith("candidate 2") & (table.split == "train")].set_index("image")
+    offered = second.dropna(subset=["x"]).index
+    assert len(offered) > 0
+    assert (box_iou(usual.loc[offered, ["x", "y", "w", "h"]].to_numpy(), second.loc[offered, ["x", "y", "w", "h"]].to_numpy()) < 1).all()
+
+    class Trained:
+        path = trained
+
+        def file(self, name):
+            return trained / name
+
+    oof = pd.read_csv(trained / "oof.csv")
+    classes = list(oof.columns[3:])
+    positions = pd.Series(np.arange(train_rows), index=index[index.split == "train"].image.to_numpy())[oof.image].to_numpy()
+    usual_view = np.load(crops / "train_tta_pooled.npy")[0]
+    mirrored = np.load(crops / "train_candidates_tta_pooled.npy")
+    pooled = np.load(crops / "train_pooled.npy")
+    expected = np.zeros((len(oof), len(classes)))
+    # The classifier predicted in its training precision (bf16 autocast on a CPU that has it, where
+    # one call's batch may take another kernel than the run's: one bf16 step of a logit, 2^-8,
+    # moves a probability by less than that); in float32 the two agree to rounding.
+    dtype = training_precision(load_config(CONFIGS / "crops.yaml", SMALL), torch.device("cpu"))
+    tolerance = 2**-8 if dtype is not None else 1e-5
+    for fold in sorted(oof.fold.unique()):
+        model, rows = load_fold_model(Trained(), fold, "cpu"), np.flatnonzero(oof.fold == fold)
+        sizes = np.zeros((len(rows), len(summary["size_vocabulary"]) + 1), np.float32)  # dense heads read no size
+
+        def on(array, view):
+            return predict(model, FeatureSet(array, positions[rows], sizes, views=[view]), "cpu", tta="mean", dtype=dtype)["probs"]
+
+        first = on(pooled, usual_view)
+        others = np.stack([on(further[k], mirrored[k]) for k in range(count - 1)])
+        expected[rows] = mixture(first, others, weights[positions[rows]], chosen["share"])
+    whole = pd.read_csv(next((work / "train").glob(f"{summary['nof_blend']['whole']}/oof.csv"))).set_index("image").loc[oof.image, classes]
+    expected = blend_nof(expected, whole.to_numpy(), summary["nof_blend"]["weight"], classes.index("NoF"))
+    np.testing.assert_allclose(oof[classes].to_numpy(), expected, atol=tolerance)

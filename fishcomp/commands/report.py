@@ -221,6 +221,13 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
         section.numbers["crop classifier alone, valid log loss"] = _fmt(blend["crops_alone"])
         section.numbers[f"whole-image model ({blend['whole']}), valid log loss"] = _fmt(blend["whole_image"])
         section.numbers[f"blended (whole image's P(NoF) at weight {blend['weight']})"] = _fmt(blend["blended"])
+    mixed = summary.get("candidates")
+    if mixed:
+        # Before the NoF blend, both: what the further boxes bought.
+        section.numbers["the usual crop alone (before the NoF blend), valid log loss"] = _fmt(mixed["usual_crop_alone"])
+        section.numbers[f"with {mixed['count'] - 1} further boxes mixed in at share {mixed['share']:g}, valid log loss"] = _fmt(mixed["mixed"])
+        if mixed.get("usual_crop_weight") is not None:
+            section.numbers["the usual crop's mean weight in the mixture (its cell's probability among the boxes')"] = _fmt(mixed["usual_crop_weight"])
     found = ctx.cache.find("crops", summary["inputs"]["features"]["key"])
     if found is None:
         return
@@ -241,6 +248,37 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
         panels.append((crop, f"true {classes[labels[i]]}, said {classes[guess]} {probs[i, guess]:.2f}", []))
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}crops.png", columns=6).name, "crops of validation images (out-of-fold boxes): true vs predicted class"))
+    if mixed:
+        _candidate_boxes(ctx, found, paths, out, prefix, section)
+
+
+def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: str, section: Section) -> None:
+    """The photos where the box source was least sure of its usual box: every box cut, the usual
+    one green, the further ones orange, with each one's weight in the mixture."""
+    table = pd.read_csv(found / "crop_boxes.csv")
+    train = pd.read_csv(found / "index.csv")
+    train = train[train.split == "train"].reset_index(drop=True)
+    weights = np.load(found / "train_candidate_weights.npy")
+    totals = weights.sum(axis=1)
+    sure = np.where(totals > 0, weights[:, 0] / np.where(totals > 0, totals, 1.0), 1.0)
+    cut = table[table.split == "train"]
+    usual = cut[cut["copy"] == 0].set_index("image")
+    further = cut[cut.source.str.startswith("candidate")]
+    panels = []
+    for row in np.argsort(sure, kind="stable")[:SAMPLES]:
+        image = train.image[row]
+        try:
+            photo, (width, height) = load_rgb(ctx.data_dir / paths.get(image, train.path[row]))
+        except UnreadableImage:
+            continue
+        scale = np.array([width, height, width, height], dtype=float)
+        boxes = [(usual.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float) / scale, "lime")]
+        boxes += [(box / scale, "orange") for box in further[further.image == image][["x", "y", "w", "h"]].to_numpy(dtype=float) if not np.isnan(box).any()]
+        shares = " / ".join(f"{w / totals[row]:.2f}" for w in weights[row] if w > 0) if totals[row] > 0 else "no cell map"
+        panels.append((photo, f"{image}: weights {shares}", boxes))
+    if panels:
+        section.figures.append((viz.image_grid(panels, out / f"{prefix}candidates.png", columns=4).name,
+                                "the out-of-fold boxes the box source was least sure of: the usual crop (green) and the further ones (orange), weighted as shown"))
 
 
 def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:

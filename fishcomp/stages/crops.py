@@ -134,6 +134,63 @@ def aligned_crop(photo, rectangle: np.ndarray, points: np.ndarray):
     return turned.crop((round(reach - half), round(reach - half), round(reach + half), round(reach + half)))
 
 
+def next_candidates(probability: np.ndarray, cell_boxes: np.ndarray, first: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """One photo's further boxes: the most probable cells whose box centre lies outside every box
+    chosen so far (the first being the one the crops use anyway), so each candidate is another
+    place, not the same fish again. Returns (count - 1, 4) boxes (NaN where the cells run out) and
+    (count,) weights: each box's cell probability, the first box's the best cell inside it."""
+    boxes = np.full((count - 1, 4), np.nan)
+    weights = np.zeros(count)
+    centres = cell_boxes[:, :2] + cell_boxes[:, 2:] / 2
+    chosen = [first] if not np.isnan(first).any() else []
+
+    def outside(box: np.ndarray) -> np.ndarray:
+        return ~((centres[:, 0] >= box[0]) & (centres[:, 0] <= box[0] + box[2]) & (centres[:, 1] >= box[1]) & (centres[:, 1] <= box[1] + box[3]))
+
+    free = np.ones(len(probability), dtype=bool)
+    if chosen:
+        inside = ~outside(first)
+        weights[0] = probability[inside].max() if inside.any() else probability.max()
+        free &= ~inside
+    found = 0
+    for cell in np.argsort(-probability, kind="stable"):
+        if found == count - 1:
+            break
+        if not free[cell]:
+            continue
+        if not chosen:  # no first box (an unreadable photo): the best cell stands in for it
+            chosen.append(cell_boxes[cell])
+            weights[0] = probability[cell]
+        else:
+            boxes[found], weights[found + 1] = cell_boxes[cell], probability[cell]
+            chosen.append(cell_boxes[cell])
+            found += 1
+        free &= outside(chosen[-1])
+    return boxes, weights
+
+
+def planned_candidates(index: pd.DataFrame, source: Artifact, first: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, count - 1, 4) further boxes and (images, count) weights, from the box source's
+    cell maps: each train image's out-of-fold one, each test image's fold models' mean."""
+    from fishcomp.models.heads.dense import GridLocator
+
+    boxes = np.full((len(index), count - 1, 4), np.nan)
+    weights = np.zeros((len(index), count))
+    for split in index.split.unique():
+        cells_file = source.file("oof_cells.npy" if split == "train" else f"{split}_cells.npy")
+        if not cells_file.is_file():
+            raise FishcompError(f"{source.path} keeps no cell map for {split}: delete that folder to rebuild it for crops.candidates")
+        images = pd.read_csv(source.file("oof.csv" if split == "train" else f"{split}.csv"), usecols=["image"]).image
+        position = pd.Series(np.arange(len(images)), index=images)
+        probability, cell_boxes = GridLocator.cell_boxes(np.load(cells_file))
+        for row in np.flatnonzero((index.split == split).to_numpy() & index.ok.to_numpy(dtype=bool)):
+            at = position.get(index.image.iloc[row])
+            if at is None or np.isnan(probability[at]).any():
+                continue  # no cell map for this image (left out of training): the usual crop alone
+            boxes[row], weights[row] = next_candidates(probability[at], cell_boxes[at], first[row], count)
+    return boxes, weights
+
+
 # -- the images --------------------------------------------------------------------------------------
 
 
@@ -200,6 +257,7 @@ class Crops(Stage):
     # Not `crops.nof`: only training reads it, so a new NoF weight re-embeds nothing. Not
     # precompute's augment, tta or spatial: crops are embedded once each, as pooled vectors.
     declares = ("data", "crops.margin", "crops.square", "crops.jitter", "crops.align", "crops.test_boxes", "crops.pool", "crops.tta",
+                "crops.candidates.count",
                 *(f"precompute.{f}" for f in CROP_PRECOMPUTE_FIELDS))
     summary = "detect, then classify: crops around the predicted fish, cut at full resolution and embedded"
 
@@ -218,6 +276,11 @@ class Crops(Stage):
                 "out-of-fold box; use split.kind kfold or group_kfold"
             )
         boxes = resolver.node("train", source, via="crops.boxes")
+        if loaded.config.crops.candidates is not None and getattr(config.head, "box_from", None) != "grid":
+            raise FishcompError(
+                f"crops.candidates of {loaded.path}: {source.path} does not locate with a grid of cells "
+                "(head.kind: bbox with head.box_from: grid), so it has no next most probable boxes; set crops.candidates: null"
+            )
         # The box source's own features: their index (images, sizes, readability, boxes) is all
         # this stage reads of them.
         return {"boxes": boxes, "features": boxes.inputs["features"]}
@@ -225,8 +288,11 @@ class Crops(Stage):
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
         config = loaded.config
         precompute = key_payload(config.precompute)
+        crops = {k: v for k, v in key_payload(config.crops).items() if k != "nof"}
+        if "candidates" in crops:  # how they are mixed is training's
+            crops["candidates"] = {"count": crops["candidates"]["count"]}
         return {
-            "crops": {k: v for k, v in key_payload(config.crops).items() if k != "nof"},
+            "crops": crops,
             "precompute": {k: precompute[k] for k in CROP_PRECOMPUTE_FIELDS},
             "precision": backbone_precision(config.precompute),
             "images": ctx.dataset().fingerprint(),
@@ -244,7 +310,8 @@ class Crops(Stage):
         meta = json.loads(artifact.file("meta.json").read_text())
         # Crops made before `crops.pool` record no pooling: theirs was the backbone's average.
         pooled = {"gem": ", pooled by GeM", "max": ", max-pooled"}.get(meta.get("pool"), "")
-        return f"{meta['crops']} crops of {meta['counts']['total']} images{pooled}, boxes from {meta['boxes_from']}"
+        further = f" ({meta['candidates'] - 1} further boxes per image)" if meta.get("candidates", 1) > 1 else ""
+        return f"{meta['crops']} crops of {meta['counts']['total']} images{pooled}, boxes from {meta['boxes_from']}{further}"
 
 
 def _predicted(index: pd.DataFrame, source: Artifact, name: str, test_boxes: str = "mean") -> np.ndarray:
@@ -321,6 +388,9 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     embedder = Embedder(precompute, resolve_device(device_for(precompute.device)))
     device = embedder.device
     planned, points, sources = planned_boxes(index, boxes, config)
+    further = config.candidates.count - 1 if config.candidates else 0
+    if further:
+        candidates, candidate_weights = planned_candidates(index, boxes, planned[:, 0], config.candidates.count)
     if np.isnan(normalised_boxes(index[index.split == "train"])).all():
         warn(f"crops      [{loaded.name}] no train image has a box (no *_labels.json in the data's annos/ folder), so "
              f"{boxes.path.name.rsplit('-', 1)[0]} never learned where the fish are: these crops are cut at untrained boxes "
@@ -335,6 +405,10 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     augmented = reserved_memmap(tmp / "train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
     # The mirrored view of each image's first crop, laid out as precompute's test-time views.
     views = {split: reserved_memmap(tmp / f"{split}_tta_pooled.npy", np.float16, (1, len(out), dim)) for split, out in outputs.items()} if config.tta else {}
+    # Every image's further candidate crops (`crops.candidates`), and with the view each mirrored.
+    candidate_arrays = {split: reserved_memmap(tmp / f"{split}_candidates_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if further else {}
+    candidate_views = {split: reserved_memmap(tmp / f"{split}_candidates_tta_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if further and config.tta else {}
+    extra_rectangles = np.full((len(index), further, 4), np.nan, dtype=np.float32)
     rectangles = np.full(planned.shape, np.nan, dtype=np.float32)
     turns = np.full(planned.shape[:2], np.nan, dtype=np.float32)
     ok = index.ok.to_numpy(dtype=bool).copy()
@@ -344,32 +418,46 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         for split in index.split.unique():
             rows = np.flatnonzero(splits == split)
             count = 1 + copies if split == "train" else 1
-            images = CroppedImages(
-                dataset.root, index.path.to_numpy()[rows].tolist(), planned[rows, :count], config, precompute.size,
-                None if points is None else points[rows, :count],
-            )
+            wanted = planned[rows, :count]
+            ends = None if points is None else points[rows, :count]
+            if further:  # the candidates after the usual crops, never turned
+                wanted = np.concatenate([wanted, candidates[rows]], axis=1)
+                ends = None if ends is None else np.concatenate([ends, np.full((len(rows), further, 4), np.nan)], axis=1)
+            images = CroppedImages(dataset.root, index.path.to_numpy()[rows].tolist(), wanted, config, precompute.size, ends)
             for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
                 n = len(local)
                 # (images, crops, height, width, channels): flip(-2) mirrors left-right.
                 if split == "train" and mirrored_copies:
-                    batch[:, 1::2] = batch[:, 1::2].flip(-2)
-                # One call for the crops and, with the view, the first crops mirrored after them.
-                crops = torch.cat([batch.flatten(0, 1), batch[:, 0].flip(-2)]) if config.tta else batch.flatten(0, 1)
-                embedded = embedder.embed(crops, spatial=False, pool=config.pool)[0]
-                pooled = embedded[: n * count].reshape(n, count, dim)
+                    batch[:, 1:count:2] = batch[:, 1:count:2].flip(-2)
+                # One call for the crops and, with the view, the first crop and the candidates
+                # mirrored after them.
+                looks = batch.flatten(0, 1)
+                if config.tta:
+                    looks = torch.cat([looks, batch[:, [0, *range(count, count + further)]].flip(-2).flatten(0, 1)])
+                embedded = embedder.embed(looks, spatial=False, pool=config.pool)[0]
+                pooled = embedded[: n * (count + further)].reshape(n, count + further, dim)
                 position = local.numpy()
                 if config.tta:
-                    views[split][0, position] = embedded[n * count:]
+                    mirrored = embedded[n * (count + further):].reshape(n, 1 + further, dim)
+                    views[split][0, position] = mirrored[:, 0]
+                    if further:
+                        candidate_views[split][:, position] = mirrored[:, 1:].transpose(1, 0, 2)
                 outputs[split][position] = pooled[:, 0]
                 if split == "train" and copies:
-                    augmented[:, position] = pooled[:, 1:].transpose(1, 0, 2)
-                rectangles[rows[position], :count] = cut.numpy()
-                turns[rows[position], :count] = turned.numpy()
+                    augmented[:, position] = pooled[:, 1:count].transpose(1, 0, 2)
+                if further:
+                    candidate_arrays[split][:, position] = pooled[:, count:].transpose(1, 0, 2)
+                    extra_rectangles[rows[position]] = cut.numpy()[:, count:]
+                rectangles[rows[position], :count] = cut.numpy()[:, :count]
+                turns[rows[position], :count] = turned.numpy()[:, :count]
                 ok[rows[position]] &= good.numpy()
                 advance(n)
-    for array in [*outputs.values(), *views.values(), *([augmented] if copies else [])]:
+    for array in [*outputs.values(), *views.values(), *candidate_arrays.values(), *candidate_views.values(), *([augmented] if copies else [])]:
         array.flush()
-    del outputs, augmented, views
+    del outputs, augmented, views, candidate_arrays, candidate_views
+    if further:
+        for split in index.split.unique():
+            np.save(tmp / f"{split}_candidate_weights.npy", candidate_weights[splits == split].astype(np.float32))
 
     index.assign(ok=ok).to_csv(tmp / "index.csv", index=False)
     table = []
@@ -378,6 +466,11 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
             x, y, w, h = rectangles[row, k]
             table.append({"image": image, "split": split, "copy": k, "source": sources[row] if k == 0 else "jittered",
                           "x": x, "y": y, "w": w, "h": h, "turned_degrees": turns[row, k], "mirrored": mirrored_copies and k % 2 == 1})
+        for k in range(further):
+            x, y, w, h = extra_rectangles[row, k]
+            table.append({"image": image, "split": split, "copy": (1 + copies if split == "train" else 1) + k,
+                          "source": f"candidate {k + 2} (cell probability {candidate_weights[row, k + 1]:.3f})",
+                          "x": x, "y": y, "w": w, "h": h, "turned_degrees": np.nan, "mirrored": False})
     pd.DataFrame(table).to_csv(tmp / "crop_boxes.csv", index=False)
     meta = {
         "backbone": precompute.backbone, "weights": precompute.weights, "size": list(precompute.size),
@@ -385,7 +478,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         "augment_copies": copies, "tta_views": 2 if config.tta else 1, "classes": dataset.classes,
         "counts": {"total": len(index), **index.split.value_counts().to_dict()},
         "unreadable": index.path[~ok].tolist(), "boxes_from": boxes.path.name, "boxes_key": boxes.key, "pool": config.pool or "avg",
-        "crops": len(table), "seconds": round(time.time() - started, 2),
+        "crops": len(table), "candidates": 1 + further, "seconds": round(time.time() - started, 2),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))

@@ -34,7 +34,7 @@ def features_request(loaded: LoadedConfig) -> dict:
 class Train(Stage):
     name = "train"
     section = "head"
-    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight")
+    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share")
     together = True  # under torchrun the folds are dealt to the ranks (or spread); rank 0 publishes
     summary = "a head trained fold by fold: out-of-fold and test predictions, checkpoints, curves"
 
@@ -68,6 +68,11 @@ class Train(Stage):
             params["tta_combine"] = tta_combine(loaded)
         if config.crops is not None and config.crops.nof is not None:
             params["nof"] = key_payload(config.crops.nof)
+        if config.crops is not None and config.crops.candidates is not None:
+            params["candidates_share"] = config.crops.candidates.share
+        if getattr(config.head, "box_from", None) == "grid":
+            # A grid locator keeps its cell map (`oof_cells.npy`), which older artifacts lack.
+            params["writes"] = ["cells"]
         return params
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
@@ -86,4 +91,8 @@ class Train(Stage):
             blend = summary["nof_blend"]
             line += f" (crops alone {blend['crops_alone']:.4f}, whole image {blend['whole_image']:.4f}"
             line += f", its P(NoF) weighted {blend['weight']:g} by auto)" if blend.get("weight_setting") == "auto" else ")"
+        if summary.get("candidates"):
+            mixed = summary["candidates"]
+            line += (f" ({mixed['count'] - 1} further boxes mixed in at {mixed['share']:g}"
+                     f"{' by auto' if mixed['share_setting'] == 'auto' else ''}: usual crop alone {mixed['usual_crop_alone']:.4f})")
         return line

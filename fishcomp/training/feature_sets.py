@@ -243,9 +243,10 @@ def predict(model, features: FeatureSet, device, tta: str | None = None, batch_s
 
     model.eval()
 
-    # The grid locator's cells of every view, to flip the mirrored ones back (`head.box_tta`).
+    # The grid locator's cells of every view: the mirrored ones flipped back (`head.box_tta`), and
+    # the cell map kept (`cells`), where the crops' further candidate boxes come from.
     mirror_boxes = getattr(model, "box_tta", None) == "mirror" and features.view_count > 1
-    cell_outputs = ("box_cells", "box_geometry") if mirror_boxes else ()
+    cell_outputs = ("box_cells", "box_geometry")
 
     def run(view: FeatureSet, keep_extras: bool) -> dict[str, np.ndarray]:
         outputs: dict[str, list] = {}
@@ -266,17 +267,22 @@ def predict(model, features: FeatureSet, device, tta: str | None = None, batch_s
         # combined as they are; the grid locator's cells only flipped back (below).
         predicted["probs_original"] = predicted["probs"]
         predicted["probs"] = combine_views([predicted["probs"], *(other["probs"] for other in others)], tta)
-    if mirror_boxes:
-        predicted["box_original"] = predicted["box"]
-        predicted["box"] = _mirror_averaged_boxes(predicted, others)
+    if "box_cells" in predicted:
+        from fishcomp.models.heads.dense import GridLocator
+
+        cells, geometry = _mirror_averaged_cells(predicted, others if mirror_boxes else [])
+        if mirror_boxes:
+            predicted["box_original"] = predicted["box"]
+            predicted["box"] = GridLocator.decode(cells, geometry).numpy()
+        predicted["cells"] = GridLocator.cell_map(cells, geometry).numpy()
     for name in cell_outputs:
         predicted.pop(name, None)
     return predicted
 
 
-def _mirror_averaged_boxes(original: dict, mirrored: list[dict]) -> np.ndarray:
-    """The grid locator's box from its cell scores and geometry averaged over the original view
-    and the mirrored ones flipped back: the best cell of the two looks together."""
+def _mirror_averaged_cells(original: dict, mirrored: list[dict]):
+    """The grid locator's cell scores and geometry averaged over the original view and the
+    mirrored ones flipped back: the two looks together."""
     import torch
 
     from fishcomp.models.heads.dense import GridLocator
@@ -285,4 +291,4 @@ def _mirror_averaged_boxes(original: dict, mirrored: list[dict]) -> np.ndarray:
     for view in mirrored:
         flipped_cells, flipped_geometry = GridLocator.mirrored_back(torch.from_numpy(view["box_cells"]), torch.from_numpy(view["box_geometry"]))
         cells.append(flipped_cells), geometry.append(flipped_geometry)
-    return GridLocator.decode(torch.stack(cells).mean(0), torch.stack(geometry).mean(0)).numpy()
+    return torch.stack(cells).mean(0), torch.stack(geometry).mean(0)

@@ -46,6 +46,7 @@ from fishcomp.training.data import (
     prepare_training,
     size_onehot,
 )
+from fishcomp.training.candidates import has_candidates, mix_candidates
 from fishcomp.training.feature_sets import FeatureSet, concat, predict, resident_budget, resident_dtype
 from fishcomp.training.frozen_stem import FrozenStem
 from fishcomp.training.loop import (
@@ -346,9 +347,9 @@ class CachedFeatureFolds:
         }
         return FoldResult(
             valid_probs=predicted["probs"], valid_probs_original=predicted.get("probs_original", predicted["probs"]),
-            valid_extras={name: predicted[name] for name in GEOMETRY if name in predicted},
+            valid_extras={name: predicted[name] for name in (*GEOMETRY, "cells") if name in predicted},
             test_probs={split: t["probs"] for split, t in tests.items()},
-            test_extras={split: {name: t[name] for name in GEOMETRY if name in t} for split, t in tests.items()},
+            test_extras={split: {name: t[name] for name in (*GEOMETRY, "cells") if name in t} for split, t in tests.items()},
             kept_epoch=kept_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": data.classes,
@@ -485,7 +486,8 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     oof_original = np.full((len(labels), len(classes)), np.nan)
     oof_extras = {name: np.full((len(labels), 4), np.nan) for name in GEOMETRY}
     test_probs: dict[str, list] = {split: [] for split in data.test_splits}
-    test_extras: dict[str, dict[str, list]] = {name: {split: [] for split in data.test_splits} for name in GEOMETRY}
+    test_extras: dict[str, dict[str, list]] = {name: {split: [] for split in data.test_splits} for name in (*GEOMETRY, "cells")}
+    oof_cells = None  # the grid locator's cell map, (images, 5, h, w): see GridLocator.cell_map
     records: list[dict] = []
     kept_epochs = []
     here = world()
@@ -525,6 +527,9 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
             results.update(other_results)
             records += other_records
         records.sort(key=lambda r: (r["fold"], r["epoch"]))
+    extra = {}
+    if config.crops is not None and config.crops.candidates is not None and has_candidates(features_artifact):
+        extra["candidates"] = mix_candidates(data, features_artifact, results, lambda fold: model_from_checkpoint(results[fold].checkpoint, data.device))
     (tmp / "checkpoints").mkdir()
     for fold in range(n_folds):
         valid = np.flatnonzero(folds == fold)
@@ -532,7 +537,11 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         kept_epochs.append(result.kept_epoch)
         oof[valid], oof_original[valid] = result.valid_probs, result.valid_probs_original
         for name, values in result.valid_extras.items():
-            oof_extras[name][valid] = values
+            if name == "cells":
+                oof_cells = np.full((len(labels), *values.shape[1:]), np.nan, np.float32) if oof_cells is None else oof_cells
+                oof_cells[valid] = values
+            else:
+                oof_extras[name][valid] = values
         for split in data.test_splits:
             test_probs[split].append(result.test_probs[split])
             for name, values in result.test_extras.get(split, {}).items():
@@ -553,7 +562,6 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         test_folds[split][:, ~split_index.ok.to_numpy(dtype=bool)] = prior / prior.sum()
         tests[split] = pd.DataFrame(test_folds[split].mean(axis=0), columns=classes)
         tests[split].insert(0, "image", split_index.image.to_numpy())
-    extra = {}
     if whole is not None:
         extra["nof_blend"] = blend_nof_with_whole(loaded, whole, oof_frame, tests, labels, folds >= 0, test_folds)
         oof = oof_frame[classes].to_numpy()
@@ -573,6 +581,11 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
                 # Each fold model's own, in fold order (rows as in the CSV): where the folds
                 # disagree, their mean can lie between two fish (crops' `test_boxes`).
                 np.save(tmp / f"{split}_{stem}_folds.npy", np.stack(test_extras[name][split]).astype(np.float32))
+    if oof_cells is not None:
+        # Where the box source would look next: the crops' further candidates (`crops.candidates`).
+        np.save(tmp / "oof_cells.npy", oof_cells)
+        for split in data.test_splits:
+            np.save(tmp / f"{split}_cells.npy", np.mean(test_extras["cells"][split], axis=0).astype(np.float32))
     metrics = pd.DataFrame(records)
     for score in ("valid_iou", "valid_pointing", "valid_points_error"):
         if score in metrics:
@@ -618,15 +631,20 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
 def load_fold_model(artifact: Artifact, fold: int, device):
     """One fold's best head from a train artifact, rebuilt from its checkpoint, in eval mode."""
     import torch
+
+    path = artifact.file(f"checkpoints/fold{fold}.pt")
+    if not path.is_file():
+        raise FishcompError(f"{artifact.path} has no checkpoint for fold {fold}")
+    return model_from_checkpoint(torch.load(path, map_location=device, weights_only=True), device)
+
+
+def model_from_checkpoint(checkpoint: dict, device):
+    """A fold's head rebuilt from its checkpoint's contents, in eval mode."""
     from pydantic import TypeAdapter
 
     from fishcomp.config import HeadConfig
     from fishcomp.models.heads import create_head
 
-    path = artifact.file(f"checkpoints/fold{fold}.pt")
-    if not path.is_file():
-        raise FishcompError(f"{artifact.path} has no checkpoint for fold {fold}")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
     head = TypeAdapter(HeadConfig).validate_python(checkpoint["head"])
     model = create_head(head, tuple(checkpoint["in_shape"]), len(checkpoint["classes"]), num_sizes=len(checkpoint["size_vocabulary"]) + 1)
     model.load_state_dict(checkpoint["state_dict"])

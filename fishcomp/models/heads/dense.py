@@ -155,6 +155,26 @@ class GridLocator(nn.Module):
         return cells, geometry
 
     @staticmethod
+    def cell_map(cells: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
+        """(N, 5, h, w): each cell's probability of holding the box centre (a softmax over the
+        image's cells), then its geometry: what `cell_boxes` reads, averaged over fold models."""
+        n, height, width = cells.shape
+        probability = torch.softmax(cells.float().flatten(1), dim=1).reshape(n, 1, height, width)
+        return torch.cat([probability, geometry.float()], dim=1)
+
+    @staticmethod
+    def cell_boxes(cell_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (N, cells), boxes (N, cells, 4) x, y, w, h fractions clipped to the
+        image): every cell's own box, as `decode` reads the best one's."""
+        n, _, height, width = cell_map.shape
+        flat = cell_map.reshape(n, 5, height * width)
+        column, row = np.arange(height * width) % width, np.arange(height * width) // width
+        centre_x, centre_y = (column + flat[:, 1]) / width, (row + flat[:, 2]) / height
+        left, top = np.clip(centre_x - flat[:, 3] / 2, 0, 1), np.clip(centre_y - flat[:, 4] / 2, 0, 1)
+        right, bottom = np.clip(centre_x + flat[:, 3] / 2, 0, 1), np.clip(centre_y + flat[:, 4] / 2, 0, 1)
+        return flat[:, 0], np.stack([left, top, right - left, bottom - top], axis=2)
+
+    @staticmethod
     def decode(cells: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
         """The box (x, y, w, h fractions) of each image's highest-scoring cell."""
         n, height, width = cells.shape

@@ -1,0 +1,101 @@
+"""The crops' further candidate boxes (`crops.candidates`), classified and mixed in.
+
+Where the box source is unsure (two places look alike; a boat it never saw), its one box misses
+the fish and the crop classifier then says something confident about a crop of deck. The crops
+stage also embeds the next most probable places of each photo; here every fold model classifies
+them (its own validation images' and every test image's, as it does the usual crop), and each
+photo's prediction becomes a mixture: the crops weighted by their cells' probabilities, mixed with
+the usual crop's at `crops.candidates.share` (auto: the share with the lowest out-of-fold log loss).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fishcomp.cache import Artifact
+from fishcomp.context import training_precision
+from fishcomp.features import tta_combine
+from fishcomp.metrics import log_loss
+from fishcomp.training.data import FoldResult, TrainData, size_onehot
+from fishcomp.training.feature_sets import FeatureSet, predict
+
+SHARES = np.linspace(0.0, 1.0, 21)
+
+
+def has_candidates(features: Artifact) -> bool:
+    return features.file("train_candidates_pooled.npy").is_file()
+
+
+def _split_candidates(features: Artifact, split: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(candidates (count - 1, rows, dim), their mirrored views (the same shape; None without),
+    weights (rows, count))."""
+    arrays = np.load(features.file(f"{split}_candidates_pooled.npy"), mmap_mode="r")
+    mirrored = features.file(f"{split}_candidates_tta_pooled.npy")
+    views = np.load(mirrored, mmap_mode="r") if mirrored.is_file() else None
+    return arrays, views, np.load(features.file(f"{split}_candidate_weights.npy"))
+
+
+def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: float) -> np.ndarray:
+    """(rows, classes): the usual crop's probabilities `first`, mixed at `share` with every crop's
+    (`first`, then `further` (count - 1, rows, classes)) weighted by `weights` (rows, count). A row
+    without weights (no cell map for it) keeps its usual crop's."""
+    total = weights.sum(axis=1, keepdims=True)
+    shares = np.where(total > 0, weights / np.where(total > 0, total, 1.0), np.eye(weights.shape[1])[0])
+    mixed = shares[:, :1] * first + np.einsum("rk,krc->rc", shares[:, 1:], further)
+    return (1.0 - share) * first + share * mixed
+
+
+def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldResult], model_for) -> dict:
+    """Every fold's validation and test predictions replaced, in place, by the mixture with its
+    own predictions on the candidate crops; the share fitted on all out-of-fold rows when `auto`.
+    `model_for(fold)`: that fold's model. Returns the summary's `candidates` entry."""
+    loaded = data.loaded
+    settings = loaded.config.crops.candidates
+    tta, dtype = tta_combine(loaded), training_precision(loaded, data.device)
+    train, train_views, train_weights = _split_candidates(features, "train")
+    sizes = size_onehot(data.usable_index, data.vocabulary)
+    weights = train_weights[data.usable]
+    first = np.full((len(data.labels), len(data.classes)), np.nan)
+    further = np.full((len(train), len(data.labels), len(data.classes)), np.nan)
+    tests = {split: _split_candidates(features, split) for split in data.test_splits}
+    test_further: dict[int, dict[str, np.ndarray]] = {}
+
+    def classify(model, arrays, views, rows, row_sizes) -> np.ndarray:
+        """(count - 1, rows, classes): the model's predictions on each further candidate's crops."""
+        return np.stack([
+            predict(model, FeatureSet(arrays[k], rows, row_sizes, views=[] if views is None else [views[k]]), data.device, tta=tta, dtype=dtype)["probs"]
+            for k in range(len(arrays))
+        ])
+
+    for fold, result in results.items():
+        model = model_for(fold)
+        valid = np.flatnonzero(data.folds == fold)
+        first[valid] = result.valid_probs
+        further[:, valid] = classify(model, train, train_views, data.usable[valid], sizes[valid])
+        test_further[fold] = {}
+        for split, (arrays, views, _) in tests.items():
+            rows = np.arange(arrays.shape[1])
+            split_sizes = size_onehot(data.index[data.index.split == split], data.vocabulary)
+            test_further[fold][split] = classify(model, arrays, views, rows, split_sizes)
+
+    validated = data.folds >= 0
+    labels = data.labels[validated]
+
+    def scored(share: float) -> float:
+        return log_loss(labels, mixture(first[validated], further[:, validated], weights[validated], share))
+
+    share = settings.share
+    if share == "auto":
+        share = round(float(SHARES[int(np.argmin([scored(s) for s in SHARES]))]), 2)
+    for fold, result in results.items():
+        valid = np.flatnonzero(data.folds == fold)
+        result.valid_probs = mixture(result.valid_probs, further[:, valid], weights[valid], share)
+        for split, (_, _, split_weights) in tests.items():
+            result.test_probs[split] = mixture(result.test_probs[split], test_further[fold][split], split_weights, share)
+    have = weights.sum(axis=1) > 0
+    return {
+        "count": settings.count, "share": share, "share_setting": settings.share,
+        "usual_crop_alone": scored(0.0), "mixed": scored(share),
+        # How much of the mixture the usual crop holds, on average: near 1 where the box source is sure.
+        "usual_crop_weight": float(np.mean(weights[have, 0] / weights[have].sum(axis=1))) if have.any() else None,
+    }
