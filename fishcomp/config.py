@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -327,6 +328,16 @@ class JitterConfig(Strict):
     mirror: Literal["alternate"] | None = None
 
 
+def _share_or_auto(value):
+    if value != "auto" and not 0.0 <= value <= 1.0:
+        raise ValueError("a share between 0 and 1, or auto")
+    return value
+
+
+# A mixing weight fitted out of fold (`auto`: 0, 0.05, ..., 1, the lowest log loss) or given.
+ShareOrAuto = Annotated[float | Literal["auto"], AfterValidator(_share_or_auto)]
+
+
 class NofBlendConfig(Strict):
     """A predicted box on an empty deck is a crop of nothing, so a whole-image model is the better
     judge of NoF: its NoF probability is blended in, and the fish classes share the rest."""
@@ -337,14 +348,7 @@ class NofBlendConfig(Strict):
     # Share of the whole-image model in P(NoF). auto: the share (0, 0.05, ..., 1) with the lowest
     # out-of-fold log loss of the blend: how far to trust each model on empty decks depends on how
     # well the box source finds fish on this data. One number fitted on every out-of-fold row.
-    weight: float | Literal["auto"] = Field(0.5, description="share of the whole-image model in P(NoF), or auto")
-
-    @field_validator("weight")
-    @classmethod
-    def _a_share(cls, value):
-        if value != "auto" and not 0.0 <= value <= 1.0:
-            raise ValueError("crops.nof.weight is a share between 0 and 1, or auto")
-        return value
+    weight: ShareOrAuto = Field(0.5, description="share of the whole-image model in P(NoF), or auto")
 
 
 class CandidatesConfig(Strict):
@@ -358,14 +362,7 @@ class CandidatesConfig(Strict):
     count: int = Field(3, ge=2, le=8)
     # Share of the mixture in the prediction, the rest the usual crop's. auto: the share (0, 0.05,
     # ..., 1) with the lowest out-of-fold log loss, so data whose boxes are good keeps its one crop.
-    share: float | Literal["auto"] = Field("auto", description="share of the candidates' mixture, or auto")
-
-    @field_validator("share")
-    @classmethod
-    def _a_share(cls, value):
-        if value != "auto" and not 0.0 <= value <= 1.0:
-            raise ValueError("crops.candidates.share is a share between 0 and 1, or auto")
-        return value
+    share: ShareOrAuto = Field("auto", description="share of the candidates' mixture, or auto")
 
 
 class CropsConfig(Strict):

@@ -258,6 +258,7 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
     table = pd.read_csv(found / "crop_boxes.csv")
     train = pd.read_csv(found / "index.csv")
     train = train[train.split == "train"].reset_index(drop=True)
+    classes = json.loads((found / "meta.json").read_text())["classes"]
     weights = np.load(found / "train_candidate_weights.npy")
     totals = weights.sum(axis=1)
     sure = np.where(totals > 0, weights[:, 0] / np.where(totals > 0, totals, 1.0), 1.0)
@@ -275,7 +276,7 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
         boxes = [(usual.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float) / scale, "lime")]
         boxes += [(box / scale, "orange") for box in further[further.image == image][["x", "y", "w", "h"]].to_numpy(dtype=float) if not np.isnan(box).any()]
         shares = " / ".join(f"{w / totals[row]:.2f}" for w in weights[row] if w > 0) if totals[row] > 0 else "no cell map"
-        panels.append((photo, f"{image}: weights {shares}", boxes))
+        panels.append((photo, f"{image} ({classes[int(train.label[row])]}): weights {shares}", boxes))
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}candidates.png", columns=4).name,
                                 "the out-of-fold boxes the box source was least sure of: the usual crop (green) and the further ones (orange), weighted as shown"))
