@@ -467,7 +467,8 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
             table.append({"image": image, "split": split, "copy": k, "source": sources[row] if k == 0 else "jittered",
                           "x": x, "y": y, "w": w, "h": h, "turned_degrees": turns[row, k], "mirrored": mirrored_copies and k % 2 == 1})
         for k in range(further):
-            x, y, w, h = extra_rectangles[row, k]
+            # A candidate the cells ran out of was cut as the whole photo and weighs nothing: no rectangle.
+            x, y, w, h = extra_rectangles[row, k] if not np.isnan(candidates[row, k]).any() else [np.nan] * 4
             table.append({"image": image, "split": split, "copy": (1 + copies if split == "train" else 1) + k,
                           "source": f"candidate {k + 2} (cell probability {candidate_weights[row, k + 1]:.3f})",
                           "x": x, "y": y, "w": w, "h": h, "turned_degrees": np.nan, "mirrored": False})
