@@ -253,8 +253,8 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
 
 
 def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: str, section: Section) -> None:
-    """The photos where the box source was least sure of its usual box: every box cut, the usual
-    one green, the further ones orange, with each one's weight in the mixture."""
+    """The photos with a fish where the box source was least sure of its usual box: every box cut,
+    the usual one green, the further ones orange, with each one's weight in the mixture."""
     table = pd.read_csv(found / "crop_boxes.csv")
     train = pd.read_csv(found / "index.csv")
     train = train[train.split == "train"].reset_index(drop=True)
@@ -265,8 +265,10 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
     cut = table[table.split == "train"]
     usual = cut[cut["copy"] == 0].set_index("image")
     further = cut[cut.source.str.startswith("candidate")]
+    # Empty decks are where it is least sure anyway: the photos with a fish say more.
+    with_fish = train.label.to_numpy() != (classes.index("NoF") if "NoF" in classes else -1)
     panels = []
-    for row in np.argsort(sure, kind="stable")[:SAMPLES]:
+    for row in [r for r in np.argsort(sure, kind="stable") if with_fish[r]][:SAMPLES]:
         image = train.image[row]
         try:
             photo, (width, height) = load_rgb(ctx.data_dir / paths.get(image, train.path[row]))
@@ -279,7 +281,7 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
         panels.append((photo, f"{image} ({classes[int(train.label[row])]}): weights {shares}", boxes))
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}candidates.png", columns=4).name,
-                                "the out-of-fold boxes the box source was least sure of: the usual crop (green) and the further ones (orange), weighted as shown"))
+                                "the photos with a fish whose out-of-fold box the box source was least sure of: the usual crop (green) and the further ones (orange), weighted as shown"))
 
 
 def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:
