@@ -255,20 +255,21 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
 def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: str, section: Section) -> None:
     """The photos with a fish where the box source was least sure of its usual box: every box cut,
     the usual one green, the further ones orange, with each one's weight in the mixture."""
+    from fishcomp.training.candidates import candidate_shares
+
     table = pd.read_csv(found / "crop_boxes.csv")
     train = pd.read_csv(found / "index.csv")
     train = train[train.split == "train"].reset_index(drop=True)
     classes = json.loads((found / "meta.json").read_text())["classes"]
     weights = np.load(found / "train_candidate_weights.npy")
-    totals = weights.sum(axis=1)
-    sure = np.where(totals > 0, weights[:, 0] / np.where(totals > 0, totals, 1.0), 1.0)
+    shares = candidate_shares(weights)
     cut = table[table.split == "train"]
     usual = cut[cut["copy"] == 0].set_index("image")
     further = cut[cut.source.str.startswith("candidate")]
     # Empty decks are where it is least sure anyway: the photos with a fish say more.
     with_fish = train.label.to_numpy() != (classes.index("NoF") if "NoF" in classes else -1)
     panels = []
-    for row in [r for r in np.argsort(sure, kind="stable") if with_fish[r]][:SAMPLES]:
+    for row in [r for r in np.argsort(shares[:, 0], kind="stable") if with_fish[r]][:SAMPLES]:
         image = train.image[row]
         try:
             photo, (width, height) = load_rgb(ctx.data_dir / paths.get(image, train.path[row]))
@@ -277,8 +278,8 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
         scale = np.array([width, height, width, height], dtype=float)
         boxes = [(usual.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float) / scale, "lime")]
         boxes += [(box / scale, "orange") for box in further[further.image == image][["x", "y", "w", "h"]].to_numpy(dtype=float) if not np.isnan(box).any()]
-        shares = " / ".join(f"{w / totals[row]:.2f}" for w in weights[row] if w > 0) if totals[row] > 0 else "no cell map"
-        panels.append((photo, f"{image} ({classes[int(train.label[row])]}): weights {shares}", boxes))
+        shown = " / ".join(f"{share:.2f}" for share in shares[row] if share > 0) if weights[row].any() else "no cell map"
+        panels.append((photo, f"{image} ({classes[int(train.label[row])]}): weights {shown}", boxes))
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}candidates.png", columns=4).name,
                                 "the photos with a fish whose out-of-fold box the box source was least sure of: the usual crop (green) and the further ones (orange), weighted as shown"))

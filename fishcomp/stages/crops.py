@@ -141,31 +141,24 @@ def next_candidates(probability: np.ndarray, cell_boxes: np.ndarray, first: np.n
     (count,) weights: each box's cell probability, the first box's the best cell inside it."""
     boxes = np.full((count - 1, 4), np.nan)
     weights = np.zeros(count)
+    if np.isnan(first).any():
+        return boxes, weights  # no usual box: nothing to mix with
     centres = cell_boxes[:, :2] + cell_boxes[:, 2:] / 2
-    chosen = [first] if not np.isnan(first).any() else []
 
-    def outside(box: np.ndarray) -> np.ndarray:
-        return ~((centres[:, 0] >= box[0]) & (centres[:, 0] <= box[0] + box[2]) & (centres[:, 1] >= box[1]) & (centres[:, 1] <= box[1] + box[3]))
+    def inside(box: np.ndarray) -> np.ndarray:
+        return (centres[:, 0] >= box[0]) & (centres[:, 0] <= box[0] + box[2]) & (centres[:, 1] >= box[1]) & (centres[:, 1] <= box[1] + box[3])
 
-    free = np.ones(len(probability), dtype=bool)
-    if chosen:
-        inside = ~outside(first)
-        weights[0] = probability[inside].max() if inside.any() else probability.max()
-        free &= ~inside
+    claimed = inside(first)
+    weights[0] = probability[claimed].max() if claimed.any() else probability.max()
     found = 0
     for cell in np.argsort(-probability, kind="stable"):
         if found == count - 1:
             break
-        if not free[cell]:
+        if claimed[cell]:
             continue
-        if not chosen:  # no first box (an unreadable photo): the best cell stands in for it
-            chosen.append(cell_boxes[cell])
-            weights[0] = probability[cell]
-        else:
-            boxes[found], weights[found + 1] = cell_boxes[cell], probability[cell]
-            chosen.append(cell_boxes[cell])
-            found += 1
-        free &= outside(chosen[-1])
+        boxes[found], weights[found + 1] = cell_boxes[cell], probability[cell]
+        claimed |= inside(cell_boxes[cell])
+        found += 1
     return boxes, weights
 
 

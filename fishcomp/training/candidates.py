@@ -28,19 +28,25 @@ def has_candidates(features: Artifact) -> bool:
 
 def _split_candidates(features: Artifact, split: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(candidates (count - 1, rows, dim), their mirrored views (the same shape; None without),
-    weights (rows, count))."""
-    arrays = np.load(features.file(f"{split}_candidates_pooled.npy"), mmap_mode="r")
+    weights (rows, count)), read into memory once: every fold reads them all."""
+    arrays = np.load(features.file(f"{split}_candidates_pooled.npy"))
     mirrored = features.file(f"{split}_candidates_tta_pooled.npy")
-    views = np.load(mirrored, mmap_mode="r") if mirrored.is_file() else None
+    views = np.load(mirrored) if mirrored.is_file() else None
     return arrays, views, np.load(features.file(f"{split}_candidate_weights.npy"))
+
+
+def candidate_shares(weights: np.ndarray) -> np.ndarray:
+    """(rows, count): each crop's share of a photo's mixture, its weight over the photo's total; a
+    photo without weights (no cell map for it) is its usual crop alone."""
+    total = weights.sum(axis=1, keepdims=True)
+    return np.where(total > 0, weights / np.where(total > 0, total, 1.0), np.eye(weights.shape[1])[0])
 
 
 def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: float) -> np.ndarray:
     """(rows, classes): the usual crop's probabilities `first`, mixed at `share` with every crop's
     (`first`, then `further` (count - 1, rows, classes)) weighted by `weights` (rows, count). A row
     without weights (no cell map for it) keeps its usual crop's."""
-    total = weights.sum(axis=1, keepdims=True)
-    shares = np.where(total > 0, weights / np.where(total > 0, total, 1.0), np.eye(weights.shape[1])[0])
+    shares = candidate_shares(weights)
     mixed = shares[:, :1] * first + np.einsum("rk,krc->rc", shares[:, 1:], further)
     return (1.0 - share) * first + share * mixed
 
@@ -58,6 +64,7 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
     first = np.full((len(data.labels), len(data.classes)), np.nan)
     further = np.full((len(train), len(data.labels), len(data.classes)), np.nan)
     tests = {split: _split_candidates(features, split) for split in data.test_splits}
+    test_sizes = {split: size_onehot(data.index[data.index.split == split], data.vocabulary) for split in data.test_splits}
     test_further: dict[int, dict[str, np.ndarray]] = {}
 
     def classify(model, arrays, views, rows, row_sizes) -> np.ndarray:
@@ -74,9 +81,7 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
         further[:, valid] = classify(model, train, train_views, data.usable[valid], sizes[valid])
         test_further[fold] = {}
         for split, (arrays, views, _) in tests.items():
-            rows = np.arange(arrays.shape[1])
-            split_sizes = size_onehot(data.index[data.index.split == split], data.vocabulary)
-            test_further[fold][split] = classify(model, arrays, views, rows, split_sizes)
+            test_further[fold][split] = classify(model, arrays, views, np.arange(arrays.shape[1]), test_sizes[split])
 
     validated = data.folds >= 0
     labels = data.labels[validated]
@@ -97,5 +102,5 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
         "count": settings.count, "share": share, "share_setting": settings.share,
         "usual_crop_alone": scored(0.0), "mixed": scored(share),
         # How much of the mixture the usual crop holds, on average: near 1 where the box source is sure.
-        "usual_crop_weight": float(np.mean(weights[have, 0] / weights[have].sum(axis=1))) if have.any() else None,
+        "usual_crop_weight": float(candidate_shares(weights)[have, 0].mean()) if have.any() else None,
     }
