@@ -221,6 +221,8 @@ class BboxHeadConfig(_DenseFamily):
             raise ValueError("box_from: grid reads the spatial map; set input: map")
         if self.box_tta is not None and self.box_from != "grid":
             raise ValueError("head.box_tta averages the grid locator's cells over views; set box_from: grid or drop box_tta")
+        if self.box_targets == "every" and self.box_from != "grid":
+            raise ValueError("head.box_targets: every teaches the grid locator every fish's cell; set box_from: grid or drop box_targets")
         return self
 
     kind: Literal["bbox"] = "bbox"
@@ -249,6 +251,13 @@ class BboxHeadConfig(_DenseFamily):
     # and averaged with the original's before the best cell is chosen: a second look at no extra
     # backbone cost. None: boxes from the original view alone.
     box_tta: Literal["mirror"] | None = None
+    # Which fish the grid locator learns to point at. None (the lesson's): the largest annotated
+    # one, so in a photo with several it is taught that the others are not what it looks for.
+    # every: each annotated fish's centre cell is a right answer (its share of the target spread
+    # equally over the photo's fish) and each regresses its own box there, so the crops' further
+    # places (`crops.candidates`) land on the other fish; its out-of-fold IoU is then each box's
+    # with the nearest fish. Augmented copies carry only the largest (mirrored ones carry all).
+    box_targets: Literal["every"] | None = None
 
 
 class FcnHeadConfig(Strict):

@@ -19,7 +19,7 @@ import pandas as pd
 from fishcomp.cache import Artifact
 from fishcomp.config import PrecomputeConfig
 from fishcomp.context import autocast, autocast_dtype, precision_name, resolve_device
-from fishcomp.data.annotations import Box, clip_box
+from fishcomp.data.annotations import Annotations, Box, clip_box
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.distributed import device_for, world
 from fishcomp.errors import FishcompError
@@ -211,6 +211,22 @@ def normalised_boxes(index: pd.DataFrame, columns: list[str] = BOX_COLUMNS) -> n
     boxes = index[columns].to_numpy(dtype=np.float32)
     scale = index[["width", "height", "width", "height"]].to_numpy(dtype=np.float32)
     return boxes / np.where(scale > 0, scale, np.nan)
+
+
+def other_fish_boxes(index: pd.DataFrame, annotations: Annotations) -> np.ndarray:
+    """(N, most others, 4): each photo's annotated boxes but the largest (which the index holds),
+    largest first, clipped to the image, as fractions of it; NaN-padded."""
+    others = []
+    for name, width, height in zip(index.image, index.width, index.height):
+        boxes = sorted(annotations.boxes.get(name) or [], key=lambda box: box.area, reverse=True)[1:]
+        clipped = [clip_box(box, width, height) for box in boxes] if width > 0 and height > 0 else []
+        others.append([(b.x / width, b.y / height, b.w / width, b.h / height) for b in clipped if b is not None])
+    most = max((len(o) for o in others), default=0)
+    array = np.full((len(index), most, 4), np.nan, dtype=np.float32)
+    for row, boxes in enumerate(others):
+        if boxes:
+            array[row, :len(boxes)] = boxes
+    return array
 
 
 # Pixels per backbone call on a CPU: on 2 cores (lite0 and lite2) calls of 4 images at 224x224,

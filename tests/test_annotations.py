@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fishcomp.data.annotations import Box, basename, clip_box, load_annotations
+from fishcomp.data.annotations import Annotations, Box, basename, clip_box, load_annotations
 from fishcomp.errors import FishcompError
 
 
@@ -86,3 +86,33 @@ def test_head_tail_points_pair_up_and_follow_the_largest_box(tmp_path):
     assert result.head_tail("img_2.jpg") is None  # half a pair
     assert result.head_tail("img_9.jpg") is None
     assert result.counts["points with missing or non-numeric x/y"] == 1
+
+
+def test_every_fish_targets_follow_the_largest_box_and_points_largest_first():
+    """`head.box_targets: every`: after the index's largest box (and the points, when the head
+    regresses them) come the photo's other fish, largest first, clipped to the image, as
+    fractions of it, NaN-padded to the most any photo has; `split_geometry` reads them back."""
+    import numpy as np
+    import pandas as pd
+
+    from fishcomp.config import BboxHeadConfig
+    from fishcomp.models.losses import split_geometry
+    from fishcomp.training.data import geometry_targets
+
+    annotations = Annotations(boxes={
+        "a.jpg": [Box(10, 10, 20, 10), Box(100, 50, 60, 40), Box(180, 90, 40, 20)],  # the last partly outside
+        "b.jpg": [Box(0, 0, 50, 50)],
+        "c.jpg": [],
+    })
+    index = pd.DataFrame({"image": ["a.jpg", "b.jpg", "c.jpg"], "width": [200] * 3, "height": [100] * 3,
+                          "box_x": [100.0, 0.0, np.nan], "box_y": [50.0, 0.0, np.nan], "box_w": [60.0, 50.0, np.nan], "box_h": [40.0, 50.0, np.nan]})
+    config = BboxHeadConfig(box_from="grid", box_targets="every", points_weight=1.0)
+    targets = geometry_targets(index, config, annotations)
+    assert targets.shape == (3, 4 + 4 + 2 * 4)
+    largest, points, every_fish = split_geometry(targets, config)
+    np.testing.assert_allclose(largest[0], [0.5, 0.5, 0.3, 0.4])
+    assert np.isnan(points).all()  # the index has no point columns
+    np.testing.assert_allclose(every_fish[0], [[0.5, 0.5, 0.3, 0.4], [0.9, 0.9, 0.1, 0.1], [0.05, 0.1, 0.1, 0.1]])
+    assert np.isnan(every_fish[1, 1:]).all() and np.isnan(every_fish[2]).all()
+    # Without `every` the layout is as before: box, then points.
+    assert geometry_targets(index, BboxHeadConfig(box_from="grid", points_weight=1.0), annotations).shape == (3, 8)

@@ -271,6 +271,38 @@ def test_each_fold_of_the_box_source_starts_at_its_training_boxes_median_size(ti
     assert ((ratio > 0.5) & (ratio < 2)).all(), ratio
 
 
+def test_a_locator_taught_every_fish_scores_its_boxes_against_the_nearest_one(tiny_data, tmp_path, capsys):
+    """`head.box_targets: every`: the box source learns from every annotated fish (this data's
+    photos hold up to three), so its out-of-fold IoU is each box's against the nearest fish, as
+    re-derived here from `oof_boxes.csv` and the annotations, fold by fold."""
+    from fishcomp.data.annotations import clip_box, load_annotations
+
+    every = [*SMALL, "head.box_targets=every"]
+    code, _, err = run_cli(["train", "-c", CONFIGS / f"{BOX_SOURCE}.yaml", "--data", tiny_data, "--work", tmp_path, *_sets(every)], capsys)
+    assert code == 0, err
+    folder = _folder(tmp_path, "train", BOX_SOURCE)
+    predicted = pd.read_csv(folder / "oof_boxes.csv").set_index("image")
+    folds = pd.read_csv(folder / "oof.csv").set_index("image").fold
+    index = pd.read_csv(next(p for p in (tmp_path / "precompute").iterdir() if (p / "index.csv").is_file()) / "index.csv")
+    annotations = load_annotations(tiny_data / "annos")
+    nearest, several = {}, 0
+    for name, width, height in index[index.split == "train"][["image", "width", "height"]].itertuples(index=False):
+        fish = [b for b in (clip_box(box, width, height) for box in annotations.boxes.get(name) or []) if b is not None]
+        if fish:
+            truth = np.array([[b.x / width, b.y / height, b.w / width, b.h / height] for b in fish])
+            nearest[name] = box_iou(np.repeat(predicted.loc[[name], ["box_x", "box_y", "box_w", "box_h"]].to_numpy(), len(fish), axis=0), truth).max()
+            several += len(fish) > 1
+    assert several >= 5  # the data does test what the setting is for
+    per_fold = pd.Series(nearest).groupby(folds.loc[list(nearest)].to_numpy()).mean()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["head"] == "bbox" and summary["valid_iou"] == pytest.approx(per_fold.mean(), abs=1e-4)
+
+
+def test_box_targets_every_needs_a_grid_locator(tiny_data, tmp_path, capsys):
+    code, _, err = run_cli(["train", "-c", CONFIGS / "bbox.yaml", "--data", tiny_data, "--work", tmp_path, "--set", "head.box_targets=every"], capsys)
+    assert code == 2 and "box_targets: every" in err and "box_from: grid" in err and "Traceback" not in err
+
+
 def test_fold_boxes_that_point_elsewhere_are_left_out_of_the_test_box():
     fish, other = np.array([0.10, 0.10, 0.20, 0.10]), np.array([0.70, 0.60, 0.20, 0.10])
     nudge = np.array([0.01, 0.0, 0.0, 0.0])

@@ -115,7 +115,7 @@ def test_mirrored_copies_are_the_views_with_their_boxes_mirrored_and_held_once()
     boxes = np.tile(np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.6, 0.6], dtype=np.float32), (len(maps), 1))
     boxes[3] = np.nan  # an image without a box keeps none when mirrored
     features = FeatureSet(maps, np.arange(len(maps)), boxes=boxes, views=[mirrored])
-    features.add_mirrored_copies()
+    features.add_mirrored_copies(points=True)
     assert features.copies[0] is features.views[0] and features.copy_count == 2
     # Held once although it is both a copy and a view: the maps and one mirrored array.
     assert features.make_resident(None, BUDGET) == 2 * 12 * 16 * 3 * 5 * 2
@@ -127,6 +127,22 @@ def test_mirrored_copies_are_the_views_with_their_boxes_mirrored_and_held_once()
     assert torch.isnan(box[0, 4:]).all()  # head and tail are not mirrored with it: left out
     assert torch.isnan(box[1]).all()
     np.testing.assert_array_equal(box[2].numpy(), boxes[5])
+
+
+def test_mirrored_copies_mirror_every_fish_box_and_drop_the_points():
+    """Targets laid out as `geometry_targets` does: the largest box, head/tail points, then two
+    other fish (the second unknown); a mirrored copy moves every box and drops the points."""
+    maps, mirrored = _maps(0), _maps(1)
+    row = [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.6, 0.6, 0.0, 0.5, 0.2, 0.1] + [np.nan] * 4
+    boxes = np.tile(np.array(row, dtype=np.float32), (len(maps), 1))
+    features = FeatureSet(maps, np.arange(len(maps)), boxes=boxes, views=[mirrored])
+    features.add_mirrored_copies(points=True)
+    _, _, box = features.batch(np.array([0, 1]), "cpu", copies=np.array([1, 0]))
+    np.testing.assert_allclose(box[0, :4].numpy(), [0.6, 0.2, 0.3, 0.4], atol=1e-6)
+    assert torch.isnan(box[0, 4:8]).all()
+    np.testing.assert_allclose(box[0, 8:12].numpy(), [0.8, 0.5, 0.2, 0.1], atol=1e-6)
+    assert torch.isnan(box[0, 12:]).all()
+    np.testing.assert_array_equal(box[1].numpy(), boxes[1])
 
 
 def test_mirror_copies_need_the_mirrored_view_and_no_other_copies():

@@ -13,6 +13,7 @@ from fishcomp.config import (
     load_config,
 )
 from fishcomp.models.heads import create_head, head_uses_map, list_heads
+from fishcomp.models.losses import head_loss
 
 # Every head as the shipped configs define it, plus variants on the other input.
 CONFIGS = {
@@ -169,6 +170,62 @@ def test_bbox_iou_rises_with_training(box_from, floor):
         loss.backward()
         optimiser.step()
     assert iou() > max(floor, 3 * before)
+
+
+def _two_fish_maps(n, rng, height=6, width=10, channels=16):
+    """Maps with two blobs of the image's class code at distinct cells, the first twice as
+    strong (the larger fish); targets laid out as `geometry_targets` does with every fish."""
+    labels = rng.integers(0, 8, n)
+    maps = rng.normal(0, 0.5, (n, channels, height, width)).astype(np.float32)
+    codes = rng.normal(0, 1, (8, channels)).astype(np.float32)
+    cells = np.stack([rng.choice(height * width, 2, replace=False) for _ in range(n)])  # (n, 2)
+    targets = np.zeros((n, 8), dtype=np.float32)
+    for i in range(n):
+        for k, (strength, cell) in enumerate(zip((3.0, 1.5), cells[i])):
+            maps[i, :, cell // width, cell % width] += strength * codes[labels[i]]
+            targets[i, 4 * k:4 * k + 4] = [(cell % width) / width, (cell // width) / height, 1 / width, 1 / height]
+    return torch.from_numpy(maps), torch.from_numpy(labels), targets, cells
+
+
+def test_grid_locator_taught_every_fish_points_at_the_others_too():
+    """`box_targets: every`: the other fish's cell gets a share of the locator's probability,
+    which the largest-only target teaches it to withhold; the best cell still holds a fish."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(5)
+    x, labels, targets, cells = _two_fish_maps(256, rng)
+
+    def trained(box_targets):
+        torch.manual_seed(1)
+        config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_weight=50.0, box_from="grid", box_targets=box_targets)
+        head = create_head(config, tuple(x.shape[1:]), 8)
+        optimiser = torch.optim.Adam(head.parameters(), lr=2e-3)
+        given = torch.from_numpy(targets if box_targets else targets[:, :4])
+        for _ in range(120):
+            head.train()
+            loss = head_loss(head(x), labels, given, config, torch.nn.CrossEntropyLoss())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        head.eval()
+        with torch.no_grad():
+            return torch.softmax(head(x)["box_cells"].flatten(1), dim=1).numpy()
+
+    rows = np.arange(len(cells))
+    every, largest = trained("every"), trained(None)
+    assert every[rows, cells[:, 1]].mean() > 0.25 > 2 * largest[rows, cells[:, 1]].mean()
+    assert (every.argmax(axis=1)[:, None] == cells).any(axis=1).mean() > 0.9
+
+
+def test_grid_loss_with_unknown_other_fish_is_the_one_fish_loss():
+    """Padding rows (NaN: a photo with fewer fish than the most) change nothing."""
+    from fishcomp.models.losses import grid_box_loss
+
+    torch.manual_seed(0)
+    cells, geometry = torch.randn(6, 4, 5), torch.rand(6, 4, 4, 5)
+    boxes = torch.tensor([[0.1, 0.2, 0.2, 0.3]] * 6) + 0.1 * torch.rand(6, 4)
+    padded = torch.cat([boxes[:, None], torch.full((6, 2, 4), float("nan"))], dim=1)
+    one = grid_box_loss(cells, geometry, boxes, 20.0, torch.nn.functional.mse_loss)
+    torch.testing.assert_close(grid_box_loss(cells, geometry, padded, 20.0, torch.nn.functional.mse_loss), one, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("box_from", [None, "grid"])

@@ -73,6 +73,9 @@ def test_the_page_its_pictures_and_its_numbers(report_page, capsys):
     names = set(parser.images)
     assert {"data_classes.png", "data_size_class.png"} <= names
     assert any(n.endswith("_iou.png") for n in names) and any(n.endswith("_boxes_valid.png") for n in names)
+    # A box is scored against the largest fish and against the nearest one (any fish it found).
+    largest, nearest = (float(parser.numbers[k][0]) for k in ("mean box IoU (validation images with a box)", "mean box IoU with the nearest annotated fish"))
+    assert 0 < largest <= nearest <= 1
     assert any("heatmaps/grid.png" in n for n in names) and any(n.endswith("_correlation.png") for n in names)
     assert any(n.endswith("_top_losses.png") for n in names) and any(n.endswith("_confusion.png") for n in names)
 

@@ -28,7 +28,7 @@ from fishcomp.context import Context, resolve_device
 from fishcomp.data.images import UnreadableImage, load_rgb, size_labels
 from fishcomp.data.splits import assign_folds
 from fishcomp.errors import FishcompError
-from fishcomp.features import BOX_COLUMNS, load_index, normalised_boxes
+from fishcomp.features import BOX_COLUMNS, load_index, normalised_boxes, other_fish_boxes
 from fishcomp.metrics import attention_scores, per_class_scores, size_only_log_loss
 from fishcomp.models.heads import list_heatmap_heads
 from fishcomp.models.losses import box_iou
@@ -192,13 +192,18 @@ def _box_figures(ctx: Context, run: Run, out: Path, prefix: str, section: Sectio
         return
     ious = box_iou(guess[have], truth[have])
     section.numbers["mean box IoU (validation images with a box)"] = _fmt(float(ious.mean()))
-    section.figures.append((viz.histogram(ious, out / f"{prefix}iou.png", "box IoU, validation", "IoU").name, "IoU histogram"))
+    # A box on another fish of the photo is a fish found (and the crops' classifier sees one):
+    # each box's IoU with the nearest annotated fish too, the largest among them.
+    every_fish = np.concatenate([truth[:, None], other_fish_boxes(train.reset_index(), ctx.annotations(RunConfig().data))], axis=1)[have]
+    nearest = np.max([box_iou(guess[have], np.nan_to_num(fish)) for fish in every_fish.transpose(1, 0, 2)], axis=0)
+    section.numbers["mean box IoU with the nearest annotated fish"] = _fmt(float(nearest.mean()))
+    section.figures.append((viz.histogram(nearest, out / f"{prefix}iou.png", "box IoU with the nearest fish, validation", "IoU").name, "IoU histogram"))
     panels = []
-    for image, true_box, box, iou in list(zip(predicted.index[have], truth[have], guess[have], ious))[:SAMPLES]:
+    for image, fish, box, iou in list(zip(predicted.index[have], every_fish, guess[have], nearest))[:SAMPLES]:
         photo = _photo(ctx.data_dir, paths.get(image, ""))
         if photo is not None:
-            panels.append((photo, f"{image}: IoU {iou:.2f}", [(true_box, "lime"), (box, "red")]))
-    section.figures.append((viz.image_grid(panels, out / f"{prefix}boxes_valid.png").name, "validation: true box green, predicted red"))
+            panels.append((photo, f"{image}: IoU {iou:.2f}", [*((f, "lime") for f in fish if not np.isnan(f).any()), (box, "red")]))
+    section.figures.append((viz.image_grid(panels, out / f"{prefix}boxes_valid.png").name, "validation: annotated fish green, predicted box red"))
     for split in ("test_stg1", "test_stg2"):
         if run.artifact.file(f"{split}_boxes.csv").is_file():
             test = pd.read_csv(run.artifact.file(f"{split}_boxes.csv")).head(SAMPLES)

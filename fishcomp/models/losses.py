@@ -7,43 +7,67 @@ import torch
 import torch.nn.functional as F
 
 
+def split_geometry(targets, head_config) -> tuple:
+    """`geometry_targets`' columns read back (NumPy or torch): the largest box (N, 4), head/tail
+    points (N, 4) or None, and every annotated fish's box (N, fish, 4), the largest first, NaN
+    rows where a photo has fewer."""
+    points = targets[:, 4:8] if getattr(head_config, "points_weight", None) and targets.shape[1] >= 8 else None
+    largest, others = targets[:, :4], targets[:, 4 if points is None else 8:]
+    rows = [largest[:, None], others.reshape(len(targets), -1, 4)]
+    every_fish = torch.cat(rows, dim=1) if isinstance(targets, torch.Tensor) else np.concatenate(rows, axis=1)
+    return largest, points, every_fish
+
+
 def head_loss(outputs: dict, labels: torch.Tensor, boxes: torch.Tensor | None, head_config, criterion) -> torch.Tensor:
     """Cross-entropy, plus `box_weight * box_loss` for heads that predict a box, plus
-    `points_weight * MSE` of head and tail for those that predict them (`boxes` columns 4:8)."""
+    `points_weight * MSE` of head and tail for those that predict them (`split_geometry`)."""
     loss = criterion(outputs["logits"], labels)
     if boxes is None:
         return loss
+    box_targets, points, every_fish = split_geometry(boxes, head_config)
     if "box" in outputs and head_config.box_weight:
-        box_targets = boxes[:, :4]
         if head_config.missing_box == "zero":
             target, have = torch.nan_to_num(box_targets, nan=0.0), torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
         else:
             target, have = box_targets, ~torch.isnan(box_targets).any(dim=1)
         box_fn = F.mse_loss if head_config.box_loss == "mse" else F.smooth_l1_loss
         if "box_cells" in outputs:
-            have = ~torch.isnan(box_targets).any(dim=1)  # a grid has no "zero box" to point at
+            # A grid has no "zero box" to point at: photos whose fish are all unknown add nothing.
+            have = ~torch.isnan(every_fish).any(dim=2).all(dim=1)
             if have.any():
-                loss = loss + grid_box_loss(outputs["box_cells"][have], outputs["box_geometry"][have], box_targets[have], head_config.box_weight, box_fn)
+                loss = loss + grid_box_loss(outputs["box_cells"][have], outputs["box_geometry"][have], every_fish[have], head_config.box_weight, box_fn)
         elif have.any():
             loss = loss + head_config.box_weight * box_fn(outputs["box"][have], target[have])
-    if "points" in outputs and boxes.shape[1] == 8:
-        have = ~torch.isnan(boxes[:, 4:]).any(dim=1)
+    if "points" in outputs and points is not None:
+        have = ~torch.isnan(points).any(dim=1)
         if have.any():
-            loss = loss + head_config.points_weight * F.mse_loss(outputs["points"][have], boxes[have, 4:])
+            loss = loss + head_config.points_weight * F.mse_loss(outputs["points"][have], points[have])
     return loss
 
 
 def grid_box_loss(cells: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tensor, weight: float, box_fn) -> torch.Tensor:
-    """Cross-entropy over the cells for the one holding the box centre, plus `weight` times the
-    regression, at that cell, of the centre's offset in it and the box size."""
+    """Cross-entropy over the cells for those holding a fish's centre, plus `weight` times the
+    regression, at each such cell, of the centre's offset in it and that fish's box size.
+    `boxes` (N, fish, 4), NaN rows for none: with one fish a photo's target is its cell; with
+    several, the target spreads equally over their cells."""
     n, height, width = cells.shape
-    centre_x, centre_y = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2
+    if boxes.ndim == 2:
+        boxes = boxes[:, None]
+    have = ~torch.isnan(boxes).any(dim=2)  # (N, fish)
+    boxes = torch.nan_to_num(boxes, nan=0.0)
+    centre_x, centre_y = boxes[..., 0] + boxes[..., 2] / 2, boxes[..., 1] + boxes[..., 3] / 2
     column = (centre_x * width).floor().clamp(0, width - 1)
     row = (centre_y * height).floor().clamp(0, height - 1)
-    target_cell = (row * width + column).long()
-    chosen = geometry.flatten(2)[torch.arange(n, device=cells.device), :, target_cell]
-    truth = torch.stack([(centre_x * width - column).clamp(0, 1), (centre_y * height - row).clamp(0, 1), boxes[:, 2], boxes[:, 3]], dim=1)
-    return F.cross_entropy(cells.flatten(1), target_cell) + weight * box_fn(chosen, truth)
+    target_cell = (row * width + column).long()  # (N, fish)
+    chosen = geometry.flatten(2).gather(2, target_cell[:, None].expand(n, 4, -1)).transpose(1, 2)  # (N, fish, 4)
+    truth = torch.stack([(centre_x * width - column).clamp(0, 1), (centre_y * height - row).clamp(0, 1), boxes[..., 2], boxes[..., 3]], dim=2)
+    if boxes.shape[1] == 1 and bool(have.all()):
+        pointing = F.cross_entropy(cells.flatten(1), target_cell[:, 0])
+    else:  # in float32: the shares are probabilities, and cells may come in bf16
+        share = have.float() / have.sum(dim=1, keepdim=True).clamp(min=1).float()
+        target = torch.zeros(n, height * width, device=cells.device).scatter_add_(1, target_cell, share)
+        pointing = F.cross_entropy(cells.flatten(1).float(), target)
+    return pointing + weight * box_fn(chosen[have], truth[have])
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

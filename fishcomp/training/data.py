@@ -12,10 +12,11 @@ import pandas as pd
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig
 from fishcomp.console import warn
+from fishcomp.data.annotations import Annotations
 from fishcomp.context import resolve_device
 from fishcomp.data.splits import assign_folds
 from fishcomp.distributed import device_for
-from fishcomp.features import POINT_COLUMNS, load_index, normalised_boxes
+from fishcomp.features import POINT_COLUMNS, load_index, normalised_boxes, other_fish_boxes
 
 
 def size_vocabulary(train_index: pd.DataFrame) -> list[str]:
@@ -31,12 +32,16 @@ def size_onehot(index: pd.DataFrame, vocabulary: list[str]) -> np.ndarray:
     return onehot
 
 
-def geometry_targets(index: pd.DataFrame, head) -> np.ndarray:
-    """What the head regresses: boxes, then head/tail points when the head predicts them too."""
-    boxes = normalised_boxes(index)
+def geometry_targets(index: pd.DataFrame, head, annotations: Annotations | None = None) -> np.ndarray:
+    """What the head regresses, as fractions of the image: the largest box, then head/tail points
+    when the head predicts them, then (`box_targets: every`, from `annotations`) the photo's other
+    fish's boxes, largest first, NaN-padded to the most any photo has (`split_geometry` reads it)."""
+    parts = [normalised_boxes(index)]
     if getattr(head, "points_weight", None):
-        return np.concatenate([boxes, normalised_boxes(index, POINT_COLUMNS)], axis=1)
-    return boxes
+        parts.append(normalised_boxes(index, POINT_COLUMNS))
+    if getattr(head, "box_targets", None) == "every" and annotations is not None:
+        parts.append(other_fish_boxes(index, annotations).reshape(len(index), -1))
+    return np.concatenate(parts, axis=1)
 
 
 @dataclass

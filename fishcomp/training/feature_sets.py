@@ -116,15 +116,22 @@ class FeatureSet:
         self.copy_boxes = copy_boxes
         self.views = [_in_memory(v) for v in views]
 
-    def add_mirrored_copies(self) -> None:
+    def add_mirrored_copies(self, points: bool = False) -> None:
         """The test-time views, each the photo mirrored left-right, as training copies too (the
-        same arrays), their boxes mirrored; head/tail points are dropped for a copy (`batch`)."""
+        same arrays), their boxes mirrored; head/tail points (`points`: columns 4:8, as
+        `geometry_targets` lays them out) are dropped for a copy."""
         if self.copies:
             raise ValueError("mirrored copies replace augmented ones; this set has both")
         self.copies = list(self.views)
         if self.boxes is not None:
-            mirrored = self.boxes[:, :4].copy()
-            mirrored[:, 0] = 1 - self.boxes[:, 0] - self.boxes[:, 2]
+            # Every box column (4k: x) moved; the points, when any, are not (they stay NaN).
+            mirrored = self.boxes.copy()
+            box_columns = np.ones(mirrored.shape[1], dtype=bool)
+            if points:
+                box_columns[4:8] = False
+                mirrored[:, 4:8] = np.nan
+            x = np.flatnonzero(box_columns & (np.arange(mirrored.shape[1]) % 4 == 0))
+            mirrored[:, x] = 1 - self.boxes[:, x] - self.boxes[:, x + 2]
             self.copy_boxes = np.stack([mirrored] * len(self.copies))
 
     def make_resident(self, dtype, budget: int) -> int:
@@ -185,10 +192,11 @@ class FeatureSet:
                 data = _empty_like_rows(part, len(rows)) if data is None else data
                 data[torch.from_numpy(chosen) if isinstance(data, torch.Tensor) else chosen] = part
                 if k > 0 and boxes is not None and self.copy_boxes is not None:
-                    # The copy's moved box; head/tail points (columns 4:, when regressed) are
-                    # not moved with the image, so the copy has none.
-                    boxes[chosen, :4] = self.copy_boxes[k - 1][positions[chosen]]
-                    boxes[chosen, 4:] = np.nan
+                    # The copy's moved geometry: an augmented copy knows only its largest box
+                    # (4 columns), so the rest (points, other fish) is unknown for it.
+                    moved = self.copy_boxes[k - 1][positions[chosen]]
+                    boxes[chosen, :moved.shape[1]] = moved
+                    boxes[chosen, moved.shape[1]:] = np.nan
         size = None if self.sizes is None else torch.from_numpy(self.sizes[positions]).to(device)
         box = None if boxes is None else torch.from_numpy(boxes).to(device)
         if isinstance(data, torch.Tensor):

@@ -24,6 +24,7 @@ from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, dump_yaml, key_payload
 from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, autocast, training_precision
+from fishcomp.data.annotations import Annotations
 from fishcomp.data.splits import fold_count
 from fishcomp.distributed import data_parallel, gather_to_main, world
 from fishcomp.errors import FishcompError
@@ -37,7 +38,7 @@ from fishcomp.features import (
 )
 from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
-from fishcomp.models.losses import box_iou, class_map_boxes, head_loss, pointing_hits
+from fishcomp.models.losses import box_iou, class_map_boxes, head_loss, pointing_hits, split_geometry
 from fishcomp.predictions import Predictions, read_predictions
 from fishcomp.training.data import (
     FoldResult,
@@ -89,23 +90,25 @@ def with_class_map_boxes(predicted: dict[str, np.ndarray], background: int | Non
     return predicted
 
 
-def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None) -> dict[str, float]:
-    """Mean box IoU (bbox heads) and heatmap pointing score (class-map heads) on images with a box;
-    mean head/tail distance (fractions of the image) on images with points."""
+def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None, head_config) -> dict[str, float]:
+    """Mean box IoU (bbox heads; against the nearest annotated fish when the targets hold every
+    fish) and heatmap pointing score (class-map heads) on images with a box; mean head/tail
+    distance (fractions of the image) on images with points."""
     if targets is None:
         return {}
-    boxes = targets[:, :4]
+    boxes, points, every_fish = split_geometry(targets, head_config)
     scores: dict[str, float] = {}
-    if "points" in predicted and targets.shape[1] == 8:
-        have_points = ~np.isnan(targets[:, 4:]).any(axis=1)
+    if "points" in predicted and points is not None:
+        have_points = ~np.isnan(points).any(axis=1)
         if have_points.any():
-            error = (predicted["points"][have_points] - targets[have_points, 4:]).reshape(-1, 2, 2)
+            error = (predicted["points"][have_points] - points[have_points]).reshape(-1, 2, 2)
             scores["valid_points_error"] = float(np.linalg.norm(error, axis=2).mean())
     have = ~np.isnan(boxes).any(axis=1)
     if not have.any():
         return scores
     if "box" in predicted:
-        scores["valid_iou"] = float(box_iou(predicted["box"][have], boxes[have]).mean())
+        overlaps = np.stack([box_iou(predicted["box"][have], np.nan_to_num(fish[have])) for fish in every_fish.transpose(1, 0, 2)])
+        scores["valid_iou"] = float(overlaps.max(axis=0).mean())
     if "heatmaps" in predicted:
         classes = predicted["probs"].argmax(axis=1)
         maps = predicted["heatmaps"][np.arange(len(classes)), classes]
@@ -230,7 +233,7 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
             "valid_loss": float(criterion(log_probs, torch.from_numpy(valid_labels)).item()),
             "valid_logloss": log_loss(valid_labels, probs),
             "valid_accuracy": accuracy(valid_labels, probs),
-            **_extra_scores(predicted, valid_set.boxes),
+            **_extra_scores(predicted, valid_set.boxes, loaded.config.head),
         }
 
     schedule = scaled_phases(train_cfg, batches)
@@ -261,7 +264,9 @@ def inner_split(train: np.ndarray, valid: np.ndarray, train_cfg, fold: int) -> t
 class CachedFeatureFolds:
     """Trains a head on the cached features, one fold at a time."""
 
-    def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None):
+    def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None, annotations: Annotations | None = None):
+        """`annotations`: every fish's box, for a grid locator taught to find them all
+        (`head.box_targets: every`); the precompute index holds only the largest."""
         loaded = data.loaded
         config = loaded.config
         self.data = data
@@ -272,7 +277,7 @@ class CachedFeatureFolds:
         copies, copy_boxes = load_augmented(features_artifact, self.kind)
         self.train_features = FeatureSet(
             load_features(features_artifact, "train", self.kind), data.usable, size_onehot(data.usable_index, data.vocabulary),
-            geometry_targets(data.usable_index, config.head), copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, data.usable],
+            geometry_targets(data.usable_index, config.head, annotations), copies=copies, copy_boxes=None if copy_boxes is None else copy_boxes[:, data.usable],
             views=load_views(features_artifact, "train", self.kind),
         )
         if config.head.kind == "bbox" and np.isnan(self.train_features.boxes[:, :4]).all():
@@ -289,7 +294,7 @@ class CachedFeatureFolds:
         if self.kind == "map" and config.train.map_channels:
             self._project_maps(config.train.map_channels, config.train.seed)
         if config.train.mirror_copies:
-            self.train_features.add_mirrored_copies()
+            self.train_features.add_mirrored_copies(points=bool(getattr(config.head, "points_weight", None)))
         self.pseudo, self.pseudo_summary = None, None
         if pseudo_source is not None:
             settings = config.train.pseudo
@@ -402,7 +407,7 @@ class CachedFeatureFolds:
         """A fold whose inner split chose 0 epochs on its probe has no epoch row for its box IoU
         (and the like): they go on its chosen-strength row, the row its kept epoch 0 points at.
         Its other outputs (a bbox head's box) never trained, which is said, not hidden."""
-        scores = _extra_scores(predicted, valid_set.boxes)
+        scores = _extra_scores(predicted, valid_set.boxes, self.data.loaded.config.head)
         next(r for r in reversed(records) if r["fold"] == fold and r.get("chosen")).update(scores)
         untrained = [name for name in ("box", "points") if name in predicted]
         if untrained:
@@ -470,7 +475,8 @@ def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pse
         if pseudo_source is not None:
             raise FishcompError(f"{data.loaded.path}: train.pseudo works with heads trained by gradient steps, not the linear probe")
         return LinearProbeFolds(data, features_artifact)
-    return CachedFeatureFolds(data, features_artifact, pseudo_source)
+    every_fish = getattr(data.loaded.config.head, "box_targets", None) == "every"
+    return CachedFeatureFolds(data, features_artifact, pseudo_source, ctx.annotations(data.loaded.config.data) if every_fish else None)
 
 
 def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None) -> dict:
