@@ -335,6 +335,10 @@ class JitterConfig(Strict):
     # other way is the same fish, and with `crops.tta: mirror` the classifier is scored on mirrored
     # crops too. The same number of crops embedded, so no extra cost; measured in docs/results.md.
     mirror: Literal["alternate"] | None = None
+    # every: in a photo with several annotated fish the copies take turns among them, largest
+    # first (copy k around fish k mod n), so the classifier learns from each fish once the
+    # locator (head.box_targets: every) points at them all. None: every copy around the largest.
+    fish: Literal["every"] | None = None
 
 
 def _share_or_auto(value):
@@ -414,6 +418,9 @@ class CropsConfig(Strict):
         if self.candidates is not None and self.align:
             raise ValueError("crops.candidates with crops.align: the further boxes have no head/tail points to turn them by; "
                              "set crops.candidates: null to align")
+        if self.jitter is not None and self.jitter.fish == "every" and self.align:
+            raise ValueError("crops.jitter.fish: every with crops.align: only the largest fish's head and tail are known to turn "
+                             "its crops by; drop jitter.fish to align")
         return self
 
 

@@ -399,6 +399,42 @@ def test_crops_of_annotated_train_images_contain_the_drawn_fish(tiny_data, tmp_p
         np.testing.assert_array_equal(crops[1].numpy(), np.asarray(region))
 
 
+def test_with_jitter_fish_every_the_copies_take_turns_among_the_photos_fish(tiny_data, tmp_path):
+    """`crops.jitter.fish: every`: in a photo with several annotated fish, copy k (unjittered
+    here) is cut around fish k mod n, largest first, so each fish is a training crop."""
+    from fishcomp.data.annotations import clip_box
+    from fishcomp.features import load_index
+    from fishcomp.pipeline import build
+    from fishcomp.stages.crops import CroppedImages, planned_boxes
+
+    loaded = load_config(CONFIGS / "crops.yaml", ["crops.jitter={copies: 3, shift: 0, scale: 0, fish: every}", *TINY])
+    ctx = Context(data_dir=tiny_data, work_dir=tmp_path)
+    annotations = ctx.annotations(loaded.config.data)
+    index = load_index(build(ctx, "precompute", load_config(CONFIGS / "bbox.yaml", SMALL)))
+    several = index.image.map(lambda name: len(annotations.boxes.get(name) or []) >= 2)
+    train = index[(index.split == "train") & several].reset_index(drop=True).head(6)
+    assert len(train) >= 3
+    fake_oof = tmp_path / "boxes"
+    fake_oof.mkdir()
+    pd.DataFrame({"image": index.image, "box_x": 0.1, "box_y": 0.1, "box_w": 0.2, "box_h": 0.2}).to_csv(fake_oof / "oof_boxes.csv", index=False)
+    source = type("A", (), {"file": lambda self, name: fake_oof / name, "path": fake_oof})()
+    planned, _, _ = planned_boxes(train, source, loaded.config.crops, annotations)
+    images = CroppedImages(tiny_data, train.path.tolist(), planned, loaded.config.crops, (64, 64))
+    for i in range(len(train)):
+        width, height = train.width[i], train.height[i]
+        fish = sorted(annotations.boxes[train.image[i]], key=lambda box: box.area, reverse=True)
+        rectangles = images[i][3]
+        for k in range(3):
+            box = clip_box(fish[k % len(fish)], width, height)
+            x, y, w, h = rectangles[1 + k].numpy()
+            assert x <= box.x + 0.5 and y <= box.y + 0.5
+            assert x + w >= box.x + box.w - 0.5 and y + h >= box.y + box.h - 0.5
+    # Without it, as before: every copy around the largest.
+    planned_largest, _, _ = planned_boxes(train, source, load_config(CONFIGS / "crops.yaml", ["crops.jitter={copies: 3, shift: 0, scale: 0}"]).config.crops, annotations)
+    np.testing.assert_allclose(planned_largest[:, 2], planned_largest[:, 1])
+    assert not np.allclose(planned[:, 2], planned[:, 1])
+
+
 def test_the_crop_cache_key_changes_with_the_box_source(tiny_data, tmp_path):
     from fishcomp.pipeline import resolver
 
@@ -448,6 +484,7 @@ def test_crop_geometry_grows_squares_and_stays_inside_the_photo():
         (["crops.candidates.share=2"], "a share between 0 and 1, or auto"),
         (["crops.boxes=fcn.yaml"], "does not locate with a grid of cells"),
         (["crops.align=true"], "no head/tail points to turn them by"),
+        (["crops.candidates=null", "crops.align=true", "crops.jitter.fish=every"], "only the largest fish's head and tail are known"),
     ],
 )
 def test_crops_config_mistakes_are_one_line_errors(tiny_data, tmp_path, capsys, overrides, message):

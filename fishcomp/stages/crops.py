@@ -33,6 +33,7 @@ from fishcomp.cache import Artifact
 from fishcomp.config import CropsConfig, LoadedConfig, dump_yaml, key_payload
 from fishcomp.console import progress, warn
 from fishcomp.context import Context, resolve_device
+from fishcomp.data.annotations import Annotations
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.distributed import device_for
 from fishcomp.errors import FishcompError
@@ -44,6 +45,7 @@ from fishcomp.features import (
     image_batches,
     load_index,
     normalised_boxes,
+    other_fish_boxes,
     reserved_memmap,
 )
 from fishcomp.graph import Node, Resolver, Stage, register_stage
@@ -342,11 +344,12 @@ def _predicted(index: pd.DataFrame, source: Artifact, name: str, test_boxes: str
     return values
 
 
-def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig, annotations: Annotations | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(images, 1 + copies, 4) box fractions per image and crop (NaN where none); with
     `config.align`, the same shape of head/tail fractions; and where each original crop's box
     came from. Jittered copies take the annotated box and points (the predicted ones where the
-    image has none)."""
+    image has none); with `jitter.fish: every` they take turns among the photo's annotated fish
+    (`annotations`), largest first."""
     copies = config.jitter.copies if config.jitter else 0
     planned = np.full((len(index), 1 + copies, 4), np.nan)
     planned[:, 0] = _predicted(index, boxes, "box", config.test_boxes)
@@ -362,12 +365,14 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig) -> 
     sources = ["predicted (out of fold)" if split == "train" else "predicted" for split in index.split]
     if copies:
         rng = np.random.default_rng([config.jitter.seed, 17])
-        annotated = normalised_boxes(index)
+        annotated = normalised_boxes(index)[:, None]
+        if config.jitter.fish == "every" and annotations is not None:
+            annotated = np.concatenate([annotated, other_fish_boxes(index, annotations)], axis=1)
         annotated_points = normalised_boxes(index, POINT_COLUMNS)
         for row in np.flatnonzero((index.split == "train").to_numpy() & index.ok.to_numpy(dtype=bool)):
-            centre = annotated[row] if not np.isnan(annotated[row]).any() else planned[row, 0]
+            fish = [box for box in annotated[row] if not np.isnan(box).any()] or [planned[row, 0]]
             for k in range(copies):
-                planned[row, 1 + k] = jittered(centre, rng, config.jitter.shift, config.jitter.scale)
+                planned[row, 1 + k] = jittered(fish[k % len(fish)], rng, config.jitter.shift, config.jitter.scale)
             if points is not None:
                 points[row, 1:] = annotated_points[row] if not np.isnan(annotated_points[row]).any() else points[row, 0]
     return planned, points, sources
@@ -380,7 +385,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     dataset = ctx.dataset()
     embedder = Embedder(precompute, resolve_device(device_for(precompute.device)))
     device = embedder.device
-    planned, points, sources = planned_boxes(index, boxes, config)
+    planned, points, sources = planned_boxes(index, boxes, config, ctx.annotations(loaded.config.data))
     further = config.candidates.count - 1 if config.candidates else 0
     if further:
         candidates, candidate_weights = planned_candidates(index, boxes, planned[:, 0], config.candidates.count)
