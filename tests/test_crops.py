@@ -525,7 +525,7 @@ def test_alignment_turns_a_fish_with_known_head_and_tail_horizontal_head_left(ki
 
 
 def test_aligned_crops_use_predicted_points_and_need_a_source_that_predicts_them(tiny_data, tmp_path, capsys):
-    small = [*TINY, "precompute.size=[96,160]", "crops.nof=null", "crops.jitter.copies=1", "crops.candidates=null"]  # smaller still
+    small = [*TINY, "precompute.size=[96,160]", "crops.nof=null", "crops.jitter.copies=1", "crops.jitter.fish=null", "crops.candidates=null"]  # smaller still
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path,
                                *_sets([*small, "crops.boxes=bbox.yaml", "crops.align=true"])], capsys)
     assert code == 2 and "crops.align needs head/tail points" in stderr
@@ -645,6 +645,24 @@ def test_the_mixture_weighs_each_crop_by_its_cell_and_keeps_the_usual_crop_at_sh
     np.testing.assert_allclose(mixture(first, further, weights, 0.4)[0], 0.6 * first[0] + 0.4 * mixed[0])
 
 
+def test_weighted_by_fish_a_crop_the_classifier_sees_as_deck_counts_less():
+    """`candidates.weights: fish`: each crop's cell weight times its 1 - P(NoF); a photo whose
+    crops all look equally empty keeps the cells' proportions."""
+    from fishcomp.training.candidates import mixture, mixture_shares
+
+    nof = 1  # classes (fish, NoF)
+    first = np.array([[0.3, 0.7], [0.5, 0.5]])
+    further = np.array([[[0.9, 0.1], [0.5, 0.5]]])
+    weights = np.array([[0.6, 0.2], [0.6, 0.2]])
+    # Row 0: 0.6 * 0.3 = 0.18 against 0.2 * 0.9 = 0.18, even; by the cells alone 3 to 1.
+    np.testing.assert_allclose(mixture_shares(first, further, weights, nof), [[0.5, 0.5], [0.75, 0.25]])
+    np.testing.assert_allclose(mixture_shares(first, further, weights), [[0.75, 0.25], [0.75, 0.25]])
+    np.testing.assert_allclose(mixture(first, further, weights, 1.0, nof)[0], 0.5 * first[0] + 0.5 * further[0, 0])
+    # Crops that all say "certainly no fish" leave nothing to weigh: the usual crop alone.
+    empty = np.array([[0.0, 1.0]])
+    np.testing.assert_allclose(mixture_shares(empty, empty[None], weights[:1], nof), [[1.0, 0.0]])
+
+
 def test_each_cells_box_is_the_box_the_locator_decodes_at_its_best_cell():
     import torch
 
@@ -676,6 +694,7 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
     summary = json.loads((trained / "summary.json").read_text())
     chosen = summary["candidates"]
     assert chosen["count"] == count and chosen["share_setting"] == "auto" and chosen["share"] in SHARES.round(2).tolist()
+    assert chosen["weights"] == "fish"  # crops.yaml's: the re-derivation below weighs by P(fish)
     # Share 0 (the usual crop alone) is among those tried, so the chosen one is never worse.
     assert chosen["mixed"] <= chosen["usual_crop_alone"] + 1e-12
     index = pd.read_csv(crops / "index.csv")
@@ -720,7 +739,8 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
 
         first = on(pooled, usual_view)
         others = np.stack([on(further[k], mirrored[k]) for k in range(count - 1)])
-        expected[rows] = mixture(first, others, weights[positions[rows]], chosen["share"])
+        nof = classes.index("NoF") if chosen["weights"] == "fish" else None
+        expected[rows] = mixture(first, others, weights[positions[rows]], chosen["share"], nof)
     whole = pd.read_csv(next((work / "train").glob(f"{summary['nof_blend']['whole']}/oof.csv"))).set_index("image").loc[oof.image, classes]
     expected = blend_nof(expected, whole.to_numpy(), summary["nof_blend"]["weight"], classes.index("NoF"))
     np.testing.assert_allclose(oof[classes].to_numpy(), expected, atol=tolerance)

@@ -232,7 +232,8 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
         section.numbers["the usual crop alone (before the NoF blend), valid log loss"] = _fmt(mixed["usual_crop_alone"])
         section.numbers[f"with {mixed['count'] - 1} further boxes mixed in at share {mixed['share']:g}, valid log loss"] = _fmt(mixed["mixed"])
         if mixed.get("usual_crop_weight") is not None:
-            section.numbers["the usual crop's mean weight in the mixture (its cell's probability among the boxes')"] = _fmt(mixed["usual_crop_weight"])
+            by = "and how much of a fish the classifier saw in each" if mixed.get("weights") == "fish" else "alone"
+            section.numbers[f"the usual crop's mean share of the mixture, out of fold (by the cells' probabilities {by})"] = _fmt(mixed["usual_crop_weight"])
     found = ctx.cache.find("crops", summary["inputs"]["features"]["key"])
     if found is None:
         return
@@ -287,7 +288,8 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
         panels.append((photo, f"{image} ({classes[int(train.label[row])]}): weights {shown}", boxes))
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}candidates.png", columns=4).name,
-                                "the photos with a fish whose out-of-fold box the box source was least sure of: the usual crop (green) and the further ones (orange), weighted as shown"))
+                                "the photos with a fish whose out-of-fold box the box source was least sure of: the usual crop (green) and the further ones (orange), "
+                                "with their cells' shares (with candidates.weights: fish the classifier's P(fish) of each crop reweighs them)"))
 
 
 def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:

@@ -34,7 +34,7 @@ def features_request(loaded: LoadedConfig) -> dict:
 class Train(Stage):
     name = "train"
     section = "head"
-    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share")
+    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share", "crops.candidates.weights")
     together = True  # under torchrun the folds are dealt to the ranks (or spread); rank 0 publishes
     summary = "a head trained fold by fold: out-of-fold and test predictions, checkpoints, curves"
 
@@ -70,6 +70,8 @@ class Train(Stage):
             params["nof"] = key_payload(config.crops.nof)
         if config.crops is not None and config.crops.candidates is not None:
             params["candidates_share"] = config.crops.candidates.share
+            if config.crops.candidates.weights is not None:
+                params["candidates_weights"] = config.crops.candidates.weights
         if getattr(config.head, "box_from", None) == "grid":
             # A grid locator keeps its cell map (`oof_cells.npy`), which older artifacts lack.
             params["writes"] = ["cells"]

@@ -14,6 +14,7 @@ import numpy as np
 
 from fishcomp.cache import Artifact
 from fishcomp.context import training_precision
+from fishcomp.errors import FishcompError
 from fishcomp.features import tta_combine
 from fishcomp.metrics import log_loss
 from fishcomp.training.data import FoldResult, TrainData, size_onehot
@@ -42,11 +43,20 @@ def candidate_shares(weights: np.ndarray) -> np.ndarray:
     return np.where(total > 0, weights / np.where(total > 0, total, 1.0), np.eye(weights.shape[1])[0])
 
 
-def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: float) -> np.ndarray:
+def mixture_shares(first: np.ndarray, further: np.ndarray, weights: np.ndarray, nof: int | None = None) -> np.ndarray:
+    """(rows, count): each crop's share of a photo's mixture: its cell weight, times (with `nof`,
+    the NoF class's column) its probability of holding a fish by the classifier's own prediction
+    on it (`first`: the usual crop's (rows, classes), `further`: (count - 1, rows, classes))."""
+    if nof is not None:
+        weights = weights * (1.0 - np.concatenate([first[None], further])[:, :, nof].T)
+    return candidate_shares(weights)
+
+
+def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: float, nof: int | None = None) -> np.ndarray:
     """(rows, classes): the usual crop's probabilities `first`, mixed at `share` with every crop's
-    (`first`, then `further` (count - 1, rows, classes)) weighted by `weights` (rows, count). A row
+    (`first`, then `further` (count - 1, rows, classes)) weighted as `mixture_shares` says. A row
     without weights (no cell map for it) keeps its usual crop's."""
-    shares = candidate_shares(weights)
+    shares = mixture_shares(first, further, weights, nof)
     mixed = shares[:, :1] * first + np.einsum("rk,krc->rc", shares[:, 1:], further)
     return (1.0 - share) * first + share * mixed
 
@@ -57,6 +67,12 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
     `model_for(fold)`: that fold's model. Returns the summary's `candidates` entry."""
     loaded = data.loaded
     settings = loaded.config.crops.candidates
+    nof = None
+    if settings.weights == "fish":
+        if "NoF" not in data.classes:
+            raise FishcompError(f"{loaded.path}: crops.candidates.weights: fish reads each crop's P(NoF), but the data has no NoF class; "
+                                "drop candidates.weights")
+        nof = data.classes.index("NoF")
     tta, dtype = tta_combine(loaded), training_precision(loaded, data.device)
     train, train_views, train_weights = _split_candidates(features, "train")
     sizes = size_onehot(data.usable_index, data.vocabulary)
@@ -87,20 +103,21 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
     labels = data.labels[validated]
 
     def scored(share: float) -> float:
-        return log_loss(labels, mixture(first[validated], further[:, validated], weights[validated], share))
+        return log_loss(labels, mixture(first[validated], further[:, validated], weights[validated], share, nof))
 
     share = settings.share
     if share == "auto":
         share = round(float(SHARES[int(np.argmin([scored(s) for s in SHARES]))]), 2)
     for fold, result in results.items():
         valid = np.flatnonzero(data.folds == fold)
-        result.valid_probs = mixture(result.valid_probs, further[:, valid], weights[valid], share)
+        result.valid_probs = mixture(result.valid_probs, further[:, valid], weights[valid], share, nof)
         for split, (_, _, split_weights) in tests.items():
-            result.test_probs[split] = mixture(result.test_probs[split], test_further[fold][split], split_weights, share)
-    have = weights.sum(axis=1) > 0
+            result.test_probs[split] = mixture(result.test_probs[split], test_further[fold][split], split_weights, share, nof)
+    have = validated & (weights.sum(axis=1) > 0)
+    shares = mixture_shares(first[have], further[:, have], weights[have], nof)
     return {
-        "count": settings.count, "share": share, "share_setting": settings.share,
+        "count": settings.count, "share": share, "share_setting": settings.share, "weights": settings.weights or "cells",
         "usual_crop_alone": scored(0.0), "mixed": scored(share),
         # How much of the mixture the usual crop holds, on average: near 1 where the box source is sure.
-        "usual_crop_weight": float(candidate_shares(weights)[have, 0].mean()) if have.any() else None,
+        "usual_crop_weight": float(shares[:, 0].mean()) if have.any() else None,
     }
