@@ -377,12 +377,12 @@ class CandidatesConfig(Strict):
     # Share of the mixture in the prediction, the rest the usual crop's. auto: the share (0, 0.05,
     # ..., 1) with the lowest out-of-fold log loss, so data whose boxes are good keeps its one crop.
     share: ShareOrAuto = Field("auto", description="share of the candidates' mixture, or auto")
-    # fish: each crop's weight is its cell's probability times the crop classifier's probability
-    # that the crop holds a fish (1 - P(NoF), by the same fold model), so a place the classifier
-    # sees only deck in counts little, while on an empty deck every crop shrinks alike. None: the
-    # cell's probability alone. Better on all seven generated sets, out of fold and on both test
-    # stages (docs/results.md).
-    weights: Literal["fish"] | None = None
+    # How each crop's weight, its cell's probability, is scaled by what the crop classifier (the
+    # same fold model) sees in that crop: cells (None): not at all; fish: by its probability of
+    # a fish, 1 - P(NoF), so a place it sees only deck in counts little; fish_class: by its most
+    # probable fish class's probability, a crop that plainly shows one kind of fish; auto: the
+    # rule with the lowest out-of-fold log loss, each at its best share (docs/results.md).
+    weights: Literal["cells", "fish", "fish_class", "auto"] | None = None
 
 
 class CropsConfig(Strict):

@@ -645,22 +645,25 @@ def test_the_mixture_weighs_each_crop_by_its_cell_and_keeps_the_usual_crop_at_sh
     np.testing.assert_allclose(mixture(first, further, weights, 0.4)[0], 0.6 * first[0] + 0.4 * mixed[0])
 
 
-def test_weighted_by_fish_a_crop_the_classifier_sees_as_deck_counts_less():
-    """`candidates.weights: fish`: each crop's cell weight times its 1 - P(NoF); a photo whose
-    crops all look equally empty keeps the cells' proportions."""
+def test_weighted_by_what_the_classifier_sees_a_crop_of_deck_counts_less():
+    """`candidates.weights`: each crop's cell weight times its 1 - P(NoF) (`fish`) or its most
+    probable fish class's probability (`fish_class`); crops that all look equally empty keep
+    the cells' proportions, and crops that say "certainly no fish" leave the usual crop alone."""
     from fishcomp.training.candidates import mixture, mixture_shares
 
-    nof = 1  # classes (fish, NoF)
-    first = np.array([[0.3, 0.7], [0.5, 0.5]])
-    further = np.array([[[0.9, 0.1], [0.5, 0.5]]])
+    nof = 1  # classes (fish A, NoF, fish B)
+    first = np.array([[0.2, 0.7, 0.1], [0.25, 0.5, 0.25]])
+    further = np.array([[[0.6, 0.1, 0.3], [0.3, 0.5, 0.2]]])
     weights = np.array([[0.6, 0.2], [0.6, 0.2]])
-    # Row 0: 0.6 * 0.3 = 0.18 against 0.2 * 0.9 = 0.18, even; by the cells alone 3 to 1.
-    np.testing.assert_allclose(mixture_shares(first, further, weights, nof), [[0.5, 0.5], [0.75, 0.25]])
+    # Row 0, fish: 0.6 * 0.3 = 0.18 against 0.2 * 0.9 = 0.18, even; by the cells alone 3 to 1.
+    np.testing.assert_allclose(mixture_shares(first, further, weights, "fish", nof), [[0.5, 0.5], [0.75, 0.25]])
+    # fish_class: 0.6 * 0.2 = 0.12 against 0.2 * 0.6 = 0.12; row 1: 0.6 * 0.25 against 0.2 * 0.3.
+    np.testing.assert_allclose(mixture_shares(first, further, weights, "fish_class", nof), [[0.5, 0.5], [0.15 / 0.21, 0.06 / 0.21]])
     np.testing.assert_allclose(mixture_shares(first, further, weights), [[0.75, 0.25], [0.75, 0.25]])
-    np.testing.assert_allclose(mixture(first, further, weights, 1.0, nof)[0], 0.5 * first[0] + 0.5 * further[0, 0])
-    # Crops that all say "certainly no fish" leave nothing to weigh: the usual crop alone.
-    empty = np.array([[0.0, 1.0]])
-    np.testing.assert_allclose(mixture_shares(empty, empty[None], weights[:1], nof), [[1.0, 0.0]])
+    np.testing.assert_allclose(mixture(first, further, weights, 1.0, "fish", nof)[0], 0.5 * first[0] + 0.5 * further[0, 0])
+    empty = np.array([[0.0, 1.0, 0.0]])
+    for rule in ("fish", "fish_class"):
+        np.testing.assert_allclose(mixture_shares(empty, empty[None], weights[:1], rule, nof), [[1.0, 0.0]])
 
 
 def test_each_cells_box_is_the_box_the_locator_decodes_at_its_best_cell():
@@ -694,7 +697,9 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
     summary = json.loads((trained / "summary.json").read_text())
     chosen = summary["candidates"]
     assert chosen["count"] == count and chosen["share_setting"] == "auto" and chosen["share"] in SHARES.round(2).tolist()
-    assert chosen["weights"] == "fish"  # crops.yaml's: the re-derivation below weighs by P(fish)
+    # crops.yaml's `weights: auto`: every rule tried, the lowest out of fold kept (and re-derived below).
+    assert chosen["weights_setting"] == "auto" and set(chosen["by_rule"]) == {"cells", "fish", "fish_class"}
+    assert chosen["mixed"] == min(r["mixed"] for r in chosen["by_rule"].values()) == chosen["by_rule"][chosen["weights"]]["mixed"]
     # Share 0 (the usual crop alone) is among those tried, so the chosen one is never worse.
     assert chosen["mixed"] <= chosen["usual_crop_alone"] + 1e-12
     index = pd.read_csv(crops / "index.csv")
@@ -739,8 +744,7 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
 
         first = on(pooled, usual_view)
         others = np.stack([on(further[k], mirrored[k]) for k in range(count - 1)])
-        nof = classes.index("NoF") if chosen["weights"] == "fish" else None
-        expected[rows] = mixture(first, others, weights[positions[rows]], chosen["share"], nof)
+        expected[rows] = mixture(first, others, weights[positions[rows]], chosen["share"], chosen["weights"], classes.index("NoF"))
     whole = pd.read_csv(next((work / "train").glob(f"{summary['nof_blend']['whole']}/oof.csv"))).set_index("image").loc[oof.image, classes]
     expected = blend_nof(expected, whole.to_numpy(), summary["nof_blend"]["weight"], classes.index("NoF"))
     np.testing.assert_allclose(oof[classes].to_numpy(), expected, atol=tolerance)

@@ -232,7 +232,7 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
         section.numbers["the usual crop alone (before the NoF blend), valid log loss"] = _fmt(mixed["usual_crop_alone"])
         section.numbers[f"with {mixed['count'] - 1} further boxes mixed in at share {mixed['share']:g}, valid log loss"] = _fmt(mixed["mixed"])
         if mixed.get("usual_crop_weight") is not None:
-            by = "and how much of a fish the classifier saw in each" if mixed.get("weights") == "fish" else "alone"
+            by = {"fish": "times each crop's P(fish)", "fish_class": "times each crop's most probable fish class's probability"}.get(mixed.get("weights"), "alone")
             section.numbers[f"the usual crop's mean share of the mixture, out of fold (by the cells' probabilities {by})"] = _fmt(mixed["usual_crop_weight"])
     found = ctx.cache.find("crops", summary["inputs"]["features"]["key"])
     if found is None:
@@ -289,7 +289,7 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}candidates.png", columns=4).name,
                                 "the photos with a fish whose out-of-fold box the box source was least sure of: the usual crop (green) and the further ones (orange), "
-                                "with their cells' shares (with candidates.weights: fish the classifier's P(fish) of each crop reweighs them)"))
+                                "with their cells' shares (candidates.weights other than cells reweigh them by what the classifier sees in each crop)"))
 
 
 def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:

@@ -95,6 +95,8 @@ class Train(Stage):
             line += f", its P(NoF) weighted {blend['weight']:g} by auto)" if blend.get("weight_setting") == "auto" else ")"
         if summary.get("candidates"):
             mixed = summary["candidates"]
+            rule, setting = mixed.get("weights", "cells"), mixed.get("weights_setting", "cells")
+            weighed = "" if setting == "cells" else f", weighed by {rule}{' (auto)' if setting == 'auto' else ''}"
             line += (f" ({mixed['count'] - 1} further boxes mixed in at {mixed['share']:g}"
-                     f"{' by auto' if mixed['share_setting'] == 'auto' else ''}: usual crop alone {mixed['usual_crop_alone']:.4f})")
+                     f"{' by auto' if mixed['share_setting'] == 'auto' else ''}{weighed}: usual crop alone {mixed['usual_crop_alone']:.4f})")
         return line

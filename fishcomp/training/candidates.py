@@ -5,7 +5,8 @@ the fish and the crop classifier then says something confident about a crop of d
 stage also embeds the next most probable places of each photo; here every fold model classifies
 them (its own validation images' and every test image's, as it does the usual crop), and each
 photo's prediction becomes a mixture: the crops weighted by their cells' probabilities, mixed with
-the usual crop's at `crops.candidates.share` (auto: the share with the lowest out-of-fold log loss).
+the usual crop's at `crops.candidates.share` (auto: the share with the lowest out-of-fold log loss),
+each crop's weight scaled by what the classifier sees in it as `crops.candidates.weights` says.
 """
 
 from __future__ import annotations
@@ -43,20 +44,28 @@ def candidate_shares(weights: np.ndarray) -> np.ndarray:
     return np.where(total > 0, weights / np.where(total > 0, total, 1.0), np.eye(weights.shape[1])[0])
 
 
-def mixture_shares(first: np.ndarray, further: np.ndarray, weights: np.ndarray, nof: int | None = None) -> np.ndarray:
-    """(rows, count): each crop's share of a photo's mixture: its cell weight, times (with `nof`,
-    the NoF class's column) its probability of holding a fish by the classifier's own prediction
-    on it (`first`: the usual crop's (rows, classes), `further`: (count - 1, rows, classes))."""
-    if nof is not None:
-        weights = weights * (1.0 - np.concatenate([first[None], further])[:, :, nof].T)
+# How each crop's cell weight is scaled by what the crop classifier sees in that crop: `cells`
+# not at all; `fish` by its probability of a fish, 1 - P(NoF); `fish_class` by its most probable
+# fish class's probability, a crop that shows one kind of fish plainly.
+WEIGHT_RULES = ("cells", "fish", "fish_class")
+
+
+def mixture_shares(first: np.ndarray, further: np.ndarray, weights: np.ndarray, rule: str = "cells", nof: int | None = None) -> np.ndarray:
+    """(rows, count): each crop's share of a photo's mixture: its cell weight, scaled as `rule`
+    says (`WEIGHT_RULES`; `nof`: the NoF class's column) by the classifier's own prediction on it
+    (`first`: the usual crop's (rows, classes), `further`: (count - 1, rows, classes))."""
+    if rule != "cells":
+        crops = np.concatenate([first[None], further])  # (count, rows, classes)
+        seen = 1.0 - crops[:, :, nof] if rule == "fish" else np.delete(crops, nof, axis=2).max(axis=2)
+        weights = weights * seen.T
     return candidate_shares(weights)
 
 
-def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: float, nof: int | None = None) -> np.ndarray:
+def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: float, rule: str = "cells", nof: int | None = None) -> np.ndarray:
     """(rows, classes): the usual crop's probabilities `first`, mixed at `share` with every crop's
     (`first`, then `further` (count - 1, rows, classes)) weighted as `mixture_shares` says. A row
     without weights (no cell map for it) keeps its usual crop's."""
-    shares = mixture_shares(first, further, weights, nof)
+    shares = mixture_shares(first, further, weights, rule, nof)
     mixed = shares[:, :1] * first + np.einsum("rk,krc->rc", shares[:, 1:], further)
     return (1.0 - share) * first + share * mixed
 
@@ -67,12 +76,12 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
     `model_for(fold)`: that fold's model. Returns the summary's `candidates` entry."""
     loaded = data.loaded
     settings = loaded.config.crops.candidates
-    nof = None
-    if settings.weights == "fish":
-        if "NoF" not in data.classes:
-            raise FishcompError(f"{loaded.path}: crops.candidates.weights: fish reads each crop's P(NoF), but the data has no NoF class; "
-                                "drop candidates.weights")
-        nof = data.classes.index("NoF")
+    nof = data.classes.index("NoF") if "NoF" in data.classes else None
+    setting = settings.weights or "cells"
+    if nof is None and setting not in ("cells", "auto"):
+        raise FishcompError(f"{loaded.path}: crops.candidates.weights: {setting} reads each crop's P(NoF), but the data has no NoF class; "
+                            "set candidates.weights: cells")
+    rules = (WEIGHT_RULES if nof is not None else ("cells",)) if setting == "auto" else (setting,)
     tta, dtype = tta_combine(loaded), training_precision(loaded, data.device)
     train, train_views, train_weights = _split_candidates(features, "train")
     sizes = size_onehot(data.usable_index, data.vocabulary)
@@ -102,22 +111,29 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
     validated = data.folds >= 0
     labels = data.labels[validated]
 
-    def scored(share: float) -> float:
-        return log_loss(labels, mixture(first[validated], further[:, validated], weights[validated], share, nof))
+    def scored(share: float, rule: str) -> float:
+        return log_loss(labels, mixture(first[validated], further[:, validated], weights[validated], share, rule, nof))
 
-    share = settings.share
-    if share == "auto":
-        share = round(float(SHARES[int(np.argmin([scored(s) for s in SHARES]))]), 2)
+    # Each rule at its best share (or the given one); `auto` keeps the rule that scores lowest.
+    shares_tried = SHARES if settings.share == "auto" else [settings.share]
+    best = {}
+    for rule in rules:
+        losses = [scored(s, rule) for s in shares_tried]
+        best[rule] = (round(float(shares_tried[int(np.argmin(losses))]), 2), float(min(losses)))
+    rule = min(best, key=lambda r: best[r][1])
+    share = best[rule][0]
     for fold, result in results.items():
         valid = np.flatnonzero(data.folds == fold)
-        result.valid_probs = mixture(result.valid_probs, further[:, valid], weights[valid], share, nof)
+        result.valid_probs = mixture(result.valid_probs, further[:, valid], weights[valid], share, rule, nof)
         for split, (_, _, split_weights) in tests.items():
-            result.test_probs[split] = mixture(result.test_probs[split], test_further[fold][split], split_weights, share, nof)
+            result.test_probs[split] = mixture(result.test_probs[split], test_further[fold][split], split_weights, share, rule, nof)
     have = validated & (weights.sum(axis=1) > 0)
-    shares = mixture_shares(first[have], further[:, have], weights[have], nof)
+    shares = mixture_shares(first[have], further[:, have], weights[have], rule, nof)
     return {
-        "count": settings.count, "share": share, "share_setting": settings.share, "weights": settings.weights or "cells",
-        "usual_crop_alone": scored(0.0), "mixed": scored(share),
+        "count": settings.count, "share": share, "share_setting": settings.share, "weights": rule, "weights_setting": setting,
+        "usual_crop_alone": scored(0.0, "cells"), "mixed": best[rule][1],
+        # Every rule tried: its share and out-of-fold log loss.
+        "by_rule": {r: {"share": best[r][0], "mixed": best[r][1]} for r in rules},
         # How much of the mixture the usual crop holds, on average: near 1 where the box source is sure.
         "usual_crop_weight": float(shares[:, 0].mean()) if have.any() else None,
     }
