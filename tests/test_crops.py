@@ -666,6 +666,19 @@ def test_weighted_by_what_the_classifier_sees_a_crop_of_deck_counts_less():
         np.testing.assert_allclose(mixture_shares(empty, empty[None], weights[:1], rule, nof), [[1.0, 0.0]])
 
 
+def test_weights_that_read_p_nof_on_data_without_nof_are_a_one_line_error():
+    from types import SimpleNamespace
+
+    from fishcomp.errors import FishcompError
+    from fishcomp.training.candidates import mix_candidates
+
+    for rule in ("fish", "fish_class"):
+        loaded = load_config(CONFIGS / "crops.yaml", [f"crops.candidates.weights={rule}"])
+        data = SimpleNamespace(loaded=loaded, classes=["ALB", "BET", "SHARK"])
+        with pytest.raises(FishcompError, match=f"weights: {rule} reads each crop's P\\(NoF\\).*set candidates.weights: cells"):
+            mix_candidates(data, None, {}, None)
+
+
 def test_each_cells_box_is_the_box_the_locator_decodes_at_its_best_cell():
     import torch
 
