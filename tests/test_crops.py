@@ -699,7 +699,7 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
     import torch
 
     from fishcomp.context import training_precision
-    from fishcomp.training.candidates import SHARES, mixture
+    from fishcomp.training.candidates import SHARES, mixture, mixture_shares
     from fishcomp.training.feature_sets import FeatureSet, predict
     from fishcomp.training.folds import load_fold_model
 
@@ -743,6 +743,8 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
     mirrored = np.load(crops / "train_candidates_tta_pooled.npy")
     pooled = np.load(crops / "train_pooled.npy")
     expected = np.zeros((len(oof), len(classes)))
+    stored_shares = np.load(trained / "oof_candidate_shares.npy")
+    assert stored_shares.shape == (len(oof), count) and np.allclose(stored_shares.sum(axis=1), 1.0, atol=1e-5)
     # The classifier predicted in its training precision (bf16 autocast on a CPU that has it, where
     # one call's batch may take another kernel than the run's: one bf16 step of a logit, 2^-8,
     # moves a probability by less than that); in float32 the two agree to rounding.
@@ -758,6 +760,8 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
         first = on(pooled, usual_view)
         others = np.stack([on(further[k], mirrored[k]) for k in range(count - 1)])
         expected[rows] = mixture(first, others, weights[positions[rows]], chosen["share"], chosen["weights"], classes.index("NoF"))
+        # The shares the report draws are the same mixture's.
+        np.testing.assert_allclose(stored_shares[rows], mixture_shares(first, others, weights[positions[rows]], chosen["weights"], classes.index("NoF")), atol=tolerance)
     whole = pd.read_csv(next((work / "train").glob(f"{summary['nof_blend']['whole']}/oof.csv"))).set_index("image").loc[oof.image, classes]
     expected = blend_nof(expected, whole.to_numpy(), summary["nof_blend"]["weight"], classes.index("NoF"))
     np.testing.assert_allclose(oof[classes].to_numpy(), expected, atol=tolerance)

@@ -157,7 +157,7 @@ def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
     if artifact.file("oof_boxes.csv").is_file():
         _box_figures(ctx, run, out, prefix, section, paths)
     if summary.get("inputs", {}).get("features", {}).get("stage") == "crops":
-        _crop_sheet(ctx, summary, validated, labels, probs, classes, out, prefix, section, paths)
+        _crop_sheet(ctx, artifact, summary, validated, labels, probs, classes, out, prefix, section, paths)
     if run.loaded.config.head is not None and run.loaded.config.head.kind in list_heatmap_heads():
         _attention(ctx, run, out, prefix, section)
     return section
@@ -216,7 +216,7 @@ def _box_figures(ctx: Context, run: Run, out: Path, prefix: str, section: Sectio
             break
 
 
-def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, out: Path, prefix: str, section: Section, paths) -> None:
+def _crop_sheet(ctx: Context, trained: Artifact, summary: dict, validated, labels, probs, classes, out: Path, prefix: str, section: Section, paths) -> None:
     """Detect-then-classify runs: the crops the classifier saw on validation images, true vs
     predicted class, and its log loss next to the whole-image model's."""
     from PIL import Image
@@ -255,12 +255,13 @@ def _crop_sheet(ctx: Context, summary: dict, validated, labels, probs, classes, 
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}crops.png", columns=6).name, "crops of validation images (out-of-fold boxes): true vs predicted class"))
     if mixed:
-        _candidate_boxes(ctx, found, paths, out, prefix, section)
+        _candidate_boxes(ctx, found, trained, paths, out, prefix, section)
 
 
-def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: str, section: Section) -> None:
-    """The photos with a fish where the box source was least sure of its usual box: every box cut,
-    the usual one green, the further ones orange, with each one's weight in the mixture."""
+def _candidate_boxes(ctx: Context, found: Path, trained: Artifact, paths: dict, out: Path, prefix: str, section: Section) -> None:
+    """The photos with a fish whose usual crop weighed least in their out-of-fold mixture: every
+    box cut, the usual one green, the further ones orange, with each one's share of the mixture
+    (the crop classifier's `oof_candidate_shares.npy`; the cells' shares for a run without it)."""
     from fishcomp.training.candidates import candidate_shares
 
     table = pd.read_csv(found / "crop_boxes.csv")
@@ -269,13 +270,18 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
     classes = json.loads((found / "meta.json").read_text())["classes"]
     weights = np.load(found / "train_candidate_weights.npy")
     shares = candidate_shares(weights)
+    mixed = trained.file("oof_candidate_shares.npy")
+    if mixed.is_file():  # rows as oof.csv's: the readable train images
+        order = pd.Series(np.arange(len(train)), index=train.image)[pd.read_csv(trained.file("oof.csv")).image].to_numpy()
+        shares = np.full(shares.shape, np.nan)
+        shares[order] = np.load(mixed)
     cut = table[table.split == "train"]
     usual = cut[cut["copy"] == 0].set_index("image")
     further = cut[cut.source.str.startswith("candidate")]
     # Empty decks are where it is least sure anyway: the photos with a fish say more.
     with_fish = train.label.to_numpy() != (classes.index("NoF") if "NoF" in classes else -1)
     panels = []
-    for row in [r for r in np.argsort(shares[:, 0], kind="stable") if with_fish[r]][:SAMPLES]:
+    for row in [r for r in np.argsort(shares[:, 0], kind="stable") if with_fish[r] and not np.isnan(shares[r, 0])][:SAMPLES]:
         image = train.image[row]
         try:
             photo, (width, height) = load_rgb(ctx.data_dir / paths.get(image, train.path[row]))
@@ -284,12 +290,13 @@ def _candidate_boxes(ctx: Context, found: Path, paths: dict, out: Path, prefix: 
         scale = np.array([width, height, width, height], dtype=float)
         boxes = [(usual.loc[image, ["x", "y", "w", "h"]].to_numpy(dtype=float) / scale, "lime")]
         boxes += [(box / scale, "orange") for box in further[further.image == image][["x", "y", "w", "h"]].to_numpy(dtype=float) if not np.isnan(box).any()]
-        shown = " / ".join(f"{share:.2f}" for share in shares[row] if share > 0) if weights[row].any() else "no cell map"
-        panels.append((photo, f"{image} ({classes[int(train.label[row])]}): weights {shown}", boxes))
+        # In the order the crops were cut: the usual one, then the further ones.
+        shown = " / ".join(f"{share:.2f}" for share in shares[row]) if weights[row].any() else "no cell map"
+        panels.append((photo, f"{image} ({classes[int(train.label[row])]}): shares {shown}", boxes))
     if panels:
         section.figures.append((viz.image_grid(panels, out / f"{prefix}candidates.png", columns=4).name,
-                                "the photos with a fish whose out-of-fold box the box source was least sure of: the usual crop (green) and the further ones (orange), "
-                                "with their cells' shares (candidates.weights other than cells reweigh them by what the classifier sees in each crop)"))
+                                "the photos with a fish whose usual crop weighed least in their mixture: the usual crop (green) and the further ones (orange), "
+                                "with each one's share of the photo's out-of-fold mixture"))
 
 
 def _attention(ctx: Context, run: Run, out: Path, prefix: str, section: Section) -> None:

@@ -73,7 +73,9 @@ def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: 
 def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldResult], model_for) -> dict:
     """Every fold's validation and test predictions replaced, in place, by the mixture with its
     own predictions on the candidate crops; the share fitted on all out-of-fold rows when `auto`.
-    `model_for(fold)`: that fold's model. Returns the summary's `candidates` entry."""
+    `model_for(fold)`: that fold's model. Returns the summary's `candidates` entry and each
+    train image's crops' shares of its out-of-fold mixture ((images, count), rows as `oof.csv`'s;
+    NaN where never validated)."""
     loaded = data.loaded
     settings = loaded.config.crops.candidates
     nof = data.classes.index("NoF") if "NoF" in data.classes else None
@@ -127,13 +129,14 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
         result.valid_probs = mixture(result.valid_probs, further[:, valid], weights[valid], share, rule, nof)
         for split, (_, _, split_weights) in tests.items():
             result.test_probs[split] = mixture(result.test_probs[split], test_further[fold][split], split_weights, share, rule, nof)
+    shares = np.full(weights.shape, np.nan, dtype=np.float32)
+    shares[validated] = mixture_shares(first[validated], further[:, validated], weights[validated], rule, nof)
     have = validated & (weights.sum(axis=1) > 0)
-    shares = mixture_shares(first[have], further[:, have], weights[have], rule, nof)
     return {
         "count": settings.count, "share": share, "share_setting": settings.share, "weights": rule, "weights_setting": setting,
         "usual_crop_alone": scored(0.0, "cells"), "mixed": best[rule][1],
         # Every rule tried: its share and out-of-fold log loss.
         "by_rule": {r: {"share": best[r][0], "mixed": best[r][1]} for r in rules},
         # How much of the mixture the usual crop holds, on average: near 1 where the box source is sure.
-        "usual_crop_weight": float(shares[:, 0].mean()) if have.any() else None,
-    }
+        "usual_crop_weight": float(shares[have, 0].mean()) if have.any() else None,
+    }, shares

@@ -535,7 +535,9 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         records.sort(key=lambda r: (r["fold"], r["epoch"]))
     extra = {}
     if config.crops is not None and config.crops.candidates is not None and has_candidates(features_artifact):
-        extra["candidates"] = mix_candidates(data, features_artifact, results, lambda fold: model_from_checkpoint(results[fold].checkpoint, data.device))
+        extra["candidates"], crop_shares = mix_candidates(data, features_artifact, results, lambda fold: model_from_checkpoint(results[fold].checkpoint, data.device))
+        # What `fishcomp report` draws: how much each crop weighed in each photo's mixture.
+        np.save(tmp / "oof_candidate_shares.npy", crop_shares)
     (tmp / "checkpoints").mkdir()
     for fold in range(n_folds):
         valid = np.flatnonzero(folds == fold)
