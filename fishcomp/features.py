@@ -229,6 +229,12 @@ def other_fish_boxes(index: pd.DataFrame, annotations: Annotations) -> np.ndarra
     return array
 
 
+def every_fish_boxes(index: pd.DataFrame, annotations: Annotations) -> np.ndarray:
+    """(N, most fish, 4): each photo's largest box (the index's) then its other annotated fish,
+    as fractions of the image; NaN-padded."""
+    return np.concatenate([normalised_boxes(index)[:, None], other_fish_boxes(index, annotations)], axis=1)
+
+
 # Pixels per backbone call on a CPU: on 2 cores (lite0 and lite2) calls of 4 images at 224x224,
 # 3-4 at 260x260 and 1 at 360x640 were about the fastest, 1.3-1.8x faster than 32 a call (the first
 # layers' activations of a large call spill out of the caches); docs/results.md.

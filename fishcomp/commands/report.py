@@ -28,10 +28,10 @@ from fishcomp.context import Context, resolve_device
 from fishcomp.data.images import UnreadableImage, load_rgb, size_labels
 from fishcomp.data.splits import assign_folds
 from fishcomp.errors import FishcompError
-from fishcomp.features import BOX_COLUMNS, load_index, normalised_boxes, other_fish_boxes
+from fishcomp.features import BOX_COLUMNS, every_fish_boxes, load_index, normalised_boxes
 from fishcomp.metrics import attention_scores, per_class_scores, size_only_log_loss
 from fishcomp.models.heads import list_heatmap_heads
-from fishcomp.models.losses import box_iou
+from fishcomp.models.losses import box_iou, nearest_fish_iou
 from fishcomp.predictions import read_predictions
 
 TOP_LOSSES = 12
@@ -194,8 +194,8 @@ def _box_figures(ctx: Context, run: Run, out: Path, prefix: str, section: Sectio
     section.numbers["mean box IoU (validation images with a box)"] = _fmt(float(ious.mean()))
     # A box on another fish of the photo is a fish found (and the crops' classifier sees one):
     # each box's IoU with the nearest annotated fish too, the largest among them.
-    every_fish = np.concatenate([truth[:, None], other_fish_boxes(train.reset_index(), ctx.annotations(RunConfig().data))], axis=1)[have]
-    nearest = np.max([box_iou(guess[have], np.nan_to_num(fish)) for fish in every_fish.transpose(1, 0, 2)], axis=0)
+    every_fish = every_fish_boxes(train.reset_index(), ctx.annotations(run.loaded.config.data))[have]
+    nearest = nearest_fish_iou(guess[have], every_fish)
     section.numbers["mean box IoU with the nearest annotated fish"] = _fmt(float(nearest.mean()))
     section.figures.append((viz.histogram(nearest, out / f"{prefix}iou.png", "box IoU with the nearest fish, validation", "IoU").name, "IoU histogram"))
     panels = []

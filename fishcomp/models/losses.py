@@ -80,6 +80,12 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
+def nearest_fish_iou(boxes: np.ndarray, every_fish: np.ndarray) -> np.ndarray:
+    """Each (x, y, w, h) box's IoU with the nearest of its photo's fish ((N, fish, 4), NaN rows
+    where a photo has fewer): a box on any fish of the photo has found one."""
+    return np.max([box_iou(boxes, np.nan_to_num(fish)) for fish in every_fish.transpose(1, 0, 2)], axis=0)
+
+
 def heatmap_peaks(maps: np.ndarray) -> np.ndarray:
     """(N, h, w) maps -> (N, 2) peak positions (x, y) as fractions of the image (cell centres)."""
     n, h, w = maps.shape

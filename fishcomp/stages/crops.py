@@ -44,8 +44,8 @@ from fishcomp.features import (
     backbone_precision,
     image_batches,
     load_index,
+    every_fish_boxes,
     normalised_boxes,
-    other_fish_boxes,
     reserved_memmap,
 )
 from fishcomp.graph import Node, Resolver, Stage, register_stage
@@ -365,9 +365,8 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig, ann
     sources = ["predicted (out of fold)" if split == "train" else "predicted" for split in index.split]
     if copies:
         rng = np.random.default_rng([config.jitter.seed, 17])
-        annotated = normalised_boxes(index)[:, None]
-        if config.jitter.fish == "every" and annotations is not None:
-            annotated = np.concatenate([annotated, other_fish_boxes(index, annotations)], axis=1)
+        every = config.jitter.fish == "every" and annotations is not None
+        annotated = every_fish_boxes(index, annotations) if every else normalised_boxes(index)[:, None]
         annotated_points = normalised_boxes(index, POINT_COLUMNS)
         for row in np.flatnonzero((index.split == "train").to_numpy() & index.ok.to_numpy(dtype=bool)):
             fish = [box for box in annotated[row] if not np.isnan(box).any()] or [planned[row, 0]]

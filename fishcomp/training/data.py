@@ -12,8 +12,8 @@ import pandas as pd
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig
 from fishcomp.console import warn
-from fishcomp.data.annotations import Annotations
 from fishcomp.context import resolve_device
+from fishcomp.data.annotations import Annotations
 from fishcomp.data.splits import assign_folds
 from fishcomp.distributed import device_for
 from fishcomp.features import POINT_COLUMNS, load_index, normalised_boxes, other_fish_boxes

@@ -38,7 +38,7 @@ from fishcomp.features import (
 )
 from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
-from fishcomp.models.losses import box_iou, class_map_boxes, head_loss, pointing_hits, split_geometry
+from fishcomp.models.losses import class_map_boxes, head_loss, nearest_fish_iou, pointing_hits, split_geometry
 from fishcomp.predictions import Predictions, read_predictions
 from fishcomp.training.data import (
     FoldResult,
@@ -107,8 +107,7 @@ def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None, 
     if not have.any():
         return scores
     if "box" in predicted:
-        overlaps = np.stack([box_iou(predicted["box"][have], np.nan_to_num(fish[have])) for fish in every_fish.transpose(1, 0, 2)])
-        scores["valid_iou"] = float(overlaps.max(axis=0).mean())
+        scores["valid_iou"] = float(nearest_fish_iou(predicted["box"][have], every_fish[have]).mean())
     if "heatmaps" in predicted:
         classes = predicted["probs"].argmax(axis=1)
         maps = predicted["heatmaps"][np.arange(len(classes)), classes]
