@@ -383,6 +383,12 @@ class CandidatesConfig(Strict):
     # probable fish class's probability, a crop that plainly shows one kind of fish; auto: the
     # rule with the lowest out-of-fold log loss, each at its best share (docs/results.md).
     weights: Literal["cells", "fish", "fish_class", "auto"] | None = None
+    # The crop classifier also trains on each training photo's further crops, which it judges at
+    # prediction time: one holding most of an annotated fish labelled as the photo, one missing
+    # every fish labelled NoF (a crop of deck), the rest left out. It then tells the places it is
+    # shown apart, so the weights above single out the fish (docs/results.md). Needs box
+    # annotations and a NoF class.
+    train: bool | None = None
 
 
 class CropsConfig(Strict):

@@ -679,6 +679,26 @@ def test_weights_that_read_p_nof_on_data_without_nof_are_a_one_line_error():
             mix_candidates(data, None, {}, None)
 
 
+def test_training_on_further_crops_without_nof_or_without_them_is_a_one_line_error(tmp_path):
+    from types import SimpleNamespace
+
+    from fishcomp.errors import FishcompError
+    from fishcomp.training.candidates import candidate_rows
+
+    loaded = load_config(CONFIGS / "crops.yaml", ["crops.candidates.train=true"])
+    with pytest.raises(FishcompError, match="labels the crops that miss every fish NoF, but the data has no NoF class"):
+        candidate_rows(SimpleNamespace(loaded=loaded, classes=["ALB", "BET"]), None, None)
+
+    class Empty:  # a crops artifact made without `crops.candidates`
+        path = tmp_path
+
+        def file(self, name):
+            return tmp_path / name
+
+    with pytest.raises(FishcompError, match="holds no further crops: set crops.candidates.count"):
+        candidate_rows(SimpleNamespace(loaded=loaded, classes=["ALB", "NoF"]), Empty(), None)
+
+
 def test_each_cells_box_is_the_box_the_locator_decodes_at_its_best_cell():
     import torch
 
@@ -765,3 +785,94 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
     whole = pd.read_csv(next((work / "train").glob(f"{summary['nof_blend']['whole']}/oof.csv"))).set_index("image").loc[oof.image, classes]
     expected = blend_nof(expected, whole.to_numpy(), summary["nof_blend"]["weight"], classes.index("NoF"))
     np.testing.assert_allclose(oof[classes].to_numpy(), expected, atol=tolerance)
+
+
+def test_further_crops_teach_their_fish_or_nof_by_how_much_of_a_fish_they_hold():
+    """`crops.candidates.train`: a further crop holding most of an annotated fish teaches the
+    photo's class, one missing every fish teaches NoF, one holding part of a fish nothing; a NoF
+    photo's crops teach NoF; a fish photo without boxes, or a crop the cells ran out of, nothing."""
+    from fishcomp.training.candidates import HOLDS_FISH, MISSES_FISH, candidate_labels, covered
+
+    nan = np.nan
+    # Photos: 0 a fish of class 2 with two fish, 1 NoF, 2 class 0 without any annotated box.
+    fish = np.array([[[0.10, 0.10, 0.20, 0.20], [0.60, 0.60, 0.10, 0.10]],
+                     [[nan] * 4, [nan] * 4],
+                     [[nan] * 4, [nan] * 4]])
+    # (further crops, photos, 4): row k is each photo's crop k.
+    rectangles = np.array([
+        [[0.55, 0.55, 0.20, 0.20], [0.0, 0.0, 0.3, 0.3], [0.1, 0.1, 0.1, 0.1]],  # photo 0: all of fish 2
+        [[0.15, 0.10, 0.20, 0.20], [0.5, 0.5, 0.1, 0.1], [nan] * 4],          # 3/4 of fish 1
+        [[0.30, 0.10, 0.20, 0.20], [nan] * 4, [0.0, 0.0, 0.3, 0.3]],          # touching fish 1's edge only
+        [[0.29, 0.10, 0.20, 0.20], [0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]],  # 5 % of fish 1
+        [[0.20, 0.10, 0.20, 0.20], [0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2]],  # half of fish 1
+    ])
+    np.testing.assert_allclose(covered(rectangles[:, 0], np.broadcast_to(fish[0], (5, 2, 4))), [1.0, 0.75, 0.0, 0.05, 0.5], atol=1e-9)
+    assert MISSES_FISH > 0.05 and 0.5 < HOLDS_FISH <= 0.75
+    labels = candidate_labels(np.array([2, 4, 0]), rectangles, fish, nof=4)
+    np.testing.assert_array_equal(labels[:, 0], [2, 2, 4, 4, -1])
+    np.testing.assert_array_equal(labels[:, 1], [4, 4, -1, 4, 4])  # NoF photo; its third crop the cells ran out of
+    np.testing.assert_array_equal(labels[:, 2], [-1] * 5)
+    # Each photo's crops train with it alone: a fold's training photos bring their own crops' rows.
+    from fishcomp.training.candidates import CandidateRows
+
+    extra = CandidateRows(np.zeros((4, 2)), None, np.array([4, 2, 4, 4]), np.array([0, 2, 2, 5]), {})
+    np.testing.assert_array_equal(extra.widen(np.array([2, 3]), photos=6), [2, 3, 7, 8])
+
+
+def test_trained_on_its_further_crops_the_classifier_sees_deck_in_the_crops_that_miss(crops_run, tiny_data, capsys):
+    """`crops.candidates.train` through the CLI: only the crop classifier retrains (the crops are
+    cached), the summary counts the further crops it trained on as re-derived from the crops'
+    rectangles and the annotations, and its fold models call the crops that miss every fish (of
+    their own training photos) NoF far more than the classifier trained without them."""
+    from types import SimpleNamespace
+
+    from fishcomp.data.annotations import load_annotations
+    from fishcomp.features import every_fish_boxes
+    from fishcomp.training.candidates import candidate_labels
+    from fishcomp.training.feature_sets import FeatureSet, predict
+    from fishcomp.training.folds import load_fold_model
+
+    work, _ = crops_run
+    overrides = ["crops.candidates.train=true"]
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *overrides])], capsys)
+    assert code == 0, stderr
+    assert "crops      cached" in stdout and "train      built" in stdout
+    crops = _fixture_artifact(work, tiny_data, "crops")
+    trained = {name: _fixture_artifact(work, tiny_data, "train", o) for name, o in (("without", []), ("with", overrides))}
+    assert trained["with"] != trained["without"]
+    summary = json.loads((trained["with"] / "summary.json").read_text())
+    counts = summary["candidate_crops_trained"]
+
+    index = pd.read_csv(crops / "index.csv")
+    photos = index[(index.split == "train") & index.ok].reset_index(drop=True)
+    oof = pd.read_csv(trained["with"] / "oof.csv")
+    classes = list(oof.columns[3:])
+    nof = classes.index("NoF")
+    labels = np.array([classes.index(path.split("/")[1]) for path in photos.path])
+    table = pd.read_csv(crops / "crop_boxes.csv").set_index(["image", "copy"])
+    copies = json.loads((crops / "meta.json").read_text())["augment_copies"]
+    further = np.load(crops / "train_candidates_pooled.npy").shape[0]
+    scale = photos[["width", "height", "width", "height"]].to_numpy(float)
+    rectangles = np.stack([table.loc[[(image, copies + 1 + k) for image in photos.image], ["x", "y", "w", "h"]].to_numpy(float) / scale for k in range(further)])
+    expected = candidate_labels(labels, rectangles, every_fish_boxes(photos, load_annotations(tiny_data / "annos")), nof)
+    fish_photo = labels != nof
+    assert counts == {
+        "fish": int(((expected >= 0) & (expected != nof)).sum()), "nof_in_fish_photos": int((expected == nof)[:, fish_photo].sum()),
+        "nof_photos": int((expected == nof)[:, ~fish_photo].sum()), "left_out": int(((expected < 0) & ~np.isnan(rectangles).any(axis=-1)).sum()),
+    }
+    assert counts["fish"] > 0 and counts["nof_in_fish_photos"] > 0 and counts["left_out"] > 0
+
+    # Fold 0's model on the crops that miss every fish, of its training photos and of its
+    # validation photos (never trained on): P(NoF) by each classifier.
+    assert len(photos) == int((index.split == "train").sum())  # every train photo of the tiny set is readable
+    position = pd.Series(np.arange(len(photos)), index=photos.image)
+    further_crops = np.load(crops / "train_candidates_pooled.npy")
+    models = {name: load_fold_model(SimpleNamespace(path=folder, file=lambda name, folder=folder: folder / name), 0, "cpu") for name, folder in trained.items()}
+    for part in (oof.fold != 0, oof.fold == 0):
+        chosen = position.loc[oof.image[part]].to_numpy()
+        crop, owner = np.nonzero((expected[:, chosen] == nof) & fish_photo[chosen])
+        missing = further_crops[crop, chosen[owner]]
+        seen = {name: predict(model, FeatureSet(missing, np.arange(len(missing))), "cpu")["probs"][:, nof].mean() for name, model in models.items()}
+        # Taught that such crops are NoF, not the photo's fish: far above the other's belief
+        # (about 0.8 against 0.2 on this set, trained and validation photos alike).
+        assert seen["with"] > seen["without"] + 0.2, seen

@@ -34,7 +34,7 @@ def features_request(loaded: LoadedConfig) -> dict:
 class Train(Stage):
     name = "train"
     section = "head"
-    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share", "crops.candidates.weights")
+    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share", "crops.candidates.weights", "crops.candidates.train")
     together = True  # under torchrun the folds are dealt to the ranks (or spread); rank 0 publishes
     summary = "a head trained fold by fold: out-of-fold and test predictions, checkpoints, curves"
 
@@ -72,6 +72,8 @@ class Train(Stage):
             params["candidates_share"] = config.crops.candidates.share
             if config.crops.candidates.weights is not None:
                 params["candidates_weights"] = config.crops.candidates.weights
+            if config.crops.candidates.train:
+                params["candidates_train"] = True
         if getattr(config.head, "box_from", None) == "grid":
             # A grid locator keeps its cell map (`oof_cells.npy`), which older artifacts lack.
             params["writes"] = ["cells"]
@@ -97,6 +99,9 @@ class Train(Stage):
             mixed = summary["candidates"]
             rule, setting = mixed.get("weights", "cells"), mixed.get("weights_setting", "cells")
             weighed = "" if setting == "cells" else f", weighed by {rule}{' (auto)' if setting == 'auto' else ''}"
+            trained = summary.get("candidate_crops_trained")
+            taught = (f"; trained on {trained['fish']} further crops with a fish, {trained['nof_in_fish_photos'] + trained['nof_photos']} without"
+                      if trained else "")
             line += (f" ({mixed['count'] - 1} further boxes mixed in at {mixed['share']:g}"
-                     f"{' by auto' if mixed['share_setting'] == 'auto' else ''}{weighed}: usual crop alone {mixed['usual_crop_alone']:.4f})")
+                     f"{' by auto' if mixed['share_setting'] == 'auto' else ''}{weighed}: usual crop alone {mixed['usual_crop_alone']:.4f}{taught})")
         return line

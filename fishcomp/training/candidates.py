@@ -11,12 +11,17 @@ each crop's weight scaled by what the classifier sees in it as `crops.candidates
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
 
 from fishcomp.cache import Artifact
 from fishcomp.context import training_precision
 from fishcomp.errors import FishcompError
-from fishcomp.features import tta_combine
+from fishcomp.data.annotations import Annotations
+from fishcomp.features import every_fish_boxes, tta_combine
 from fishcomp.metrics import log_loss
 from fishcomp.training.data import FoldResult, TrainData, size_onehot
 from fishcomp.training.feature_sets import FeatureSet, predict
@@ -42,6 +47,103 @@ def candidate_shares(weights: np.ndarray) -> np.ndarray:
     photo without weights (no cell map for it) is its usual crop alone."""
     total = weights.sum(axis=1, keepdims=True)
     return np.where(total > 0, weights / np.where(total > 0, total, 1.0), np.eye(weights.shape[1])[0])
+
+
+# A further crop holding at least HOLDS_FISH of an annotated fish's box shows that fish; one holding
+# under MISSES_FISH of every fish's shows none (deck, water, gear), so it is a NoF crop; one in
+# between shows part of a fish and teaches nothing clear: left out.
+HOLDS_FISH, MISSES_FISH = 0.6, 0.1
+
+
+def covered(rectangles: np.ndarray, fish: np.ndarray) -> np.ndarray:
+    """(..., ) the largest share of any fish's box (..., fish, 4) inside each rectangle (..., 4),
+    both (x, y, w, h) in the same units; NaN where the rectangle is NaN, 0 where there is no fish."""
+    r, f = rectangles[..., None, :], fish
+    wide = np.clip(np.minimum(r[..., 0] + r[..., 2], f[..., 0] + f[..., 2]) - np.maximum(r[..., 0], f[..., 0]), 0, None)
+    tall = np.clip(np.minimum(r[..., 1] + r[..., 3], f[..., 1] + f[..., 3]) - np.maximum(r[..., 1], f[..., 1]), 0, None)
+    share = np.nan_to_num(wide * tall / (f[..., 2] * f[..., 3]))
+    return np.where(np.isnan(rectangles).any(axis=-1), np.nan, share.max(axis=-1, initial=0.0))
+
+
+def candidate_labels(photo_labels: np.ndarray, rectangles: np.ndarray, fish: np.ndarray, nof: int) -> np.ndarray:
+    """(further, photos) the class each further crop teaches, -1 where it is left out: a NoF
+    photo's crops are NoF; a fish photo's are its class where one holds a fish (`HOLDS_FISH`), NoF
+    where one misses every fish (`MISSES_FISH`). `rectangles` (further, photos, 4) and `fish`
+    (photos, fish, 4) in the same units; a fish photo without any annotated box teaches nothing."""
+    share = covered(rectangles, np.broadcast_to(fish, (len(rectangles), *fish.shape)))
+    labels = np.full(share.shape, -1)
+    annotated = ~np.isnan(fish).all(axis=(1, 2))
+    is_nof = photo_labels == nof
+    labels[:, is_nof] = nof
+    fish_photo = annotated & ~is_nof
+    labels[(share >= HOLDS_FISH) & fish_photo] = np.broadcast_to(photo_labels, share.shape)[(share >= HOLDS_FISH) & fish_photo]
+    labels[(share < MISSES_FISH) & fish_photo] = nof
+    labels[np.isnan(share)] = -1  # the cells ran out: no crop
+    return labels
+
+
+@dataclass
+class CandidateRows:
+    """The further crops of the training photos the crop classifier trains on
+    (`crops.candidates.train`), each with the photo it came from (a position among the usable
+    training photos), so a fold trains on its own photos' crops only and validates on none."""
+
+    features: np.ndarray  # (rows, dim)
+    mirrored: np.ndarray | None  # each crop mirrored (the crops' test-time view), or None
+    labels: np.ndarray
+    owner: np.ndarray
+    counts: dict
+
+    def widen(self, positions: np.ndarray, photos: int) -> np.ndarray:
+        """These photo positions and, after the `photos` photos' rows, their crops' rows."""
+        return np.concatenate([positions, photos + np.flatnonzero(np.isin(self.owner, positions))])
+
+    def copies(self, count: int) -> list[np.ndarray]:
+        """`count` augmented copies of the crops, to stand beside a photo's copies: mirrored and as
+        they are in turn (as the jittered copies alternate)."""
+        return [self.mirrored if k % 2 == 0 and self.mirrored is not None else self.features for k in range(count)]
+
+
+def candidate_rows(data: TrainData, features: Artifact, annotations: Annotations) -> CandidateRows:
+    """The labelled further crops (`candidate_labels`) of every usable training photo, read from
+    the crops artifact (their crop rectangles from `crop_boxes.csv`)."""
+    loaded = data.loaded
+    if "NoF" not in data.classes:
+        raise FishcompError(f"{loaded.path}: crops.candidates.train labels the crops that miss every fish NoF, but the data has no NoF class; "
+                            "leave candidates.train out")
+    if not has_candidates(features):
+        raise FishcompError(f"{features.path} holds no further crops: set crops.candidates.count and rebuild it for crops.candidates.train")
+    index = data.usable_index
+    fish = every_fish_boxes(index, annotations)
+    if np.isnan(fish).all():
+        raise FishcompError(f"{loaded.path}: crops.candidates.train needs box annotations (*_labels.json in the data's annos/ folder) "
+                            "to tell which further crops hold a fish; leave candidates.train out")
+    copies = json.loads(features.file("meta.json").read_text())["augment_copies"]
+    table = pd.read_csv(features.file("crop_boxes.csv"))
+    table = table[(table.split == "train") & (table["copy"] > copies)]
+    further = int(table["copy"].max()) - copies
+    rectangles = np.full((further, len(index), 4), np.nan)
+    position = pd.Series(np.arange(len(index)), index=index.image)
+    at = position.reindex(table.image).to_numpy()
+    kept = ~np.isnan(at)
+    scale = index[["width", "height", "width", "height"]].to_numpy(dtype=float)
+    rows = at[kept].astype(int)
+    rectangles[table["copy"].to_numpy()[kept] - copies - 1, rows] = table[["x", "y", "w", "h"]].to_numpy(dtype=float)[kept] / scale[rows]
+    nof = data.classes.index("NoF")
+    labels = candidate_labels(data.labels, rectangles, fish, nof)
+    arrays = np.load(features.file("train_candidates_pooled.npy"), mmap_mode="r")
+    mirrored_file = features.file("train_candidates_tta_pooled.npy")
+    mirrored = np.load(mirrored_file, mmap_mode="r") if mirrored_file.is_file() else None
+    crop, owner = np.nonzero(labels >= 0)
+    usable = data.usable[owner]  # the artifact's rows are every train photo's, the usable ones among them
+    is_fish_photo = data.labels != nof
+    return CandidateRows(
+        features=np.asarray(arrays[crop, usable]), mirrored=None if mirrored is None else np.asarray(mirrored[crop, usable]),
+        labels=labels[crop, owner], owner=owner,
+        counts={"fish": int(((labels >= 0) & (labels != nof)).sum()), "nof_in_fish_photos": int((labels == nof)[:, is_fish_photo].sum()),
+                "nof_photos": int((labels == nof)[:, ~is_fish_photo].sum()),
+                "left_out": int(((labels < 0) & ~np.isnan(rectangles).any(axis=-1)).sum())},
+    )
 
 
 # How each crop's cell weight is scaled by what the crop classifier sees in that crop: `cells`

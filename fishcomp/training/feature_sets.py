@@ -155,6 +155,20 @@ class FeatureSet:
         copy_boxes = None if self.copy_boxes is None else self.copy_boxes[:, positions]
         return FeatureSet(self.array, self.rows[positions], pick(self.sizes), pick(self.boxes), self.copies, copy_boxes, self.views)
 
+    def with_rows(self, array: np.ndarray, sizes: np.ndarray | None, copies: list[np.ndarray], views: list[np.ndarray]) -> FeatureSet:
+        """This set in memory with more rows after its own (their copies and views as this set
+        has them), positions 0.. still this set's; the new rows' boxes unknown (NaN). Pooled
+        features only (read into memory: train-sized)."""
+        stack = lambda own, more: np.concatenate([np.asarray(own[self.rows], dtype=np.float16), np.asarray(more, dtype=np.float16)])  # noqa: E731
+        unknown = lambda boxes, axis: None if boxes is None else np.concatenate(  # noqa: E731
+            [boxes, np.full((*boxes.shape[:axis], len(array), *boxes.shape[axis + 1:]), np.nan, dtype=boxes.dtype)], axis=axis)
+        return FeatureSet(
+            stack(self.array, array), np.arange(len(self.rows) + len(array)),
+            None if self.sizes is None else np.concatenate([self.sizes, sizes]), unknown(self.boxes, 0),
+            copies=[stack(c, more) for c, more in zip(self.copies, copies, strict=True)], copy_boxes=unknown(self.copy_boxes, 1),
+            views=[stack(v, more) for v, more in zip(self.views, views, strict=True)],
+        )
+
     def view(self, number: int) -> FeatureSet:
         """View 0 is the original; views 1.. are the test-time augmentations."""
         array = self.array if number == 0 else self.views[number - 1]

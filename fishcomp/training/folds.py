@@ -47,7 +47,7 @@ from fishcomp.training.data import (
     prepare_training,
     size_onehot,
 )
-from fishcomp.training.candidates import has_candidates, mix_candidates
+from fishcomp.training.candidates import candidate_rows, has_candidates, mix_candidates
 from fishcomp.training.feature_sets import FeatureSet, concat, predict, resident_budget, resident_dtype
 from fishcomp.training.frozen_stem import FrozenStem
 from fishcomp.training.loop import (
@@ -294,6 +294,17 @@ class CachedFeatureFolds:
             self._project_maps(config.train.map_channels, config.train.seed)
         if config.train.mirror_copies:
             self.train_features.add_mirrored_copies(points=bool(getattr(config.head, "points_weight", None)))
+        # `crops.candidates.train`: the training photos' further crops, as more rows after the
+        # photos' own (`self.labels` covers both; a fold trains on its own photos' crops).
+        self.labels, self.candidates = data.labels, None
+        if config.crops is not None and config.crops.candidates is not None and config.crops.candidates.train:
+            self.candidates = candidate_rows(data, features_artifact, annotations)
+            train, extra = self.train_features, self.candidates
+            self.train_features = train.with_rows(
+                extra.features, None if train.sizes is None else train.sizes[extra.owner], extra.copies(len(train.copies)),
+                [extra.features if extra.mirrored is None else extra.mirrored] * len(train.views),
+            )
+            self.labels = np.concatenate([data.labels, extra.labels])
         self.pseudo, self.pseudo_summary = None, None
         if pseudo_source is not None:
             settings = config.train.pseudo
@@ -331,11 +342,12 @@ class CachedFeatureFolds:
         config = data.loaded.config
         valid_set = self.train_features.subset(valid)
         fit_rows, chooser = inner_split(train, valid, config.train, fold)
+        fitted = self._widen(fit_rows)
         base, epochs = None, None
         if getattr(config.head, "base", None) is not None:
             base, epochs = self._fit_base(fold, fit_rows, records, spread)
         model, kept_epoch = _fit_fold(
-            data.loaded, fold, self.train_features.subset(fit_rows), self.train_features.subset(chooser), data.labels[fit_rows],
+            data.loaded, fold, self.train_features.subset(fitted), self.train_features.subset(chooser), self.labels[fitted],
             data.labels[chooser], len(data.classes), len(data.vocabulary) + 1, data.device, records, advance, self.pseudo, spread=spread,
             background=self.background, base=base, epochs=epochs,
         )
@@ -378,15 +390,16 @@ class CachedFeatureFolds:
 
         data, features = self.data, self.train_features
         if self.probe_rows is None:  # every fold's probe reads the same rows
-            self.probe_rows = ProbeRows(features.array[features.rows], [c[features.rows] for c in features.copies], data.labels)
+            self.probe_rows = ProbeRows(features.array[features.rows], [c[features.rows] for c in features.copies], self.labels, widen=self._widen)
         tried: list = []
         probe = fit_fold_probe(self.probe_rows, positions, data.loaded.config.head.base, data.loaded.config.train.seed, fold,
                                len(data.classes), tried, time.time())
         curves = []
         for inner in probe.inner:
             curve: list = []
+            fitted = self._widen(inner.train)
             _fit_fold(
-                data.loaded, fold, features.subset(inner.train), features.subset(inner.valid), data.labels[inner.train],
+                data.loaded, fold, features.subset(fitted), features.subset(inner.valid), self.labels[fitted],
                 data.labels[inner.valid], len(data.classes), len(data.vocabulary) + 1, data.device, curve, lambda *_, **__: None,
                 self.pseudo, spread=spread, base=inner.probe,
             )
@@ -401,6 +414,10 @@ class CachedFeatureFolds:
                             "chosen": chosen, "seconds": r["seconds"], **({"repeat": r["repeat"]} if "repeat" in r else {}),
                             **({"dense_epochs": epochs, "dense_inner_logloss": float(scores[epochs])} if chosen else {})})
         return probe, epochs
+
+    def _widen(self, positions: np.ndarray) -> np.ndarray:
+        """Training photos' positions, with their further crops' rows where they train too."""
+        return positions if self.candidates is None else self.candidates.widen(positions, len(self.data.labels))
 
     def _score_probe_fold(self, fold: int, predicted: dict, valid_set: FeatureSet, records: list) -> None:
         """A fold whose inner split chose 0 epochs on its probe has no epoch row for its box IoU
@@ -420,6 +437,7 @@ class CachedFeatureFolds:
             "tta_views": self.train_features.view_count if self.tta else 1,
             "augment_copies": self.train_features.copy_count - 1,
             "pseudo": self.pseudo_summary,
+            **({"candidate_crops_trained": self.candidates.counts} if self.candidates is not None else {}),
         }
 
 
@@ -468,14 +486,17 @@ def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pse
         from fishcomp.training.finetune import FinetuneFolds
 
         return FinetuneFolds(data, ctx.dataset().root, features_artifact)
-    if data.loaded.config.head.kind == "linear":
+    config = data.loaded.config
+    every_fish = getattr(config.head, "box_targets", None) == "every"
+    trains_on_candidates = config.crops is not None and config.crops.candidates is not None and bool(config.crops.candidates.train)
+    annotations = ctx.annotations(config.data) if every_fish or trains_on_candidates else None
+    if config.head.kind == "linear":
         from fishcomp.training.linear import LinearProbeFolds
 
         if pseudo_source is not None:
             raise FishcompError(f"{data.loaded.path}: train.pseudo works with heads trained by gradient steps, not the linear probe")
-        return LinearProbeFolds(data, features_artifact)
-    every_fish = getattr(data.loaded.config.head, "box_targets", None) == "every"
-    return CachedFeatureFolds(data, features_artifact, pseudo_source, ctx.annotations(data.loaded.config.data) if every_fish else None)
+        return LinearProbeFolds(data, features_artifact, annotations)
+    return CachedFeatureFolds(data, features_artifact, pseudo_source, annotations)
 
 
 def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None) -> dict:

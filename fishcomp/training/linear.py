@@ -125,16 +125,22 @@ class FoldProbe:
 
 class ProbeRows:
     """A probe's training rows for given positions: each image, and its augmented copies as more
-    rows (float32, read once)."""
+    rows (float32, read once). `widen(positions)`: the rows that train with those images (rows
+    after the images', e.g. their further crops with `crops.candidates.train`); only images are
+    ever scored."""
 
-    def __init__(self, originals, copies, labels: np.ndarray):
+    def __init__(self, originals, copies, labels: np.ndarray, widen=None):
         self.originals = np.asarray(originals, dtype=np.float32)
         self.copies = [np.asarray(c, dtype=np.float32) for c in copies]
         self.labels = labels
+        self.widen = widen or (lambda positions: positions)
 
     def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = np.concatenate([self.originals[positions], *[c[positions] for c in self.copies]])
-        return x, np.tile(self.labels[positions], 1 + len(self.copies))
+        # The rows that train with the images once each: their copies would only repeat them
+        # (L-BFGS's time grows with the rows).
+        widened = self.widen(positions)
+        x = np.concatenate([self.originals[widened], *[c[positions] for c in self.copies]])
+        return x, np.concatenate([self.labels[widened], *[self.labels[positions]] * len(self.copies)])
 
 
 def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: int, classes: int, records: list, started: float) -> FoldProbe:
@@ -176,7 +182,7 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
 
 
 class LinearProbeFolds:
-    def __init__(self, data: TrainData, features_artifact: Artifact):
+    def __init__(self, data: TrainData, features_artifact: Artifact, annotations=None):
         self.data = data
         self.head = data.loaded.config.head
         self.tta = tta_combine(data.loaded)
@@ -195,7 +201,17 @@ class LinearProbeFolds:
         self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", kind)] if self.tta else []
         # `train.mirror_copies`: the mirrored views are more rows to fit on, as augmented copies are.
         copy_rows = self.train_views if data.loaded.config.train.mirror_copies else [as_float(c)[data.usable] for c in copies]
-        self.rows = ProbeRows(as_float(cached)[data.usable], copy_rows, data.labels)
+        originals, labels, widen, self.candidates = as_float(cached)[data.usable], data.labels, None, None
+        crops = data.loaded.config.crops
+        if crops is not None and crops.candidates is not None and crops.candidates.train:
+            # `crops.candidates.train`: the photos' further crops as more rows after theirs.
+            from fishcomp.training.candidates import candidate_rows
+
+            extra = self.candidates = candidate_rows(data, features_artifact, annotations)
+            originals = np.concatenate([originals, as_float(extra.features)])
+            labels = np.concatenate([labels, extra.labels])
+            widen = lambda positions: extra.widen(positions, len(data.labels))  # noqa: E731
+        self.rows = ProbeRows(originals, copy_rows, labels, widen)
         self.train = self.rows.originals
         self.tests = {s: as_float(load_features(features_artifact, s, kind)) for s in data.test_splits}
         self.test_views = {s: [as_float(v) for v in load_views(features_artifact, s, kind)] if self.tta else [] for s in data.test_splits}
@@ -240,4 +256,5 @@ class LinearProbeFolds:
         )
 
     def summary(self) -> dict:
-        return {"features": self.head.input, **({"pool": self.head.pool} if self.head.pool else {}), "tta_views": 1 + len(self.train_views), "augment_copies": len(self.rows.copies), "pseudo": None}
+        return {"features": self.head.input, **({"pool": self.head.pool} if self.head.pool else {}), "tta_views": 1 + len(self.train_views), "augment_copies": len(self.rows.copies), "pseudo": None,
+                **({"candidate_crops_trained": self.candidates.counts} if self.candidates is not None else {})}
