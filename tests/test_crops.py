@@ -571,6 +571,9 @@ def test_without_box_annotations_the_box_source_and_its_crops_say_they_are_cut_b
     assert code == 0, stderr
     assert f"[{BOX_SOURCE}] no train image has a box" in stderr
     assert "[crops] no train image has a box" in stderr and "cut at untrained boxes" in stderr
+    # Nothing tells which further crops hold a fish: the classifier trains without them, and says so.
+    assert "[crops] crops.candidates.train ignored: no train image has a box" in stderr
+    assert "candidate_crops_trained" not in json.loads((_folder(tmp_path / "work", "train", "crops") / "summary.json").read_text())
     summary = json.loads((_folder(tmp_path / "work", "train", BOX_SOURCE) / "summary.json").read_text())
     assert summary.get("valid_iou") is None  # no box to score it on
 
@@ -820,10 +823,11 @@ def test_further_crops_teach_their_fish_or_nof_by_how_much_of_a_fish_they_hold()
 
 
 def test_trained_on_its_further_crops_the_classifier_sees_deck_in_the_crops_that_miss(crops_run, tiny_data, capsys):
-    """`crops.candidates.train` through the CLI: only the crop classifier retrains (the crops are
-    cached), the summary counts the further crops it trained on as re-derived from the crops'
-    rectangles and the annotations, and its fold models call the crops that miss every fish (of
-    their own training photos) NoF far more than the classifier trained without them."""
+    """`crops.candidates.train` (crops.yaml's) through the CLI: turned off, only the crop
+    classifier retrains (the crops are cached); turned on, the summary counts the further crops
+    it trained on as re-derived from the crops' rectangles and the annotations, and its fold
+    models call the crops that miss every fish NoF far more than the classifier trained without
+    them."""
     from types import SimpleNamespace
 
     from fishcomp.data.annotations import load_annotations
@@ -833,12 +837,12 @@ def test_trained_on_its_further_crops_the_classifier_sees_deck_in_the_crops_that
     from fishcomp.training.folds import load_fold_model
 
     work, _ = crops_run
-    overrides = ["crops.candidates.train=true"]
+    overrides = ["crops.candidates.train=false"]
     code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *overrides])], capsys)
     assert code == 0, stderr
     assert "crops      cached" in stdout and "train      built" in stdout
     crops = _fixture_artifact(work, tiny_data, "crops")
-    trained = {name: _fixture_artifact(work, tiny_data, "train", o) for name, o in (("without", []), ("with", overrides))}
+    trained = {name: _fixture_artifact(work, tiny_data, "train", o) for name, o in (("with", []), ("without", overrides))}
     assert trained["with"] != trained["without"]
     summary = json.loads((trained["with"] / "summary.json").read_text())
     counts = summary["candidate_crops_trained"]

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fishcomp.cache import Artifact
+from fishcomp.console import warn
 from fishcomp.context import training_precision
 from fishcomp.errors import FishcompError
 from fishcomp.data.annotations import Annotations
@@ -104,9 +105,10 @@ class CandidateRows:
         return [self.mirrored if k % 2 == 0 and self.mirrored is not None else self.features for k in range(count)]
 
 
-def candidate_rows(data: TrainData, features: Artifact, annotations: Annotations) -> CandidateRows:
+def candidate_rows(data: TrainData, features: Artifact, annotations: Annotations) -> CandidateRows | None:
     """The labelled further crops (`candidate_labels`) of every usable training photo, read from
-    the crops artifact (their crop rectangles from `crop_boxes.csv`)."""
+    the crops artifact (their crop rectangles from `crop_boxes.csv`); None, said, where no photo
+    has a box."""
     loaded = data.loaded
     if "NoF" not in data.classes:
         raise FishcompError(f"{loaded.path}: crops.candidates.train labels the crops that miss every fish NoF, but the data has no NoF class; "
@@ -116,8 +118,10 @@ def candidate_rows(data: TrainData, features: Artifact, annotations: Annotations
     index = data.usable_index
     fish = every_fish_boxes(index, annotations)
     if np.isnan(fish).all():
-        raise FishcompError(f"{loaded.path}: crops.candidates.train needs box annotations (*_labels.json in the data's annos/ folder) "
-                            "to tell which further crops hold a fish; leave candidates.train out")
+        # As the crops stage does on such data: said, and trained as without the setting.
+        warn(f"train      [{loaded.name}] crops.candidates.train ignored: no train image has a box (no *_labels.json in the data's "
+             "annos/ folder), so nothing tells which further crops hold a fish")
+        return None
     copies = json.loads(features.file("meta.json").read_text())["augment_copies"]
     table = pd.read_csv(features.file("crop_boxes.csv"))
     table = table[(table.split == "train") & (table["copy"] > copies)]

@@ -299,6 +299,7 @@ class CachedFeatureFolds:
         self.labels, self.candidates = data.labels, None
         if config.crops is not None and config.crops.candidates is not None and config.crops.candidates.train:
             self.candidates = candidate_rows(data, features_artifact, annotations)
+        if self.candidates is not None:
             train, extra = self.train_features, self.candidates
             self.train_features = train.with_rows(
                 extra.features, None if train.sizes is None else train.sizes[extra.owner], extra.copies(len(train.copies)),

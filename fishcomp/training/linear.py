@@ -207,7 +207,9 @@ class LinearProbeFolds:
             # `crops.candidates.train`: the photos' further crops as more rows after theirs.
             from fishcomp.training.candidates import candidate_rows
 
-            extra = self.candidates = candidate_rows(data, features_artifact, annotations)
+            self.candidates = candidate_rows(data, features_artifact, annotations)
+        if self.candidates is not None:
+            extra = self.candidates
             originals = np.concatenate([originals, as_float(extra.features)])
             labels = np.concatenate([labels, extra.labels])
             widen = lambda positions: extra.widen(positions, len(data.labels))  # noqa: E731
