@@ -82,3 +82,25 @@ def test_repeated_inner_splits_choose_the_strength_by_its_mean_and_keep_the_firs
     np.testing.assert_array_equal(single.inner[0].valid, probe.inner[0].valid)
     np.testing.assert_allclose(pd.DataFrame(single_records).inner_logloss, frame[frame.repeat == 0].inner_logloss.to_numpy())
     assert "repeat" not in single_records[0]
+
+
+def test_rows_that_train_with_photos_come_once_and_are_never_held_out():
+    """`ProbeRows(widen=...)` (the crops' further crops, `crops.candidates.train`): a photo's own
+    rows come once per copy, the rows widened in come once, and the inner splits hold out photos
+    only, so a further crop never scores the strength it trained."""
+    from fishcomp.config import LinearHeadConfig
+    from fishcomp.training.linear import ProbeRows, fit_fold_probe
+
+    x, y = _blobs(3, n=120)
+    x = x.astype(np.float32)  # as ProbeRows holds them
+    photos = 100  # rows 100-119: crops, row 100 + k belonging to photo 5 * k
+    owner = np.arange(20) * 5
+    widen = lambda positions: np.concatenate([positions, photos + np.flatnonzero(np.isin(owner, positions))])  # noqa: E731
+    rows = ProbeRows(x, [x[:photos] + 1.0], y, widen=widen)
+    fitted, labels = rows(np.array([0, 1, 5]))
+    # Photos 0, 1, 5, their copies, then the crops of photos 0 and 5 once each.
+    np.testing.assert_array_equal(fitted, np.concatenate([x[[0, 1, 5, 100, 101]], x[[0, 1, 5]] + 1.0]))
+    np.testing.assert_array_equal(labels, y[[0, 1, 5, 100, 101, 0, 1, 5]])
+    probe = fit_fold_probe(rows, np.arange(80), LinearHeadConfig(strengths=[0.01, 0.1]), seed=0, fold=0, classes=4, records=[], started=0.0)
+    held = set(probe.inner[0].valid)
+    assert held <= set(range(80)) and len(held) == 16
