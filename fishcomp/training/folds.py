@@ -47,7 +47,7 @@ from fishcomp.training.data import (
     prepare_training,
     size_onehot,
 )
-from fishcomp.training.candidates import candidate_rows, has_candidates, mix_candidates
+from fishcomp.training.candidates import CandidateRows, candidate_rows, has_candidates, mix_candidates
 from fishcomp.training.feature_sets import FeatureSet, concat, predict, resident_budget, resident_dtype
 from fishcomp.training.frozen_stem import FrozenStem
 from fishcomp.training.loop import (
@@ -263,9 +263,11 @@ def inner_split(train: np.ndarray, valid: np.ndarray, train_cfg, fold: int) -> t
 class CachedFeatureFolds:
     """Trains a head on the cached features, one fold at a time."""
 
-    def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None, annotations: Annotations | None = None):
+    def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None, annotations: Annotations | None = None,
+                 candidates: CandidateRows | None = None):
         """`annotations`: every fish's box, for a grid locator taught to find them all
-        (`head.box_targets: every`); the precompute index holds only the largest."""
+        (`head.box_targets: every`); the precompute index holds only the largest. `candidates`:
+        the further crops that train with their photos (`crops.candidates.train`)."""
         loaded = data.loaded
         config = loaded.config
         self.data = data
@@ -296,10 +298,8 @@ class CachedFeatureFolds:
             self.train_features.add_mirrored_copies(points=bool(getattr(config.head, "points_weight", None)))
         # `crops.candidates.train`: the training photos' further crops, as more rows after the
         # photos' own (`self.labels` covers both; a fold trains on its own photos' crops).
-        self.labels, self.candidates = data.labels, None
-        if config.crops is not None and config.crops.candidates is not None and config.crops.candidates.train:
-            self.candidates = candidate_rows(data, features_artifact, annotations)
-        if self.candidates is not None:
+        self.labels, self.candidates = data.labels, candidates
+        if candidates is not None:
             train, extra = self.train_features, self.candidates
             self.train_features = train.with_rows(
                 extra.features, None if train.sizes is None else train.sizes[extra.owner], extra.copies(len(train.copies)),
@@ -391,7 +391,9 @@ class CachedFeatureFolds:
 
         data, features = self.data, self.train_features
         if self.probe_rows is None:  # every fold's probe reads the same rows
-            self.probe_rows = ProbeRows(features.array[features.rows], [c[features.rows] for c in features.copies], self.labels, widen=self._widen)
+            # Copies of the photos only: rows widened in come once (ProbeRows).
+            photos = features.rows[: len(data.labels)]
+            self.probe_rows = ProbeRows(features.array[features.rows], [c[photos] for c in features.copies], self.labels, widen=self._widen)
         tried: list = []
         probe = fit_fold_probe(self.probe_rows, positions, data.loaded.config.head.base, data.loaded.config.train.seed, fold,
                                len(data.classes), tried, time.time())
@@ -491,13 +493,14 @@ def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pse
     every_fish = getattr(config.head, "box_targets", None) == "every"
     trains_on_candidates = config.crops is not None and config.crops.candidates is not None and bool(config.crops.candidates.train)
     annotations = ctx.annotations(config.data) if every_fish or trains_on_candidates else None
+    candidates = candidate_rows(data, features_artifact, annotations) if trains_on_candidates else None
     if config.head.kind == "linear":
         from fishcomp.training.linear import LinearProbeFolds
 
         if pseudo_source is not None:
             raise FishcompError(f"{data.loaded.path}: train.pseudo works with heads trained by gradient steps, not the linear probe")
-        return LinearProbeFolds(data, features_artifact, annotations)
-    return CachedFeatureFolds(data, features_artifact, pseudo_source, annotations)
+        return LinearProbeFolds(data, features_artifact, candidates)
+    return CachedFeatureFolds(data, features_artifact, pseudo_source, annotations if every_fish else None, candidates)
 
 
 def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None) -> dict:

@@ -182,7 +182,9 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
 
 
 class LinearProbeFolds:
-    def __init__(self, data: TrainData, features_artifact: Artifact, annotations=None):
+    def __init__(self, data: TrainData, features_artifact: Artifact, candidates=None):
+        """`candidates`: the further crops that train with their photos (`crops.candidates.train`),
+        as `CandidateRows`."""
         self.data = data
         self.head = data.loaded.config.head
         self.tta = tta_combine(data.loaded)
@@ -201,13 +203,7 @@ class LinearProbeFolds:
         self.train_views = [as_float(v)[data.usable] for v in load_views(features_artifact, "train", kind)] if self.tta else []
         # `train.mirror_copies`: the mirrored views are more rows to fit on, as augmented copies are.
         copy_rows = self.train_views if data.loaded.config.train.mirror_copies else [as_float(c)[data.usable] for c in copies]
-        originals, labels, widen, self.candidates = as_float(cached)[data.usable], data.labels, None, None
-        crops = data.loaded.config.crops
-        if crops is not None and crops.candidates is not None and crops.candidates.train:
-            # `crops.candidates.train`: the photos' further crops as more rows after theirs.
-            from fishcomp.training.candidates import candidate_rows
-
-            self.candidates = candidate_rows(data, features_artifact, annotations)
+        originals, labels, widen, self.candidates = as_float(cached)[data.usable], data.labels, None, candidates
         if self.candidates is not None:
             extra = self.candidates
             originals = np.concatenate([originals, as_float(extra.features)])
