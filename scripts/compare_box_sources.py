@@ -28,11 +28,12 @@ import numpy as np
 import pandas as pd
 from compare import CONFIGS, generated_set, head_config, spread_table, test_logloss, write_section
 
+from fishcomp.boxes import box_iou
 from fishcomp.config import dump_yaml, load_config
 from fishcomp.context import Context
 from fishcomp.features import BOX_COLUMNS, load_index, normalised_boxes
 from fishcomp.pipeline import build, resolver
-from fishcomp.stages.crops import agreeing_folds, box_iou
+from fishcomp.stages.crops import agreeing_folds
 
 RULES = ("mean", "consensus")
 

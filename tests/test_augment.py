@@ -38,7 +38,7 @@ def _bright_bbox(image):
 
 
 def _iou(a, b):
-    from fishcomp.models.losses import box_iou
+    from fishcomp.boxes import box_iou
 
     return float(box_iou(a[None], b[None])[0])
 

@@ -8,10 +8,11 @@ import pytest
 from helpers import CONFIGS, SMALL, TINY, run_cli
 
 from fishcomp.blending import blend_nof
+from fishcomp.boxes import box_iou, covered
 from fishcomp.cli import main
 from fishcomp.config import load_config
 from fishcomp.context import Context
-from fishcomp.stages.crops import agreeing_folds, box_iou, crop_rectangle, enlarge, fit_inside
+from fishcomp.stages.crops import agreeing_folds, crop_rectangle, enlarge, fit_inside
 
 
 # The box source crops.yaml names (a bbox config's name).
@@ -802,7 +803,7 @@ def test_further_crops_teach_their_fish_or_nof_by_how_much_of_a_fish_they_hold()
     """`crops.candidates.train`: a further crop holding most of an annotated fish teaches the
     photo's class, one missing every fish teaches NoF, one holding part of a fish nothing; a NoF
     photo's crops teach NoF; a fish photo without boxes, or a crop the cells ran out of, nothing."""
-    from fishcomp.training.candidates import HOLDS_FISH, MISSES_FISH, candidate_labels, covered
+    from fishcomp.training.candidates import HOLDS_FISH, MISSES_FISH, candidate_labels
 
     nan = np.nan
     # Photos: 0 a fish of class 2 with two fish, 1 NoF, 2 class 0 without any annotated box.

@@ -148,7 +148,8 @@ def _blob_maps(n, rng, height=6, width=10, channels=16):
 def test_bbox_iou_rises_with_training(box_from, floor):
     """Both box branches learn; the grid locator, which keeps the map's cells, finds the blob's
     cell far better than the regression on the pooled, flattened trunk."""
-    from fishcomp.models.losses import box_iou, head_loss
+    from fishcomp.boxes import box_iou
+    from fishcomp.models.losses import head_loss
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fishcomp import viz
+from fishcomp.boxes import box_iou, nearest_fish_iou
 from fishcomp.cache import Artifact, write_atomic
 from fishcomp.config import (
     LoadedConfig,
@@ -31,7 +32,6 @@ from fishcomp.errors import FishcompError
 from fishcomp.features import BOX_COLUMNS, every_fish_boxes, load_index, normalised_boxes
 from fishcomp.metrics import attention_scores, per_class_scores, size_only_log_loss
 from fishcomp.models.heads import list_heatmap_heads
-from fishcomp.models.losses import box_iou, nearest_fish_iou
 from fishcomp.predictions import read_predictions
 
 TOP_LOSSES = 12

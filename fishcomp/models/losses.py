@@ -70,22 +70,6 @@ def grid_box_loss(cells: torch.Tensor, geometry: torch.Tensor, boxes: torch.Tens
     return pointing + weight * box_fn(chosen[have], truth[have])
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of paired (x, y, w, h) boxes, row by row."""
-    ax1, ay1, bx1, by1 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
-    iw = np.clip(np.minimum(ax1, bx1) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(ay1, by1) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = iw * ih
-    union = a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def nearest_fish_iou(boxes: np.ndarray, every_fish: np.ndarray) -> np.ndarray:
-    """Each (x, y, w, h) box's IoU with the nearest of its photo's fish ((N, fish, 4), NaN rows
-    where a photo has fewer): a box on any fish of the photo has found one."""
-    return np.max([box_iou(boxes, np.nan_to_num(fish)) for fish in every_fish.transpose(1, 0, 2)], axis=0)
-
-
 def heatmap_peaks(maps: np.ndarray) -> np.ndarray:
     """(N, h, w) maps -> (N, 2) peak positions (x, y) as fractions of the image (cell centres)."""
     n, h, w = maps.shape

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fishcomp.boxes import box_iou
 from fishcomp.cache import Artifact
 from fishcomp.config import CropsConfig, LoadedConfig, dump_yaml, key_payload
 from fishcomp.console import progress, warn
@@ -80,16 +81,6 @@ def jittered(box: np.ndarray, rng: np.random.Generator, shift: float, scale: flo
     cy = y + h / 2 + rng.uniform(-shift, shift) * h
     w, h = w * np.exp(rng.uniform(-scale, scale)), h * np.exp(rng.uniform(-scale, scale))
     return np.array([cx - w / 2, cy - h / 2, w, h])
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of (..., 4) boxes (x, y, w, h), broadcast; 0 where either is NaN."""
-    left, top = np.maximum(a[..., 0], b[..., 0]), np.maximum(a[..., 1], b[..., 1])
-    right = np.minimum(a[..., 0] + a[..., 2], b[..., 0] + b[..., 2])
-    bottom = np.minimum(a[..., 1] + a[..., 3], b[..., 1] + b[..., 3])
-    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
-    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
-    return np.nan_to_num(inter / np.where(union > 0, union, np.nan))
 
 
 # Folds whose box overlaps the consensus box at least this much are averaged into it; the others

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fishcomp.boxes import covered
 from fishcomp.cache import Artifact
 from fishcomp.console import warn
 from fishcomp.context import training_precision
@@ -54,16 +55,6 @@ def candidate_shares(weights: np.ndarray) -> np.ndarray:
 # under MISSES_FISH of every fish's shows none (deck, water, gear), so it is a NoF crop; one in
 # between shows part of a fish and teaches nothing clear: left out.
 HOLDS_FISH, MISSES_FISH = 0.6, 0.1
-
-
-def covered(rectangles: np.ndarray, fish: np.ndarray) -> np.ndarray:
-    """(..., ) the largest share of any fish's box (..., fish, 4) inside each rectangle (..., 4),
-    both (x, y, w, h) in the same units; NaN where the rectangle is NaN, 0 where there is no fish."""
-    r, f = rectangles[..., None, :], fish
-    wide = np.clip(np.minimum(r[..., 0] + r[..., 2], f[..., 0] + f[..., 2]) - np.maximum(r[..., 0], f[..., 0]), 0, None)
-    tall = np.clip(np.minimum(r[..., 1] + r[..., 3], f[..., 1] + f[..., 3]) - np.maximum(r[..., 1], f[..., 1]), 0, None)
-    share = np.nan_to_num(wide * tall / (f[..., 2] * f[..., 3]))
-    return np.where(np.isnan(rectangles).any(axis=-1), np.nan, share.max(axis=-1, initial=0.0))
 
 
 def candidate_labels(photo_labels: np.ndarray, rectangles: np.ndarray, fish: np.ndarray, nof: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from fishcomp.blending import blend_nof_with_whole
+from fishcomp.boxes import nearest_fish_iou
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, dump_yaml, key_payload
 from fishcomp.console import info, progress, warn
@@ -38,7 +39,7 @@ from fishcomp.features import (
 )
 from fishcomp.metrics import accuracy, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
-from fishcomp.models.losses import class_map_boxes, head_loss, nearest_fish_iou, pointing_hits, split_geometry
+from fishcomp.models.losses import class_map_boxes, head_loss, pointing_hits, split_geometry
 from fishcomp.predictions import Predictions, read_predictions
 from fishcomp.training.data import (
     FoldResult,
