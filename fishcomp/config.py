@@ -372,7 +372,8 @@ class CandidatesConfig(Strict):
     loses much less than one wrong crop (measured in docs/results.md)."""
 
     # Boxes per photo, the usual one included. Each one more crop and its mirrored view per photo
-    # to embed; 5 beat 3 on stage 1 on six of seven generated sets (docs/results.md).
+    # to embed. More places pay most on boats the locator never saw, where it misses the fish
+    # more often (measured for 3, 5 and 7 in docs/results.md).
     count: int = Field(5, ge=2, le=8)
     # Share of the mixture in the prediction, the rest the usual crop's. auto: the share (0, 0.05,
     # ..., 1) with the lowest out-of-fold log loss, so data whose boxes are good keeps its one crop.
@@ -389,6 +390,10 @@ class CandidatesConfig(Strict):
     # shown apart, so the weights above single out the fish (docs/results.md). Needs box
     # annotations and a NoF class.
     train: bool | None = None
+    # With `crops.tta: mirror`, whether the further crops are embedded mirrored too, as the usual
+    # crop is (None: they are). false: each further crop seen once, so `count - 1` fewer crops per
+    # photo to embed; the mirrored view of the usual crop stays (docs/results.md).
+    mirror: bool | None = None
 
 
 class CropsConfig(Strict):

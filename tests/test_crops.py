@@ -724,6 +724,33 @@ def test_each_cells_box_is_the_box_the_locator_decodes_at_its_best_cell():
     np.testing.assert_allclose(boxes[np.arange(6), best], GridLocator.decode(cells, geometry).numpy(), atol=1e-6)
 
 
+def test_further_crops_unmirrored_embed_each_candidate_once_and_keep_the_usual_crops_view(crops_run, tiny_data, capsys):
+    """`crops.candidates.mirror: false`: the further crops are embedded once each (no mirrored
+    views: count - 1 fewer crops per photo), the same crops as the mirrored run's; the usual crop
+    keeps its view; the classifier mixes them in as before. `mirror: true` is what the default
+    does, so it reuses the default's artifact."""
+    work, _ = crops_run
+    overrides = ["crops.candidates.mirror=false"]
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *overrides])], capsys)
+    assert code == 0, stderr
+    assert "further boxes per image, not mirrored)" in stdout
+    mirrored, once = _fixture_artifact(work, tiny_data, "crops"), _fixture_artifact(work, tiny_data, "crops", overrides)
+    assert mirrored != once
+    assert _fixture_artifact(work, tiny_data, "crops", ["crops.candidates.mirror=true"]) == mirrored
+    for split in ("train", "test_stg1", "test_stg2"):
+        assert not (once / f"{split}_candidates_tta_pooled.npy").exists() and (mirrored / f"{split}_candidates_tta_pooled.npy").is_file()
+        # The same cuts through the same backbone, in other batches: float16 storage and bf16
+        # autocast (where the CPU has it) keep them within 2 %, as for the mirrored copies above.
+        for name in (f"{split}_candidates_pooled.npy", f"{split}_pooled.npy", f"{split}_tta_pooled.npy"):
+            a, b = np.load(once / name).astype(np.float32), np.load(mirrored / name).astype(np.float32)
+            assert a.shape == b.shape and _relative(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])).max() < 0.02, name
+    assert pd.read_csv(once / "crop_boxes.csv").equals(pd.read_csv(mirrored / "crop_boxes.csv"))
+    assert json.loads((once / "meta.json").read_text())["candidates_mirrored"] is False
+    summary = json.loads(_fixture_artifact(work, tiny_data, "train", overrides).joinpath("summary.json").read_text())
+    count = load_config(CONFIGS / "crops.yaml").config.crops.candidates.count
+    assert summary["candidates"]["count"] == count and summary["candidates"]["mixed"] <= summary["candidates"]["usual_crop_alone"] + 1e-12
+
+
 def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_fold_says(crops_run, tiny_data):
     """crops.yaml's `candidates`: every image's next most probable boxes are cropped and embedded
     (and mirrored), and every fold model's predictions on its validation images are the mixture,

@@ -243,7 +243,7 @@ class Crops(Stage):
     # Not `crops.nof`: only training reads it, so a new NoF weight re-embeds nothing. Not
     # precompute's augment, tta or spatial: crops are embedded once each, as pooled vectors.
     declares = ("data", "crops.margin", "crops.square", "crops.jitter", "crops.align", "crops.test_boxes", "crops.pool", "crops.tta",
-                "crops.candidates.count",
+                "crops.candidates.count", "crops.candidates.mirror",
                 *(f"precompute.{f}" for f in CROP_PRECOMPUTE_FIELDS))
     summary = "detect, then classify: crops around the predicted fish, cut at full resolution and embedded"
 
@@ -275,8 +275,9 @@ class Crops(Stage):
         config = loaded.config
         precompute = key_payload(config.precompute)
         crops = {k: v for k, v in key_payload(config.crops).items() if k != "nof"}
-        if "candidates" in crops:  # how they are mixed is training's
-            crops["candidates"] = {"count": crops["candidates"]["count"]}
+        if "candidates" in crops:  # how they are mixed is training's; what is embedded is ours
+            # `mirror: true` is what None does: the same crops, the same key.
+            crops["candidates"] = {k: v for k, v in crops["candidates"].items() if k == "count" or (k == "mirror" and v is False)}
         return {
             "crops": crops,
             "precompute": {k: precompute[k] for k in CROP_PRECOMPUTE_FIELDS},
@@ -296,7 +297,8 @@ class Crops(Stage):
         meta = json.loads(artifact.file("meta.json").read_text())
         # Crops made before `crops.pool` record no pooling: theirs was the backbone's average.
         pooled = {"gem": ", pooled by GeM", "max": ", max-pooled"}.get(meta.get("pool"), "")
-        further = f" ({meta['candidates'] - 1} further boxes per image)" if meta.get("candidates", 1) > 1 else ""
+        unmirrored = ", not mirrored" if meta.get("candidates_mirrored") is False else ""
+        further = f" ({meta['candidates'] - 1} further boxes per image{unmirrored})" if meta.get("candidates", 1) > 1 else ""
         return f"{meta['crops']} crops of {meta['counts']['total']} images{pooled}, boxes from {meta['boxes_from']}{further}"
 
 
@@ -393,9 +395,11 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     augmented = reserved_memmap(tmp / "train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
     # The mirrored view of each image's first crop, laid out as precompute's test-time views.
     views = {split: reserved_memmap(tmp / f"{split}_tta_pooled.npy", np.float16, (1, len(out), dim)) for split, out in outputs.items()} if config.tta else {}
-    # Every image's further candidate crops (`crops.candidates`), and with the view each mirrored.
+    # Every image's further candidate crops (`crops.candidates`), and with the view each mirrored
+    # (unless `crops.candidates.mirror: false`).
+    mirrored_further = further if further and config.tta and config.candidates.mirror is not False else 0
     candidate_arrays = {split: reserved_memmap(tmp / f"{split}_candidates_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if further else {}
-    candidate_views = {split: reserved_memmap(tmp / f"{split}_candidates_tta_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if further and config.tta else {}
+    candidate_views = {split: reserved_memmap(tmp / f"{split}_candidates_tta_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if mirrored_further else {}
     extra_rectangles = np.full((len(index), further, 4), np.nan, dtype=np.float32)
     rectangles = np.full(planned.shape, np.nan, dtype=np.float32)
     turns = np.full(planned.shape[:2], np.nan, dtype=np.float32)
@@ -421,14 +425,14 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
                 # mirrored after them.
                 looks = batch.flatten(0, 1)
                 if config.tta:
-                    looks = torch.cat([looks, batch[:, [0, *range(count, count + further)]].flip(-2).flatten(0, 1)])
+                    looks = torch.cat([looks, batch[:, [0, *range(count, count + mirrored_further)]].flip(-2).flatten(0, 1)])
                 embedded = embedder.embed(looks, spatial=False, pool=config.pool)[0]
                 pooled = embedded[: n * (count + further)].reshape(n, count + further, dim)
                 position = local.numpy()
                 if config.tta:
-                    mirrored = embedded[n * (count + further):].reshape(n, 1 + further, dim)
+                    mirrored = embedded[n * (count + further):].reshape(n, 1 + mirrored_further, dim)
                     views[split][0, position] = mirrored[:, 0]
-                    if further:
+                    if mirrored_further:
                         candidate_views[split][:, position] = mirrored[:, 1:].transpose(1, 0, 2)
                 outputs[split][position] = pooled[:, 0]
                 if split == "train" and copies:
@@ -468,6 +472,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         "counts": {"total": len(index), **index.split.value_counts().to_dict()},
         "unreadable": index.path[~ok].tolist(), "boxes_from": boxes.path.name, "boxes_key": boxes.key, "pool": config.pool or "avg",
         "crops": len(table), "candidates": 1 + further, "seconds": round(time.time() - started, 2),
+        **({"candidates_mirrored": bool(mirrored_further)} if further and config.tta else {}),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
