@@ -737,6 +737,14 @@ def test_further_crops_unmirrored_embed_each_candidate_once_and_keep_the_usual_c
     mirrored, once = _fixture_artifact(work, tiny_data, "crops"), _fixture_artifact(work, tiny_data, "crops", overrides)
     assert mirrored != once
     assert _fixture_artifact(work, tiny_data, "crops", ["crops.candidates.mirror=true"]) == mirrored
+    # Without the crops' view nothing is mirrored, so the setting changes nothing, key included.
+    from fishcomp.pipeline import resolver
+
+    def key(settings):
+        settings = [*SMALL, *settings]
+        return resolver(Context(data_dir=tiny_data, work_dir=work, overrides=settings)).plan("crops", load_config(CONFIGS / "crops.yaml", settings)).key
+
+    assert key(["crops.tta=null", *overrides]) == key(["crops.tta=null"]) != key(["crops.tta=null", "crops.candidates.count=3"])
     for split in ("train", "test_stg1", "test_stg2"):
         assert not (once / f"{split}_candidates_tta_pooled.npy").exists() and (mirrored / f"{split}_candidates_tta_pooled.npy").is_file()
         # The same cuts through the same backbone, in other batches: float16 storage and bf16

@@ -276,8 +276,10 @@ class Crops(Stage):
         precompute = key_payload(config.precompute)
         crops = {k: v for k, v in key_payload(config.crops).items() if k != "nof"}
         if "candidates" in crops:  # how they are mixed is training's; what is embedded is ours
-            # `mirror: true` is what None does: the same crops, the same key.
-            crops["candidates"] = {k: v for k, v in crops["candidates"].items() if k == "count" or (k == "mirror" and v is False)}
+            # `mirror: true` is what None does, and without `crops.tta` nothing is mirrored: the
+            # same crops, the same key.
+            unmirrored = crops["candidates"].get("mirror") is False and config.crops.tta
+            crops["candidates"] = {"count": crops["candidates"]["count"], **({"mirror": False} if unmirrored else {})}
         return {
             "crops": crops,
             "precompute": {k: precompute[k] for k in CROP_PRECOMPUTE_FIELDS},
