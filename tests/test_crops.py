@@ -862,8 +862,8 @@ def test_further_crops_teach_their_fish_or_nof_by_how_much_of_a_fish_they_hold()
     # Each photo's crops train with it alone: a fold's training photos bring their own crops' rows.
     from fishcomp.training.candidates import CandidateRows
 
-    extra = CandidateRows(np.zeros((4, 2)), None, np.array([4, 2, 4, 4]), np.array([0, 2, 2, 5]), {})
-    np.testing.assert_array_equal(extra.widen(np.array([2, 3]), photos=6), [2, 3, 7, 8])
+    extra = CandidateRows(np.zeros((4, 2)), None, np.array([4, 2, 4, 4]), np.array([0, 2, 2, 5]), {}, photos=6)
+    np.testing.assert_array_equal(extra.widen(np.array([2, 3])), [2, 3, 7, 8])
 
 
 def test_trained_on_its_further_crops_the_classifier_sees_deck_in_the_crops_that_miss(crops_run, tiny_data, capsys):

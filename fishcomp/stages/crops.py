@@ -83,6 +83,12 @@ def jittered(box: np.ndarray, rng: np.random.Generator, shift: float, scale: flo
     return np.array([cx - w / 2, cy - h / 2, w, h])
 
 
+def mirrors_further(crops: CropsConfig) -> bool:
+    """Whether the further crops (`crops.candidates`) are embedded mirrored too: with the crops'
+    view (`crops.tta`), unless `crops.candidates.mirror: false`."""
+    return bool(crops.tta and crops.candidates is not None and crops.candidates.mirror is not False)
+
+
 # Folds whose box overlaps the consensus box at least this much are averaged into it; the others
 # found something else (another fish, a deck marking) and are left out.
 AGREE_IOU = 0.3
@@ -278,7 +284,7 @@ class Crops(Stage):
         if "candidates" in crops:  # how they are mixed is training's; what is embedded is ours
             # `mirror: true` is what None does, and without `crops.tta` nothing is mirrored: the
             # same crops, the same key.
-            unmirrored = crops["candidates"].get("mirror") is False and config.crops.tta
+            unmirrored = config.crops.tta and not mirrors_further(config.crops)
             crops["candidates"] = {"count": crops["candidates"]["count"], **({"mirror": False} if unmirrored else {})}
         return {
             "crops": crops,
@@ -399,7 +405,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     views = {split: reserved_memmap(tmp / f"{split}_tta_pooled.npy", np.float16, (1, len(out), dim)) for split, out in outputs.items()} if config.tta else {}
     # Every image's further candidate crops (`crops.candidates`), and with the view each mirrored
     # (unless `crops.candidates.mirror: false`).
-    mirrored_further = further if further and config.tta and config.candidates.mirror is not False else 0
+    mirrored_further = further if further and mirrors_further(config) else 0
     candidate_arrays = {split: reserved_memmap(tmp / f"{split}_candidates_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if further else {}
     candidate_views = {split: reserved_memmap(tmp / f"{split}_candidates_tta_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if mirrored_further else {}
     extra_rectangles = np.full((len(index), further, 4), np.nan, dtype=np.float32)

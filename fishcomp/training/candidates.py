@@ -85,10 +85,11 @@ class CandidateRows:
     labels: np.ndarray
     owner: np.ndarray
     counts: dict
+    photos: int  # usable training photos: the crops' rows come after theirs
 
-    def widen(self, positions: np.ndarray, photos: int) -> np.ndarray:
-        """These photo positions and, after the `photos` photos' rows, their crops' rows."""
-        return np.concatenate([positions, photos + np.flatnonzero(np.isin(self.owner, positions))])
+    def widen(self, positions: np.ndarray) -> np.ndarray:
+        """These photo positions and, after the photos' rows, their crops' rows."""
+        return np.concatenate([positions, self.photos + np.flatnonzero(np.isin(self.owner, positions))])
 
     def copies(self, count: int) -> list[np.ndarray]:
         """`count` augmented copies of the crops, to stand beside a photo's copies: mirrored and as
@@ -126,15 +127,13 @@ def candidate_rows(data: TrainData, features: Artifact, annotations: Annotations
     rectangles[table["copy"].to_numpy()[kept] - copies - 1, rows] = table[["x", "y", "w", "h"]].to_numpy(dtype=float)[kept] / scale[rows]
     nof = data.classes.index("NoF")
     labels = candidate_labels(data.labels, rectangles, fish, nof)
-    arrays = np.load(features.file("train_candidates_pooled.npy"), mmap_mode="r")
-    mirrored_file = features.file("train_candidates_tta_pooled.npy")
-    mirrored = np.load(mirrored_file, mmap_mode="r") if mirrored_file.is_file() else None
+    arrays, mirrored, _ = _split_candidates(features, "train")
     crop, owner = np.nonzero(labels >= 0)
     usable = data.usable[owner]  # the artifact's rows are every train photo's, the usable ones among them
     is_fish_photo = data.labels != nof
     return CandidateRows(
-        features=np.asarray(arrays[crop, usable]), mirrored=None if mirrored is None else np.asarray(mirrored[crop, usable]),
-        labels=labels[crop, owner], owner=owner,
+        features=arrays[crop, usable], mirrored=None if mirrored is None else mirrored[crop, usable],
+        labels=labels[crop, owner], owner=owner, photos=len(data.labels),
         counts={"fish": int(((labels >= 0) & (labels != nof)).sum()), "nof_in_fish_photos": int((labels == nof)[:, is_fish_photo].sum()),
                 "nof_photos": int((labels == nof)[:, ~is_fish_photo].sum()),
                 "left_out": int(((labels < 0) & ~np.isnan(rectangles).any(axis=-1)).sum())},

@@ -421,7 +421,7 @@ class CachedFeatureFolds:
 
     def _widen(self, positions: np.ndarray) -> np.ndarray:
         """Training photos' positions, with their further crops' rows where they train too."""
-        return positions if self.candidates is None else self.candidates.widen(positions, len(self.data.labels))
+        return positions if self.candidates is None else self.candidates.widen(positions)
 
     def _score_probe_fold(self, fold: int, predicted: dict, valid_set: FeatureSet, records: list) -> None:
         """A fold whose inner split chose 0 epochs on its probe has no epoch row for its box IoU

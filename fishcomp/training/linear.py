@@ -208,7 +208,7 @@ class LinearProbeFolds:
             extra = self.candidates
             originals = np.concatenate([originals, as_float(extra.features)])
             labels = np.concatenate([labels, extra.labels])
-            widen = lambda positions: extra.widen(positions, len(data.labels))  # noqa: E731
+            widen = extra.widen
         self.rows = ProbeRows(originals, copy_rows, labels, widen)
         self.train = self.rows.originals
         self.tests = {s: as_float(load_features(features_artifact, s, kind)) for s in data.test_splits}
