@@ -175,15 +175,27 @@ class _DenseFamily(Strict):
     reduce: int | None = Field(None, ge=1)
     # On the pooled vector: first fit the linear probe (`{kind: linear}`, its own settings) on
     # each fold's training images, then train the dense layers on top of its logits, their output
-    # starting at zero, for as many of the schedule's epochs (0 included) as score best on the
-    # probe's inner split. The head starts where the probe ends and keeps only what the dense
+    # starting at zero, for as many of the schedule's epochs (0 included) as `base_choice` picks
+    # on the probe's inner split. The head starts where the probe ends and keeps only what the dense
     # layers add on images they did not train on: the plain dense head overfits the boats on small
     # sets and loses to the probe (docs/results.md). The leakage head's size one-hot and the bbox
     # head's box read the same features as its classifier. None: the lesson's head.
     base: LinearHeadConfig | None = None
+    # How clearly the dense layers on `base` must beat the probe on its inner splits before their
+    # epochs are kept. lowest (None): the count with the lowest mean inner log loss, any gain
+    # taken. one_se: the fewest epochs (0: the probe alone) whose inner log loss is within one
+    # standard error of the lowest count's, the error that of the paired per-image difference
+    # (Breiman et al.'s one-standard-error rule, "Classification and Regression Trees", 1984): a
+    # gain the size of the inner split's noise is not taken. one_se scores better out of fold (a
+    # single fold model per image) and worse on the test images (the mean of the fold models,
+    # which averages the dense layers' noise away) on generated sets, so it is not the default
+    # (docs/results.md).
+    base_choice: Literal["lowest", "one_se"] | None = None
 
     @model_validator(mode="after")
     def _probe_reads_pooled(self) -> _DenseFamily:
+        if self.base_choice is not None and self.base is None:
+            raise ValueError("head.base_choice chooses the epochs of dense layers on a probe; set head.base: {kind: linear}, or leave base_choice out")
         if self.base is not None and self.input != "pooled":
             raise ValueError("head.base (a linear probe underneath) reads the pooled vector; set input: pooled")
         if self.base is not None and self.base.pool is not None:

@@ -15,9 +15,14 @@ def normalise_rows(probs: np.ndarray) -> np.ndarray:
 
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
     """Multi-class log loss exactly as the competition scores it."""
+    return float(np.mean(image_log_losses(labels, probs)))
+
+
+def image_log_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Each image's term of the competition's log loss (their mean is `log_loss`)."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.clip(normalise_rows(probs), KAGGLE_EPS, 1 - KAGGLE_EPS)
-    return float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))
+    return -np.log(probs[np.arange(len(labels)), labels])
 
 
 def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:

@@ -52,6 +52,46 @@ def test_before_training_the_head_is_its_probe(kind):
     assert all(p.requires_grad for name, p in head.named_parameters() if not name.startswith("base."))
 
 
+def _split(*epochs):
+    return np.array(epochs, dtype=float)
+
+
+def test_dense_layers_are_kept_only_where_they_beat_the_probe_by_more_than_noise():
+    from fishcomp.training.folds import choose_dense_epochs
+
+    probe = [1.0, 1.0, 1.0, 1.0]
+    # Epoch 1 is lower on average (by 0.0125) but the per-image differences (-0.1 to +0.3) make
+    # that well inside one standard error (0.13): one_se keeps the probe, lowest takes the epoch.
+    noisy = [_split(probe, [0.9, 1.3, 0.7, 1.05])]
+    assert choose_dense_epochs(noisy, "one_se")[:2] == (0, 1)
+    assert choose_dense_epochs(noisy, "lowest")[:2] == (1, 1)
+    # Lower on every image by 0.19 to 0.21: far beyond its standard error (0.004), so kept.
+    clear = [_split(probe, [0.81, 0.79, 0.8, 0.8])]
+    assert choose_dense_epochs(clear, "one_se")[:2] == (1, 1)
+    # Three counts: 2 is the lowest, 1 within noise of it, 0 clearly worse: the fewest within, 1.
+    steps = [_split(probe, [0.81, 0.79, 0.8, 0.8], [0.7, 0.9, 0.75, 0.8])]
+    epochs, lowest, scores = choose_dense_epochs(steps, "one_se")
+    assert (epochs, lowest) == (1, 2)
+    np.testing.assert_allclose(scores, [1.0, 0.8, 0.7875])
+    # Two inner splits, the second stopped after one epoch: count 2 is scored on the first alone,
+    # and the pairs against it come from the first too.
+    stopped = [_split(probe, [0.81, 0.79, 0.8, 0.8], [0.5, 0.5, 0.5, 0.5]), _split([2.0, 2.0], [1.0, 1.0])]
+    epochs, lowest, scores = choose_dense_epochs(stopped, "one_se")
+    np.testing.assert_allclose(scores, [1.5, 0.9, 0.5])
+    assert (epochs, lowest) == (2, 2)
+
+
+def test_the_epochs_rule_is_part_of_a_probe_based_heads_key_and_needs_a_probe():
+    from fishcomp.config import key_payload
+
+    # Left out, the rule is lowest, as before the setting existed: the keys of existing heads stay.
+    assert "base_choice" not in key_payload(DenseHeadConfig(base=LinearHeadConfig()))
+    one_se = key_payload(DenseHeadConfig(base=LinearHeadConfig(), base_choice="one_se"))
+    assert one_se != key_payload(DenseHeadConfig(base=LinearHeadConfig())) and one_se["base_choice"] == "one_se"
+    with pytest.raises(ValueError, match="base_choice chooses the epochs of dense layers on a probe"):
+        DenseHeadConfig(base_choice="lowest")
+
+
 def test_a_probe_base_needs_the_pooled_vector_of_cached_features():
     for kind in FAMILY:
         with pytest.raises(ValueError, match="pooled"):
@@ -95,6 +135,8 @@ def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tin
     probe_oof, _ = _train("linear.yaml", tiny_data, second, capsys)  # one inner split, as the head below
     trained_oof, trained_metrics = _train("dense.yaml", tiny_data, second, capsys, "head.base={kind: linear}")
     choice = trained_metrics[trained_metrics.chosen.fillna(False).astype(bool)].set_index("fold")
+    # By default (head.base_choice lowest) each fold takes the count with the lowest inner log loss.
+    assert (choice.dense_epochs == choice.dense_lowest_epochs).all()
     for fold, epochs in choice.dense_epochs.astype(int).items():
         trained = trained_metrics[(trained_metrics.fold == fold) & (trained_metrics.epoch > 0)]
         # Each fold trains exactly the epochs its inner split chose (0 to the schedule's 12)...
@@ -146,11 +188,14 @@ def _predict_matches_the_runs_test_predictions(config, data, work, overrides, tm
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)
 
 
-def test_a_leakage_head_on_a_probe_trains_the_chosen_epochs_and_predicts_from_its_checkpoints(tiny_data, tmp_path, capsys):
-    work, overrides = tmp_path / "work", ["head.base={kind: linear}"]
+def test_a_leakage_head_on_a_probe_trains_the_epochs_one_se_chose_and_predicts_from_its_checkpoints(tiny_data, tmp_path, capsys):
+    work, overrides = tmp_path / "work", ["head.base={kind: linear}", "head.base_choice=one_se"]
     oof, metrics = _train("leakage.yaml", tiny_data, work, capsys, *overrides)
     choice = metrics[metrics.chosen.fillna(False).astype(bool)].set_index("fold")
     assert sorted(choice.index) == sorted(oof.fold.unique())
+    # one_se: never more epochs than the lowest inner log loss's, never a lower inner log loss.
+    assert (choice.dense_epochs <= choice.dense_lowest_epochs).all()
+    assert (choice.dense_inner_logloss >= choice.dense_lowest_inner_logloss).all()
     for fold, epochs in choice.dense_epochs.astype(int).items():
         assert len(metrics[(metrics.fold == fold) & (metrics.epoch > 0)]) == epochs
     # Its checkpoints need each image's size: `predict` reads it from the photos.

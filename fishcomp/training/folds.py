@@ -37,7 +37,7 @@ from fishcomp.features import (
     load_views,
     tta_combine,
 )
-from fishcomp.metrics import accuracy, log_loss, prior_log_loss
+from fishcomp.metrics import accuracy, image_log_losses, log_loss, prior_log_loss
 from fishcomp.models.heads import head_uses_map
 from fishcomp.models.losses import class_map_boxes, head_loss, pointing_hits, split_geometry
 from fishcomp.predictions import Predictions, read_predictions
@@ -116,7 +116,7 @@ def _extra_scores(predicted: dict[str, np.ndarray], targets: np.ndarray | None, 
     return scores
 
 
-def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False, background=None, base=None, epochs=None):
+def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels, valid_labels, num_classes, num_sizes, device, record, advance, pseudo=None, spread=False, background=None, base=None, epochs=None, held=None):
     """Train one fold's head; returns it with the epoch it keeps (`train.keep`: the last, or the
     one with the best validation log loss).
 
@@ -126,6 +126,7 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
     `background`: the class (NoF) whose heatmap is not a fish's, for class-map boxes.
     `base`: the fold's fitted probe (`FoldProbe`) for a head with `head.base`, loaded before training.
     `epochs`: train only the schedule's first this-many epochs (0: none, the head as built).
+    `held`: a list that gets each epoch's validation probabilities (per-image evidence).
     """
     import torch
     from torch import nn
@@ -227,6 +228,8 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
         predicted = predict_spread(model, valid_set, device, dtype=dtype) if spread else predict(model, valid_set, device, dtype=dtype)
         predicted = with_class_map_boxes(predicted, background)
         probs = predicted["probs"]
+        if held is not None:
+            held.append(probs)
         # The training criterion on validation (log-probabilities are valid logits for it).
         log_probs = torch.log(torch.from_numpy(probs).clamp_min(1e-15))
         return {
@@ -249,6 +252,26 @@ def _fit_fold(loaded, fold, train_set: FeatureSet, valid_set: FeatureSet, labels
         if stem is not None:
             stem.release()
     return model, kept_epoch
+
+
+def choose_dense_epochs(losses: list[np.ndarray], rule: str) -> tuple[int, int, np.ndarray]:
+    """(the epochs kept, the epoch count with the lowest mean inner log loss, each count's mean)
+    for dense layers on a probe (`head.base_choice`).
+
+    `losses`: per inner split, the held images' log losses (epoch counts x images; row 0 the probe
+    alone); a split that stopped early has fewer rows, and a count it never reached is scored on
+    the others. one_se keeps the fewest epochs whose paired per-image difference from the lowest
+    count is within one standard error of zero. An image held out by several repeats counts once
+    per repeat, so the error is, if anything, too small: the rule errs towards the dense layers."""
+    longest = max(len(split) for split in losses)
+    scores = np.array([np.mean([split[e].mean() for split in losses if len(split) > e]) for e in range(longest)])
+    lowest = int(np.argmin(scores))
+    if rule == "one_se":
+        for epochs in range(lowest):
+            difference = np.concatenate([split[epochs] - split[lowest] for split in losses if len(split) > lowest])
+            if len(difference) > 1 and difference.mean() <= difference.std(ddof=1) / np.sqrt(len(difference)):
+                return epochs, lowest, scores
+    return lowest, lowest, scores
 
 
 def inner_split(train: np.ndarray, valid: np.ndarray, train_cfg, fold: int) -> tuple[np.ndarray, np.ndarray]:
@@ -381,11 +404,12 @@ class CachedFeatureFolds:
 
         Both are chosen on the probe's inner splits of these training positions, never on the
         fold's validation images: the probe's strength, then the epoch count, 0 to the schedule's
-        length, at which the dense layers on the inner probes score best on the held images, on
-        average over the splits (0: they do not help; the head is the probe). The probe is fitted
-        on each image and its augmented copies, as the head trains on them. `metrics.csv` gets the
+        length, of the dense layers on the inner probes, by their log loss on the held images
+        (`head.base_choice`; 0: they do not help, the head is the probe). The probe is fitted on
+        each image and its augmented copies, as the head trains on them. `metrics.csv` gets the
         choice as epoch-0 rows (`strength`, `inner_logloss`, and on the chosen strength's row
-        `dense_epochs`)."""
+        `dense_epochs`, `dense_inner_logloss`, and the lowest count's `dense_lowest_epochs`,
+        `dense_lowest_inner_logloss`)."""
         import time
 
         from fishcomp.training.linear import ProbeRows, fit_fold_probe
@@ -398,25 +422,26 @@ class CachedFeatureFolds:
         tried: list = []
         probe = fit_fold_probe(self.probe_rows, positions, data.loaded.config.head.base, data.loaded.config.train.seed, fold,
                                len(data.classes), tried, time.time())
-        curves = []
+        losses = []
         for inner in probe.inner:
-            curve: list = []
+            held: list = []
             fitted = self._widen(inner.train)
             _fit_fold(
                 data.loaded, fold, features.subset(fitted), features.subset(inner.valid), self.labels[fitted],
-                data.labels[inner.valid], len(data.classes), len(data.vocabulary) + 1, data.device, curve, lambda *_, **__: None,
-                self.pseudo, spread=spread, base=inner.probe,
+                data.labels[inner.valid], len(data.classes), len(data.vocabulary) + 1, data.device, [], lambda *_, **__: None,
+                self.pseudo, spread=spread, base=inner.probe, held=held,
             )
-            curves.append([inner.logloss, *[r["valid_logloss"] for r in curve]])
-        # Per epoch count, 0 (the probe alone) first; a run that stopped early leaves its tail out.
-        scores = np.nanmean([curve + [np.nan] * (max(map(len, curves)) - len(curve)) for curve in curves], axis=0)
-        epochs = int(np.argmin(scores))
+            labels = data.labels[inner.valid]
+            alone = inner.probe.predict(self.probe_rows.originals[inner.valid], len(data.classes))
+            losses.append(np.stack([image_log_losses(labels, probs) for probs in (alone, *held)]))
+        epochs, lowest, scores = choose_dense_epochs(losses, data.loaded.config.head.base_choice or "lowest")
         # Not `converged` rows: those mark a probe's own artifact (stopping_summary).
         for r in tried:
             chosen = r["strength"] == probe.strength and not r.get("repeat")  # marked once per fold
             records.append({"fold": fold, "epoch": 0, "lr": r["strength"], "strength": r["strength"], "inner_logloss": r["inner_logloss"],
                             "chosen": chosen, "seconds": r["seconds"], **({"repeat": r["repeat"]} if "repeat" in r else {}),
-                            **({"dense_epochs": epochs, "dense_inner_logloss": float(scores[epochs])} if chosen else {})})
+                            **({"dense_epochs": epochs, "dense_inner_logloss": float(scores[epochs]),
+                                "dense_lowest_epochs": lowest, "dense_lowest_inner_logloss": float(scores[lowest])} if chosen else {})})
         return probe, epochs
 
     def _widen(self, positions: np.ndarray) -> np.ndarray:

@@ -111,6 +111,10 @@ class FoldProbe:
     tried: int  # strengths tried on each inner split
     inner: list[InnerFit] = field(default_factory=list)
 
+    def predict(self, x: np.ndarray, classes: int) -> np.ndarray:
+        """Probabilities over every class for rows as cached (it standardises them itself)."""
+        return _probs(self.model, (x - self.mean) / self.scale, classes)
+
     def state_dict(self, classes: int) -> dict:
         """The weights of a `LinearProbe` module (models.heads.linear) over every class: a class
         absent from the fold's training rows is never predicted."""
