@@ -154,6 +154,10 @@ class LinearHeadConfig(Strict):
     # 30-odd held images make a noisy choice; each repeat costs one more fit per strength.
     inner_repeats: int = Field(1, ge=1)
     max_iter: int = Field(500, ge=10)
+    # The arithmetic of the L-BFGS fit. float32: about twice as fast on a CPU (the objective is one
+    # rows-by-features product), its probabilities within 1e-3 of float64's; float64: the fit
+    # before session 27, for bit-level comparisons with older runs (docs/results.md).
+    fit_dtype: Literal["float32", "float64"] = "float32"
 
     @property
     def input(self) -> str:

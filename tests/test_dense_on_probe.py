@@ -123,8 +123,8 @@ def test_a_dense_head_on_a_probe_starts_as_the_probe_and_trains_away_from_it(tin
     # same probe; at a learning rate of 1e-9 the dense layers stay ~1e-8 from zero.
     still_oof, still_metrics = _train("dense.yaml", tiny_data, first, capsys,
                                       "head.base={kind: linear, inner_repeats: 2}", "train.phases=[{epochs: 2, lr: 1.0e-9}]")
-    # The probe's own predictions come from its float64 fit, the head's through float32 layers:
-    # probabilities agree to float32 rounding of logits of size ~10 (1e-5), far below 1e-3.
+    # The probe predicts with its fitted weights in float64 arithmetic, the head through float32
+    # layers: probabilities agree to float32 rounding of logits of size ~10 (1e-5), far below 1e-3.
     np.testing.assert_allclose(still_oof[CLASSES].to_numpy(), probe_oof[CLASSES].to_numpy(), atol=1e-3)
     # Each fold chose the same strength, recorded as the dense head's epoch-0 rows.
     chosen = lambda m: m[m.chosen.fillna(False).astype(bool)].groupby("fold").strength.first()  # noqa: E731

@@ -43,22 +43,24 @@ class Probe:
 GRADIENT_TOLERANCE = 1e-5
 
 
-def _fit(x: np.ndarray, y: np.ndarray, strength: float, max_iter: int, classes: int, start: Probe | None = None) -> tuple[Probe, bool]:
+def _fit(x: np.ndarray, y: np.ndarray, strength: float, max_iter: int, classes: int, start: Probe | None = None,
+         dtype: str = "float32") -> tuple[Probe, bool]:
     """Full-batch L-BFGS to the optimum of scikit-learn's multinomial objective (mean log loss +
     |W|^2 / (2 C n), intercept unpenalised), in torch: scikit-learn's own L-BFGS spends most of
     its time outside the arithmetic (the pipeline's three probes took 100 s with it, 22 s now;
     per-stage seconds in docs/results.md).
     `start`: a probe fitted at a stronger penalty or on fewer rows to warm-start from (along the
-    regularisation path each fit then needs a fraction of the iterations)."""
+    regularisation path each fit then needs a fraction of the iterations).
+    `dtype`: the fit's arithmetic (`head.fit_dtype`)."""
     import torch
 
     present = np.unique(y)
     if start is not None and not np.array_equal(start.classes_, present):
         start = None  # fitted without a class these rows have (a rare one): other shapes, start cold
-    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))
     targets = torch.from_numpy(np.searchsorted(present, y))
-    weight = torch.zeros(len(present), x.shape[1], dtype=torch.float64) if start is None else torch.from_numpy(start.weight.copy())
-    bias = torch.zeros(len(present), dtype=torch.float64) if start is None else torch.from_numpy(start.bias.copy())
+    weight = torch.zeros(len(present), x.shape[1], dtype=inputs.dtype) if start is None else torch.from_numpy(start.weight.astype(dtype))
+    bias = torch.zeros(len(present), dtype=inputs.dtype) if start is None else torch.from_numpy(start.bias.astype(dtype))
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     optimiser = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe",
@@ -167,7 +169,7 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
         mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
         fitted, model = {}, None
         for number, strength in enumerate(strengths, start=1):
-            model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model)
+            model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model, head.fit_dtype)
             fitted[strength] = (model, converged)
             scores[strength].append(log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes)))
             records.append({"fold": fold, "epoch": number, "lr": strength, "strength": strength, "inner_logloss": scores[strength][-1],
@@ -179,7 +181,7 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
     # The refit on all the fold's images starts from the first inner fit at the chosen strength:
     # the same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
-    model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, splits[0][4][best][0])
+    model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, splits[0][4][best][0], head.fit_dtype)
     inner = [InnerFit(FoldProbe(fitted[best][0], inner_mean, inner_scale, best, fitted[best][1], len(strengths)), part, held, scores[best][r])
              for r, (part, held, inner_mean, inner_scale, fitted) in enumerate(splits)]
     return FoldProbe(model, mean, scale, best, converged, len(strengths), inner)
