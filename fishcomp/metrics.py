@@ -25,6 +25,17 @@ def image_log_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return -np.log(probs[np.arange(len(labels)), labels])
 
 
+def fold_mean_gain(test_folds: np.ndarray) -> float:
+    """How much lower the log loss of k fold models' mean is than one fold model's, estimated
+    without labels from their test predictions (folds x rows x classes): the mean over the rows
+    and folds of KL(the mean || fold k), which is that gain exactly were the mean's probabilities
+    the truth (Jensen's gap of the log loss). Out of fold scores one fold model per image, a
+    submission is their mean: this is the part of the submission out of fold cannot see."""
+    folds = np.clip(np.asarray(test_folds, dtype=np.float64), KAGGLE_EPS, 1.0)
+    mean = folds.mean(axis=0)
+    return float(np.mean(np.sum(mean * (np.log(mean) - np.log(folds)), axis=2)))
+
+
 def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
 

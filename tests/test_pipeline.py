@@ -11,6 +11,7 @@ import pytest
 from helpers import CONFIGS, SMALL, TINY, run_cli
 
 from fishcomp.config import ClipConfig, load_config
+from fishcomp.metrics import fold_mean_gain
 from fishcomp.models import backbones
 from fishcomp.stages.calibrate import Calibration, fold_mean_ratio
 from fishcomp.stages.submit import apply_clip
@@ -245,6 +246,11 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(built_
     assert summary["blend"] == min(summary["candidates_cross_fitted"], key=summary["candidates_cross_fitted"].get)
     weights = [m["weight"] for m in summary["members"]]
     assert len(weights) == len(LIBRARY) and min(weights) >= 0 and abs(sum(weights) - 1) < 1e-6  # zeros listed too
+    # Each member's label-free gain from the fold models' mean, from its own fold copies.
+    for member in summary["members"]:
+        folder = work / "train" / member["artifact"]
+        stacked = np.concatenate([np.load(folder / f"{split}_probs_folds.npy") for split in ("test_stg1", "test_stg2")], axis=1)
+        assert member["fold_mean_gain"] == pytest.approx(fold_mean_gain(stacked), rel=1e-6) and member["fold_mean_gain"] > 0
     if summary["blend"] == "stack":  # out of fold, each fold comes from a stacker that never saw it
         assert summary["valid_logloss"] == pytest.approx(summary["valid_logloss_cross_fitted"])
     else:  # fitted on the out-of-fold rows, the blend is never worse there than its best member
