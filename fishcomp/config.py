@@ -158,6 +158,13 @@ class LinearHeadConfig(Strict):
     # rows-by-features product), its probabilities within 1e-3 of float64's; float64: the fit
     # before session 27, for bit-level comparisons with older runs (docs/results.md).
     fit_dtype: Literal["float32", "float64"] = "float32"
+    # The refit on all of a fold's rows at the chosen strength times this (None: 1, the chosen
+    # one). The inner split scores one probe on one view of each image; where the probe's
+    # predictions are then averaged (a crop's two views, its further crops, the fold models) a
+    # less penalised probe does better, as averaging takes out some of the extra variance:
+    # crops.yaml's probe uses 3 (about one step of the default grid), which out of fold chose
+    # there and whole-image probes' out of fold did not (docs/results.md).
+    refit_scale: float | None = Field(None, gt=0)
 
     @property
     def input(self) -> str:

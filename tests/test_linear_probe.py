@@ -110,3 +110,21 @@ def test_rows_that_train_with_photos_come_once_and_are_never_held_out():
     probe = fit_fold_probe(rows, np.arange(80), LinearHeadConfig(strengths=[0.01, 0.1]), seed=0, fold=0, classes=4, records=[], started=0.0)
     held = set(probe.inner[0].valid)
     assert held <= set(range(80)) and len(held) == 16
+
+
+def test_a_refit_scale_refits_less_penalised_than_chosen_and_changes_nothing_else():
+    from fishcomp.config import LinearHeadConfig
+    from fishcomp.training.linear import ProbeRows, fit_fold_probe, _probs
+
+    x, y = _blobs(4, n=200)
+    positions, rows = np.arange(160), ProbeRows(x, [], y)
+    plain, scaled = (fit_fold_probe(rows, positions, LinearHeadConfig(strengths=[0.001, 0.01, 0.1], refit_scale=scale), seed=0, fold=0,
+                                    classes=4, records=[], started=0.0) for scale in (None, 3.0))
+    # The same choice on the same inner split, recorded as chosen; only the refit differs.
+    assert scaled.strength == plain.strength and plain.refit_strength is None and scaled.refit_strength == 3.0 * plain.strength
+    np.testing.assert_array_equal(scaled.inner[0].valid, plain.inner[0].valid)
+    # The refit is the optimum at three times the chosen C (as a cold fit there finds it), not at C.
+    standardised = (x[positions] - scaled.mean) / scaled.scale
+    at_scaled, _ = _fit(standardised, y[positions], 3.0 * plain.strength, 500, 4)
+    _assert_same_optimum(scaled.model, at_scaled, standardised)
+    assert np.abs(_probs(scaled.model, standardised, 4) - _probs(plain.model, standardised, 4)).max() > 2 * SAME_OPTIMUM

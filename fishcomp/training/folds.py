@@ -440,6 +440,7 @@ class CachedFeatureFolds:
             chosen = r["strength"] == probe.strength and not r.get("repeat")  # marked once per fold
             records.append({"fold": fold, "epoch": 0, "lr": r["strength"], "strength": r["strength"], "inner_logloss": r["inner_logloss"],
                             "chosen": chosen, "seconds": r["seconds"], **({"repeat": r["repeat"]} if "repeat" in r else {}),
+                            **({"refit_strength": probe.refit_strength} if chosen and probe.refit_strength else {}),
                             **({"dense_epochs": epochs, "dense_inner_logloss": float(scores[epochs]),
                                 "dense_lowest_epochs": lowest, "dense_lowest_inner_logloss": float(scores[lowest])} if chosen else {})})
         return probe, epochs

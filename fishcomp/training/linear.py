@@ -108,10 +108,11 @@ class FoldProbe:
     model: Probe
     mean: np.ndarray
     scale: np.ndarray
-    strength: float
+    strength: float  # chosen on the inner splits
     converged: bool
     tried: int  # strengths tried on each inner split
     inner: list[InnerFit] = field(default_factory=list)
+    refit_strength: float | None = None  # what the model was fitted at, where not `strength` (`head.refit_scale`)
 
     def predict(self, x: np.ndarray, classes: int) -> np.ndarray:
         """Probabilities over every class for rows as cached (it standardises them itself)."""
@@ -181,10 +182,11 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
     # The refit on all the fold's images starts from the first inner fit at the chosen strength:
     # the same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
-    model, converged = _fit((x - mean) / scale, y, best, head.max_iter, classes, splits[0][4][best][0], head.fit_dtype)
+    refit = best * (head.refit_scale or 1.0)
+    model, converged = _fit((x - mean) / scale, y, refit, head.max_iter, classes, splits[0][4][best][0], head.fit_dtype)
     inner = [InnerFit(FoldProbe(fitted[best][0], inner_mean, inner_scale, best, fitted[best][1], len(strengths)), part, held, scores[best][r])
              for r, (part, held, inner_mean, inner_scale, fitted) in enumerate(splits)]
-    return FoldProbe(model, mean, scale, best, converged, len(strengths), inner)
+    return FoldProbe(model, mean, scale, best, converged, len(strengths), inner, refit if head.refit_scale else None)
 
 
 class LinearProbeFolds:
@@ -241,6 +243,7 @@ class LinearProbeFolds:
         train_probs = _probs(model, (self.train[train] - mean) / scale, classes)
         records.append({
             "fold": fold, "epoch": probe.tried + 1, "lr": best, "strength": best, "chosen": True, "converged": converged,
+            **({"refit_strength": probe.refit_strength} if probe.refit_strength else {}),
             "train_loss": log_loss(data.labels[train], train_probs),
             "valid_logloss": log_loss(data.labels[valid], valid_probs) if len(valid) else np.nan,
             "valid_accuracy": accuracy(data.labels[valid], valid_probs) if len(valid) else np.nan,
