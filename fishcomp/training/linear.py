@@ -181,7 +181,8 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
     x, y = rows(train)
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
     # The refit on all the fold's images starts from the first inner fit at the chosen strength:
-    # the same convex problem on 25 % more rows, so L-BFGS starts near its optimum.
+    # the same convex problem on 25 % more rows (at `refit_scale` times the strength, a nearby
+    # one), so L-BFGS starts near its optimum.
     refit = best * (head.refit_scale or 1.0)
     model, converged = _fit((x - mean) / scale, y, refit, head.max_iter, classes, splits[0][4][best][0], head.fit_dtype)
     inner = [InnerFit(FoldProbe(fitted[best][0], inner_mean, inner_scale, best, fitted[best][1], len(strengths)), part, held, scores[best][r])
