@@ -30,7 +30,7 @@ from fishcomp.data.images import UnreadableImage, load_rgb, size_labels
 from fishcomp.data.splits import assign_folds
 from fishcomp.errors import FishcompError
 from fishcomp.features import BOX_COLUMNS, every_fish_boxes, load_index, normalised_boxes
-from fishcomp.metrics import attention_scores, per_class_scores, size_only_log_loss
+from fishcomp.metrics import attention_scores, image_log_losses, per_class_scores, size_only_log_loss
 from fishcomp.models.heads import list_heatmap_heads
 from fishcomp.predictions import read_predictions
 
@@ -142,7 +142,7 @@ def train_section(ctx: Context, run: Run, out: Path, prefix: str) -> Section:
     section.tables.append(("per class, out of fold", pd.DataFrame(per_class_scores(labels, probs, classes))))
 
     paths = ctx.dataset().images.set_index("image").path
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1))
+    losses = image_log_losses(labels, probs)
     worst = np.argsort(-losses)[:TOP_LOSSES]
     panels = []
     for i in worst:

@@ -92,13 +92,12 @@ def _probs(model: Probe, x: np.ndarray, classes: int) -> np.ndarray:
 @dataclass
 class InnerFit:
     """One inner split of a fold's training images: the probe fitted on its training part at the
-    chosen strength, the two parts, and that probe's log loss on the held part: what a model
-    built on the probe can be tuned against, as the strength was."""
+    chosen strength, and the two parts: what a model built on the probe can be tuned against, as
+    the strength was."""
 
     probe: FoldProbe
     train: np.ndarray
     valid: np.ndarray
-    logloss: float
 
 
 @dataclass
@@ -185,8 +184,8 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
     # one), so L-BFGS starts near its optimum.
     refit = best * (head.refit_scale or 1.0)
     model, converged = _fit((x - mean) / scale, y, refit, head.max_iter, classes, splits[0][4][best][0], head.fit_dtype)
-    inner = [InnerFit(FoldProbe(fitted[best][0], inner_mean, inner_scale, best, fitted[best][1], len(strengths)), part, held, scores[best][r])
-             for r, (part, held, inner_mean, inner_scale, fitted) in enumerate(splits)]
+    inner = [InnerFit(FoldProbe(fitted[best][0], inner_mean, inner_scale, best, fitted[best][1], len(strengths)), part, held)
+             for part, held, inner_mean, inner_scale, fitted in splits]
     return FoldProbe(model, mean, scale, best, converged, len(strengths), inner, refit if head.refit_scale else None)
 
 
@@ -223,12 +222,12 @@ class LinearProbeFolds:
         self.tests = {s: as_float(load_features(features_artifact, s, kind)) for s in data.test_splits}
         self.test_views = {s: [as_float(v) for v in load_views(features_artifact, s, kind)] if self.tta else [] for s in data.test_splits}
 
-    def _predict(self, model, mean, scale, original: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _predict(self, probe: FoldProbe, original: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         classes = len(self.data.classes)
-        first = _probs(model, (original - mean) / scale, classes)
+        first = probe.predict(original, classes)
         if not views:
             return first, first
-        return combine_views([first, *[_probs(model, (v - mean) / scale, classes) for v in views]], self.tta), first
+        return combine_views([first, *[probe.predict(v, classes) for v in views]], self.tta), first
 
     def fit(self, fold: int, train: np.ndarray, valid: np.ndarray, records: list, advance, spread: bool = False) -> FoldResult | None:
         from fishcomp.models.heads import create_head
@@ -239,9 +238,9 @@ class LinearProbeFolds:
         # The strength is chosen without the fold's validation images: an inner split of its train.
         probe = fit_fold_probe(self.rows, train, head, data.loaded.config.train.seed, fold, classes,
                                records, started)
-        model, mean, scale, best, converged = probe.model, probe.mean, probe.scale, probe.strength, probe.converged
-        valid_probs, valid_original = self._predict(model, mean, scale, self.train[valid], [v[valid] for v in self.train_views])
-        train_probs = _probs(model, (self.train[train] - mean) / scale, classes)
+        best, converged = probe.strength, probe.converged
+        valid_probs, valid_original = self._predict(probe, self.train[valid], [v[valid] for v in self.train_views])
+        train_probs = probe.predict(self.train[train], classes)
         records.append({
             "fold": fold, "epoch": probe.tried + 1, "lr": best, "strength": best, "chosen": True, "converged": converged,
             **({"refit_strength": probe.refit_strength} if probe.refit_strength else {}),
@@ -253,7 +252,7 @@ class LinearProbeFolds:
         advance(data.loaded.config.train.epochs, note=f"fold {fold} strength {best:g}")
         if spread and not world().is_main:
             return None
-        tests = {s: self._predict(model, mean, scale, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
+        tests = {s: self._predict(probe, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
         module = create_head(head, self.in_shape, classes)
         module.load_state_dict(probe.state_dict(classes))
         return FoldResult(
