@@ -165,6 +165,13 @@ class LinearHeadConfig(Strict):
     # crops.yaml's probe uses 3 (about one step of the default grid), which out of fold chose
     # there and whole-image probes' out of fold did not (docs/results.md).
     refit_scale: float | None = Field(None, gt=0)
+    # The strength chosen for the mean of fold models that a test image gets, not for the one
+    # fold model an out-of-fold image gets: on each inner split, this many probes, each fitted on
+    # all but one of as many parts of its training images, and their mean scores the held images
+    # (as the folds' mean scores a test image). Averaging takes out variance, so it tends to
+    # choose a weaker penalty than one probe would: better on the test images, worse out of fold
+    # (docs/results.md). Each costs one more fit per strength. None: one probe scores them.
+    inner_bag: int | None = Field(None, ge=2)
 
     @property
     def input(self) -> str:

@@ -80,7 +80,8 @@ def heatmap_grid(panels: list[tuple[Image.Image, np.ndarray, str, np.ndarray | N
 
 def training_curves(metrics, path: Path) -> Path:
     """Train and validation loss, and validation log loss, per epoch; one line per fold. For the
-    linear probe, the inner-split log loss against the L2 strength, the chosen one marked (a
+    linear probe, the inner-split log loss against the L2 strength, the chosen one marked, and
+    with `head.inner_bag` the one probe's beside it (a
     dense head on a probe, `head.base`, has those as epoch-0 rows: its curves are its epochs)."""
     plt = _pyplot()
     probe_only = []
@@ -93,10 +94,14 @@ def training_curves(metrics, path: Path) -> Path:
         for fold, rows in metrics.groupby("fold"):
             tried = rows[rows.inner_logloss.notna()].groupby("strength").inner_logloss.mean()  # over inner splits
             line = axis.plot(tried.index, tried.to_numpy(), marker="o", label=f"fold {fold}")[0]
+            if "inner_single_logloss" in rows:  # `head.inner_bag`: the one probe's score beside the mean's that chose
+                single = rows[rows.inner_single_logloss.notna()].groupby("strength").inner_single_logloss.mean()
+                axis.plot(single.index, single.to_numpy(), linestyle="--", color=line.get_color())
             chosen = rows[rows.get("chosen", False) == True]  # noqa: E712 (a column of True/NaN)
             if len(chosen):
                 axis.axvline(chosen.strength.iloc[0], color=line.get_color(), linestyle=":")
-        axis.set(xscale="log", title="inner-split log loss by L2 strength (dotted: chosen)", xlabel="C (inverse strength)")
+        bagged = "; dashed: one probe, solid: the inner bag's mean" if "inner_single_logloss" in metrics else ""
+        axis.set(xscale="log", title=f"inner-split log loss by L2 strength (dotted: chosen{bagged})", xlabel="C (inverse strength)")
         axis.legend(fontsize=7)
         figure.tight_layout()
         return save_figure(figure, path)

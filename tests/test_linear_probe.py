@@ -128,3 +128,70 @@ def test_a_refit_scale_refits_less_penalised_than_chosen_and_changes_nothing_els
     at_scaled, _ = _fit(standardised, y[positions], 3.0 * plain.strength, 500, 4)
     _assert_same_optimum(scaled.model, at_scaled, standardised)
     assert np.abs(_probs(scaled.model, standardised, 4) - _probs(plain.model, standardised, 4)).max() > 2 * SAME_OPTIMUM
+
+
+def test_an_inner_bag_chooses_the_strength_by_its_members_mean_on_the_same_split():
+    """`head.inner_bag`: the held images scored by the mean of probes fitted on all but one part of
+    the inner split's training images each (the folds' mean in small), the single probe's score
+    still recorded beside it."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from fishcomp.config import LinearHeadConfig
+    from fishcomp.metrics import log_loss
+    from fishcomp.training.linear import InnerBag, ProbeRows, fit_fold_probe
+
+    x, y = _blobs(5, n=200)
+    positions, rows = np.arange(160), ProbeRows(x, [], y)
+    strengths = [0.001, 0.01, 0.1, 1.0]
+    runs = {}
+    for bag in (None, 4):
+        records: list = []
+        probe = fit_fold_probe(rows, positions, LinearHeadConfig(strengths=strengths, inner_bag=bag), seed=0, fold=0, classes=4,
+                               records=records, started=0.0)
+        runs[bag] = probe, pd.DataFrame(records).set_index("strength")
+    (plain, plain_records), (bagged, bagged_records) = runs[None], runs[4]
+    # The same inner split and the same single probes; the choice is the lowest mean's.
+    np.testing.assert_array_equal(bagged.inner[0].valid, plain.inner[0].valid)
+    np.testing.assert_array_equal(bagged_records.inner_single_logloss, plain_records.inner_logloss)
+    assert bagged.strength == bagged_records.inner_logloss.idxmin()
+    assert "inner_single_logloss" not in plain_records
+    # Each member leaves out a different quarter of the inner training images (the bag rebuilt
+    # from the seed fit_fold_probe gives it: its fold's, 31, the split's).
+    inner_train, held = bagged.inner[0].train, bagged.inner[0].valid
+    bag = InnerBag(rows, inner_train, LinearHeadConfig(inner_bag=4), [0, 0, 31, 0], 4)
+    assert [len(member[1]) for member in bag.members] == [96, 96, 96, 96]  # 128 images, 32 out each
+    for strength in strengths:  # increasing, as the members warm-start
+        mean = bag.predict(strength, rows.originals[held])
+        # The recorded score is this mean's (the same fits, repeated) ...
+        np.testing.assert_allclose(bagged_records.inner_logloss[strength], log_loss(y[held], mean), rtol=1e-9)
+        # ... and each member is at scikit-learn's optimum for its own rows.
+        reference = np.mean([LogisticRegression(C=strength, tol=1e-10, max_iter=5000).fit(member[0], member[1])
+                             .predict_proba((x[held] - member[2]) / member[3]) for member in bag.members], axis=0)
+        np.testing.assert_allclose(mean, reference, atol=SAME_OPTIMUM)
+    # Averaging four probes is not one probe: the scores differ where the penalty is weak.
+    assert abs(bagged_records.inner_logloss[1.0] - bagged_records.inner_single_logloss[1.0]) > 0.01
+
+
+def test_a_probe_run_with_an_inner_bag_records_both_scores_and_draws_them(tiny_data, tmp_path, capsys):
+    import pandas as pd
+    from PIL import Image
+
+    from fishcomp import viz
+    from helpers import CONFIGS, SMALL, run_cli
+
+    frames = {}
+    for work, overrides in ((tmp_path / "plain", []), (tmp_path / "bagged", ["head.inner_bag=3"])):
+        sets = [item for override in [*SMALL, *overrides] for item in ("--set", override)]
+        code, _, stderr = run_cli(["train", "-c", CONFIGS / "linear.yaml", "--data", tiny_data, "--work", work, *sets], capsys)
+        assert code == 0, stderr
+        frames[work.name] = pd.read_csv(next((work / "train").glob("linear-*")) / "metrics.csv")
+    plain, bagged = (frame[frame.inner_logloss.notna()] for frame in (frames["plain"], frames["bagged"]))
+    # The same inner splits and single probes as without the bag: their scores recorded beside the bag's.
+    np.testing.assert_array_equal(bagged.inner_single_logloss.to_numpy(), plain.inner_logloss.to_numpy())
+    assert not np.allclose(bagged.inner_logloss.to_numpy(), plain.inner_logloss.to_numpy())
+    # Each fold keeps the strength whose bag scored lowest.
+    chosen = frames["bagged"][frames["bagged"].chosen == True].set_index("fold").strength  # noqa: E712
+    np.testing.assert_array_equal(chosen.sort_index().to_numpy(), bagged.loc[bagged.groupby("fold").inner_logloss.idxmin()].sort_values("fold").strength)
+    figure = viz.training_curves(frames["bagged"], tmp_path / "curves.png")
+    assert Image.open(figure).size[0] > 0

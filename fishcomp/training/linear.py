@@ -129,6 +129,31 @@ class FoldProbe:
                 "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)}
 
 
+class InnerBag:
+    """`head.inner_bag` probes on an inner split's training positions, each fitted on all of them
+    but one part (as each fold model is on all the images but its fold), standardised on its own
+    rows: their mean on the held images stands for the folds' mean on a test image."""
+
+    def __init__(self, rows: "ProbeRows", positions: np.ndarray, head, seed: list[int], classes: int):
+        parts = np.array_split(np.random.default_rng(seed).permutation(np.sort(positions)), head.inner_bag)
+        self.rows, self.head, self.classes = rows, head, classes
+        self.members = []  # (x, y, mean, scale, the last probe fitted: the next strength starts from it)
+        for left_out in range(len(parts)):
+            x, y = rows(np.concatenate([part for number, part in enumerate(parts) if number != left_out]))
+            mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+            self.members.append([(x - mean) / scale, y, mean, scale, None])
+
+    def predict(self, strength: float, held: np.ndarray) -> np.ndarray:
+        """The members' mean probabilities on `held` at `strength` (call in increasing strength:
+        each member warm-starts from its fit at the previous one)."""
+        probs = []
+        for member in self.members:
+            x, y, mean, scale, start = member
+            member[4], _ = _fit(x, y, strength, self.head.max_iter, self.classes, start, self.head.fit_dtype)
+            probs.append(_probs(member[4], (held - mean) / scale, self.classes))
+        return np.mean(probs, axis=0)
+
+
 class ProbeRows:
     """A probe's training rows for given positions: each image, and its augmented copies as more
     rows (float32, read once). `widen(positions)`: the rows that train with those images (rows
@@ -151,8 +176,8 @@ class ProbeRows:
 
 def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: int, classes: int, records: list, started: float) -> FoldProbe:
     """Standardise, choose the L2 strength by its mean log loss over `head.inner_repeats` inner
-    splits of the fold's training positions `train` (scored on their original images), refit on
-    all of them.
+    splits of the fold's training positions `train` (scored on their original images, by one
+    probe or by `head.inner_bag`'s mean), refit on all of them.
     `rows(positions) -> (x, y)`: the rows to fit on for those positions (with augmented copies).
     `head`: the strengths, inner fraction and repeats, iteration limit (`LinearHeadConfig`'s fields).
     Appends one record per strength and inner split to `records`."""
@@ -167,12 +192,15 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
         inner_train = order[len(inner_valid):]
         x_inner, y_inner = rows(inner_train)
         mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
+        bag = InnerBag(rows, inner_train, head, [seed, fold, 31, repeat], classes) if head.inner_bag else None
         fitted, model = {}, None
         for number, strength in enumerate(strengths, start=1):
             model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model, head.fit_dtype)
             fitted[strength] = (model, converged)
-            scores[strength].append(log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes)))
+            alone = log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes))
+            scores[strength].append(alone if bag is None else log_loss(labels[inner_valid], bag.predict(strength, originals[inner_valid])))
             records.append({"fold": fold, "epoch": number, "lr": strength, "strength": strength, "inner_logloss": scores[strength][-1],
+                            **({"inner_single_logloss": alone} if bag is not None else {}),
                             "converged": converged, **({"repeat": repeat} if head.inner_repeats > 1 else {}),
                             "seconds": round(time.time() - started, 3)})
         splits.append((np.sort(inner_train), np.sort(inner_valid), mean, scale, fitted))
