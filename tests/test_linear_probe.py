@@ -162,7 +162,8 @@ def test_an_inner_bag_chooses_the_strength_by_its_members_mean_on_the_same_split
     bag = InnerBag(rows, inner_train, LinearHeadConfig(inner_bag=4), [0, 0, 31, 0], 4)
     assert [len(member[1]) for member in bag.members] == [96, 96, 96, 96]  # 128 images, 32 out each
     for strength in strengths:  # increasing, as the members warm-start
-        mean = bag.predict(strength, rows.originals[held])
+        bag.fit(strength)
+        mean = bag.probs(rows.originals[held])
         # The recorded score is this mean's (the same fits, repeated) ...
         np.testing.assert_allclose(bagged_records.inner_logloss[strength], log_loss(y[held], mean), rtol=1e-9)
         # ... and each member is at scikit-learn's optimum for its own rows.

@@ -143,15 +143,16 @@ class InnerBag:
             mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
             self.members.append([(x - mean) / scale, y, mean, scale, None])
 
-    def predict(self, strength: float, held: np.ndarray) -> np.ndarray:
-        """The members' mean probabilities on `held` at `strength` (call in increasing strength:
-        each member warm-starts from its fit at the previous one)."""
-        probs = []
+    def fit(self, strength: float) -> None:
+        """Every member refitted at `strength` (call in increasing strength: each member
+        warm-starts from its fit at the previous one)."""
         for member in self.members:
-            x, y, mean, scale, start = member
+            x, y, _, _, start = member
             member[4], _ = _fit(x, y, strength, self.head.max_iter, self.classes, start, self.head.fit_dtype)
-            probs.append(_probs(member[4], (held - mean) / scale, self.classes))
-        return np.mean(probs, axis=0)
+
+    def probs(self, rows: np.ndarray) -> np.ndarray:
+        """The members' mean probabilities on `rows` (as cached) at the strength last fitted."""
+        return np.mean([_probs(model, (rows - mean) / scale, self.classes) for _, _, mean, scale, model in self.members], axis=0)
 
 
 class ProbeRows:
@@ -174,14 +175,21 @@ class ProbeRows:
         return x, np.concatenate([self.labels[widened], *[self.labels[positions]] * len(self.copies)])
 
 
-def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: int, classes: int, records: list, started: float) -> FoldProbe:
+def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: int, classes: int, records: list, started: float,
+                   held_loss=None) -> FoldProbe:
     """Standardise, choose the L2 strength by its mean log loss over `head.inner_repeats` inner
     splits of the fold's training positions `train` (scored on their original images, by one
     probe or by `head.inner_bag`'s mean), refit on all of them.
     `rows(positions) -> (x, y)`: the rows to fit on for those positions (with augmented copies).
     `head`: the strengths, inner fraction and repeats, iteration limit (`LinearHeadConfig`'s fields).
+    `held_loss(positions, probs_of) -> log loss`: how held images are scored, given the probe's
+    probabilities as a function of cached rows (None: their original rows' probabilities; the
+    crops' `candidates.inner: mixture` scores the mixture each photo's crops make).
     Appends one record per strength and inner split to `records`."""
     originals, labels = rows.originals, rows.labels
+    if held_loss is None:
+        def held_loss(positions, probs_of):
+            return log_loss(labels[positions], probs_of(originals[positions]))
     strengths = sorted(head.strengths)  # strongest penalty first: each fit warm-starts the next
     scores: dict[float, list[float]] = {strength: [] for strength in strengths}
     splits = []
@@ -197,8 +205,10 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
         for number, strength in enumerate(strengths, start=1):
             model, converged = _fit((x_inner - mean) / scale, y_inner, strength, head.max_iter, classes, model, head.fit_dtype)
             fitted[strength] = (model, converged)
-            alone = log_loss(labels[inner_valid], _probs(model, (originals[inner_valid] - mean) / scale, classes))
-            scores[strength].append(alone if bag is None else log_loss(labels[inner_valid], bag.predict(strength, originals[inner_valid])))
+            alone = held_loss(inner_valid, lambda x: _probs(model, (x - mean) / scale, classes))
+            if bag is not None:
+                bag.fit(strength)
+            scores[strength].append(alone if bag is None else held_loss(inner_valid, bag.probs))
             records.append({"fold": fold, "epoch": number, "lr": strength, "strength": strength, "inner_logloss": scores[strength][-1],
                             **({"inner_single_logloss": alone} if bag is not None else {}),
                             "converged": converged, **({"repeat": repeat} if head.inner_repeats > 1 else {}),
@@ -218,10 +228,10 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
 
 
 class LinearProbeFolds:
-    def __init__(self, data: TrainData, features_artifact: Artifact, candidates=None):
+    def __init__(self, data: TrainData, features_artifact: Artifact, candidates=None, held_loss=None):
         """`candidates`: the further crops that train with their photos (`crops.candidates.train`),
-        as `CandidateRows`."""
-        self.data = data
+        as `CandidateRows`. `held_loss`: how a strength is scored on the inner split (`fit_fold_probe`)."""
+        self.data, self.held_loss = data, held_loss
         self.head = data.loaded.config.head
         self.tta = tta_combine(data.loaded)
         kind = self.head.input
@@ -265,7 +275,7 @@ class LinearProbeFolds:
         started = time.time()
         # The strength is chosen without the fold's validation images: an inner split of its train.
         probe = fit_fold_probe(self.rows, train, head, data.loaded.config.train.seed, fold, classes,
-                               records, started)
+                               records, started, self.held_loss)
         best, converged = probe.strength, probe.converged
         valid_probs, valid_original = self._predict(probe, self.train[valid], [v[valid] for v in self.train_views])
         train_probs = probe.predict(self.train[train], classes)
