@@ -424,6 +424,13 @@ class CandidatesConfig(Strict):
     # crop is (None: they are). false: each further crop seen once, so `count - 1` fewer crops per
     # photo to embed; the mirrored view of the usual crop stays (docs/results.md).
     mirror: bool | None = None
+    # How the crop classifier's probe (`head.base`, or a linear head) scores a strength on its
+    # inner split. None: by each held photo's usual crop, one view. mixture: by the prediction the
+    # photo will get, the usual crop and the further ones, both views each, mixed by the best rule
+    # and share among those `weights` and `share` allow, as out of fold chooses them: averaging
+    # takes out variance, so the strength chosen for one crop is too strong for the mixture
+    # (docs/results.md).
+    inner: Literal["mixture"] | None = None
 
 
 class CropsConfig(Strict):

@@ -657,6 +657,26 @@ def test_the_mixture_weighs_each_crop_by_its_cell_and_keeps_the_usual_crop_at_sh
     np.testing.assert_allclose(mixture(first, further, weights, 0.4)[0], 0.6 * first[0] + 0.4 * mixed[0])
 
 
+def test_a_probes_inner_split_can_score_the_mixture_its_photos_will_get():
+    """`crops.candidates.inner: mixture`: the held photos scored as they will be predicted, each
+    crop's views averaged, the crops mixed by their cells' weights, at the best share allowed;
+    only the held photos' rows and weights count."""
+    from fishcomp.training.candidates import MixtureLoss
+
+    labels = np.array([0, 1, 2])  # classes (fish A, NoF, fish B); photo 1 is never held
+    usual = [np.array([[0.2, 0.7, 0.1], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]]), np.array([[0.4, 0.5, 0.1], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]])]
+    further = [np.array([[0.8, 0.1, 0.1], [0.0, 0.0, 1.0], [0.3, 0.3, 0.4]]), np.array([[0.6, 0.3, 0.1], [0.0, 0.0, 1.0], [0.3, 0.3, 0.4]])]
+    weights = np.array([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])
+    held, probs_of = np.array([0, 2]), lambda rows: rows  # the rows are the probe's probabilities here
+    # Photo 0: its usual crop's views average to (0.3, 0.6, 0.1), its further crop's to (0.7, 0.2,
+    # 0.1); half and half: P(A) 0.5. Photo 2's further crop weighs nothing: P(B) 0.8.
+    mixed = -(np.log(0.5) + np.log(0.8)) / 2
+    alone = -(np.log(0.3) + np.log(0.8)) / 2
+    loss = lambda shares: MixtureLoss(labels, [usual, further], weights, ("cells",), shares, 1, "mean")(held, probs_of)  # noqa: E731
+    assert loss([1.0]) == pytest.approx(mixed) and loss([0.0]) == pytest.approx(alone)
+    assert loss([0.0, 1.0]) == pytest.approx(min(mixed, alone))  # the best share allowed, as out of fold picks it
+
+
 def test_weighted_by_what_the_classifier_sees_a_crop_of_deck_counts_less():
     """`candidates.weights`: each crop's cell weight times its 1 - P(NoF) (`fish`) or its most
     probable fish class's probability (`fish_class`); crops that all look equally empty keep
@@ -925,3 +945,31 @@ def test_trained_on_its_further_crops_the_classifier_sees_deck_in_the_crops_that
         # Taught that such crops are NoF, not the photo's fish: far above the other's belief
         # (about 0.8 against 0.2 on this set, trained and validation photos alike).
         assert seen["with"] > seen["without"] + 0.2, seen
+
+
+def test_the_classifiers_probe_can_choose_its_strength_on_the_mixture_its_photos_get(crops_run, tiny_data, capsys):
+    """`crops.candidates.inner: mixture` through the CLI: only the classifier retrains, each
+    fold keeps the strength its (mixture-scored) inner split scored lowest, and those scores are
+    not the usual crop's alone; a head with no probe to choose for is told so."""
+    work, _ = crops_run
+    inner = ["crops.candidates.inner=mixture"]
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *inner])], capsys)
+    assert code == 0, stderr
+    assert "crops      cached" in stdout
+    trained = {name: _fixture_artifact(work, tiny_data, "train", o) for name, o in (("usual", []), ("mixture", inner))}
+    assert trained["usual"] != trained["mixture"]
+    choices = {}
+    for name, folder in trained.items():
+        metrics = pd.read_csv(folder / "metrics.csv")
+        choices[name] = metrics[(metrics.epoch == 0) & metrics.inner_logloss.notna()].reset_index(drop=True)
+    mixture = choices["mixture"]
+    kept = mixture[mixture.chosen == True].set_index("fold").strength.sort_index()  # noqa: E712
+    lowest = mixture.loc[mixture.groupby("fold").inner_logloss.idxmin()].set_index("fold").strength.sort_index()
+    np.testing.assert_array_equal(kept.to_numpy(), lowest.to_numpy())
+    # The same folds, strengths and inner splits; the held photos scored another way.
+    np.testing.assert_array_equal(mixture[["fold", "strength"]], choices["usual"][["fold", "strength"]])
+    assert not np.allclose(mixture.inner_logloss, choices["usual"].inner_logloss)
+
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work,
+                               *_sets([*SMALL, *inner, "crops.nof=null", "head.base=null"])], capsys)
+    assert code == 2 and "crops.candidates.inner: mixture chooses a probe's strength" in stderr and "Traceback" not in stderr

@@ -34,7 +34,7 @@ def features_request(loaded: LoadedConfig) -> dict:
 class Train(Stage):
     name = "train"
     section = "head"
-    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share", "crops.candidates.weights", "crops.candidates.train")
+    declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share", "crops.candidates.weights", "crops.candidates.train", "crops.candidates.inner")
     together = True  # under torchrun the folds are dealt to the ranks (or spread); rank 0 publishes
     summary = "a head trained fold by fold: out-of-fold and test predictions, checkpoints, curves"
 
@@ -74,6 +74,8 @@ class Train(Stage):
                 params["candidates_weights"] = config.crops.candidates.weights
             if config.crops.candidates.train:
                 params["candidates_train"] = True
+            if config.crops.candidates.inner:
+                params["candidates_inner"] = config.crops.candidates.inner
         if getattr(config.head, "box_from", None) == "grid":
             # A grid locator keeps its cell map (`oof_cells.npy`), which older artifacts lack.
             params["writes"] = ["cells"]

@@ -23,10 +23,10 @@ from fishcomp.console import warn
 from fishcomp.context import training_precision
 from fishcomp.errors import FishcompError
 from fishcomp.data.annotations import Annotations
-from fishcomp.features import every_fish_boxes, tta_combine
+from fishcomp.features import every_fish_boxes, load_features, load_views, tta_combine
 from fishcomp.metrics import log_loss
 from fishcomp.training.data import FoldResult, TrainData, size_onehot
-from fishcomp.training.feature_sets import FeatureSet, predict
+from fishcomp.training.feature_sets import FeatureSet, combine_views, predict
 
 SHARES = np.linspace(0.0, 1.0, 21)
 
@@ -166,6 +166,45 @@ def mixture(first: np.ndarray, further: np.ndarray, weights: np.ndarray, share: 
     return (1.0 - share) * first + share * mixed
 
 
+def _allowed(settings, nof: int | None) -> tuple[tuple[str, ...], list[float]]:
+    """The weight rules and shares `crops.candidates` lets out of fold choose among."""
+    setting = settings.weights or "cells"
+    rules = (WEIGHT_RULES if nof is not None else ("cells",)) if setting == "auto" else (setting,)
+    return rules, list(SHARES) if settings.share == "auto" else [settings.share]
+
+
+class MixtureLoss:
+    """`crops.candidates.inner: mixture`: a probe's held training photos scored as their
+    predictions will be made, each photo's usual crop and further crops classified (both views,
+    combined as the run combines them) and mixed by the rule and share, among those the settings
+    allow, that score lowest on them (as `mix_candidates` chooses out of fold). A `held_loss` for
+    `fit_fold_probe`."""
+
+    def __init__(self, labels: np.ndarray, crops: list[list[np.ndarray]], weights: np.ndarray, rules, shares, nof: int | None, tta: str | None):
+        """`crops`: per crop of each photo (the usual one first), its views' rows (the crop as
+        embedded, then its mirror where there is one); `weights` (photos, crops): the cells'."""
+        self.labels, self.crops, self.weights, self.rules, self.shares, self.nof, self.tta = labels, crops, weights, rules, shares, nof, tta
+
+    @classmethod
+    def from_artifact(cls, data: TrainData, features: Artifact) -> "MixtureLoss":
+        """The usable training photos' crops as the crops artifact holds them."""
+        loaded = data.loaded
+        tta = tta_combine(loaded)
+        nof = data.classes.index("NoF") if "NoF" in data.classes else None
+        rules, shares = _allowed(loaded.config.crops.candidates, nof)
+        rows = lambda array: np.asarray(array[data.usable], dtype=np.float32)  # noqa: E731
+        further, views, weights = _split_candidates(features, "train")
+        usual = [rows(load_features(features, "train", "pooled")), *([rows(v) for v in load_views(features, "train", "pooled")] if tta else [])]
+        crops = [usual] + [[rows(further[k]), *([rows(views[k])] if tta and views is not None else [])] for k in range(len(further))]
+        return cls(data.labels, crops, weights[data.usable], rules, shares, nof, tta)
+
+    def __call__(self, positions: np.ndarray, probs_of) -> float:
+        crops = [combine_views([probs_of(view[positions]) for view in views], self.tta or "mean") for views in self.crops]
+        first, further, weights = crops[0], np.stack(crops[1:]), self.weights[positions]
+        return min(log_loss(self.labels[positions], mixture(first, further, weights, share, rule, self.nof))
+                   for rule in self.rules for share in self.shares)
+
+
 def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldResult], model_for) -> dict:
     """Every fold's validation and test predictions replaced, in place, by the mixture with its
     own predictions on the candidate crops; the share fitted on all out-of-fold rows when `auto`.
@@ -179,7 +218,7 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
     if nof is None and setting not in ("cells", "auto"):
         raise FishcompError(f"{loaded.path}: crops.candidates.weights: {setting} reads each crop's P(NoF), but the data has no NoF class; "
                             "set candidates.weights: cells")
-    rules = (WEIGHT_RULES if nof is not None else ("cells",)) if setting == "auto" else (setting,)
+    rules, shares_tried = _allowed(settings, nof)
     tta, dtype = tta_combine(loaded), training_precision(loaded, data.device)
     train, train_views, train_weights = _split_candidates(features, "train")
     sizes = size_onehot(data.usable_index, data.vocabulary)
@@ -213,7 +252,6 @@ def mix_candidates(data: TrainData, features: Artifact, results: dict[int, FoldR
         return log_loss(labels, mixture(first[validated], further[:, validated], weights[validated], share, rule, nof))
 
     # Each rule at its best share (or the given one); `auto` keeps the rule that scores lowest.
-    shares_tried = SHARES if settings.share == "auto" else [settings.share]
     best = {}
     for rule in rules:
         losses = [scored(s, rule) for s in shares_tried]

@@ -48,7 +48,7 @@ from fishcomp.training.data import (
     prepare_training,
     size_onehot,
 )
-from fishcomp.training.candidates import CandidateRows, candidate_rows, has_candidates, mix_candidates
+from fishcomp.training.candidates import CandidateRows, MixtureLoss, candidate_rows, has_candidates, mix_candidates
 from fishcomp.training.feature_sets import FeatureSet, concat, predict, resident_budget, resident_dtype
 from fishcomp.training.frozen_stem import FrozenStem
 from fishcomp.training.loop import (
@@ -288,10 +288,11 @@ class CachedFeatureFolds:
     """Trains a head on the cached features, one fold at a time."""
 
     def __init__(self, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None, annotations: Annotations | None = None,
-                 candidates: CandidateRows | None = None):
+                 candidates: CandidateRows | None = None, held_loss=None):
         """`annotations`: every fish's box, for a grid locator taught to find them all
         (`head.box_targets: every`); the precompute index holds only the largest. `candidates`:
-        the further crops that train with their photos (`crops.candidates.train`)."""
+        the further crops that train with their photos (`crops.candidates.train`). `held_loss`:
+        how the probe under `head.base` scores a strength on its inner split (`fit_fold_probe`)."""
         loaded = data.loaded
         config = loaded.config
         self.data = data
@@ -322,7 +323,7 @@ class CachedFeatureFolds:
             self.train_features.add_mirrored_copies(points=bool(getattr(config.head, "points_weight", None)))
         # `crops.candidates.train`: the training photos' further crops, as more rows after the
         # photos' own (`self.labels` covers both; a fold trains on its own photos' crops).
-        self.labels, self.candidates = data.labels, candidates
+        self.labels, self.candidates, self.held_loss = data.labels, candidates, held_loss
         if candidates is not None:
             train, extra = self.train_features, self.candidates
             self.train_features = train.with_rows(
@@ -421,7 +422,7 @@ class CachedFeatureFolds:
             self.probe_rows = ProbeRows(features.array[features.rows], [c[photos] for c in features.copies], self.labels, widen=self._widen)
         tried: list = []
         probe = fit_fold_probe(self.probe_rows, positions, data.loaded.config.head.base, data.loaded.config.train.seed, fold,
-                               len(data.classes), tried, time.time())
+                               len(data.classes), tried, time.time(), self.held_loss)
         losses = []
         for inner in probe.inner:
             held: list = []
@@ -521,13 +522,21 @@ def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pse
     trains_on_candidates = config.crops is not None and config.crops.candidates is not None and bool(config.crops.candidates.train)
     annotations = ctx.annotations(config.data) if every_fish or trains_on_candidates else None
     candidates = candidate_rows(data, features_artifact, annotations) if trains_on_candidates else None
+    held_loss = None
+    if config.crops is not None and config.crops.candidates is not None and config.crops.candidates.inner == "mixture":
+        if config.head.kind != "linear" and getattr(config.head, "base", None) is None:
+            raise FishcompError(f"{data.loaded.path}: crops.candidates.inner: mixture chooses a probe's strength, and head.kind "
+                                f"{config.head.kind} has none: use head.kind linear or a head.base")
+        if not has_candidates(features_artifact):
+            raise FishcompError(f"{features_artifact.path} holds no further crops: set crops.candidates.count and rebuild it for crops.candidates.inner")
+        held_loss = MixtureLoss.from_artifact(data, features_artifact)
     if config.head.kind == "linear":
         from fishcomp.training.linear import LinearProbeFolds
 
         if pseudo_source is not None:
             raise FishcompError(f"{data.loaded.path}: train.pseudo works with heads trained by gradient steps, not the linear probe")
-        return LinearProbeFolds(data, features_artifact, candidates)
-    return CachedFeatureFolds(data, features_artifact, pseudo_source, annotations if every_fish else None, candidates)
+        return LinearProbeFolds(data, features_artifact, candidates, held_loss)
+    return CachedFeatureFolds(data, features_artifact, pseudo_source, annotations if every_fish else None, candidates, held_loss)
 
 
 def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None) -> dict:
