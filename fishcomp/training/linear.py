@@ -136,7 +136,7 @@ class InnerBag:
 
     def __init__(self, rows: "ProbeRows", positions: np.ndarray, head, seed: list[int], classes: int):
         parts = np.array_split(np.random.default_rng(seed).permutation(np.sort(positions)), head.inner_bag)
-        self.rows, self.head, self.classes = rows, head, classes
+        self.head, self.classes = head, classes
         self.members = []  # (x, y, mean, scale, the last probe fitted: the next strength starts from it)
         for left_out in range(len(parts)):
             x, y = rows(np.concatenate([part for number, part in enumerate(parts) if number != left_out]))
