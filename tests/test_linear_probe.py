@@ -160,15 +160,15 @@ def test_an_inner_bag_chooses_the_strength_by_its_members_mean_on_the_same_split
     # from the seed fit_fold_probe gives it: its fold's, 31, the split's).
     inner_train, held = bagged.inner[0].train, bagged.inner[0].valid
     bag = InnerBag(rows, inner_train, LinearHeadConfig(inner_bag=4), [0, 0, 31, 0], 4)
-    assert [len(member[1]) for member in bag.members] == [96, 96, 96, 96]  # 128 images, 32 out each
+    assert [len(member.y) for member in bag.members] == [96, 96, 96, 96]  # 128 images, 32 out each
     for strength in strengths:  # increasing, as the members warm-start
         bag.fit(strength)
         mean = bag.probs(rows.originals[held])
         # The recorded score is this mean's (the same fits, repeated) ...
         np.testing.assert_allclose(bagged_records.inner_logloss[strength], log_loss(y[held], mean), rtol=1e-9)
         # ... and each member is at scikit-learn's optimum for its own rows.
-        reference = np.mean([LogisticRegression(C=strength, tol=1e-10, max_iter=5000).fit(member[0], member[1])
-                             .predict_proba((x[held] - member[2]) / member[3]) for member in bag.members], axis=0)
+        reference = np.mean([LogisticRegression(C=strength, tol=1e-10, max_iter=5000).fit(member.x, member.y)
+                             .predict_proba((x[held] - member.mean) / member.scale) for member in bag.members], axis=0)
         np.testing.assert_allclose(mean, reference, atol=SAME_OPTIMUM)
     # Averaging four probes is not one probe: the scores differ where the penalty is weak.
     assert abs(bagged_records.inner_logloss[1.0] - bagged_records.inner_single_logloss[1.0]) > 0.01

@@ -129,6 +129,20 @@ class FoldProbe:
                 "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)}
 
 
+def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) each probe reads its rows through: its own training rows' per feature."""
+    return x.mean(axis=0), x.std(axis=0) + 1e-6
+
+
+@dataclass
+class _BagMember:
+    x: np.ndarray  # its training rows, standardised
+    y: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    model: Probe | None = None  # the last fit: the next strength starts from it
+
+
 class InnerBag:
     """`head.inner_bag` probes on an inner split's training positions, each fitted on all of them
     but one part (as each fold model is on all the images but its fold), standardised on its own
@@ -137,22 +151,21 @@ class InnerBag:
     def __init__(self, rows: "ProbeRows", positions: np.ndarray, head, seed: list[int], classes: int):
         parts = np.array_split(np.random.default_rng(seed).permutation(np.sort(positions)), head.inner_bag)
         self.head, self.classes = head, classes
-        self.members = []  # (x, y, mean, scale, the last probe fitted: the next strength starts from it)
+        self.members = []
         for left_out in range(len(parts)):
             x, y = rows(np.concatenate([part for number, part in enumerate(parts) if number != left_out]))
-            mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
-            self.members.append([(x - mean) / scale, y, mean, scale, None])
+            mean, scale = _standardisation(x)
+            self.members.append(_BagMember((x - mean) / scale, y, mean, scale))
 
     def fit(self, strength: float) -> None:
         """Every member refitted at `strength` (call in increasing strength: each member
         warm-starts from its fit at the previous one)."""
         for member in self.members:
-            x, y, _, _, start = member
-            member[4], _ = _fit(x, y, strength, self.head.max_iter, self.classes, start, self.head.fit_dtype)
+            member.model, _ = _fit(member.x, member.y, strength, self.head.max_iter, self.classes, member.model, self.head.fit_dtype)
 
     def probs(self, rows: np.ndarray) -> np.ndarray:
         """The members' mean probabilities on `rows` (as cached) at the strength last fitted."""
-        return np.mean([_probs(model, (rows - mean) / scale, self.classes) for _, _, mean, scale, model in self.members], axis=0)
+        return np.mean([_probs(m.model, (rows - m.mean) / m.scale, self.classes) for m in self.members], axis=0)
 
 
 class ProbeRows:
@@ -199,7 +212,7 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
         inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
         inner_train = order[len(inner_valid):]
         x_inner, y_inner = rows(inner_train)
-        mean, scale = x_inner.mean(axis=0), x_inner.std(axis=0) + 1e-6
+        mean, scale = _standardisation(x_inner)
         bag = InnerBag(rows, inner_train, head, [seed, fold, 31, repeat], classes) if head.inner_bag else None
         fitted, model = {}, None
         for number, strength in enumerate(strengths, start=1):
@@ -216,7 +229,7 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
         splits.append((np.sort(inner_train), np.sort(inner_valid), mean, scale, fitted))
     best = min(strengths, key=lambda strength: float(np.mean(scores[strength])))
     x, y = rows(train)
-    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    mean, scale = _standardisation(x)
     # The refit on all the fold's images starts from the first inner fit at the chosen strength:
     # the same convex problem on 25 % more rows (at `refit_scale` times the strength, a nearby
     # one), so L-BFGS starts near its optimum.
