@@ -304,6 +304,39 @@ def runs_cli(
     _runs_table(work, sort=sort, fmt=fmt.value)
 
 
+@app.command("diff")
+def diff_cli(
+    run_a: Annotated[str, typer.Argument(metavar="A", help="A run: its key (or the start of it) from `fishcomp runs`, name-key, or its folder.")],
+    run_b: Annotated[str, typer.Argument(metavar="B", help="The run to compare with A, named the same ways.")],
+    work: WorkOpt = Path("artifacts"),
+    resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap draws of the images.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
+    fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
+) -> None:
+    """Is B better than A out of fold? Paired per-image differences and their bootstrap interval, overall and per class."""
+    from fishcomp.commands.diff import COLUMNS, compare_runs, find_run, table_cells, verdict
+    from fishcomp.console import info, table
+
+    if not work.is_dir():
+        raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
+    result = compare_runs(find_run(work, run_a), find_run(work, run_b), resamples=resamples, seed=seed)
+    overall = result["rows"][0]
+    if fmt is not TableFormat.table:  # stdout holds the table alone, for scripts
+        table(COLUMNS, table_cells(result["rows"]), fmt=fmt.value)
+        return
+    info(f"A {result['a'].parent.name}/{result['a'].name}, B {result['b'].parent.name}/{result['b'].name}")
+    if result["only_a"] or result["only_b"]:
+        info(f"compared on the {overall['images']} images both predicted out of fold "
+             f"({result['only_a']} only in A, {result['only_b']} only in B)")
+    if result["differs"] is None:
+        info("A and B are runs of different configs or stages: their settings are not compared")
+    elif result["differs"]:
+        info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
+    title = (f"B - A: {overall['difference']:+.4f} out of fold, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "
+             f"over {overall['images']} images: {verdict(overall)}")
+    table(COLUMNS, table_cells(result["rows"]), title=title, fmt=fmt.value)
+
+
 @app.command("predict")
 def predict_cli(
     config: ConfigOpt,

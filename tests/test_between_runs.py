@@ -53,6 +53,61 @@ def test_a_comma_list_sweeps_three_trainings_and_the_runs_table_lists_them_with_
     assert code == 2 and "did you mean valid_logloss" in stderr
 
 
+def _by_lr(work, lr):
+    return next(a for a in (work / "train").glob("dense-*")
+                if yaml.safe_load((a / "config.yaml").read_text())["train"]["phases"][0]["lr"] == lr)
+
+
+def test_diff_pairs_two_runs_image_by_image_and_says_whether_the_difference_is_beyond_noise(swept, capsys):
+    slow, fast = _by_lr(swept, 1e-4), _by_lr(swept, 1e-3)
+    key_a, key_b = slow.name.rsplit("-", 1)[1], fast.name.rsplit("-", 1)[1]
+    code, stdout, stderr = run_cli(["diff", key_a[:6], key_b, "--work", swept, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout)).set_index("scope")
+    every = rows.loc["all"]
+    summary = {a: json.loads((a / "summary.json").read_text())["valid_logloss"] for a in (slow, fast)}
+    # The paired mean is the plain difference of the two runs' scores, on the same images.
+    assert every.logloss_a == pytest.approx(summary[slow], abs=1e-4) and every.logloss_b == pytest.approx(summary[fast], abs=1e-4)
+    assert every.difference == pytest.approx(every.logloss_b - every.logloss_a, abs=2e-4)
+    assert every.low <= every.difference <= every.high and every.b_better + every.b_worse <= every.images
+    validated = pd.read_csv(slow / "oof.csv").dropna()  # a hold-out split predicts only its validation rows
+    assert every.images == len(validated) and 0 < len(validated) < len(pd.read_csv(slow / "oof.csv"))
+    assert rows.drop(index="all").images.sum() == every.images  # each image in its class's row once
+    expected = "B better" if every.high < 0 else "A better" if every.low > 0 else "within noise"
+    assert every.verdict == expected
+    # For people: both runs named, the setting that differs, the verdict in the title.
+    code, stdout, _ = run_cli(["diff", slow, fast.name, "--work", swept], capsys)
+    assert code == 0 and slow.name in stdout and fast.name in stdout and "train.phases" in stdout and expected in stdout
+    # A run against itself: no difference at all, and nothing to choose.
+    code, stdout, _ = run_cli(["diff", key_a, key_a, "--work", swept, "--format", "json"], capsys)
+    same = json.loads(stdout)[0]
+    assert code == 0 and same["difference"] == "+0.0000" and same["low"] == same["high"] == "+0.0000"
+    assert same["b_better"] == same["b_worse"] == 0 and same["verdict"] == "within noise"
+
+
+def test_diff_says_in_one_line_which_run_it_cannot_find(swept, tmp_path, capsys):
+    import shutil
+
+    code, _, stderr = run_cli(["diff", "ab", "cdef", "--work", swept], capsys)
+    assert code == 2 and "at least 4 characters" in stderr and "Traceback" not in stderr
+    code, _, stderr = run_cli(["diff", "ffffffff", "eeeeeeee", "--work", swept], capsys)
+    assert code == 2 and "no run 'ffffffff'" in stderr and "fishcomp runs" in stderr
+    work = tmp_path / "work"
+    (work / "train").mkdir(parents=True)
+    original = _by_lr(swept, 1e-3)
+    key = original.name.rsplit("-", 1)[1]
+    for twin in ("0000", "1111"):  # two runs whose keys start alike
+        shutil.copytree(original, work / "train" / f"dense-{key[:8]}{twin}{key[12:]}")
+    code, _, stderr = run_cli(["diff", key[:8], key[:8], "--work", work], capsys)
+    assert code == 2 and "names 2 runs" in stderr
+    code, _, stderr = run_cli(["diff", str(swept / "precompute"), key[:8] + "0000", "--work", work], capsys)
+    assert code == 2 and "no oof.csv" in stderr
+    # Another config's run (a blend, say) is compared all the same, its settings are not.
+    shutil.copytree(original, work / "train" / f"other-{key}")
+    code, stdout, stderr = run_cli(["diff", key[:8] + "0000", f"other-{key}", "--work", work], capsys)
+    assert code == 0 and "different configs" in stdout and "+0.0000" in stdout, stderr
+
+
 def test_predict_classifies_photos_as_the_run_predicted_its_own_test_images(swept, tiny_data, tmp_path, capsys):
     sample = pd.read_csv(tiny_data / "sample_submission_stg1.csv").image.head(6).tolist()
     out = tmp_path / "predicted.csv"

@@ -1,0 +1,145 @@
+"""`fishcomp diff A B`: is run B better than run A out of fold, or is the difference noise?
+
+Two runs scored on the same images differ image by image, and most of what separates their
+means on a few hundred images is which images happened to be hard. Pairing takes that out: each
+image's log loss under B minus under A, and a bootstrap over the images (resampled with
+replacement, the same draw for both runs) gives the interval in which the mean difference would
+fall on another sample of the same kind of images. Where the interval holds 0, the data cannot
+tell the two runs apart. The same per class, where few images make wide intervals.
+
+Any artifact with out-of-fold predictions (`oof.csv`: a trained head, a blend, a calibration) can
+be compared with any other on the same training images, whatever their stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from fishcomp.cache import damage
+from fishcomp.commands.runs import STAGES
+from fishcomp.config import flatten_config
+from fishcomp.errors import FishcompError
+from fishcomp.metrics import image_log_losses
+
+OOF = "oof.csv"
+INTERVAL = (2.5, 97.5)  # a 95 % percentile interval
+
+
+def find_run(work: Path, ref: str) -> Path:
+    """The artifact folder `ref` names: a folder path, `name-key` as `fishcomp runs` lists it, a
+    key, or the start of one (at least 4 characters), among the artifacts with out-of-fold rows."""
+    as_path = Path(ref)
+    if as_path.is_dir():
+        if not (as_path / OOF).is_file():
+            raise FishcompError(f"{ref}: no {OOF} in it, so nothing out of fold to compare (a trained head, blend or calibration has one)")
+        return as_path
+    if len(ref) < 4:
+        raise FishcompError(f"{ref}: too short to name a run; give at least 4 characters of a key from `fishcomp runs --work {work}`")
+    candidates = [folder for stage in STAGES for folder in sorted((work / stage).glob("*-*"))
+                  if folder.is_dir() and not folder.name.startswith(".") and (folder / OOF).is_file()]
+    matches = [f for f in candidates if f.name == ref or f.name.rsplit("-", 1)[1].startswith(ref)]
+    if not matches:
+        raise FishcompError(f"no run {ref!r} with out-of-fold predictions in {work}: give a key (or its start) from `fishcomp runs --work {work}`")
+    if len(matches) > 1:
+        names = ", ".join(f"{m.parent.name}/{m.name}" for m in matches[:6])
+        raise FishcompError(f"{ref!r} names {len(matches)} runs ({names}): give more of the key")
+    return matches[0]
+
+
+def _read(folder: Path) -> pd.DataFrame:
+    why = damage(folder)
+    if why is not None:
+        raise FishcompError(f"{folder}: {why}; rebuild it before comparing")
+    frame = pd.read_csv(folder / OOF)
+    if frame.image.duplicated().any():
+        raise FishcompError(f"{folder / OOF}: an image has more than one row, so its rows are not one prediction per image")
+    return frame.set_index("image")
+
+
+def _settings(folder: Path) -> dict:
+    """The run's resolved config as flat text, without its null settings: a setting added since
+    the run was built is absent from its config, and absent and null are the same default."""
+    config = folder / "config.yaml"
+    flat = flatten_config(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    return {key: value for key, value in flat.items() if value != "None"}
+
+
+def paired_difference(loss_a: np.ndarray, loss_b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict:
+    """B's mean per-image log loss minus A's, with the bootstrap interval of that mean."""
+    difference = loss_b - loss_a
+    n = len(difference)
+    draws = rng.integers(0, n, size=(resamples, n))
+    means = difference[draws].mean(axis=1)
+    low, high = np.percentile(means, INTERVAL)
+    # Equal to the last digits the metric prints: the same prediction, not a tie of chance.
+    tie = np.isclose(loss_a, loss_b, rtol=0, atol=1e-9)
+    return {
+        "images": n, "logloss_a": float(loss_a.mean()), "logloss_b": float(loss_b.mean()),
+        "difference": float(difference.mean()), "low": float(low), "high": float(high),
+        "b_better": int(np.sum((difference < 0) & ~tie)), "b_worse": int(np.sum((difference > 0) & ~tie)),
+    }
+
+
+def verdict(row: dict) -> str:
+    if row["high"] < 0:
+        return "B better"
+    if row["low"] > 0:
+        return "A better"
+    return "within noise"
+
+
+def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int = 2000, seed: int = 0,
+                   names: tuple[str, str] = ("A", "B")) -> dict:
+    """Two out-of-fold tables (indexed by image: label, fold, one column per class), paired by
+    image: the difference over all their common images, then per class."""
+    if resamples < 100:
+        raise FishcompError(f"--resamples {resamples}: at least 100, or the interval's ends are a handful of draws")
+    a, b = names
+    # A hold-out split predicts only its validation rows (the others are NaN): not out of fold.
+    frame_a, frame_b = (frame[frame.drop(columns=["label", "fold"], errors="ignore").notna().all(axis=1)] for frame in (frame_a, frame_b))
+    classes_a = [c for c in frame_a.columns if c not in ("label", "fold")]
+    classes_b = [c for c in frame_b.columns if c not in ("label", "fold")]
+    if classes_a != classes_b:
+        raise FishcompError(f"{a} and {b} predict different classes ({', '.join(classes_a)} against {', '.join(classes_b)})")
+    common = frame_a.index.intersection(frame_b.index)
+    if len(common) == 0:
+        raise FishcompError(f"{a} and {b} have no out-of-fold image in common: not runs on the same training images")
+    labels, labels_b = frame_a.loc[common, "label"].to_numpy(), frame_b.loc[common, "label"].to_numpy()
+    if not np.array_equal(labels, labels_b):
+        raise FishcompError(f"{a} and {b} give {int(np.sum(labels != labels_b))} images different labels: not runs on the same data")
+    loss_a = image_log_losses(labels, frame_a.loc[common, classes_a].to_numpy())
+    loss_b = image_log_losses(labels, frame_b.loc[common, classes_b].to_numpy())
+    rng = np.random.default_rng(seed)
+    rows = [{"scope": "all", **paired_difference(loss_a, loss_b, resamples, rng)}]
+    for index, name in enumerate(classes_a):
+        mine = labels == index
+        if mine.any():
+            rows.append({"scope": name, **paired_difference(loss_a[mine], loss_b[mine], resamples, rng)})
+    return {"rows": rows, "only_a": len(frame_a) - len(common), "only_b": len(frame_b) - len(common)}
+
+
+def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0) -> dict:
+    """`compare_frames` on two artifacts' out-of-fold rows, with the settings in which they differ."""
+    result = compare_frames(_read(a), _read(b), resamples, seed, names=(a.name, b.name))
+    same_config = a.parent.name == b.parent.name and a.name.rsplit("-", 1)[0] == b.name.rsplit("-", 1)[0]
+    settings_a, settings_b = _settings(a), _settings(b)
+    # Runs of two configs (a head against a blend) differ in most settings: only runs of one
+    # config, one stage, have a difference worth listing.
+    differs = {k: (settings_a.get(k, "-"), settings_b.get(k, "-"))
+               for k in sorted(set(settings_a) | set(settings_b)) if settings_a.get(k) != settings_b.get(k)} if same_config else None
+    return {**result, "a": a, "b": b, "differs": differs}
+
+
+COLUMNS = ["scope", "images", "logloss_a", "logloss_b", "difference", "low", "high", "b_better", "b_worse", "verdict"]
+
+
+def table_cells(rows: list[dict]) -> list[list]:
+    cells = []
+    for row in rows:
+        cells.append([row["scope"], row["images"], *(f"{row[k]:.4f}" for k in ("logloss_a", "logloss_b")),
+                      *(f"{row[k]:+.4f}" for k in ("difference", "low", "high")), row["b_better"], row["b_worse"], verdict(row)])
+    return cells
