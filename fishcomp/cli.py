@@ -314,8 +314,9 @@ def diff_cli(
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
     """Is B better than A out of fold? Paired per-image differences and their bootstrap interval, overall and per class."""
-    from fishcomp.commands.diff import COLUMNS, compare_runs, find_run, table_cells, verdict
+    from fishcomp.commands.diff import COLUMNS, compare_runs, find_run, table_cells
     from fishcomp.console import info, table
+    from fishcomp.metrics import difference_verdict
 
     if not work.is_dir():
         raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
@@ -333,7 +334,7 @@ def diff_cli(
     elif result["differs"]:
         info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
     title = (f"B - A: {overall['difference']:+.4f} out of fold, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "
-             f"over {overall['images']} images: {verdict(overall)}")
+             f"over {overall['images']} images: {difference_verdict(overall)}")
     table(COLUMNS, table_cells(result["rows"]), title=title, fmt=fmt.value)
 
 

@@ -25,6 +25,39 @@ def image_log_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return -np.log(probs[np.arange(len(labels)), labels])
 
 
+# A 95 % percentile interval: the percentiles of the bootstrap means that bound it.
+INTERVAL = (2.5, 97.5)
+
+
+def paired_difference(loss_a: np.ndarray, loss_b: np.ndarray, resamples: int = 2000, rng: np.random.Generator | None = None) -> dict:
+    """B's mean per-image log loss minus A's on the same images, with the 95 % bootstrap interval
+    of that mean (the images drawn with replacement, the same draw for both): where it holds 0,
+    the images cannot tell A and B apart. Most of what separates two means on a few hundred images
+    is which images are hard, the same for both, and pairing takes that out."""
+    loss_a, loss_b = np.asarray(loss_a, dtype=np.float64), np.asarray(loss_b, dtype=np.float64)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    difference = loss_b - loss_a
+    n = len(difference)
+    means = difference[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    low, high = np.percentile(means, INTERVAL)
+    # Equal to the last digits the metric prints: the same prediction, not a tie of chance.
+    tie = np.isclose(loss_a, loss_b, rtol=0, atol=1e-9)
+    return {
+        "images": n, "logloss_a": float(loss_a.mean()), "logloss_b": float(loss_b.mean()),
+        "difference": float(difference.mean()), "low": float(low), "high": float(high),
+        "b_better": int(np.sum((difference < 0) & ~tie)), "b_worse": int(np.sum((difference > 0) & ~tie)),
+    }
+
+
+def difference_verdict(row: dict) -> str:
+    """`paired_difference`'s answer in words: a winner only where the interval leaves out 0."""
+    if row["high"] < 0:
+        return "B better"
+    if row["low"] > 0:
+        return "A better"
+    return "within noise"
+
+
 def fold_mean_gain(test_folds: np.ndarray) -> float:
     """How much lower the log loss of k fold models' mean is than one fold model's, estimated
     without labels from their test predictions (folds x rows x classes): the mean over the rows

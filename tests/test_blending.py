@@ -100,8 +100,26 @@ def test_auto_blending_picks_the_candidate_with_the_lowest_cross_fitted_log_loss
     labels = rng.integers(0, 8, 400)
     members = [_predictions(labels, 1.5, 1.0, rng), _predictions(labels, 1.0, 1.0, rng), _predictions(labels, 0.0, 1.0, rng)]
     config = EnsembleConfig(members=[{"config": f"m{i}.yaml"} for i in range(3)], weights="auto")
-    kind, candidates, chosen = choose_blend(config, members, labels, np.arange(400) % 4)
+    kind, candidates, chosen, rows = choose_blend(config, members, labels, np.arange(400) % 4)
     assert set(candidates) == {"fitted", "selection", "stack"}
     assert kind == min(candidates, key=candidates.get) and chosen == candidates[kind]
+    assert log_loss(labels, rows) == pytest.approx(chosen)  # the chosen kind's own cross-fitted rows
     holdout = np.where(np.arange(400) % 5 == 0, 0, -1)
     assert choose_blend(config, members, labels, holdout)[0] == "fitted"  # one fold: nothing to cross-fit
+
+
+def test_the_blend_is_set_against_its_best_member_image_by_image():
+    from fishcomp.stages.ensemble import versus_best_member
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 8, 300)
+    weak, strong = _predictions(labels, 0.5, 1.0, rng), _predictions(labels, 2.0, 1.0, rng)
+    # The blend's rows equal to the best member's: nothing between them, whatever the draw.
+    same = versus_best_member(["weak", "strong"], [weak, strong], strong, labels)
+    assert same["member"] == "strong" and same["difference"] == 0 and same["low"] == same["high"] == 0
+    assert same["b_better"] == same["b_worse"] == 0
+    # Halfway to the weak member, the blend is worse on every image the strong one got more right.
+    halfway = versus_best_member(["weak", "strong"], [weak, strong], (weak + strong) / 2, labels)
+    assert halfway["difference"] == pytest.approx(log_loss(labels, (weak + strong) / 2) - log_loss(labels, strong))
+    assert halfway["low"] > 0
+    assert versus_best_member(["weak", "strong"], [weak, strong], None, labels) is None  # nothing honest to compare

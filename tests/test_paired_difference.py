@@ -5,7 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fishcomp.commands.diff import compare_frames, paired_difference, verdict
+from fishcomp.commands.diff import compare_frames
+from fishcomp.metrics import difference_verdict as verdict
+from fishcomp.metrics import paired_difference
 from fishcomp.errors import FishcompError
 
 

@@ -256,6 +256,12 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(built_
     else:  # fitted on the out-of-fold rows, the blend is never worse there than its best member
         assert summary["valid_logloss"] <= min(m["valid_logloss"] for m in summary["members"]) + 1e-9
     assert summary["valid_logloss_cross_fitted"] is not None
+    # The blend's cross-fitted rows against its best member's, paired: what `fishcomp diff` says.
+    versus, best = summary["versus_best_member"], min(summary["members"], key=lambda m: m["valid_logloss"])
+    assert versus["member"] == best["name"] and versus["logloss_a"] == pytest.approx(best["valid_logloss"], rel=1e-9)
+    assert versus["logloss_b"] == pytest.approx(summary["valid_logloss_cross_fitted"], rel=1e-9)
+    assert versus["low"] <= versus["difference"] <= versus["high"] and versus["images"] == 120
+    assert f"against {best['name']} alone" in stdout
     submit = json.loads((_printed_artifact(stdout, "submit") / "summary.json").read_text())
     assert submit["clip"]["kind"] == "auto"
     assert submit["oof_logloss_clipped"] <= submit["oof_logloss_raw"] + 1e-12
@@ -277,6 +283,7 @@ def test_every_blend_kind_builds_and_scores_itself_honestly(built_run, capsys, w
     )
     assert summary["blend"] == weights
     assert summary["valid_logloss_cross_fitted"] == pytest.approx(summary["candidates_cross_fitted"][weights])
+    assert summary["versus_best_member"]["logloss_b"] == pytest.approx(summary["valid_logloss_cross_fitted"])
     if weights == "stack":  # its out-of-fold predictions are the cross-fitted ones
         assert summary["valid_logloss"] == pytest.approx(summary["valid_logloss_cross_fitted"])
 

@@ -92,6 +92,9 @@ def test_the_page_its_pictures_and_its_numbers(report_page, capsys):
         assert re.findall(r"<td>(early stopping|converged|ran out of epochs)</td>", table) == ended
     blend = json.loads(next((root / "work" / "ensemble").glob("blend-*/summary.json")).read_text())
     assert parser.numbers["blend valid log loss"] == [f"{blend['valid_logloss']:.4f}"]
+    versus = blend["versus_best_member"]
+    assert parser.numbers[f"that blend minus {versus['member']} alone, per image (95 % interval)"] == [
+        f"{versus['difference']:+.4f} [{versus['low']:+.4f}, {versus['high']:+.4f}]"]
     calibrated = json.loads(next((root / "work" / "calibrate").glob("blend-*/summary.json")).read_text())
     assert parser.numbers["temperature"] == [f"{calibrated['temperature']:.3f}"]
     assert parser.numbers["cross-fitted, temperature"] == [f"{calibrated['cross_fitted_by_kind']['temperature']:.4f}"]

@@ -23,10 +23,9 @@ from fishcomp.cache import damage
 from fishcomp.commands.runs import STAGES
 from fishcomp.config import flatten_config
 from fishcomp.errors import FishcompError
-from fishcomp.metrics import image_log_losses
+from fishcomp.metrics import difference_verdict, image_log_losses, paired_difference
 
 OOF = "oof.csv"
-INTERVAL = (2.5, 97.5)  # a 95 % percentile interval
 
 
 def find_run(work: Path, ref: str) -> Path:
@@ -66,30 +65,6 @@ def _settings(folder: Path) -> dict:
     config = folder / "config.yaml"
     flat = flatten_config(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
     return {key: value for key, value in flat.items() if value != "None"}
-
-
-def paired_difference(loss_a: np.ndarray, loss_b: np.ndarray, resamples: int, rng: np.random.Generator) -> dict:
-    """B's mean per-image log loss minus A's, with the bootstrap interval of that mean."""
-    difference = loss_b - loss_a
-    n = len(difference)
-    draws = rng.integers(0, n, size=(resamples, n))
-    means = difference[draws].mean(axis=1)
-    low, high = np.percentile(means, INTERVAL)
-    # Equal to the last digits the metric prints: the same prediction, not a tie of chance.
-    tie = np.isclose(loss_a, loss_b, rtol=0, atol=1e-9)
-    return {
-        "images": n, "logloss_a": float(loss_a.mean()), "logloss_b": float(loss_b.mean()),
-        "difference": float(difference.mean()), "low": float(low), "high": float(high),
-        "b_better": int(np.sum((difference < 0) & ~tie)), "b_worse": int(np.sum((difference > 0) & ~tie)),
-    }
-
-
-def verdict(row: dict) -> str:
-    if row["high"] < 0:
-        return "B better"
-    if row["low"] > 0:
-        return "A better"
-    return "within noise"
 
 
 def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int = 2000, seed: int = 0,
@@ -141,5 +116,5 @@ def table_cells(rows: list[dict]) -> list[list]:
     cells = []
     for row in rows:
         cells.append([row["scope"], row["images"], *(f"{row[k]:.4f}" for k in ("logloss_a", "logloss_b")),
-                      *(f"{row[k]:+.4f}" for k in ("difference", "low", "high")), row["b_better"], row["b_worse"], verdict(row)])
+                      *(f"{row[k]:+.4f}" for k in ("difference", "low", "high")), row["b_better"], row["b_worse"], difference_verdict(row)])
     return cells

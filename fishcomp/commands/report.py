@@ -331,6 +331,10 @@ def ensemble_section(run: Run, out: Path, prefix: str) -> Section:
     section.numbers = {"artifact": str(run.artifact.path), "blend valid log loss": _fmt(summary["valid_logloss"])}
     if summary.get("valid_logloss_cross_fitted") is not None:
         section.numbers["blend with weights fitted on the other folds"] = _fmt(summary["valid_logloss_cross_fitted"])
+    versus = summary.get("versus_best_member")
+    if versus is not None:
+        section.numbers[f"that blend minus {versus['member']} alone, per image (95 % interval)"] = (
+            f"{versus['difference']:+.4f} [{versus['low']:+.4f}, {versus['high']:+.4f}]")
     members = summary["members"]
     section.tables.append(("members", pd.DataFrame(members).drop(columns=["artifact"], errors="ignore")))
     if summary.get("skipped"):

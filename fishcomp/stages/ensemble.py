@@ -26,7 +26,7 @@ from fishcomp.console import warn
 from fishcomp.context import Context
 from fishcomp.errors import FishcompError
 from fishcomp.graph import Node, Resolver, Stage, register_stage
-from fishcomp.metrics import fold_mean_gain, log_loss
+from fishcomp.metrics import difference_verdict, fold_mean_gain, image_log_losses, log_loss, paired_difference
 from fishcomp.predictions import Predictions, read_predictions
 
 
@@ -72,6 +72,11 @@ class Ensemble(Stage):
         scores = ", ".join(f"{m['name']} {m['valid_logloss']:.4f} x{m['weight']:.2f}" for m in summary["members"])
         honest = summary.get("valid_logloss_cross_fitted")
         crossed = f", cross-fitted {honest:.4f}" if honest is not None else ""
+        versus = summary.get("versus_best_member")
+        if versus is not None:
+            words = {"B better": "the blend better", "A better": f"{versus['member']} better", "within noise": "within noise"}
+            crossed += (f", {versus['difference']:+.4f} [{versus['low']:+.4f}, {versus['high']:+.4f}] against {versus['member']} alone"
+                        f" ({words[difference_verdict(versus)]})")
         left_out = "".join(f"; {m['name']} skipped" for m in summary.get("skipped", []))
         return f"blend ({summary.get('blend', summary['weights'])}) {summary['valid_logloss']:.4f}{crossed} ({scores}{left_out})"
 
@@ -95,23 +100,34 @@ def _fold_mean_gain(predictions: Predictions) -> float | None:
     return fold_mean_gain(np.concatenate(stacks, axis=1))
 
 
-def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> tuple[str, dict, float | None]:
-    """Which blend to use, each candidate's cross-fitted log loss, and the chosen one's."""
-    def cross_fitted(kind: str) -> float | None:
+def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.ndarray) -> tuple[str, dict, float | None, np.ndarray | None]:
+    """Which blend to use, each candidate's cross-fitted log loss, the chosen one's, and its
+    cross-fitted rows (None where nothing is fitted or there is one fold only)."""
+    def cross_fitted(kind: str) -> np.ndarray | None:
         if kind == "stack":
-            estimate = cross_fitted_stack(rows, labels, folds, config.stack_strength)
-        else:
-            estimate = cross_fitted_blend(rows, labels, folds, config.method, kind)
-        return None if estimate is None else log_loss(labels, estimate)
+            return cross_fitted_stack(rows, labels, folds, config.stack_strength)
+        return cross_fitted_blend(rows, labels, folds, config.method, kind)
 
     if config.weights == "given":
-        return "given", {}, None
+        return "given", {}, None, None
     kinds = ["fitted", "selection", "stack"] if config.weights == "auto" else [config.weights]
-    candidates = {kind: cross_fitted(kind) for kind in kinds}
+    estimates = {kind: cross_fitted(kind) for kind in kinds}
+    candidates = {kind: None if rows_ is None else log_loss(labels, rows_) for kind, rows_ in estimates.items()}
     if config.weights == "auto" and any(v is None for v in candidates.values()):
-        return "fitted", candidates, candidates["fitted"]  # a hold-out split cannot cross-fit: no stacking
+        return "fitted", candidates, candidates["fitted"], estimates["fitted"]  # a hold-out split cannot cross-fit: no stacking
     kind = min(candidates, key=lambda k: candidates[k]) if config.weights == "auto" else config.weights
-    return kind, candidates, candidates[kind]
+    return kind, candidates, candidates[kind], estimates[kind]
+
+
+def versus_best_member(names: list[str], rows: list[np.ndarray], honest: np.ndarray | None, labels: np.ndarray) -> dict | None:
+    """The blend's honest out-of-fold rows (cross-fitted, or given weights, which fit nothing)
+    against its best member's, paired image by image: whether the blend earns its members
+    beyond noise. None where no honest rows exist (fitted weights on a hold-out split)."""
+    if honest is None:
+        return None
+    member_losses = [image_log_losses(labels, r) for r in rows]
+    best = int(np.argmin([losses.mean() for losses in member_losses]))
+    return {"member": names[best], **paired_difference(member_losses[best], image_log_losses(labels, honest))}
 
 
 def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[float], trained: list[Artifact], tmp: Path, skipped: list[dict]) -> dict:
@@ -127,7 +143,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
     if config.weights == "given" and sum(weights) <= 0:
         raise FishcompError(f"{loaded.path}: the members left after skipping have no weight; give them a positive `weight` or use weights: auto")
     rows = [p[validated] for p in member_oof]
-    kind, candidates, cross_fitted = choose_blend(config, rows, labels[validated], folds[validated])
+    kind, candidates, cross_fitted, honest = choose_blend(config, rows, labels[validated], folds[validated])
     test_probs = {split: [p.tests[split][classes].to_numpy(dtype=np.float64) for p in predictions] for split in first.tests}
     oof = first.oof.copy()
     tests = {split: frame.copy() for split, frame in first.tests.items()}
@@ -135,7 +151,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         stacker = fit_stacker(rows, labels[validated], config.stack_strength)
         # Out of fold, each fold comes from a stacker that never saw it: the honest number.
         stacked = oof[classes].to_numpy(dtype=np.float64, copy=True)
-        stacked[validated] = cross_fitted_stack(rows, labels[validated], folds[validated], config.stack_strength)
+        stacked[validated] = honest
         oof[classes] = stacked
         for split in tests:
             tests[split][classes] = stack_predict(stacker, test_probs[split], len(classes))
@@ -179,6 +195,9 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         # Each fold blended by weights (or a stacker) fitted on the other folds only.
         "valid_logloss_cross_fitted": cross_fitted,
         "candidates_cross_fitted": candidates,
+        # B = the blend, A = its best member alone (`fishcomp diff`'s numbers).
+        "versus_best_member": versus_best_member(names, rows, oof[classes].to_numpy()[validated] if kind == "given" else honest,
+                                                 labels[validated]),
         "valid_accuracy": blended.oof_accuracy(),
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
