@@ -47,6 +47,12 @@ def test_a_comma_list_sweeps_three_trainings_and_the_runs_table_lists_them_with_
     assert trains.differs.nunique() == 3
     summaries = {json.loads((a / "summary.json").read_text())["valid_logloss"] for a in artifacts}
     assert set(trains.valid_logloss.round(4)) == {round(v, 4) for v in summaries}
+    # Each run against the best of the three, paired on the same validation images.
+    assert list(trains.vs_best)[0] == "best"
+    for _, run in trains.iloc[1:].iterrows():
+        difference, low, high = (float(x) for x in run.vs_best.replace("[", "").replace("]", "").replace(",", "").split())
+        assert difference == pytest.approx(run.valid_logloss - trains.valid_logloss.iloc[0], abs=2e-4) and difference >= 0
+        assert low <= difference <= high
     code, stdout, _ = run_cli(["runs", "--work", swept], capsys)
     assert code == 0 and stdout.count("dense") >= 3  # the rich table, for people
     code, _, stderr = run_cli(["runs", "--work", swept, "--sort", "valid_loglos"], capsys)

@@ -49,7 +49,9 @@ def find_run(work: Path, ref: str) -> Path:
     return matches[0]
 
 
-def _read(folder: Path) -> pd.DataFrame:
+def read_oof(folder: Path) -> pd.DataFrame:
+    """An artifact's out-of-fold rows, indexed by image; a damaged artifact or a table with an
+    image twice is an error."""
     why = damage(folder)
     if why is not None:
         raise FishcompError(f"{folder}: {why}; rebuild it before comparing")
@@ -68,9 +70,9 @@ def _settings(folder: Path) -> dict:
 
 
 def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int = 2000, seed: int = 0,
-                   names: tuple[str, str] = ("A", "B")) -> dict:
+                   names: tuple[str, str] = ("A", "B"), per_class: bool = True) -> dict:
     """Two out-of-fold tables (indexed by image: label, fold, one column per class), paired by
-    image: the difference over all their common images, then per class."""
+    image: the difference over all their common images, then (`per_class`) per class."""
     if resamples < 100:
         raise FishcompError(f"--resamples {resamples}: at least 100, or the interval's ends are a handful of draws")
     a, b = names
@@ -90,7 +92,7 @@ def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int 
     loss_b = image_log_losses(labels, frame_b.loc[common, classes_b].to_numpy())
     rng = np.random.default_rng(seed)
     rows = [{"scope": "all", **paired_difference(loss_a, loss_b, resamples, rng)}]
-    for index, name in enumerate(classes_a):
+    for index, name in enumerate(classes_a if per_class else []):
         mine = labels == index
         if mine.any():
             rows.append({"scope": name, **paired_difference(loss_a[mine], loss_b[mine], resamples, rng)})
@@ -99,7 +101,7 @@ def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int 
 
 def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0) -> dict:
     """`compare_frames` on two artifacts' out-of-fold rows, with the settings in which they differ."""
-    result = compare_frames(_read(a), _read(b), resamples, seed, names=(a.name, b.name))
+    result = compare_frames(read_oof(a), read_oof(b), resamples, seed, names=(a.name, b.name))
     same_config = a.parent.name == b.parent.name and a.name.rsplit("-", 1)[0] == b.name.rsplit("-", 1)[0]
     settings_a, settings_b = _settings(a), _settings(b)
     # Runs of two configs (a head against a blend) differ in most settings: only runs of one

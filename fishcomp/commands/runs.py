@@ -17,7 +17,7 @@ from fishcomp.cache import damage
 from fishcomp.config import flatten_config
 
 STAGES = ("train", "ensemble", "calibrate", "submit")
-COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "accuracy", "seconds", "created", "differs"]
+COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "vs_best", "accuracy", "seconds", "created", "differs"]
 
 
 def _row(folder: Path, stage: str) -> dict | None:
@@ -57,9 +57,35 @@ def collect_runs(work: Path, keys: set[str] | None = None) -> list[dict]:
         varying = sorted(k for k in every if len({r["settings"].get(k) for r in group}) > 1)
         for row in group:
             row["differs"] = " ".join(f"{k}={row['settings'].get(k, '-')}" for k in varying)
+        _against_best(group)
     if keys is not None:
         rows = [row for row in rows if row["key"] in keys]
     return rows
+
+
+def _against_best(group: list[dict]) -> None:
+    """`vs_best`: each run's out-of-fold log loss minus the best run's of its name and stage,
+    paired image by image, with the 95 % bootstrap interval (`fishcomp diff best run`): after a
+    sweep, which runs the data cannot tell from the best."""
+    from fishcomp.commands.diff import OOF, compare_frames, read_oof
+    from fishcomp.errors import FishcompError
+
+    for row in group:
+        row["vs_best"] = None
+    scored = [r for r in group if r["valid_logloss"] is not None and (Path(r["path"]) / OOF).is_file()]
+    if len(scored) < 2:
+        return
+    best = min(scored, key=lambda r: r["valid_logloss"])
+    best["vs_best"] = "best"
+    best_rows = read_oof(Path(best["path"]))
+    for row in scored:
+        if row is best:
+            continue
+        try:
+            overall = compare_frames(best_rows, read_oof(Path(row["path"])), resamples=1000, per_class=False)["rows"][0]
+        except FishcompError:
+            continue  # another data set's run under the same name: nothing to pair
+        row["vs_best"] = f"{overall['difference']:+.4f} [{overall['low']:+.4f}, {overall['high']:+.4f}]"
 
 
 def sort_rows(rows: list[dict], column: str) -> list[dict]:
@@ -78,7 +104,7 @@ def table_cells(rows: list[dict]) -> list[list]:
         return "" if value is None else f"{value:.{digits}f}"
 
     return [
-        [r["name"], r["stage"], r["key"], number(r["valid_logloss"]), number(r["cross_fitted"]), number(r["accuracy"], 3),
+        [r["name"], r["stage"], r["key"], number(r["valid_logloss"]), number(r["cross_fitted"]), r.get("vs_best") or "", number(r["accuracy"], 3),
          number(r["seconds"], 1), r["created"] or "", r["differs"]]
         for r in rows
     ]
