@@ -1,10 +1,10 @@
 """Train head configs on one or several generated sets and print one markdown table.
 
-    python scripts/compare.py [--data data] [--work artifacts] [--heads dense linear ...] [--set key=value ...]
+    python scripts/compare.py [--data data [data2 ...]] [--work artifacts [artifacts2 ...]] [--heads dense linear ...] [--set key=value ...]
     python scripts/compare.py --sets 1:classic:400 2:hard:400 3:mixed:400 [--scale 0.5] [--blend] [--out docs/results.md]
 
 With `--data`, each row is `fishcomp train -c configs/<head>.yaml` on that data (cached like any
-run); `--heads NAME:OVERRIDE;...` is that config with `--set`-style overrides of its own, so one
+run; several folders, each with its own `--work` or one for all, give the mean and spread over them); `--heads NAME:OVERRIDE;...` is that config with `--set`-style overrides of its own, so one
 table can hold a config beside its variants. With `--sets SEED:STYLE:N_TRAIN[:N_STAGE2] ...`, each
 set is synthesised (N_TRAIN train images and a quarter as many test images, plus N_STAGE2 stage-2
 images from boats absent from train, in `--work`/sets/), every head is trained on each, and the
@@ -13,7 +13,9 @@ test log loss on the synthetic answers (stage 1; and stage 2, new boats, where t
 stage-2 test); `--blend` adds the auto-blend of all the heads (configs' ensemble with `weights:
 auto`), cross-fitted. `--out FILE` also writes the table into
 FILE between `<!-- compare:start -->` and `<!-- compare:end -->` (`--marker NAME`: between
-`<!-- NAME:start -->` and `<!-- NAME:end -->`), with the command that made it.
+`<!-- NAME:start -->` and `<!-- NAME:end -->`), with the command that made it. The last column sets
+each head against the linear probe on the same features, out of fold and paired image by image
+(`fishcomp diff`): the mean difference and on how many sets it is better or worse beyond noise.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blen
             "valid": summary["valid_logloss"], "test": test_logloss(data, artifact), "stage2": test_logloss(data, artifact, ("test_stg2",)),
             "accuracy": summary["valid_accuracy"],
             "iou": summary.get("valid_iou"), "pointing": summary.get("valid_pointing"), "seconds": manifest["seconds"],
+            "artifact": artifact.path, "features": summary.get("inputs", {}).get("features", {}).get("artifact"),
         })
+    against_probe(rows)
     if blend:
         with tempfile.TemporaryDirectory() as folder:
             config = Path(folder) / "library.yaml"
@@ -103,9 +107,35 @@ def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blen
             "config": f"auto blend ({summary['blend']})", "head": "ensemble", "input": "",
             "valid": summary["valid_logloss_cross_fitted"] or summary["valid_logloss"], "test": test_logloss(data, artifact),
             "stage2": test_logloss(data, artifact, ("test_stg2",)), "accuracy": summary["valid_accuracy"], "iou": None, "pointing": None,
-            "seconds": json.loads(artifact.file("manifest.json").read_text())["seconds"],
+            "seconds": json.loads(artifact.file("manifest.json").read_text())["seconds"], "artifact": artifact.path, "vs_probe": None,
         })
     return rows
+
+
+def against_probe(rows: list[dict]) -> None:
+    """`vs_probe`: each head's out-of-fold rows against the linear probe's on the same features
+    (the first `linear` row that read the same feature artifact), paired image by image
+    (`fishcomp diff`): whether the head beats the floor beyond noise, and by how much."""
+    from fishcomp.commands.diff import compare_runs
+
+    for row in rows:
+        probe = next((r for r in rows if r["head"] == "linear" and r["features"] == row["features"]), None)
+        row["vs_probe"] = None
+        if probe is not None and probe is not row and row["head"] != "linear":
+            row["vs_probe"] = compare_runs(probe["artifact"], row["artifact"])["rows"][0]
+
+
+def beyond_noise(results: list[dict | None]) -> str:
+    """Over the sets: the mean difference from the probe, and on how many the head is better or
+    worse beyond noise (the 95 % interval leaving out 0)."""
+    from fishcomp.metrics import difference_verdict
+
+    results = [r for r in results if r is not None]
+    if not results:
+        return ""
+    verdicts = [difference_verdict(r) for r in results]
+    return (f"{np.mean([r['difference'] for r in results]):+.4f}; better on {verdicts.count('B better')}, "
+            f"worse on {verdicts.count('A better')} of {len(results)}")
 
 
 def spread(values: list) -> str:
@@ -117,14 +147,18 @@ def spread(values: list) -> str:
     return f"{np.mean(values):.4f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def spread_table(per_set: list[list[dict]], labels: dict[str, str], spreads: dict[str, str], seconds: str) -> str:
+def spread_table(per_set: list[list[dict]], labels: dict[str, str], spreads: dict[str, str], seconds: str,
+                 noted: dict[str, str] | None = None) -> str:
     """One row per entry of the first set: `labels` (header -> key) as they are, `spreads` (header ->
-    key) as the mean and min-max over the sets, and the mean of the `seconds` key."""
-    headers = [*labels, *spreads, seconds]
+    key) as the mean and min-max over the sets, `noted` (header -> key of paired differences) as
+    `beyond_noise` counts them, and the mean of the `seconds` key."""
+    noted = noted or {}
+    headers = [*labels, *spreads, *noted, seconds]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for i, row in enumerate(per_set[0]):
         column = lambda key: [rows[i][key] for rows in per_set]  # noqa: E731
         cells = [str(row[key]) for key in labels.values()] + [spread(column(key)) for key in spreads.values()]
+        cells += [beyond_noise(column(key)) for key in noted.values()]
         lines.append("| " + " | ".join([*cells, f"{np.mean(column('seconds')):.0f}"]) + " |")
     return "\n".join(lines)
 
@@ -135,7 +169,7 @@ def table(per_set: list[list[dict]]) -> str:
     return spread_table(
         per_set, {"config": "config", "head": "head", "input": "input"},
         {"out-of-fold log loss": "valid", "test log loss": "test", **stage2, "accuracy": "accuracy", "box IoU": "iou", "heatmap pointing": "pointing"},
-        "train s",
+        "train s", noted={"out of fold against the linear probe on its features (mean; sets beyond noise)": "vs_probe"},
     )
 
 
@@ -149,8 +183,8 @@ def write_section(path: Path, text: str, marker: str = "compare") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data"))
-    parser.add_argument("--work", type=Path, default=Path("artifacts"))
+    parser.add_argument("--data", type=Path, nargs="+", default=[Path("data")], help="one or more data folders")
+    parser.add_argument("--work", type=Path, nargs="+", default=[Path("artifacts")], help="the artifact folder (one per --data folder, or one for all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--heads", nargs="*", default=HEADS)
     parser.add_argument("--sets", nargs="*", default=None, help="SEED:STYLE:N_TRAIN[:N_STAGE2] of each generated set")
@@ -159,19 +193,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--marker", default="compare", help="which marked section of --out to rewrite")
     args = parser.parse_args()
+    if len(args.work) not in (1, len(args.data)):
+        parser.error(f"--work: one folder, or one per --data folder ({len(args.data)}), not {len(args.work)}")
+    works = args.work * len(args.data) if len(args.work) == 1 else args.work
     if args.blend and any(":" in spec for spec in args.heads):
         parser.error("--blend blends configs as they are: name no NAME:OVERRIDE heads with it")
     if args.sets:
         per_set, described = [], []
         for spec in args.sets:
-            data, description = generated_set(args.work, spec, args.scale)
-            per_set.append(one_set(data, args.work, args.heads, args.overrides, args.blend))
+            data, description = generated_set(works[0], spec, args.scale)
+            per_set.append(one_set(data, works[0], args.heads, args.overrides, args.blend))
             described.append(description)
             print(f"{described[-1]}: " + ", ".join(f"{r['config']} {r['valid']:.4f}" for r in per_set[-1]), flush=True)
         heading = f"Mean (min-max) over {len(per_set)} generated sets: {'; '.join(described)}; scale {args.scale}."
     else:
-        per_set = [one_set(args.data, args.work, args.heads, args.overrides, args.blend)]
-        heading = f"On {args.data}."
+        per_set = [one_set(data, work, args.heads, args.overrides, args.blend) for data, work in zip(args.data, works)]
+        folders = ", ".join(str(data) for data in args.data)
+        heading = f"On {folders}." if len(per_set) == 1 else f"Mean (min-max) over {len(per_set)} data folders: {folders}."
     text = f"{heading}\n\n{table(per_set)}\n\n`{' '.join(['python scripts/compare.py', *sys.argv[1:]])}`"
     print()
     print(text)

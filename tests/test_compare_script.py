@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from helpers import SMALL
 
 from fishcomp.metrics import log_loss
@@ -51,3 +52,16 @@ def test_a_head_named_with_overrides_is_that_config_varied_beside_it(tiny_data, 
     strengths = {tuple(sorted(pd.read_csv(f / "metrics.csv").strength.dropna().unique())) for f in folders}
     assert strengths == {(0.001, 0.003, 0.01, 0.03, 0.1, 0.3), (0.01,)}
     assert rows[0]["valid"] != rows[1]["valid"]
+
+
+def test_each_head_is_set_against_the_probe_on_its_features_image_by_image(tiny_data, tmp_path):
+    compare = _compare()
+    rows = compare.one_set(tiny_data, tmp_path / "work", ["linear", "dense_probe"], SMALL, blend=False)
+    probe, head = rows
+    assert probe["vs_probe"] is None  # the floor itself
+    versus = head["vs_probe"]
+    assert versus["difference"] == pytest.approx(head["valid"] - probe["valid"], abs=1e-9)
+    assert versus["low"] <= versus["difference"] <= versus["high"]
+    line = next(line for line in compare.table([rows]).splitlines() if line.startswith("| dense_probe "))
+    verdict = "better on 1" if versus["high"] < 0 else "worse on 1" if versus["low"] > 0 else "better on 0, worse on 0"
+    assert f"{versus['difference']:+.4f}; " in line and verdict in line and line.endswith(f"of 1 | {head['seconds']:.0f} |")
