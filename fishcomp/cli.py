@@ -309,6 +309,8 @@ def diff_cli(
     run_a: Annotated[str, typer.Argument(metavar="A", help="A run: its key (or the start of it) from `fishcomp runs`, name-key, or its folder.")],
     run_b: Annotated[str, typer.Argument(metavar="B", help="The run to compare with A, named the same ways.")],
     work: WorkOpt = Path("artifacts"),
+    split: Annotated[str, typer.Option("--split", help="valid (out of fold), or test_stg1 / test_stg2 scored on DATA/solution.csv.")] = "valid",
+    data: DataOpt = Path("data"),
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap draws of the images.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
@@ -320,7 +322,12 @@ def diff_cli(
 
     if not work.is_dir():
         raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
-    result = compare_runs(find_run(work, run_a), find_run(work, run_b), resamples=resamples, seed=seed)
+    from fishcomp.data.layout import SOLUTION_FILE
+
+    if split not in ("valid", "test_stg1", "test_stg2"):
+        raise FishcompError(f"--split {split}: one of valid, test_stg1, test_stg2")
+    result = compare_runs(find_run(work, run_a), find_run(work, run_b), resamples=resamples, seed=seed, split=split,
+                          solution=data / SOLUTION_FILE)
     overall = result["rows"][0]
     if fmt is not TableFormat.table:  # stdout holds the table alone, for scripts
         table(COLUMNS, table_cells(result["rows"]), fmt=fmt.value)
@@ -333,7 +340,8 @@ def diff_cli(
         info("A and B are runs of different configs or stages: their settings are not compared")
     elif result["differs"]:
         info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
-    title = (f"B - A: {overall['difference']:+.4f} out of fold, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "
+    where = "out of fold" if split == "valid" else f"on {split}"
+    title = (f"B - A: {overall['difference']:+.4f} {where}, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "
              f"over {overall['images']} images: {difference_verdict(overall)}")
     table(COLUMNS, table_cells(result["rows"]), title=title, fmt=fmt.value)
 

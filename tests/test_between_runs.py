@@ -91,6 +91,25 @@ def test_diff_pairs_two_runs_image_by_image_and_says_whether_the_difference_is_b
     assert same["b_better"] == same["b_worse"] == 0 and same["verdict"] == "within noise"
 
 
+def test_diff_compares_test_predictions_where_the_data_has_the_answers(swept, tiny_data, tmp_path, capsys):
+    from fishcomp.metrics import log_loss
+
+    slow, fast = _by_lr(swept, 1e-4), _by_lr(swept, 1e-3)
+    truth = pd.read_csv(tiny_data / "solution.csv").set_index("image")
+    code, stdout, stderr = run_cli(["diff", slow, fast, "--work", swept, "--split", "test_stg1", "--data", tiny_data, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    every = pd.read_csv(io.StringIO(stdout)).set_index("scope").loc["all"]
+    for folder, column in ((slow, "logloss_a"), (fast, "logloss_b")):
+        predicted = pd.read_csv(folder / "test_stg1.csv").set_index("image")
+        expected = log_loss(truth.loc[predicted.index].to_numpy().argmax(axis=1), predicted[truth.columns].to_numpy())
+        assert every[column] == pytest.approx(expected, abs=1e-4)
+    assert every.images == len(pd.read_csv(slow / "test_stg1.csv"))
+    code, _, stderr = run_cli(["diff", slow, fast, "--work", swept, "--split", "test_stg1", "--data", tmp_path], capsys)
+    assert code == 2 and "no solution.csv" in stderr and "Traceback" not in stderr
+    code, _, stderr = run_cli(["diff", slow, fast, "--work", swept, "--split", "stage1", "--data", tiny_data], capsys)
+    assert code == 2 and "one of valid, test_stg1, test_stg2" in stderr
+
+
 def test_diff_says_in_one_line_which_run_it_cannot_find(swept, tmp_path, capsys):
     import shutil
 

@@ -8,7 +8,8 @@ fall on another sample of the same kind of images. Where the interval holds 0, t
 tell the two runs apart. The same per class, where few images make wide intervals.
 
 Any artifact with out-of-fold predictions (`oof.csv`: a trained head, a blend, a calibration) can
-be compared with any other on the same training images, whatever their stages.
+be compared with any other on the same training images, whatever their stages; and, where the
+answers are known (`solution.csv`: synthetic data), on a test split's images.
 """
 
 from __future__ import annotations
@@ -61,6 +62,31 @@ def read_oof(folder: Path) -> pd.DataFrame:
     return frame.set_index("image")
 
 
+def read_answered_test(folder: Path, split: str, solution: Path) -> pd.DataFrame:
+    """An artifact's predictions for a test split in the out-of-fold table's shape, each row's
+    label read from the answers (`solution.csv`, one-hot): for data whose answers are known."""
+    why = damage(folder)
+    if why is not None:
+        raise FishcompError(f"{folder}: {why}; rebuild it before comparing")
+    predicted = folder / f"{split}.csv"
+    if not predicted.is_file():
+        raise FishcompError(f"{folder.name} has no {split} predictions ({predicted.name}); the splits it has: "
+                            + ", ".join(sorted(p.stem for p in folder.glob("test_stg*.csv") if not p.stem.endswith("_folds"))))
+    if not solution.is_file():
+        raise FishcompError(f"no {solution.name} in {solution.parent}: test predictions can be compared only where the answers are known "
+                            "(synthetic data, or a released solution saved there); compare out of fold without --split")
+    frame = pd.read_csv(predicted, dtype={"image": str}).set_index("image")
+    truth = pd.read_csv(solution, dtype={"image": str}).set_index("image")
+    answered = frame.index.intersection(truth.index)
+    if len(answered) == 0:
+        raise FishcompError(f"{solution}: none of {folder.name}'s {split} images has an answer")
+    classes = list(frame.columns)
+    if sorted(classes) != sorted(truth.columns):
+        raise FishcompError(f"{solution}: its classes ({', '.join(truth.columns)}) are not {folder.name}'s ({', '.join(classes)})")
+    labels = truth.loc[answered, classes].to_numpy().argmax(axis=1)
+    return pd.concat([pd.DataFrame({"label": labels}, index=answered), frame.loc[answered]], axis=1)
+
+
 def _settings(folder: Path) -> dict:
     """The run's resolved config as flat text, without its null settings: a setting added since
     the run was built is absent from its config, and absent and null are the same default."""
@@ -99,9 +125,14 @@ def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int 
     return {"rows": rows, "only_a": len(frame_a) - len(common), "only_b": len(frame_b) - len(common)}
 
 
-def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0) -> dict:
-    """`compare_frames` on two artifacts' out-of-fold rows, with the settings in which they differ."""
-    result = compare_frames(read_oof(a), read_oof(b), resamples, seed, names=(a.name, b.name))
+def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: str = "valid", solution: Path | None = None) -> dict:
+    """`compare_frames` on two artifacts' out-of-fold rows (`split: valid`) or their predictions for
+    a test split scored on `solution`, with the settings in which they differ."""
+    if split == "valid":
+        frames = read_oof(a), read_oof(b)
+    else:
+        frames = read_answered_test(a, split, solution), read_answered_test(b, split, solution)
+    result = compare_frames(*frames, resamples, seed, names=(a.name, b.name))
     same_config = a.parent.name == b.parent.name and a.name.rsplit("-", 1)[0] == b.name.rsplit("-", 1)[0]
     settings_a, settings_b = _settings(a), _settings(b)
     # Runs of two configs (a head against a blend) differ in most settings: only runs of one
