@@ -55,7 +55,7 @@ def test_runs_on_other_data_are_refused():
     a = _frame(np.array([0, 1]), [[0.6, 0.4], [0.4, 0.6]])
     with pytest.raises(FishcompError, match="different labels"):
         compare_frames(a, _frame(np.array([1, 1]), [[0.6, 0.4], [0.4, 0.6]]), resamples=200)
-    with pytest.raises(FishcompError, match="no out-of-fold image in common"):
+    with pytest.raises(FishcompError, match="no image in common"):
         compare_frames(a, _frame(np.array([0]), [[0.6, 0.4]], images=["other.jpg"]), resamples=200)
     with pytest.raises(FishcompError, match="at least 100"):
         compare_frames(a, a, resamples=10)

@@ -110,7 +110,7 @@ def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int 
         raise FishcompError(f"{a} and {b} predict different classes ({', '.join(classes_a)} against {', '.join(classes_b)})")
     common = frame_a.index.intersection(frame_b.index)
     if len(common) == 0:
-        raise FishcompError(f"{a} and {b} have no out-of-fold image in common: not runs on the same training images")
+        raise FishcompError(f"{a} and {b} have no image in common: not runs on the same images")
     labels, labels_b = frame_a.loc[common, "label"].to_numpy(), frame_b.loc[common, "label"].to_numpy()
     if not np.array_equal(labels, labels_b):
         raise FishcompError(f"{a} and {b} give {int(np.sum(labels != labels_b))} images different labels: not runs on the same data")
