@@ -311,12 +311,13 @@ def diff_cli(
     work: WorkOpt = Path("artifacts"),
     split: Annotated[str, typer.Option("--split", help="valid (out of fold), or test_stg1 / test_stg2 scored on DATA/solution.csv.")] = "valid",
     data: DataOpt = Path("data"),
+    by: Annotated[str, typer.Option("--by", help="image: resample images; boat: resample whole boats (images of one size, read from --data).")] = "image",
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap draws of the images.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
     """Is B better than A out of fold? Paired per-image differences and their bootstrap interval, overall and per class."""
-    from fishcomp.commands.diff import COLUMNS, compare_runs, find_run, table_cells
+    from fishcomp.commands.diff import COLUMNS, boats, compare_runs, find_run, table_cells
     from fishcomp.console import info, table
     from fishcomp.metrics import difference_verdict
 
@@ -326,8 +327,10 @@ def diff_cli(
 
     if split not in ("valid", "test_stg1", "test_stg2"):
         raise FishcompError(f"--split {split}: one of valid, test_stg1, test_stg2")
+    if by not in ("image", "boat"):
+        raise FishcompError(f"--by {by}: image or boat")
     result = compare_runs(find_run(work, run_a), find_run(work, run_b), resamples=resamples, seed=seed, split=split,
-                          solution=data / SOLUTION_FILE)
+                          solution=data / SOLUTION_FILE, groups_of=(lambda images: boats(data, images)) if by == "boat" else None)
     overall = result["rows"][0]
     if fmt is not TableFormat.table:  # stdout holds the table alone, for scripts
         table(COLUMNS, table_cells(result["rows"]), fmt=fmt.value)
@@ -341,6 +344,8 @@ def diff_cli(
     elif result["differs"]:
         info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
     where = "out of fold" if split == "valid" else f"on {split}"
+    if overall["groups"] is not None:
+        where += f", {overall['groups']} boats resampled"
     title = (f"B - A: {overall['difference']:+.4f} {where}, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "
              f"over {overall['images']} images: {difference_verdict(overall)}")
     table(COLUMNS, table_cells(result["rows"]), title=title, fmt=fmt.value)

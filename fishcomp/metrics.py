@@ -29,21 +29,33 @@ def image_log_losses(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 INTERVAL = (2.5, 97.5)
 
 
-def paired_difference(loss_a: np.ndarray, loss_b: np.ndarray, resamples: int = 2000, rng: np.random.Generator | None = None) -> dict:
+def paired_difference(loss_a: np.ndarray, loss_b: np.ndarray, resamples: int = 2000, rng: np.random.Generator | None = None,
+                      groups: np.ndarray | None = None) -> dict:
     """B's mean per-image log loss minus A's on the same images, with the 95 % bootstrap interval
     of that mean (the images drawn with replacement, the same draw for both): where it holds 0,
     the images cannot tell A and B apart. Most of what separates two means on a few hundred images
-    is which images are hard, the same for both, and pairing takes that out."""
+    is which images are hard, the same for both, and pairing takes that out.
+
+    With `groups` (a label per image, say its boat), whole groups are drawn instead (a cluster
+    bootstrap): images of one boat err together, and the interval then says whether the
+    difference holds from boat to boat rather than from image to image."""
     loss_a, loss_b = np.asarray(loss_a, dtype=np.float64), np.asarray(loss_b, dtype=np.float64)
     rng = rng if rng is not None else np.random.default_rng(0)
     difference = loss_b - loss_a
     n = len(difference)
-    means = difference[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    if groups is None:
+        means = difference[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    else:
+        _, member = np.unique(np.asarray(groups), return_inverse=True)
+        sums, counts = np.bincount(member, weights=difference), np.bincount(member).astype(np.float64)
+        drawn = rng.integers(0, len(sums), size=(resamples, len(sums)))
+        means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
     low, high = np.percentile(means, INTERVAL)
     # Equal to the last digits the metric prints: the same prediction, not a tie of chance.
     tie = np.isclose(loss_a, loss_b, rtol=0, atol=1e-9)
     return {
-        "images": n, "logloss_a": float(loss_a.mean()), "logloss_b": float(loss_b.mean()),
+        "images": n, "groups": None if groups is None else int(len(np.unique(np.asarray(groups)))),
+        "logloss_a": float(loss_a.mean()), "logloss_b": float(loss_b.mean()),
         "difference": float(difference.mean()), "low": float(low), "high": float(high),
         "b_better": int(np.sum((difference < 0) & ~tie)), "b_worse": int(np.sum((difference > 0) & ~tie)),
     }

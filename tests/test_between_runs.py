@@ -92,6 +92,8 @@ def test_diff_pairs_two_runs_image_by_image_and_says_whether_the_difference_is_b
 
 
 def test_diff_compares_test_predictions_where_the_data_has_the_answers(swept, tiny_data, tmp_path, capsys):
+    from fishcomp.data.images import read_size
+    from fishcomp.data.layout import load_dataset
     from fishcomp.metrics import log_loss
 
     slow, fast = _by_lr(swept, 1e-4), _by_lr(swept, 1e-3)
@@ -104,6 +106,18 @@ def test_diff_compares_test_predictions_where_the_data_has_the_answers(swept, ti
         expected = log_loss(truth.loc[predicted.index].to_numpy().argmax(axis=1), predicted[truth.columns].to_numpy())
         assert every[column] == pytest.approx(expected, abs=1e-4)
     assert every.images == len(pd.read_csv(slow / "test_stg1.csv"))
+    # Whole boats resampled (images of one size): the same difference, an interval over the boats.
+    validated = pd.read_csv(slow / "oof.csv").dropna().image
+    paths = load_dataset(tiny_data).images.set_index("image").path
+    boats = len({read_size(tiny_data / paths[image]) for image in validated})
+    assert boats >= 5  # the fixture's seed: 7 boats among the 24 validation images
+    code, stdout, stderr = run_cli(["diff", slow, fast, "--work", swept, "--data", tiny_data, "--by", "boat", "--format", "csv"], capsys)
+    assert code == 0, stderr
+    by_boat = pd.read_csv(io.StringIO(stdout)).set_index("scope").loc["all"]
+    by_image = pd.read_csv(io.StringIO(run_cli(["diff", slow, fast, "--work", swept, "--format", "csv"], capsys)[1])).set_index("scope").loc["all"]
+    assert by_boat.difference == by_image.difference and by_boat.images == by_image.images
+    code, stdout, _ = run_cli(["diff", slow, fast, "--work", swept, "--data", tiny_data, "--by", "boat"], capsys)
+    assert code == 0 and f"{boats} boats resampled" in stdout
     code, _, stderr = run_cli(["diff", slow, fast, "--work", swept, "--split", "test_stg1", "--data", tmp_path], capsys)
     assert code == 2 and "no solution.csv" in stderr and "Traceback" not in stderr
     code, _, stderr = run_cli(["diff", slow, fast, "--work", swept, "--split", "stage1", "--data", tiny_data], capsys)

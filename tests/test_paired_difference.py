@@ -59,3 +59,28 @@ def test_runs_on_other_data_are_refused():
         compare_frames(a, _frame(np.array([0]), [[0.6, 0.4]], images=["other.jpg"]), resamples=200)
     with pytest.raises(FishcompError, match="at least 100"):
         compare_frames(a, a, resamples=10)
+
+
+def test_resampling_whole_boats_widens_the_interval_where_boats_disagree():
+    # Six boats of 50 images: on three B is better by 1 on every image, on three worse by 1. By
+    # image the mean 0 looks sure (about 1.96 / sqrt(300) = 0.11 either side); by boat it rests on
+    # six draws of +-1 (about 1.96 / sqrt(6) = 0.8 either side).
+    groups = np.repeat(np.arange(6), 50)
+    differences = np.where(groups < 3, -1.0, 1.0)
+    by_image = paired_difference(np.zeros(300), differences, 2000, np.random.default_rng(0))
+    by_boat = paired_difference(np.zeros(300), differences, 2000, np.random.default_rng(0), groups=groups)
+    assert by_image["difference"] == by_boat["difference"] == pytest.approx(0.0)
+    assert by_image["groups"] is None and by_boat["groups"] == 6
+    assert by_image["high"] - by_image["low"] == pytest.approx(2 * 1.96 / np.sqrt(300), rel=0.15)
+    assert by_boat["high"] - by_boat["low"] > 4 * (by_image["high"] - by_image["low"])
+
+
+def test_too_few_boats_to_resample_is_refused():
+    labels = np.array([0, 1] * 10)
+    a = _frame(labels, [[0.6, 0.4], [0.4, 0.6]] * 10)
+    b = _frame(labels, [[0.7, 0.3], [0.3, 0.7]] * 10)
+    four_boats = lambda images: [f"boat{i % 4}" for i in range(len(images))]  # noqa: E731
+    with pytest.raises(FishcompError, match="4 boats"):
+        compare_frames(a, b, resamples=200, groups_of=four_boats)
+    five_boats = lambda images: [f"boat{i % 5}" for i in range(len(images))]  # noqa: E731
+    assert compare_frames(a, b, resamples=200, groups_of=five_boats)["rows"][0]["groups"] == 5

@@ -27,6 +27,9 @@ from fishcomp.errors import FishcompError
 from fishcomp.metrics import difference_verdict, image_log_losses, paired_difference
 
 OOF = "oof.csv"
+# A bootstrap over k boats has few distinct draws and its percentile interval is far too narrow
+# when k is small (with 2 boats it is the spread of two numbers); below this, no interval.
+MIN_GROUPS = 5
 
 
 def find_run(work: Path, ref: str) -> Path:
@@ -95,10 +98,24 @@ def _settings(folder: Path) -> dict:
     return {key: value for key, value in flat.items() if value != "None"}
 
 
+def boats(data: Path, images: pd.Index) -> pd.Series:
+    """Each image's boat, as far as the data tells it: its size on disk (`split.kind:
+    group_kfold`'s grouping; the competition's boats film at sizes of their own)."""
+    from fishcomp.data.images import read_size
+    from fishcomp.data.layout import load_dataset
+
+    paths = load_dataset(data).images.set_index("image").path
+    missing = images.difference(paths.index)
+    if len(missing):
+        raise FishcompError(f"{len(missing)} compared images (e.g. {missing[0]}) are not in {data}: give the --data the runs were made on")
+    return pd.Series([f"{w}x{h}" for w, h in (read_size(data / paths[image]) for image in images)], index=images)
+
+
 def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int = 2000, seed: int = 0,
-                   names: tuple[str, str] = ("A", "B"), per_class: bool = True) -> dict:
+                   names: tuple[str, str] = ("A", "B"), per_class: bool = True, groups_of=None) -> dict:
     """Two out-of-fold tables (indexed by image: label, fold, one column per class), paired by
-    image: the difference over all their common images, then (`per_class`) per class."""
+    image: the difference over all their common images, then (`per_class`) per class. With
+    `groups_of` (the common images -> a group label per image), whole groups are resampled."""
     if resamples < 100:
         raise FishcompError(f"--resamples {resamples}: at least 100, or the interval's ends are a handful of draws")
     a, b = names
@@ -117,22 +134,27 @@ def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int 
     loss_a = image_log_losses(labels, frame_a.loc[common, classes_a].to_numpy())
     loss_b = image_log_losses(labels, frame_b.loc[common, classes_b].to_numpy())
     rng = np.random.default_rng(seed)
-    rows = [{"scope": "all", **paired_difference(loss_a, loss_b, resamples, rng)}]
+    groups = None if groups_of is None else np.asarray(groups_of(common))
+    if groups is not None and len(np.unique(groups)) < MIN_GROUPS:
+        raise FishcompError(f"these images come from {len(np.unique(groups))} boats (image sizes): too few to resample boats "
+                            f"(at least {MIN_GROUPS}); compare by image")
+    rows = [{"scope": "all", **paired_difference(loss_a, loss_b, resamples, rng, groups)}]
     for index, name in enumerate(classes_a if per_class else []):
         mine = labels == index
         if mine.any():
-            rows.append({"scope": name, **paired_difference(loss_a[mine], loss_b[mine], resamples, rng)})
+            rows.append({"scope": name, **paired_difference(loss_a[mine], loss_b[mine], resamples, rng, None if groups is None else groups[mine])})
     return {"rows": rows, "only_a": len(frame_a) - len(common), "only_b": len(frame_b) - len(common)}
 
 
-def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: str = "valid", solution: Path | None = None) -> dict:
+def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: str = "valid", solution: Path | None = None,
+                 groups_of=None) -> dict:
     """`compare_frames` on two artifacts' out-of-fold rows (`split: valid`) or their predictions for
     a test split scored on `solution`, with the settings in which they differ."""
     if split == "valid":
         frames = read_oof(a), read_oof(b)
     else:
         frames = read_answered_test(a, split, solution), read_answered_test(b, split, solution)
-    result = compare_frames(*frames, resamples, seed, names=(a.name, b.name))
+    result = compare_frames(*frames, resamples, seed, names=(a.name, b.name), groups_of=groups_of)
     same_config = a.parent.name == b.parent.name and a.name.rsplit("-", 1)[0] == b.name.rsplit("-", 1)[0]
     settings_a, settings_b = _settings(a), _settings(b)
     # Runs of two configs (a head against a blend) differ in most settings: only runs of one
