@@ -316,15 +316,14 @@ def diff_cli(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
-    """Is B better than A out of fold? Paired per-image differences and their bootstrap interval, overall and per class."""
+    """Is B better than A, out of fold (or on a test split with known answers)? Paired per-image differences and their bootstrap interval, overall and per class."""
     from fishcomp.commands.diff import COLUMNS, boats, compare_runs, find_run, table_cells
     from fishcomp.console import info, table
+    from fishcomp.data.layout import SOLUTION_FILE
     from fishcomp.metrics import difference_verdict
 
     if not work.is_dir():
         raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
-    from fishcomp.data.layout import SOLUTION_FILE
-
     if split not in ("valid", "test_stg1", "test_stg2"):
         raise FishcompError(f"--split {split}: one of valid, test_stg1, test_stg2")
     if by not in ("image", "boat"):

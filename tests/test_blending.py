@@ -5,6 +5,7 @@ import pytest
 
 from fishcomp.blending import blend, cross_fitted_blend, fit_weights
 from fishcomp.config import ClipConfig, SubmitConfig
+from fishcomp.errors import FishcompError
 from fishcomp.metrics import log_loss
 from fishcomp.stages.submit import apply_clip, tune_clip
 
@@ -106,6 +107,10 @@ def test_auto_blending_picks_the_candidate_with_the_lowest_cross_fitted_log_loss
     assert log_loss(labels, rows) == pytest.approx(chosen)  # the chosen kind's own cross-fitted rows
     holdout = np.where(np.arange(400) % 5 == 0, 0, -1)
     assert choose_blend(config, members, labels, holdout)[0] == "fitted"  # one fold: nothing to cross-fit
+    # Asked for by name, the stacker on one fold would leave the out-of-fold rows empty: refused.
+    stack = EnsembleConfig(members=[{"config": f"m{i}.yaml"} for i in range(3)], weights="stack")
+    with pytest.raises(FishcompError, match="hold-out split"):
+        choose_blend(stack, members, labels, holdout)
 
 
 def test_the_blend_is_set_against_its_best_member_image_by_image():

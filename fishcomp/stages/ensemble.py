@@ -113,6 +113,9 @@ def choose_blend(config, rows: list[np.ndarray], labels: np.ndarray, folds: np.n
     kinds = ["fitted", "selection", "stack"] if config.weights == "auto" else [config.weights]
     estimates = {kind: cross_fitted(kind) for kind in kinds}
     candidates = {kind: None if rows_ is None else log_loss(labels, rows_) for kind, rows_ in estimates.items()}
+    if config.weights == "stack" and estimates["stack"] is None:
+        raise FishcompError("ensemble.weights: stack learns from each fold's out-of-fold rows with a stacker fitted on the other folds, "
+                            "and a hold-out split has one fold: use fitted or selection, or split.kind: kfold")
     if config.weights == "auto" and any(v is None for v in candidates.values()):
         return "fitted", candidates, candidates["fitted"], estimates["fitted"]  # a hold-out split cannot cross-fit: no stacking
     kind = min(candidates, key=lambda k: candidates[k]) if config.weights == "auto" else config.weights
