@@ -19,6 +19,8 @@ from fishcomp.data.layout import TEST_SPLITS
 from fishcomp.metrics import accuracy, log_loss
 
 OOF_COLUMNS = ["image", "label", "fold"]
+# The stages whose artifacts hold predictions in this format (out of fold and per test split).
+PREDICTING_STAGES = ("train", "ensemble", "calibrate")
 
 
 def test_folds_file(split: str) -> str:

@@ -21,10 +21,10 @@ import pandas as pd
 import yaml
 
 from fishcomp.cache import damage
-from fishcomp.commands.runs import STAGES
 from fishcomp.config import flatten_config
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import difference_verdict, image_log_losses, paired_difference
+from fishcomp.predictions import PREDICTING_STAGES
 
 OOF = "oof.csv"
 # A bootstrap over k boats has few distinct draws and its percentile interval is far too narrow
@@ -42,7 +42,7 @@ def find_run(work: Path, ref: str) -> Path:
         return as_path
     if len(ref) < 4:
         raise FishcompError(f"{ref}: too short to name a run; give at least 4 characters of a key from `fishcomp runs --work {work}`")
-    candidates = [folder for stage in STAGES for folder in sorted((work / stage).glob("*-*"))
+    candidates = [folder for stage in PREDICTING_STAGES for folder in sorted((work / stage).glob("*-*"))
                   if folder.is_dir() and not folder.name.startswith(".") and (folder / OOF).is_file()]
     matches = [f for f in candidates if f.name == ref or f.name.rsplit("-", 1)[1].startswith(ref)]
     if not matches:
