@@ -67,14 +67,15 @@ class Predictions:
             np.save(folder / test_folds_file(split), stacked.astype(np.float32))
 
 
-def read_predictions(artifact: Artifact) -> Predictions:
+def read_predictions(artifact: Artifact, tests: bool = True) -> Predictions:
+    """The artifact's predictions; `tests=False` reads the out-of-fold rows only (for tables that
+    compare many runs out of fold)."""
     oof = pd.read_csv(artifact.file("oof.csv"))
     classes = [c for c in oof.columns if c not in OOF_COLUMNS]
-    tests = {
-        split: pd.read_csv(artifact.file(f"{split}.csv")) for split in TEST_SPLITS if artifact.file(f"{split}.csv").is_file()
-    }
+    splits = TEST_SPLITS if tests else ()
+    frames = {split: pd.read_csv(artifact.file(f"{split}.csv")) for split in splits if artifact.file(f"{split}.csv").is_file()}
     test_folds = {
         split: np.load(artifact.file(test_folds_file(split))).astype(np.float64)
-        for split in tests if artifact.file(test_folds_file(split)).is_file()
+        for split in frames if artifact.file(test_folds_file(split)).is_file()
     }
-    return Predictions(classes=classes, oof=oof, tests=tests, test_folds=test_folds)
+    return Predictions(classes=classes, oof=oof, tests=frames, test_folds=test_folds)

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fishcomp.cache import damage
+from fishcomp.cache import Artifact, damage
 from fishcomp.config import flatten_config
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import difference_verdict, image_log_losses, paired_difference
-from fishcomp.predictions import PREDICTING_STAGES
+from fishcomp.predictions import OOF_COLUMNS, PREDICTING_STAGES, Predictions, read_predictions
 
 OOF = "oof.csv"
 # A bootstrap over k boats has few distinct draws and its percentile interval is far too narrow
@@ -53,40 +53,40 @@ def find_run(work: Path, ref: str) -> Path:
     return matches[0]
 
 
-def read_oof(folder: Path) -> pd.DataFrame:
-    """An artifact's out-of-fold rows, indexed by image; a damaged artifact or a table with an
-    image twice is an error."""
+def read_run(folder: Path, tests: bool = True) -> Predictions:
+    """An artifact's predictions as the stages read them (`read_predictions`; `tests=False`: out
+    of fold only); a damaged artifact is an error."""
     why = damage(folder)
     if why is not None:
         raise FishcompError(f"{folder}: {why}; rebuild it before comparing")
-    frame = pd.read_csv(folder / OOF)
+    return read_predictions(Artifact(folder.parent.name, folder.name.rsplit("-", 1)[1], folder, built=False), tests=tests)
+
+
+def oof_table(predictions: Predictions, name: str) -> pd.DataFrame:
+    """The out-of-fold rows of the validated images (a hold-out split validates only some),
+    indexed by image; an image twice is an error."""
+    frame = predictions.validated
     if frame.image.duplicated().any():
-        raise FishcompError(f"{folder / OOF}: an image has more than one row, so its rows are not one prediction per image")
+        raise FishcompError(f"{name}: an image has more than one out-of-fold row, so its rows are not one prediction per image")
     return frame.set_index("image")
 
 
-def read_answered_test(folder: Path, split: str, solution: Path) -> pd.DataFrame:
-    """An artifact's predictions for a test split in the out-of-fold table's shape, each row's
-    label read from the answers (`solution.csv`, one-hot): for data whose answers are known."""
-    why = damage(folder)
-    if why is not None:
-        raise FishcompError(f"{folder}: {why}; rebuild it before comparing")
-    predicted = folder / f"{split}.csv"
-    if not predicted.is_file():
-        raise FishcompError(f"{folder.name} has no {split} predictions ({predicted.name}); the splits it has: "
-                            + ", ".join(sorted(p.stem for p in folder.glob("test_stg*.csv") if not p.stem.endswith("_folds"))))
+def answered_test_table(predictions: Predictions, split: str, solution: Path, name: str) -> pd.DataFrame:
+    """A run's predictions for a test split in the out-of-fold table's shape, each row's label
+    read from the answers (`solution.csv`, one-hot): for data whose answers are known."""
+    if split not in predictions.tests:
+        raise FishcompError(f"{name} has no {split} predictions; the splits it has: {', '.join(sorted(predictions.tests))}")
     if not solution.is_file():
         raise FishcompError(f"no {solution.name} in {solution.parent}: test predictions can be compared only where the answers are known "
                             "(synthetic data, or a released solution saved there); compare out of fold without --split")
-    frame = pd.read_csv(predicted, dtype={"image": str}).set_index("image")
+    frame = predictions.tests[split].set_index("image")[predictions.classes]
     truth = pd.read_csv(solution, dtype={"image": str}).set_index("image")
     answered = frame.index.intersection(truth.index)
     if len(answered) == 0:
-        raise FishcompError(f"{solution}: none of {folder.name}'s {split} images has an answer")
-    classes = list(frame.columns)
-    if sorted(classes) != sorted(truth.columns):
-        raise FishcompError(f"{solution}: its classes ({', '.join(truth.columns)}) are not {folder.name}'s ({', '.join(classes)})")
-    labels = truth.loc[answered, classes].to_numpy().argmax(axis=1)
+        raise FishcompError(f"{solution}: none of {name}'s {split} images has an answer")
+    if sorted(predictions.classes) != sorted(truth.columns):
+        raise FishcompError(f"{solution}: its classes ({', '.join(truth.columns)}) are not {name}'s ({', '.join(predictions.classes)})")
+    labels = truth.loc[answered, predictions.classes].to_numpy().argmax(axis=1)
     return pd.concat([pd.DataFrame({"label": labels}, index=answered), frame.loc[answered]], axis=1)
 
 
@@ -119,10 +119,8 @@ def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int 
     if resamples < 100:
         raise FishcompError(f"--resamples {resamples}: at least 100, or the interval's ends are a handful of draws")
     a, b = names
-    # A hold-out split predicts only its validation rows (the others are NaN): not out of fold.
-    frame_a, frame_b = (frame[frame.drop(columns=["label", "fold"], errors="ignore").notna().all(axis=1)] for frame in (frame_a, frame_b))
-    classes_a = [c for c in frame_a.columns if c not in ("label", "fold")]
-    classes_b = [c for c in frame_b.columns if c not in ("label", "fold")]
+    classes_a = [c for c in frame_a.columns if c not in OOF_COLUMNS]
+    classes_b = [c for c in frame_b.columns if c not in OOF_COLUMNS]
     if classes_a != classes_b:
         raise FishcompError(f"{a} and {b} predict different classes ({', '.join(classes_a)} against {', '.join(classes_b)})")
     common = frame_a.index.intersection(frame_b.index)
@@ -150,10 +148,11 @@ def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: 
                  groups_of=None) -> dict:
     """`compare_frames` on two artifacts' out-of-fold rows (`split: valid`) or their predictions for
     a test split scored on `solution`, with the settings in which they differ."""
+    runs = [(folder.name, read_run(folder, tests=split != "valid")) for folder in (a, b)]
     if split == "valid":
-        frames = read_oof(a), read_oof(b)
+        frames = [oof_table(predictions, name) for name, predictions in runs]
     else:
-        frames = read_answered_test(a, split, solution), read_answered_test(b, split, solution)
+        frames = [answered_test_table(predictions, split, solution, name) for name, predictions in runs]
     result = compare_frames(*frames, resamples, seed, names=(a.name, b.name), groups_of=groups_of)
     same_config = a.parent.name == b.parent.name and a.name.rsplit("-", 1)[0] == b.name.rsplit("-", 1)[0]
     settings_a, settings_b = _settings(a), _settings(b)

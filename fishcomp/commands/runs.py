@@ -67,7 +67,7 @@ def _against_best(group: list[dict]) -> None:
     """`vs_best`: each run's out-of-fold log loss minus the best run's of its name and stage,
     paired image by image, with the 95 % bootstrap interval (`fishcomp diff best run`): after a
     sweep, which runs the data cannot tell from the best."""
-    from fishcomp.commands.diff import OOF, compare_frames, read_oof
+    from fishcomp.commands.diff import OOF, compare_frames, oof_table, read_run
     from fishcomp.errors import FishcompError
 
     for row in group:
@@ -77,12 +77,12 @@ def _against_best(group: list[dict]) -> None:
         return
     best = min(scored, key=lambda r: r["valid_logloss"])
     best["vs_best"] = "best"
-    best_rows = read_oof(Path(best["path"]))
+    best_rows = oof_table(read_run(Path(best["path"]), tests=False), best["path"])
     for row in scored:
         if row is best:
             continue
         try:
-            overall = compare_frames(best_rows, read_oof(Path(row["path"])), resamples=1000, per_class=False)["rows"][0]
+            overall = compare_frames(best_rows, oof_table(read_run(Path(row["path"]), tests=False), row["path"]), resamples=1000, per_class=False)["rows"][0]
         except FishcompError:
             continue  # another data set's run under the same name: nothing to pair
         row["vs_best"] = f"{overall['difference']:+.4f} [{overall['low']:+.4f}, {overall['high']:+.4f}]"
