@@ -306,43 +306,61 @@ def runs_cli(
 
 @app.command("diff")
 def diff_cli(
-    run_a: Annotated[str, typer.Argument(metavar="A", help="A run: its key (or the start of it) from `fishcomp runs`, name-key, or its folder.")],
-    run_b: Annotated[str, typer.Argument(metavar="B", help="The run to compare with A, named the same ways.")],
+    run_a: Annotated[str, typer.Argument(metavar="A", help="A run: its key (or the start of it) from `fishcomp runs`, name-key, or its folder; or a submission CSV.")],
+    run_b: Annotated[str, typer.Argument(metavar="B", help="The run (or submission) to compare with A, named the same ways.")],
     work: WorkOpt = Path("artifacts"),
-    split: Annotated[str, typer.Option("--split", help="valid (out of fold), or test_stg1 / test_stg2 scored on DATA/solution.csv.")] = "valid",
+    split: Annotated[Optional[str], typer.Option("--split", help="Runs: valid (out of fold, the default), or test_stg1 / test_stg2 scored on the solution. Submissions: one stage's rows only.")] = None,
     data: DataOpt = Path("data"),
+    solution: Annotated[Optional[Path], typer.Option("--solution", help="The answers, in the submission's format (a solution the competition released); default DATA/solution.csv.")] = None,
     by: Annotated[str, typer.Option("--by", help="image: resample images; boat: resample whole boats (images of one size, read from --data).")] = "image",
     resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap draws of the images.")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
-    """Is B better than A, out of fold (or on a test split with known answers)? Paired per-image differences and their bootstrap interval, overall and per class."""
-    from fishcomp.commands.diff import COLUMNS, boats, compare_runs, find_run, table_cells
+    """Is B better than A, out of fold (or on a test split with known answers)? Two submission files on a solution, too. Paired per-image differences and their bootstrap interval, overall and per class."""
+    from fishcomp.commands.diff import COLUMNS, boats, compare_runs, compare_submissions, find_run, table_cells
     from fishcomp.console import info, table
     from fishcomp.data.layout import SOLUTION_FILE
     from fishcomp.metrics import difference_verdict
 
-    if not work.is_dir():
-        raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
-    if split not in ("valid", "test_stg1", "test_stg2"):
-        raise FishcompError(f"--split {split}: one of valid, test_stg1, test_stg2")
     if by not in ("image", "boat"):
         raise FishcompError(f"--by {by}: image or boat")
-    result = compare_runs(find_run(work, run_a), find_run(work, run_b), resamples=resamples, seed=seed, split=split,
-                          solution=data / SOLUTION_FILE, groups_of=(lambda images: boats(data, images)) if by == "boat" else None)
+    answers = solution if solution is not None else data / SOLUTION_FILE
+    groups_of = (lambda images: boats(data, images)) if by == "boat" else None
+    files = [Path(ref).is_file() for ref in (run_a, run_b)]
+    if any(files):
+        if not all(files):
+            raise FishcompError(f"{run_a if files[0] else run_b} is a file and the other is not: compare two submissions, or two runs")
+        if split not in (None, "test_stg1", "test_stg2"):
+            raise FishcompError(f"--split {split}: submissions hold test rows only; test_stg1 or test_stg2, or leave it out for every answered row")
+        result = compare_submissions(Path(run_a), Path(run_b), answers, resamples=resamples, seed=seed, split=split, groups_of=groups_of)
+    else:
+        if not work.is_dir():
+            raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
+        split = split or "valid"
+        if split not in ("valid", "test_stg1", "test_stg2"):
+            raise FishcompError(f"--split {split}: one of valid, test_stg1, test_stg2")
+        result = compare_runs(find_run(work, run_a), find_run(work, run_b), resamples=resamples, seed=seed, split=split,
+                              solution=answers, groups_of=groups_of)
     overall = result["rows"][0]
     if fmt is not TableFormat.table:  # stdout holds the table alone, for scripts
         table(COLUMNS, table_cells(result["rows"]), fmt=fmt.value)
         return
-    info(f"A {result['a'].parent.name}/{result['a'].name}, B {result['b'].parent.name}/{result['b'].name}")
+    submissions = "unanswered" in result
+    shown = [str(path) if submissions else f"{path.parent.name}/{path.name}" for path in (result["a"], result["b"])]
+    info(f"A {shown[0]}, B {shown[1]}")
+    if submissions:
+        left = [f"{n} of {name}" for name, n in result["unanswered"].items() if n]
+        if left:
+            info(f"rows without an answer in {answers}, left out: {', '.join(left)}")
     if result["only_a"] or result["only_b"]:
-        info(f"compared on the {overall['images']} images both predicted out of fold "
+        info(f"compared on the {overall['images']} images both {'hold' if submissions else 'predicted out of fold'} "
              f"({result['only_a']} only in A, {result['only_b']} only in B)")
-    if result["differs"] is None:
+    if not submissions and result["differs"] is None:
         info("A and B are runs of different configs or stages: their settings are not compared")
-    elif result["differs"]:
+    elif not submissions and result["differs"]:
         info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
-    where = "out of fold" if split == "valid" else f"on {split}"
+    where = f"on {answers.name}" if submissions else "out of fold" if split == "valid" else f"on {split}"
     if overall["groups"] is not None:
         where += f", {overall['groups']} boats resampled"
     title = (f"B - A: {overall['difference']:+.4f} {where}, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "

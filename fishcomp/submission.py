@@ -55,6 +55,14 @@ def validate_submission(path: Path, root: Path) -> dict:
     extra = sorted(set(names) - set(wanted))
     if extra:
         raise FishcompError(f"{path}: {len(extra)} row(s) that are not {stage} test images: {_first(extra)}")
+    unnormalised = check_probabilities(frame, classes, path)
+    return {"stage": stage, "rows": len(frame), "unnormalised_rows": unnormalised}
+
+
+def check_probabilities(frame: pd.DataFrame, classes: list[str], path: Path) -> int:
+    """Every row's values are probabilities Kaggle can score (numbers in [0, 1], not all zero), or
+    a one-line error; rows that do not sum to 1 get a warning. Returns how many do not."""
+    names = frame.image.astype(str)
     values = frame[classes].apply(pd.to_numeric, errors="coerce")
     bad = values.isna().any(axis=1)
     if bad.any():
@@ -75,16 +83,43 @@ def validate_submission(path: Path, root: Path) -> dict:
             f"{path}: {unnormalised.sum()} row(s) do not sum to 1 (e.g. {names.iloc[worst]} sums to {sums[worst]:.4g}); "
             "Kaggle divides each row by its sum before scoring, so check that these are the probabilities you meant"
         )
-    return {"stage": stage, "rows": len(frame), "unnormalised_rows": int(unnormalised.sum())}
+    return int(unnormalised.sum())
+
+
+def read_solution(path: Path, classes: list[str]) -> pd.Series:
+    """The answers as each image's class index (into `classes`), from a file in the submission's
+    format with one 1 per row (`fishcomp synth`'s solution.csv, or a solution the competition
+    released; columns beyond the classes, such as Kaggle's `Usage`, are ignored). A row without
+    a 1 is an image the competition does not score: skipped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise FishcompError(f"solution not found: {path}")
+    try:
+        truth = pd.read_csv(path, dtype={"image": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FishcompError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from exc
+    missing = [c for c in ["image", *classes] if c not in truth.columns]
+    if missing:
+        raise FishcompError(f"{path}: no column {', '.join(missing)}; a solution has the submission's header (image,{','.join(classes)}), one 1 per row")
+    if truth.image.duplicated().any():
+        raise FishcompError(f"{path}: duplicate rows: {_first(truth.image[truth.image.duplicated()].unique())}")
+    values = truth[classes].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    sums = values.sum(axis=1)
+    one_hot = np.isin(values, (0, 1)).all(axis=1)
+    broken = ~one_hot | (sums > 1)
+    if broken.any():
+        raise FishcompError(f"{path}: {int(broken.sum())} row(s) are not one 1 and zeros (e.g. {truth.image[broken].iloc[0]}): not answers")
+    unscored = sums == 0
+    if unscored.any():
+        warn(f"{path}: {int(unscored.sum())} row(s) without a 1 (images the competition does not score) skipped")
+    return pd.Series(values[~unscored].argmax(axis=1), index=pd.Index(truth.image[~unscored], name="image"), name="label")
 
 
 def score_submission(frame: pd.DataFrame, solution: Path) -> float:
-    """Log loss on the rows of `solution` (one-hot, submission format) that the submission has."""
-    truth = pd.read_csv(solution, dtype={"image": str}).set_index("image")
-    merged = frame.set_index("image").loc[lambda f: f.index.isin(truth.index)]
+    """Log loss on the rows of `solution` that the submission has."""
+    classes = [c for c in frame.columns if c != "image"]
+    labels = read_solution(solution, classes)
+    merged = frame.set_index("image").loc[lambda f: f.index.isin(labels.index)]
     if merged.empty:
         raise FishcompError(f"{solution}: none of the submission's rows have an answer")
-    classes = list(truth.columns)
-    labels = truth.loc[merged.index, classes].to_numpy().argmax(axis=1)
-    return log_loss(labels, merged[classes].to_numpy(dtype=np.float64))
-
+    return log_loss(labels.loc[merged.index].to_numpy(), merged[classes].to_numpy(dtype=np.float64))

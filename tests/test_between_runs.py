@@ -106,6 +106,10 @@ def test_diff_compares_test_predictions_where_the_data_has_the_answers(swept, ti
         expected = log_loss(truth.loc[predicted.index].to_numpy().argmax(axis=1), predicted[truth.columns].to_numpy())
         assert every[column] == pytest.approx(expected, abs=1e-4)
     assert every.images == len(pd.read_csv(slow / "test_stg1.csv"))
+    # The same predictions as submission files (a run's test_stg1.csv is one): the same table.
+    code, stdout, stderr = run_cli(["diff", slow / "test_stg1.csv", fast / "test_stg1.csv", "--data", tiny_data, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    assert pd.read_csv(io.StringIO(stdout)).set_index("scope").loc["all"].equals(every)
     # Whole boats resampled (images of one size): the same difference, an interval over the boats.
     validated = pd.read_csv(slow / "oof.csv").dropna().image
     paths = load_dataset(tiny_data).images.set_index("image").path

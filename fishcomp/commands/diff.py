@@ -9,7 +9,8 @@ tell the two runs apart. The same per class, where few images make wide interval
 
 Any artifact with out-of-fold predictions (`oof.csv`: a trained head, a blend, a calibration) can
 be compared with any other on the same training images, whatever their stages; and, where the
-answers are known (`solution.csv`: synthetic data), on a test split's images.
+answers are known (`solution.csv`: synthetic data, or a solution the competition released), on a
+test split's images. So can two submission files, from this tool or any other, on the answers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fishcomp.config import flatten_config
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import difference_verdict, image_log_losses, paired_difference
 from fishcomp.predictions import OOF_COLUMNS, PREDICTING_STAGES, Predictions, read_predictions
+from fishcomp.submission import check_probabilities, read_solution, read_submission
 
 OOF = "oof.csv"
 # A bootstrap over k boats has few distinct draws and its percentile interval is far too narrow
@@ -78,16 +80,17 @@ def answered_test_table(predictions: Predictions, split: str, solution: Path, na
         raise FishcompError(f"{name} has no {split} predictions; the splits it has: {', '.join(sorted(predictions.tests))}")
     if not solution.is_file():
         raise FishcompError(f"no {solution.name} in {solution.parent}: test predictions can be compared only where the answers are known "
-                            "(synthetic data, or a released solution saved there); compare out of fold without --split")
+                            "(synthetic data, or a released solution: pass --solution FILE); compare out of fold without --split")
     frame = predictions.tests[split].set_index("image")[predictions.classes]
-    truth = pd.read_csv(solution, dtype={"image": str}).set_index("image")
-    answered = frame.index.intersection(truth.index)
+    return _answered(frame, read_solution(solution, predictions.classes), solution, name)
+
+
+def _answered(frame: pd.DataFrame, labels: pd.Series, solution: Path, name: str) -> pd.DataFrame:
+    """`frame`'s rows that `labels` answers, with a `label` column first (the out-of-fold table's shape)."""
+    answered = frame.index.intersection(labels.index)
     if len(answered) == 0:
-        raise FishcompError(f"{solution}: none of {name}'s {split} images has an answer")
-    if sorted(predictions.classes) != sorted(truth.columns):
-        raise FishcompError(f"{solution}: its classes ({', '.join(truth.columns)}) are not {name}'s ({', '.join(predictions.classes)})")
-    labels = truth.loc[answered, predictions.classes].to_numpy().argmax(axis=1)
-    return pd.concat([pd.DataFrame({"label": labels}, index=answered), frame.loc[answered]], axis=1)
+        raise FishcompError(f"{solution}: none of {name}'s images has an answer")
+    return pd.concat([labels.loc[answered].rename("label"), frame.loc[answered]], axis=1)
 
 
 def _settings(folder: Path) -> dict:
@@ -112,10 +115,11 @@ def boats(data: Path, images: pd.Index) -> pd.Series:
 
 
 def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int = 2000, seed: int = 0,
-                   names: tuple[str, str] = ("A", "B"), per_class: bool = True, groups_of=None) -> dict:
+                   names: tuple[str, str] = ("A", "B"), per_class: bool = True, groups_of=None, parts_of=None) -> dict:
     """Two out-of-fold tables (indexed by image: label, fold, one column per class), paired by
-    image: the difference over all their common images, then (`per_class`) per class. With
-    `groups_of` (the common images -> a group label per image), whole groups are resampled."""
+    image: the difference over all their common images, then per part where `parts_of` (the
+    common images -> a part label per image) finds more than one, then (`per_class`) per class.
+    With `groups_of` (the common images -> a group label per image), whole groups are resampled."""
     if resamples < 100:
         raise FishcompError(f"--resamples {resamples}: at least 100, or the interval's ends are a handful of draws")
     a, b = names
@@ -137,11 +141,51 @@ def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int 
         raise FishcompError(f"these images come from {len(np.unique(groups))} boats (image sizes): too few to resample boats "
                             f"(at least {MIN_GROUPS}); compare by image")
     rows = [{"scope": "all", **paired_difference(loss_a, loss_b, resamples, rng, groups)}]
-    for index, name in enumerate(classes_a if per_class else []):
-        mine = labels == index
+    parts = None if parts_of is None else np.asarray(parts_of(common))
+    scopes = [(part, parts == part) for part in (np.unique(parts) if parts is not None and len(np.unique(parts)) > 1 else [])]
+    scopes += [(name, labels == index) for index, name in enumerate(classes_a if per_class else [])]
+    for name, mine in scopes:
         if mine.any():
             rows.append({"scope": name, **paired_difference(loss_a[mine], loss_b[mine], resamples, rng, None if groups is None else groups[mine])})
     return {"rows": rows, "only_a": len(frame_a) - len(common), "only_b": len(frame_b) - len(common)}
+
+
+def submission_table(path: Path, classes: list[str] | None = None) -> pd.DataFrame:
+    """A submission file's rows indexed by image, its columns in `classes`' order (the other
+    submission's), its probabilities checked as `validate` checks them (no data folder needed)."""
+    frame = read_submission(path)
+    mine = [c for c in frame.columns if c != "image"]
+    if "image" not in frame.columns or not mine:
+        raise FishcompError(f"{path}: not a submission (its header is {','.join(map(str, frame.columns))}; expected image,<one column per class>)")
+    if classes is not None and sorted(mine) != sorted(classes):
+        raise FishcompError(f"{path}: its classes ({', '.join(mine)}) are not the other submission's ({', '.join(classes)})")
+    if frame.image.duplicated().any():
+        raise FishcompError(f"{path}: duplicate rows, e.g. {frame.image[frame.image.duplicated()].iloc[0]}")
+    check_probabilities(frame, mine, path)
+    return frame.set_index("image")[classes or mine].astype(np.float64)
+
+
+def stage_of(images: pd.Index) -> pd.Series:
+    """Each submission row's test stage, from its name (stage 2's rows are `test_stg2/...`)."""
+    return pd.Series(np.where(images.str.startswith("test_stg2/"), "test_stg2", "test_stg1"), index=images)
+
+
+def compare_submissions(a: Path, b: Path, solution: Path, resamples: int = 2000, seed: int = 0, split: str | None = None,
+                        groups_of=None) -> dict:
+    """`compare_frames` on two submission files' rows that the solution answers (`split`: one
+    stage's only), with a row per stage where they hold both; and each file's rows left out."""
+    if not solution.is_file():
+        raise FishcompError(f"no solution {solution}: submissions can be compared only on the answers "
+                            "(a solution the competition released, or synthetic data's solution.csv; pass --solution FILE)")
+    first = submission_table(a)
+    tables = [first, submission_table(b, list(first.columns))]
+    labels = read_solution(solution, list(first.columns))
+    if split is not None:
+        tables = [table[(stage_of(table.index) == split).to_numpy()] for table in tables]
+    frames = [_answered(table, labels, solution, path.name) for path, table in zip((a, b), tables)]
+    result = compare_frames(*frames, resamples, seed, names=(a.name, b.name), groups_of=groups_of, parts_of=stage_of)
+    left_out = {path.name: len(table) - len(frame) for path, table, frame in zip((a, b), tables, frames)}
+    return {**result, "a": a, "b": b, "differs": None, "unanswered": left_out}
 
 
 def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: str = "valid", solution: Path | None = None,
