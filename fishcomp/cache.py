@@ -117,6 +117,24 @@ class Cache:
                 return candidate
         return None
 
+    def last_seconds(self, stage: str, label: str) -> float | None:
+        """How long the newest complete artifact of this stage and label took to build: about what
+        another of the same config will take (a sweep's next value, a changed setting). None where
+        none was built in this work folder."""
+        stage_dir = self.root / stage
+        newest = None
+        for folder in stage_dir.glob(f"{label}-*") if stage_dir.is_dir() else []:
+            manifest = folder / MANIFEST
+            if folder.name.startswith(".") or folder.name.rsplit("-", 1)[0] != label or not manifest.is_file():
+                continue
+            try:
+                facts = json.loads(manifest.read_text())
+            except (OSError, ValueError):  # a manifest being written or cut short: no evidence
+                continue
+            if isinstance(facts.get("seconds"), (int, float)) and (newest is None or str(facts.get("created")) > str(newest.get("created"))):
+                newest = facts
+        return None if newest is None else float(newest["seconds"])
+
     def _damaged(self, stage: str, key: str) -> list[tuple[Path, str]]:
         stage_dir = self.root / stage
         found = [(c, damage(c)) for c in stage_dir.glob(f"*-{key}") if not c.name.startswith(".")] if stage_dir.is_dir() else []

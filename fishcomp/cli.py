@@ -210,19 +210,20 @@ def dag_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None, stage: StageOpt = None,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
-    """Print the stage graph `run` would execute (each node's stage, config, key, status); builds nothing."""
+    """Print the stage graph `run` would execute (each node's stage, config, key, status, and how long the last build of the same config took here); builds nothing."""
     from fishcomp.console import table
-    from fishcomp.pipeline import dag
+    from fishcomp.pipeline import build_estimate, dag
 
     rows = dag(_context(data, work, overrides), _load(config, overrides), stage)
     position = {(row.node.stage.name, row.node.key): i for i, row in enumerate(rows, 1)}
+    estimate = build_estimate(rows)
     table(
-        ["#", "stage", "config", "key", "status", "reads"],
-        [[i, r.node.stage.name, r.node.name, r.node.key, r.status,
+        ["#", "stage", "config", "key", "status", "last_build_s", "reads"],
+        [[i, r.node.stage.name, r.node.name, r.node.key, r.status, "" if r.estimate is None else f"{r.estimate:.1f}",
           " ".join(f"{name}:" + ",".join(f"#{position[(n.stage.name, n.key)]}" for n in (value if isinstance(value, list) else [value]))
                    for name, value in r.node.inputs.items())]
          for i, r in enumerate(rows, 1)],
-        title=f"{config}: {len(rows)} nodes, {sum(r.status != 'cached' for r in rows)} to build",
+        title=f"{config}: {len(rows)} nodes, {estimate or 'all cached'}",
         fmt=fmt.value,
     )
 

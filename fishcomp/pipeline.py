@@ -13,7 +13,9 @@ from pathlib import Path
 import fishcomp.stages  # noqa: F401  (registers every stage)
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, load_config
+from fishcomp.console import info
 from fishcomp.context import Context
+from fishcomp.distributed import world
 from fishcomp.errors import FishcompError
 from fishcomp.graph import Node, Resolver, get_stage
 from fishcomp.stages.submit import write_outputs
@@ -58,7 +60,10 @@ def run(ctx: Context, loaded: LoadedConfig, out: Path | None = None, gzip: bool 
     if loaded.config.tracking is not None and ctx.tracking is None:
         ctx.tracking = loaded.config.tracking
     plan = resolver(ctx)
-    artifact = plan.build(target(plan, loaded, stage))
+    goal = target(plan, loaded, stage)
+    if world().is_main and (estimate := build_estimate(_rows(plan, goal))):
+        info(f"run        {loaded.name}: {estimate}")
+    artifact = plan.build(goal)
     if out is not None and artifact.stage == "submit":
         write_outputs(ctx, artifact, out, gzip)
     return artifact
@@ -68,12 +73,37 @@ def run(ctx: Context, loaded: LoadedConfig, out: Path | None = None, gzip: bool 
 class DagRow:
     node: Node
     status: str
+    # For a node to build: the seconds the last build of its stage and label (config) took in this
+    # work folder; None where there was none.
+    estimate: float | None = None
 
 
 def dag(ctx: Context, loaded: LoadedConfig, stage: str | None = None) -> list[DagRow]:
-    """The nodes `run` would build, inputs first, with their status; builds nothing."""
+    """The nodes `run` would build, inputs first, with their status and, for those to build, how
+    long the last build of the same config took here; builds nothing."""
     plan = resolver(ctx)
-    return [DagRow(node, plan.status(node)) for node in plan.walk(target(plan, loaded, stage))]
+    return _rows(plan, target(plan, loaded, stage))
+
+
+def _rows(plan: Resolver, goal: Node) -> list[DagRow]:
+    rows = []
+    for node in plan.walk(goal):
+        status = plan.status(node)
+        rows.append(DagRow(node, status, None if status == "cached" else plan.ctx.cache.last_seconds(node.stage.name, node.label)))
+    return rows
+
+
+def build_estimate(rows: list[DagRow]) -> str | None:
+    """What is left to build, in words, with the time its earlier builds took; None if nothing."""
+    left = [row for row in rows if row.status != "cached"]
+    if not left:
+        return None
+    timed = [row.estimate for row in left if row.estimate is not None]
+    if not timed:
+        return f"{len(left)} to build (none built in this work folder before, so no estimate)"
+    total = sum(timed)
+    about = f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s" if total >= 10 else f"{total:.1f} s"
+    return f"{len(left)} to build, about {about} by this work folder's last builds of {len(timed)} of them"
 
 
 def load(config: str | Path | LoadedConfig, overrides: list[str] | None = None) -> LoadedConfig:

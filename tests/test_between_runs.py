@@ -64,6 +64,28 @@ def _by_lr(work, lr):
                 if yaml.safe_load((a / "config.yaml").read_text())["train"]["phases"][0]["lr"] == lr)
 
 
+def test_dag_and_run_say_how_long_the_next_value_of_a_sweep_took_last_time(swept, tiny_data, tmp_path, capsys):
+    """Before a run: what is left to build and how long the same config's last build here took."""
+    import shutil
+
+    newest = max((json.loads((a / "manifest.json").read_text()) for a in (swept / "train").glob("dense-*")), key=lambda m: m["created"])
+    args = ["-c", CONFIGS / "dense.yaml", "--data", tiny_data, *_sets([*QUICK, "train.phases.0.lr=2e-3"])]
+    code, stdout, stderr = run_cli(["dag", *args, "--work", swept, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout)).set_index("stage")
+    assert rows.loc["precompute", "status"] == "cached" and pd.isna(rows.loc["precompute", "last_build_s"])
+    assert rows.loc["train", "status"] == "to build" and rows.loc["train", "last_build_s"] == round(newest["seconds"], 1)
+    code, stdout, _ = run_cli(["dag", *args, "--work", swept], capsys)
+    assert code == 0 and "2 to build, about" in stdout and "last builds of 1 of them" in stdout  # the train node; its submit was never built here
+    work = tmp_path / "work"  # a copy, so the sweep's three runs stay three for the other tests
+    shutil.copytree(swept, work)
+    code, stdout, stderr = run_cli(["run", *args, "--work", work, "--out", tmp_path / "sub.csv"], capsys)
+    assert code == 0, stderr
+    assert any(line.startswith("run ") and "dense: " in line and "about" in line for line in stdout.splitlines())
+    code, stdout, _ = run_cli(["run", *args, "--work", work, "--out", tmp_path / "sub.csv"], capsys)
+    assert code == 0 and not any(line.startswith("run ") for line in stdout.splitlines())  # nothing left to build, nothing said
+
+
 def test_diff_pairs_two_runs_image_by_image_and_says_whether_the_difference_is_beyond_noise(swept, capsys):
     slow, fast = _by_lr(swept, 1e-4), _by_lr(swept, 1e-3)
     key_a, key_b = slow.name.rsplit("-", 1)[1], fast.name.rsplit("-", 1)[1]

@@ -125,3 +125,25 @@ def test_two_processes_building_the_same_artifact_never_interleave(tmp_path):
     assert [w.exitcode for w in workers] == [0, 0]
     assert log.read_text() == "start\nend\n"  # built once; the other waited and reused it
     assert (Cache(tmp_path / "cache").find("stage", "k6") / "a.txt").read_text() == "alpha"
+
+
+def test_the_last_build_of_a_label_says_how_long_the_next_one_will_take(tmp_path):
+    """`dag` and `run` estimate what is left from the newest artifact of the same stage and label
+    (config): not an older one, not a label that only starts alike, not an unfinished build."""
+    cache = Cache(tmp_path)
+    assert cache.last_seconds("train", "dense") is None  # nothing built here yet
+    for key in ("k1", "k2"):
+        cache.ensure("train", "dense", key, build_two_files)
+    cache.ensure("train", "dense_probe", "k3", build_two_files)
+    stamps = {"k1": ("2026-01-02T10:00:00", 30.0), "k2": ("2026-01-02T11:00:00", 12.5)}
+    for key, (created, seconds) in stamps.items():
+        path = tmp_path / "train" / f"dense-{key}" / MANIFEST
+        write_atomic(path, json.dumps({**json.loads(path.read_text()), "created": created, "seconds": seconds}))
+    path = tmp_path / "train" / "dense_probe-k3" / MANIFEST
+    write_atomic(path, json.dumps({**json.loads(path.read_text()), "created": "2026-01-03T00:00:00", "seconds": 99.0}))
+    unfinished = tmp_path / "train" / ".tmp-dense-k4"
+    unfinished.mkdir()
+    (unfinished / MANIFEST).write_text('{"created": "2026-01-04T00:00:00", "seconds": 7')  # cut short
+    assert cache.last_seconds("train", "dense") == 12.5
+    assert cache.last_seconds("train", "dense_probe") == 99.0
+    assert cache.last_seconds("precompute", "dense") is None
