@@ -127,12 +127,14 @@ def _build_swept(config: Path, data: Path, work: Path, overrides, on_bad_test, t
     _sweep(overrides, work, one)
 
 
-def _runs_table(work: Path, keys: set[str] | None = None, sort: str = "created", fmt: str = "table", title: str | None = None) -> None:
-    from fishcomp.commands.runs import COLUMNS, collect_runs, sort_rows, table_cells
+def _runs_table(work: Path, keys: set[str] | None = None, sort: str = "created", fmt: str = "table", title: str | None = None,
+                solution: Path | None = None) -> None:
+    from fishcomp.commands.runs import collect_runs, columns, sort_rows, table_cells
     from fishcomp.console import table
 
-    rows = sort_rows(collect_runs(work, keys), sort)
-    table(COLUMNS, table_cells(rows), title=title or f"{len(rows)} runs in {work}", fmt=fmt)
+    with_tests = solution is not None
+    rows = sort_rows(collect_runs(work, keys, solution), sort, with_tests)
+    table(columns(with_tests), table_cells(rows, with_tests), title=title or f"{len(rows)} runs in {work}", fmt=fmt)
 
 
 @app.command("run")
@@ -296,13 +298,14 @@ def submit_cli(
 @app.command("runs")
 def runs_cli(
     work: WorkOpt = Path("artifacts"),
-    sort: Annotated[str, typer.Option("--sort", help="Column to sort by: valid_logloss, cross_fitted, accuracy, seconds, created, name.")] = "created",
+    sort: Annotated[str, typer.Option("--sort", help="Column to sort by: valid_logloss, cross_fitted, accuracy, seconds, created, name (test_stg1, test_stg2 with --solution).")] = "created",
+    solution: Annotated[Optional[Path], typer.Option("--solution", help="The answers, in the submission's format (a solution the competition released, or synthetic data's solution.csv): adds each run's test_stg1 / test_stg2 log loss.")] = None,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
     """Every trained head, blend and submission in the cache, side by side, with the settings that differ."""
     if not work.is_dir():
         raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
-    _runs_table(work, sort=sort, fmt=fmt.value)
+    _runs_table(work, sort=sort, fmt=fmt.value, solution=solution)
 
 
 @app.command("diff")

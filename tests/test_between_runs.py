@@ -64,6 +64,29 @@ def _by_lr(work, lr):
                 if yaml.safe_load((a / "config.yaml").read_text())["train"]["phases"][0]["lr"] == lr)
 
 
+def test_runs_with_the_answers_shows_each_runs_test_scores(swept, tiny_data, tmp_path, capsys):
+    """Once a stage's answers are out (a released solution; synthetic data's solution.csv), the
+    runs table shows what each run scores on each test stage."""
+    from fishcomp.metrics import log_loss
+
+    truth = pd.read_csv(tiny_data / "solution.csv").set_index("image")
+    code, stdout, stderr = run_cli(["runs", "--work", swept, "--solution", tiny_data / "solution.csv", "--sort", "test_stg1", "--format", "csv"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout)).set_index("key")
+    assert list(rows.test_stg1) == sorted(rows.test_stg1)
+    for folder in (swept / "train").glob("dense-*"):
+        for split in ("test_stg1", "test_stg2"):
+            predicted = pd.read_csv(folder / f"{split}.csv").set_index("image")
+            expected = log_loss(truth.loc[predicted.index].to_numpy().argmax(axis=1), predicted[truth.columns].to_numpy())
+            assert rows.loc[folder.name.rsplit("-", 1)[1], split] == pytest.approx(expected, abs=1e-4)
+    code, stdout, _ = run_cli(["runs", "--work", swept, "--format", "csv"], capsys)
+    assert code == 0 and "test_stg1" not in stdout.splitlines()[0]  # without the answers, no test columns
+    code, _, stderr = run_cli(["runs", "--work", swept, "--sort", "test_stg1"], capsys)
+    assert code == 2 and "need --solution" in stderr
+    code, _, stderr = run_cli(["runs", "--work", swept, "--solution", tmp_path / "none.csv"], capsys)
+    assert code == 2 and "no solution" in stderr and "Traceback" not in stderr
+
+
 def test_dag_and_run_say_how_long_the_next_value_of_a_sweep_took_last_time(swept, tiny_data, tmp_path, capsys):
     """Before a run: what is left to build and how long the same config's last build here took."""
     import shutil

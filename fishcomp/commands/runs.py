@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from fishcomp.cache import damage
@@ -18,6 +19,8 @@ from fishcomp.config import flatten_config
 
 STAGES = ("train", "ensemble", "calibrate", "submit")
 COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "vs_best", "accuracy", "seconds", "created", "differs"]
+# With the answers (`--solution`): each run's log loss on each test stage's answered images.
+TEST_COLUMNS = ["test_stg1", "test_stg2"]
 
 
 def _row(folder: Path, stage: str) -> dict | None:
@@ -38,9 +41,10 @@ def _row(folder: Path, stage: str) -> dict | None:
     }
 
 
-def collect_runs(work: Path, keys: set[str] | None = None) -> list[dict]:
+def collect_runs(work: Path, keys: set[str] | None = None, solution: Path | None = None) -> list[dict]:
     """One row per finished artifact of the stages above (only `keys`, when given), with
-    `differs`: the settings whose values are not the same across runs of that name and stage."""
+    `differs`: the settings whose values are not the same across runs of that name and stage;
+    with `solution`, each run's test scores on it."""
     rows = []
     for stage in STAGES:
         for folder in sorted((work / stage).glob("*-*")) if (work / stage).is_dir() else []:
@@ -60,7 +64,44 @@ def collect_runs(work: Path, keys: set[str] | None = None) -> list[dict]:
         _against_best(group)
     if keys is not None:
         rows = [row for row in rows if row["key"] in keys]
+    if solution is not None:
+        _test_scores(rows, solution)
     return rows
+
+
+def _test_files(folder: Path, stage: str) -> list[Path]:
+    if stage == "submit":  # the stage-2 file holds both stages' rows
+        stage_two = folder / "submission_stg2.csv"
+        return [stage_two if stage_two.is_file() else folder / "submission_stg1.csv"]
+    return [folder / f"{split}.csv" for split in TEST_COLUMNS]
+
+
+def _test_scores(rows: list[dict], solution: Path) -> None:
+    """Each run's log loss on each test stage's images that `solution` answers (a solution the
+    competition released, or synthetic data's): after stage 1's answers are out, the runs table
+    shows what each run would have scored."""
+    from fishcomp.commands.diff import stage_of
+    from fishcomp.errors import FishcompError
+    from fishcomp.metrics import log_loss
+    from fishcomp.submission import read_solution
+
+    if not solution.is_file():
+        raise FishcompError(f"no solution {solution}: pass the answers in the submission's format (--solution FILE)")
+    answers: dict[tuple, pd.Series] = {}
+    for row in rows:
+        files = [f for f in _test_files(Path(row["path"]), row["stage"]) if f.is_file()]
+        if not files:
+            continue
+        frame = pd.concat([pd.read_csv(f, dtype={"image": str}) for f in files]).set_index("image")
+        classes = tuple(c for c in frame.columns if c != "image")
+        if classes not in answers:
+            answers[classes] = read_solution(solution, list(classes))
+        labels = answers[classes]
+        stages = stage_of(frame.index)
+        for split in TEST_COLUMNS:
+            answered = frame.index[(stages == split).to_numpy()].intersection(labels.index)
+            if len(answered):
+                row[split] = log_loss(labels.loc[answered].to_numpy(), frame.loc[answered, list(classes)].to_numpy(dtype=float))
 
 
 def _against_best(group: list[dict]) -> None:
@@ -88,23 +129,30 @@ def _against_best(group: list[dict]) -> None:
         row["vs_best"] = f"{overall['difference']:+.4f} [{overall['low']:+.4f}, {overall['high']:+.4f}]"
 
 
-def sort_rows(rows: list[dict], column: str) -> list[dict]:
-    if column not in COLUMNS:
+def columns(with_tests: bool) -> list[str]:
+    return COLUMNS[:6] + TEST_COLUMNS + COLUMNS[6:] if with_tests else COLUMNS
+
+
+def sort_rows(rows: list[dict], column: str, with_tests: bool = False) -> list[dict]:
+    names = columns(with_tests)
+    if column not in names:
         from fishcomp.errors import FishcompError
         from fishcomp.suggest import did_you_mean
 
-        raise FishcompError(f"--sort {column}: not a column{did_you_mean(column, COLUMNS)} (columns: {', '.join(COLUMNS)})")
+        hint = " (test_stg1 and test_stg2 need --solution)" if column in TEST_COLUMNS else ""
+        raise FishcompError(f"--sort {column}: not a column{did_you_mean(column, names)}{hint} (columns: {', '.join(names)})")
     present = [r for r in rows if r.get(column) is not None]
     missing = [r for r in rows if r.get(column) is None]
     return sorted(present, key=lambda r: r[column]) + missing
 
 
-def table_cells(rows: list[dict]) -> list[list]:
+def table_cells(rows: list[dict], with_tests: bool = False) -> list[list]:
     def number(value, digits=4):
         return "" if value is None else f"{value:.{digits}f}"
 
     return [
-        [r["name"], r["stage"], r["key"], number(r["valid_logloss"]), number(r["cross_fitted"]), r.get("vs_best") or "", number(r["accuracy"], 3),
-         number(r["seconds"], 1), r["created"] or "", r["differs"]]
+        [r["name"], r["stage"], r["key"], number(r["valid_logloss"]), number(r["cross_fitted"]), r.get("vs_best") or "",
+         *([number(r.get(split)) for split in TEST_COLUMNS] if with_tests else []),
+         number(r["accuracy"], 3), number(r["seconds"], 1), r["created"] or "", r["differs"]]
         for r in rows
     ]
