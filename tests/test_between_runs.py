@@ -155,6 +155,8 @@ def test_diff_compares_test_predictions_where_the_data_has_the_answers(swept, ti
     code, stdout, stderr = run_cli(["diff", slow / "test_stg1.csv", fast / "test_stg1.csv", "--data", tiny_data, "--format", "csv"], capsys)
     assert code == 0, stderr
     assert pd.read_csv(io.StringIO(stdout)).set_index("scope").loc["all"].equals(every)
+    code, stdout, stderr = run_cli(["diff", slow / "test_stg1.csv", fast / "test_stg1.csv", "--data", tiny_data, "--by", "boat"], capsys)
+    assert code == 0 and "boats resampled" in stdout, stderr  # stage 1's photos come from the training boats
     # Whole boats resampled (images of one size): the same difference, an interval over the boats.
     validated = pd.read_csv(slow / "oof.csv").dropna().image
     paths = load_dataset(tiny_data).images.set_index("image").path
