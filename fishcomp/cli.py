@@ -117,12 +117,14 @@ def _sweep(overrides: list[str] | None, work: Path, one) -> None:
 def _build_swept(config: Path, data: Path, work: Path, overrides, on_bad_test, track: bool, nodes_of) -> None:
     """Build the nodes `nodes_of(plan, loaded)` picks from the config's graph, once per
     combination of a sweep (their dependencies first, cached ones skipped)."""
-    from fishcomp.pipeline import resolver
+    from fishcomp.pipeline import announce, resolver
 
     def one(combination, number):
         loaded = _load(config, combination)
         plan = resolver(_context(data, work, combination, on_bad_test, loaded, track))
-        return [plan.build(node) for node in nodes_of(plan, loaded)]
+        nodes = nodes_of(plan, loaded)
+        announce(plan, nodes, loaded.name)
+        return [plan.build(node) for node in nodes]
 
     _sweep(overrides, work, one)
 
@@ -245,10 +247,13 @@ def precompute_cli(
     on_bad_test: BadTestOpt = OnBadTest.fail, nproc: NprocOpt = None, debug: DebugOpt = False,
 ) -> None:
     """Compute (or find cached) backbone features for every model the config names."""
-    from fishcomp.pipeline import feature_nodes, resolver
+    from fishcomp.pipeline import announce, feature_nodes, resolver
 
     plan = resolver(_context(data, work, overrides, on_bad_test))
-    for node in feature_nodes(plan, _load(config, overrides)):
+    loaded = _load(config, overrides)
+    nodes = feature_nodes(plan, loaded)
+    announce(plan, nodes, loaded.name)
+    for node in nodes:
         plan.build(node)
 
 

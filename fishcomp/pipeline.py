@@ -61,8 +61,7 @@ def run(ctx: Context, loaded: LoadedConfig, out: Path | None = None, gzip: bool 
         ctx.tracking = loaded.config.tracking
     plan = resolver(ctx)
     goal = target(plan, loaded, stage)
-    if world().is_main and (estimate := build_estimate(_rows(plan, goal))):
-        info(f"run        {loaded.name}: {estimate}")
+    announce(plan, [goal], loaded.name)
     artifact = plan.build(goal)
     if out is not None and artifact.stage == "submit":
         write_outputs(ctx, artifact, out, gzip)
@@ -91,6 +90,14 @@ def _rows(plan: Resolver, goal: Node) -> list[DagRow]:
         status = plan.status(node)
         rows.append(DagRow(node, status, None if status == "cached" else plan.ctx.cache.last_seconds(node.stage.name, node.label)))
     return rows
+
+
+def announce(plan: Resolver, goals: list[Node], name: str) -> None:
+    """Before building `goals`: one line with what is left to build and about how long it took
+    last time (nothing when all is cached)."""
+    rows = {row.node.key: row for goal in goals for row in _rows(plan, goal)}
+    if world().is_main and (estimate := build_estimate(list(rows.values()))):
+        info(f"plan       {name}: {estimate}")
 
 
 def build_estimate(rows: list[DagRow]) -> str | None:

@@ -104,9 +104,9 @@ def test_dag_and_run_say_how_long_the_next_value_of_a_sweep_took_last_time(swept
     shutil.copytree(swept, work)
     code, stdout, stderr = run_cli(["run", *args, "--work", work, "--out", tmp_path / "sub.csv"], capsys)
     assert code == 0, stderr
-    assert any(line.startswith("run ") and "dense: " in line and "about" in line for line in stdout.splitlines())
+    assert any(line.startswith("plan ") and "dense: " in line and "about" in line for line in stdout.splitlines())
     code, stdout, _ = run_cli(["run", *args, "--work", work, "--out", tmp_path / "sub.csv"], capsys)
-    assert code == 0 and not any(line.startswith("run ") for line in stdout.splitlines())  # nothing left to build, nothing said
+    assert code == 0 and not any(line.startswith("plan ") for line in stdout.splitlines())  # nothing left to build, nothing said
 
 
 def test_diff_pairs_two_runs_image_by_image_and_says_whether_the_difference_is_beyond_noise(swept, capsys):

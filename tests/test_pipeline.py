@@ -321,7 +321,9 @@ def test_train_alone_builds_its_precompute(tiny_data, tmp_path, capsys):
         args += ["--set", override]
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
-    assert stdout.splitlines()[0].startswith("precompute built")
+    lines = stdout.splitlines()
+    assert lines[0] == "plan       dense: 2 to build (none built in this work folder before, so no estimate)"
+    assert lines[1].startswith("precompute built")
     metrics = pd.read_csv(next((tmp_path / "train").glob("dense-*/metrics.csv")))
     assert list(metrics.epoch) == [1, 2] and metrics.valid_logloss.notna().all()
     assert len(list((tmp_path / "train").glob("dense-*/checkpoints/fold0.pt"))) == 1
