@@ -316,7 +316,7 @@ def runs_cli(
 @app.command("diff")
 def diff_cli(
     run_a: Annotated[str, typer.Argument(metavar="A", help="A run: its key (or the start of it) from `fishcomp runs`, name-key, or its folder; or a submission CSV.")],
-    run_b: Annotated[str, typer.Argument(metavar="B", help="The run (or submission) to compare with A, named the same ways.")],
+    run_b: Annotated[list[str], typer.Argument(metavar="B...", help="The run(s) (or submissions) to compare with A, named the same ways; several: one row each.")],
     work: WorkOpt = Path("artifacts"),
     split: Annotated[Optional[str], typer.Option("--split", help="Runs: valid (out of fold, the default), or test_stg1 / test_stg2 scored on the solution. Submissions: one stage's rows only.")] = None,
     data: DataOpt = Path("data"),
@@ -326,9 +326,9 @@ def diff_cli(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
-    """Is B better than A, out of fold (or on a test split with known answers)? Two submission files on a solution, too. Paired per-image differences and their bootstrap interval, overall and per class."""
-    from fishcomp.commands.diff import COLUMNS, boats, compare_runs, compare_submissions, find_run, table_cells
-    from fishcomp.console import info, table
+    """Is B better than A, out of fold (or on a test split with known answers)? Two submission files on a solution, too. Paired per-image differences and their bootstrap interval, overall and per class; several B: one row each."""
+    from fishcomp.commands.diff import COLUMNS, boats, compare, compared_on, shown, table_cells
+    from fishcomp.console import info, table, warn
     from fishcomp.data.layout import SOLUTION_FILE
     from fishcomp.metrics import difference_verdict
 
@@ -336,28 +336,22 @@ def diff_cli(
         raise FishcompError(f"--by {by}: image or boat")
     answers = solution if solution is not None else data / SOLUTION_FILE
     groups_of = (lambda images: boats(data, images)) if by == "boat" else None
-    files = [Path(ref).is_file() for ref in (run_a, run_b)]
-    if any(files):
-        if not all(files):
-            raise FishcompError(f"{run_a if files[0] else run_b} is a file and the other is not: compare two submissions, or two runs")
-        if split not in (None, "test_stg1", "test_stg2"):
-            raise FishcompError(f"--split {split}: submissions hold test rows only; test_stg1 or test_stg2, or leave it out for every answered row")
-        result = compare_submissions(Path(run_a), Path(run_b), answers, resamples=resamples, seed=seed, split=split, groups_of=groups_of)
-    else:
-        if not work.is_dir():
-            raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
-        split = split or "valid"
-        if split not in ("valid", "test_stg1", "test_stg2"):
-            raise FishcompError(f"--split {split}: one of valid, test_stg1, test_stg2")
-        result = compare_runs(find_run(work, run_a), find_run(work, run_b), resamples=resamples, seed=seed, split=split,
-                              solution=answers, groups_of=groups_of)
+    results = [compare(run_a, ref, work, split, answers, resamples, seed, groups_of) for ref in run_b]
+    for name in sorted({name for result in results for name in result.get("in_sample", [])}):
+        warn(f"{name}: its out-of-fold rows were fitted on themselves (no cross-fitted rows: built by an older fishcomp, or a hold-out split), "
+             "so they flatter it; rebuild it for an honest comparison")
+    if len(results) > 1:  # each B against A, its overall row
+        rows = [{**result["rows"][0], "scope": shown(result, "b")} for result in results]
+        title = f"each B - A ({shown(results[0], 'a')}) {compared_on(results[0])}, 95 % intervals"
+        table(["b", *COLUMNS[1:]], table_cells(rows), title=None if fmt is not TableFormat.table else title, fmt=fmt.value)
+        return
+    result = results[0]
     overall = result["rows"][0]
     if fmt is not TableFormat.table:  # stdout holds the table alone, for scripts
         table(COLUMNS, table_cells(result["rows"]), fmt=fmt.value)
         return
     submissions = "unanswered" in result
-    shown = [str(path) if submissions else f"{path.parent.name}/{path.name}" for path in (result["a"], result["b"])]
-    info(f"A {shown[0]}, B {shown[1]}")
+    info(f"A {shown(result, 'a')}, B {shown(result, 'b')}")
     if submissions:
         left = [f"{n} of {name}" for name, n in result["unanswered"].items() if n]
         if left:
@@ -369,7 +363,7 @@ def diff_cli(
         info("A and B are runs of different configs or stages: their settings are not compared")
     elif not submissions and result["differs"]:
         info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
-    where = f"on {answers.name}" if submissions else "out of fold" if split == "valid" else f"on {split}"
+    where = compared_on(result)
     if overall["groups"] is not None:
         where += f", {overall['groups']} boats resampled"
     title = (f"B - A: {overall['difference']:+.4f} {where}, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "

@@ -3,7 +3,9 @@
 `oof`: image, label, fold, then one probability column per class (NaN where never validated);
 `tests`: split -> image, then probabilities. Both are plain CSV in the artifact, so they can be
 read with anything. `test_folds`: split -> each fold model's own test probabilities (folds x rows x
-classes, rows as in the CSV, which holds their mean), where the artifact has them.
+classes, rows as in the CSV, which holds their mean), where the artifact has them. `cross_fitted`:
+for a blend or a calibration, which fit something on the out-of-fold rows themselves, the same rows
+with each fold's from a fit on the other folds only: the honest ones to compare runs on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fishcomp.data.layout import TEST_SPLITS
 from fishcomp.metrics import accuracy, log_loss
 
 OOF_COLUMNS = ["image", "label", "fold"]
+CROSS_FITTED = "oof_cross_fitted.csv"
 # The stages whose artifacts hold predictions in this format (out of fold and per test split).
 PREDICTING_STAGES = ("train", "ensemble", "calibrate")
 
@@ -42,6 +45,9 @@ class Predictions:
     tests: dict[str, pd.DataFrame]
     # Absent for a hold-out split (one model) and for artifacts built before fishcomp kept them.
     test_folds: dict[str, np.ndarray] = field(default_factory=dict)
+    # `oof`'s shape; None where nothing was fitted on those rows (a trained head) or nothing could
+    # be cross-fitted (a hold-out split), and in artifacts built before fishcomp kept them.
+    cross_fitted: pd.DataFrame | None = None
 
     @property
     def validated(self) -> pd.DataFrame:
@@ -59,8 +65,18 @@ class Predictions:
     def oof_accuracy(self) -> float:
         return accuracy(self.oof_labels(), self.oof_probs())
 
+    def with_cross_fitted(self, rows: np.ndarray | None) -> Predictions:
+        """These predictions with `rows` (one per validated image, in order) as the cross-fitted ones."""
+        if rows is None:
+            return self
+        frame = self.oof.copy()
+        frame.loc[(frame.fold >= 0).to_numpy(), self.classes] = rows
+        return Predictions(self.classes, self.oof, self.tests, self.test_folds, frame)
+
     def write(self, folder: Path) -> None:
         self.oof.to_csv(folder / "oof.csv", index=False)
+        if self.cross_fitted is not None:
+            self.cross_fitted.to_csv(folder / CROSS_FITTED, index=False)
         for split, frame in self.tests.items():
             frame.to_csv(folder / f"{split}.csv", index=False)
         for split, stacked in self.test_folds.items():
@@ -78,4 +94,5 @@ def read_predictions(artifact: Artifact, tests: bool = True) -> Predictions:
         split: np.load(artifact.file(test_folds_file(split))).astype(np.float64)
         for split in frames if artifact.file(test_folds_file(split)).is_file()
     }
-    return Predictions(classes=classes, oof=oof, tests=frames, test_folds=test_folds)
+    crossed = pd.read_csv(artifact.file(CROSS_FITTED)) if artifact.file(CROSS_FITTED).is_file() else None
+    return Predictions(classes=classes, oof=oof, tests=frames, test_folds=test_folds, cross_fitted=crossed)

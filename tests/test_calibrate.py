@@ -11,10 +11,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import CONFIGS, SMALL, run_cli
 from scipy.special import softmax
 
+from fishcomp.metrics import log_loss
 from fishcomp.stages.calibrate import Calibration, fit_calibration, fit_temperature, fold_mean_ratio
 
 
@@ -101,6 +103,10 @@ def test_a_hold_out_model_is_scaled_by_t_alone_and_says_so(tiny_data, tmp_path, 
 def test_a_k_fold_model_gets_each_test_split_its_own_lower_temperature(tiny_data, tmp_path, capsys):
     summary, stderr = _calibrated_linear_probe(tiny_data, tmp_path, capsys)
     assert "no fold models'" not in stderr
+    # Its cross-fitted rows (each fold scaled by a fit on the others) are kept for `fishcomp diff`.
+    crossed = pd.read_csv(next((tmp_path / "work" / "calibrate").glob("linear_calibrated-*/oof_cross_fitted.csv")))
+    crossed = crossed[crossed.fold >= 0]
+    assert log_loss(crossed.label.to_numpy(), crossed.iloc[:, 3:].to_numpy()) == pytest.approx(summary["valid_logloss_cross_fitted"], abs=1e-9)
     for split in ("test_stg1", "test_stg2"):
         assert summary["temperature"] / 3 <= summary["test_temperatures"][split] < summary["temperature"]
     # Off, the fold mean gets the out-of-fold T as before.

@@ -11,7 +11,7 @@ import pytest
 from helpers import CONFIGS, SMALL, TINY, run_cli
 
 from fishcomp.config import ClipConfig, load_config
-from fishcomp.metrics import fold_mean_gain
+from fishcomp.metrics import fold_mean_gain, log_loss
 from fishcomp.models import backbones
 from fishcomp.stages.calibrate import Calibration, fold_mean_ratio
 from fishcomp.stages.submit import apply_clip
@@ -271,6 +271,33 @@ def test_fitted_weights_and_auto_clip_beat_their_baselines_and_write_gzip(built_
     assert code == 0 and "valid test_stg2 submission, 36 rows" in stdout
 
 
+def test_diff_compares_a_blend_on_its_cross_fitted_rows_and_warns_where_it_has_none(built_run, tmp_path, capsys):
+    """A blend fitted on its members' out-of-fold rows scores better on them than it would on new
+    images; `fishcomp diff` pairs the rows of weights fitted without each fold, as the summary's
+    versus_best_member does, and warns about a blend that kept none (built by an older fishcomp)."""
+    import shutil
+
+    work, _, _ = built_run
+    blend = _printed_artifact(FIRST_RUN[work], "ensemble")
+    summary = json.loads((blend / "summary.json").read_text())
+    best = next(f for f in (work / "train").glob(f"{summary['versus_best_member']['member']}-*") if f.name in {m["artifact"] for m in summary["members"]})
+    code, stdout, stderr = run_cli(["diff", best, blend, "--work", work, "--format", "csv"], capsys)
+    assert code == 0 and "fitted on themselves" not in stderr, stderr
+    every = pd.read_csv(io.StringIO(stdout)).set_index("scope").loc["all"]
+    versus = summary["versus_best_member"]  # the table prints 4 decimals
+    assert every.logloss_b == pytest.approx(summary["valid_logloss_cross_fitted"], abs=1e-4)
+    assert every.difference == pytest.approx(versus["difference"], abs=1e-4) and every.images == versus["images"]
+    older = tmp_path / "ensemble" / blend.name  # the same blend as an older fishcomp left it
+    shutil.copytree(blend, older)
+    (older / "oof_cross_fitted.csv").unlink()
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["files"]["oof_cross_fitted.csv"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, stderr = run_cli(["diff", best, older, "--work", work, "--format", "csv"], capsys)
+    assert code == 0 and "fitted on themselves" in stderr and "rebuild it" in stderr
+    assert pd.read_csv(io.StringIO(stdout)).set_index("scope").loc["all"].logloss_b == pytest.approx(summary["valid_logloss"], abs=1e-4)
+
+
 @pytest.mark.parametrize("weights", ["fitted", "selection", "stack"])
 def test_every_blend_kind_builds_and_scores_itself_honestly(built_run, capsys, weights):
     """`weights: auto` may choose any of them, on data where it wins; each must then build
@@ -278,10 +305,14 @@ def test_every_blend_kind_builds_and_scores_itself_honestly(built_run, capsys, w
     work, out, args = built_run
     code, _, stderr = run_cli([out.with_name(f"{weights}.csv") if a == out else a for a in args] + ["--set", f"ensemble.weights={weights}"], capsys)
     assert code == 0, stderr
-    summary = next(
-        s for s in (json.loads(p.read_text()) for p in (work / "ensemble").glob("pipeline-*/summary.json")) if s["weights"] == weights
+    folder, summary = next(
+        (p.parent, s) for p, s in ((p, json.loads(p.read_text())) for p in (work / "ensemble").glob("pipeline-*/summary.json")) if s["weights"] == weights
     )
     assert summary["blend"] == weights
+    # The rows `fishcomp diff` and `runs` compare a blend on: each fold's from weights fitted on the others.
+    crossed = pd.read_csv(folder / "oof_cross_fitted.csv")
+    crossed = crossed[crossed.fold >= 0]
+    assert log_loss(crossed.label.to_numpy(), crossed.iloc[:, 3:].to_numpy()) == pytest.approx(summary["valid_logloss_cross_fitted"], abs=1e-9)
     assert summary["valid_logloss_cross_fitted"] == pytest.approx(summary["candidates_cross_fitted"][weights])
     assert summary["versus_best_member"]["logloss_b"] == pytest.approx(summary["valid_logloss_cross_fitted"])
     if weights == "stack":  # its out-of-fold predictions are the cross-fitted ones

@@ -35,8 +35,9 @@ MIN_GROUPS = 5
 
 
 def find_run(work: Path, ref: str) -> Path:
-    """The artifact folder `ref` names: a folder path, `name-key` as `fishcomp runs` lists it, a
-    key, or the start of one (at least 4 characters), among the artifacts with out-of-fold rows."""
+    """The artifact folder `ref` names: a folder path, `name-key` as `fishcomp runs` lists it (the
+    key shortened or not), a key, or the start of one (at least 4 characters), among the artifacts
+    with out-of-fold rows."""
     as_path = Path(ref)
     if as_path.is_dir():
         if not (as_path / OOF).is_file():
@@ -46,7 +47,9 @@ def find_run(work: Path, ref: str) -> Path:
         raise FishcompError(f"{ref}: too short to name a run; give at least 4 characters of a key from `fishcomp runs --work {work}`")
     candidates = [folder for stage in PREDICTING_STAGES for folder in sorted((work / stage).glob("*-*"))
                   if folder.is_dir() and not folder.name.startswith(".") and (folder / OOF).is_file()]
-    matches = [f for f in candidates if f.name == ref or f.name.rsplit("-", 1)[1].startswith(ref)]
+    # name-key with the key shortened as a bare key may be (`crops-b88c`), too
+    named = "-" in ref and len(ref.rsplit("-", 1)[1]) >= 4
+    matches = [f for f in candidates if f.name == ref or f.name.rsplit("-", 1)[1].startswith(ref) or (named and f.name.startswith(ref))]
     if not matches:
         raise FishcompError(f"no run {ref!r} with out-of-fold predictions in {work}: give a key (or its start) from `fishcomp runs --work {work}`")
     if len(matches) > 1:
@@ -66,11 +69,20 @@ def read_run(folder: Path, tests: bool = True) -> Predictions:
 
 def oof_table(predictions: Predictions, name: str) -> pd.DataFrame:
     """The out-of-fold rows of the validated images (a hold-out split validates only some),
-    indexed by image; an image twice is an error."""
-    frame = predictions.validated
+    indexed by image; the cross-fitted ones where the artifact has them (a blend or calibration
+    fitted on its own out-of-fold rows scores better on them than it would on new ones). An image
+    twice is an error."""
+    frame = predictions.oof if predictions.cross_fitted is None else predictions.cross_fitted
+    frame = frame[frame.fold >= 0]
     if frame.image.duplicated().any():
         raise FishcompError(f"{name}: an image has more than one out-of-fold row, so its rows are not one prediction per image")
     return frame.set_index("image")
+
+
+def in_sample(folder: Path, predictions: Predictions) -> bool:
+    """A blend or calibration whose out-of-fold rows were fitted on themselves: built before
+    fishcomp kept cross-fitted rows, or on a hold-out split, where nothing can be cross-fitted."""
+    return folder.parent.name in ("ensemble", "calibrate") and predictions.cross_fitted is None
 
 
 def answered_test_table(predictions: Predictions, split: str, solution: Path, name: str) -> pd.DataFrame:
@@ -185,7 +197,7 @@ def compare_submissions(a: Path, b: Path, solution: Path, resamples: int = 2000,
     frames = [_answered(table, labels, solution, path.name) for path, table in zip((a, b), tables)]
     result = compare_frames(*frames, resamples, seed, names=(a.name, b.name), groups_of=groups_of, parts_of=stage_of)
     left_out = {path.name: len(table) - len(frame) for path, table, frame in zip((a, b), tables, frames)}
-    return {**result, "a": a, "b": b, "differs": None, "unanswered": left_out}
+    return {**result, "a": a, "b": b, "differs": None, "unanswered": left_out, "solution": solution, "split": split}
 
 
 def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: str = "valid", solution: Path | None = None,
@@ -193,6 +205,7 @@ def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: 
     """`compare_frames` on two artifacts' out-of-fold rows (`split: valid`) or their predictions for
     a test split scored on `solution`, with the settings in which they differ."""
     runs = [(folder.name, read_run(folder, tests=split != "valid")) for folder in (a, b)]
+    optimistic = [folder.name for folder, (_, predictions) in zip((a, b), runs) if split == "valid" and in_sample(folder, predictions)]
     if split == "valid":
         frames = [oof_table(predictions, name) for name, predictions in runs]
     else:
@@ -204,7 +217,40 @@ def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: 
     # config, one stage, have a difference worth listing.
     differs = {k: (settings_a.get(k, "-"), settings_b.get(k, "-"))
                for k in sorted(set(settings_a) | set(settings_b)) if settings_a.get(k) != settings_b.get(k)} if same_config else None
-    return {**result, "a": a, "b": b, "differs": differs}
+    return {**result, "a": a, "b": b, "differs": differs, "in_sample": optimistic}
+
+
+def compare(ref_a: str, ref_b: str, work: Path, split: str | None, solution: Path, resamples: int = 2000, seed: int = 0,
+            groups_of=None) -> dict:
+    """What `fishcomp diff A B` compares: two submission files (both named as files) on the
+    solution, or two runs of `work` out of fold (`split` None or valid) or on a test split."""
+    files = [Path(ref).is_file() for ref in (ref_a, ref_b)]
+    if any(files):
+        if not all(files):
+            raise FishcompError(f"{ref_a if files[0] else ref_b} is a file and the other is not: compare two submissions, or two runs")
+        if split not in (None, "test_stg1", "test_stg2"):
+            raise FishcompError(f"--split {split}: submissions hold test rows only; test_stg1 or test_stg2, or leave it out for every answered row")
+        return compare_submissions(Path(ref_a), Path(ref_b), solution, resamples=resamples, seed=seed, split=split, groups_of=groups_of)
+    if not work.is_dir():
+        raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
+    split = split or "valid"
+    if split not in ("valid", "test_stg1", "test_stg2"):
+        raise FishcompError(f"--split {split}: one of valid, test_stg1, test_stg2")
+    return {**compare_runs(find_run(work, ref_a), find_run(work, ref_b), resamples=resamples, seed=seed, split=split,
+                           solution=solution, groups_of=groups_of), "split": split}
+
+
+def shown(result: dict, side: str) -> str:
+    """How a compared run or file is named in the output."""
+    path = result[side]
+    return str(path) if "unanswered" in result else f"{path.parent.name}/{path.name}"
+
+
+def compared_on(result: dict) -> str:
+    """Which predictions `result` paired, in words."""
+    if "unanswered" in result:
+        return f"on {result['solution'].name}" + (f" ({result['split']} rows)" if result["split"] else "")
+    return "out of fold" if result["split"] == "valid" else f"on {result['split']}"
 
 
 COLUMNS = ["scope", "images", "logloss_a", "logloss_b", "difference", "low", "high", "b_better", "b_worse", "verdict"]

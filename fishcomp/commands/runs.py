@@ -106,8 +106,8 @@ def _test_scores(rows: list[dict], solution: Path) -> None:
 
 def _against_best(group: list[dict]) -> None:
     """`vs_best`: each run's out-of-fold log loss minus the best run's of its name and stage,
-    paired image by image, with the 95 % bootstrap interval (`fishcomp diff best run`): after a
-    sweep, which runs the data cannot tell from the best."""
+    paired image by image (cross-fitted rows where the artifact has them), with the 95 % bootstrap
+    interval (`fishcomp diff best run`): after a sweep, which runs the data cannot tell from the best."""
     from fishcomp.commands.diff import OOF, compare_frames, oof_table, read_run
     from fishcomp.errors import FishcompError
 
@@ -116,7 +116,8 @@ def _against_best(group: list[dict]) -> None:
     scored = [r for r in group if r["valid_logloss"] is not None and (Path(r["path"]) / OOF).is_file()]
     if len(scored) < 2:
         return
-    best = min(scored, key=lambda r: r["valid_logloss"])
+    # A blend's or calibration's own rows flatter it; its cross-fitted estimate is what is paired.
+    best = min(scored, key=lambda r: r["valid_logloss"] if r["cross_fitted"] is None else r["cross_fitted"])
     best["vs_best"] = "best"
     best_rows = oof_table(read_run(Path(best["path"]), tests=False), best["path"])
     for row in scored:

@@ -132,7 +132,7 @@ class Calibrate(Stage):
         }
         # Each fold model alone is what T was fitted for.
         test_folds = {split: np.stack([calibration.apply(fold) for fold in stacked]) for split, stacked in before.test_folds.items()}
-        after = Predictions(classes=before.classes, oof=oof, tests=tests, test_folds=test_folds)
+        after = Predictions(classes=before.classes, oof=oof, tests=tests, test_folds=test_folds).with_cross_fitted(held_out[kind])
         after.write(tmp)
         summary = {
             "name": node.name, "temperature": calibration.temperature,

@@ -175,7 +175,9 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
             f"(e.g. {stale[0]}), so `calibrate` cannot scale the test temperature for the mean of the folds; "
             "for that, delete them and the blend printed below, and run again"
         )
-    blended = Predictions(classes=classes, oof=oof, tests=tests, test_folds=_blend_per_fold(predictions, combine))
+    # Given weights fit nothing on the out-of-fold rows: they are their own cross-fitted rows.
+    honest_rows = oof[classes].to_numpy()[validated] if kind == "given" else honest
+    blended = Predictions(classes=classes, oof=oof, tests=tests, test_folds=_blend_per_fold(predictions, combine)).with_cross_fitted(honest_rows)
     blended.write(tmp)
     summary = {
         "name": loaded.name,
@@ -199,8 +201,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         "valid_logloss_cross_fitted": cross_fitted,
         "candidates_cross_fitted": candidates,
         # B = the blend, A = its best member alone (`fishcomp diff`'s numbers).
-        "versus_best_member": versus_best_member(names, rows, oof[classes].to_numpy()[validated] if kind == "given" else honest,
-                                                 labels[validated]),
+        "versus_best_member": versus_best_member(names, rows, honest_rows, labels[validated]),
         "valid_accuracy": blended.oof_accuracy(),
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
