@@ -316,7 +316,7 @@ def runs_cli(
 @app.command("diff")
 def diff_cli(
     run_a: Annotated[str, typer.Argument(metavar="A", help="A run: its key (or the start of it) from `fishcomp runs`, name-key, or its folder; or a submission CSV.")],
-    run_b: Annotated[list[str], typer.Argument(metavar="B...", help="The run(s) (or submissions) to compare with A, named the same ways; several: one row each.")],
+    run_b: Annotated[list[str], typer.Argument(metavar="B", help="The run(s) (or submissions) to compare with A, named the same ways; several: one row each.")],
     work: WorkOpt = Path("artifacts"),
     split: Annotated[Optional[str], typer.Option("--split", help="Runs: valid (out of fold, the default), or test_stg1 / test_stg2 scored on the solution. Submissions: one stage's rows only.")] = None,
     data: DataOpt = Path("data"),

@@ -141,3 +141,12 @@ def test_submissions_that_cannot_be_compared_get_one_line(files, capsys, case, e
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 2 and expected in stderr and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_several_submissions_against_one_get_a_row_each(files, capsys):
+    code, stdout, stderr = run_cli(["diff", files["a"], files["b"], files["a"], "--solution", files["solution"], "--format", "csv"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout))
+    assert list(rows.b) == [str(files["b"]), str(files["a"])] and list(rows.images) == [len(ROWS)] * 2
+    assert rows.difference[0] == pytest.approx(-np.log(2) * len(STAGE1) / len(ROWS), abs=1e-4) and rows.verdict[0] == "B better"
+    assert rows.difference[1] == 0 and rows.b_better[1] == rows.b_worse[1] == 0  # A against itself
