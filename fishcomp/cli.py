@@ -183,7 +183,7 @@ def synth_cli(
     n_stage2: Annotated[int, typer.Option("--n-stage2", min=0, help="Stage-2 test images, from boats never seen in train.")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Everything drawn follows from it.")] = 0,
     scale: Annotated[float, typer.Option("--scale", min=0.05, max=2.0, help="Image size factor (1 = real camera sizes).")] = 1.0,
-    style: Annotated[str, typer.Option("--style", help="classic, hard, easy, wild (shapes, camera heights, light and white balance the others hold fixed), or mixed (drawn from the seed between easy and hard).")] = "classic",
+    style: Annotated[str, typer.Option("--style", help="classic, hard, easy, wild (shapes, camera heights, light and white balance the others hold fixed), sloppy (classic photos, loose and missing train boxes), or mixed (drawn from the seed between easy and hard).")] = "classic",
     debug: DebugOpt = False,
 ) -> None:
     """Write a synthetic dataset in the competition's exact layout (answers in solution.csv)."""

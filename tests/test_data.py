@@ -154,6 +154,37 @@ def test_synth_wild_style_through_the_cli(tmp_path, capsys):
     assert code == 2 and "unknown synth style `wilder`" in err and "wild" in err
 
 
+def test_sloppy_annotations_are_the_classic_photos_with_loose_and_missing_train_boxes(tmp_path, capsys):
+    """The `sloppy` style draws the very photos of `classic` (same seed) and annotates them as a
+    hurried volunteer might: each box edge moved by at most 35 % of the box's size, some photos
+    left without a box; the test answers (`solution_boxes.csv`) stay exact."""
+    import json
+    from pathlib import Path
+
+    from fishcomp.data.synth import STYLES
+
+    noise = STYLES["sloppy"].box_noise
+    for style in ("classic", "sloppy"):
+        code, _, err = run_cli(["synth", tmp_path / style, "--n-train", 60, "--n-test", 6, "--scale", 0.15, "--seed", 5, "--style", style], capsys)
+        assert code == 0, err
+    for photo in (tmp_path / "classic").rglob("*.jpg"):
+        assert photo.read_bytes() == (tmp_path / "sloppy" / photo.relative_to(tmp_path / "classic")).read_bytes()
+    assert (tmp_path / "classic" / "solution_boxes.csv").read_text() == (tmp_path / "sloppy" / "solution_boxes.csv").read_text()
+    kept = moved = total = 0
+    for labels in (tmp_path / "classic" / "annos").glob("*_labels.json"):
+        exact = {Path(e["filename"]).name: e["annotations"] for e in json.loads(labels.read_text())}
+        loose = {Path(e["filename"]).name: e["annotations"] for e in json.loads((tmp_path / "sloppy" / "annos" / labels.name).read_text())}
+        assert set(loose) <= set(exact)
+        total, kept = total + len(exact), kept + len(loose)
+        for name, boxes in loose.items():
+            for a, b in zip(exact[name], boxes):
+                x0, x1 = a["x"], a["x"] + a["width"]
+                assert abs(b["x"] - x0) <= noise * a["width"] + 1e-6 and abs(b["x"] + b["width"] - x1) <= noise * a["width"] + 1e-6
+                assert abs(b["y"] - a["y"]) <= noise * a["height"] + 1e-6
+                moved += b != a
+    assert 0 < kept < total and moved > 0
+
+
 def make_layout(root, extra=None):
     for cls in ("ALB", "NoF"):
         (root / "train" / cls).mkdir(parents=True)

@@ -61,6 +61,11 @@ class Style:
     exposure: tuple[float, float] = (0.75, 1.15)  # a daylight photo's brightness factor
     glare: float = 0.0  # share of photos with a soft, saturated patch of sun or floodlight
     colour_cast: int = 0  # each photo's white balance: up to this much per channel
+    # The annotations, which volunteers drew (the competition's came from its forum): each box
+    # edge of a train photo moved by up to this share of the box's size, and this share of the
+    # photos with fish left unannotated. Train annotations only: the test boxes stay exact.
+    box_noise: float = 0.0
+    box_missing: float = 0.0
 
 
 STYLES = {
@@ -70,6 +75,9 @@ STYLES = {
     "hard": Style(fish_length=(0.06, 0.16), tint=30, clutter=(6, 16), night_boost=0.2, blur=2.0, boat_concentration=2.0),
     # Large, sharp fish on quiet decks, and boats that nearly identify the class.
     "easy": Style(fish_length=(0.18, 0.32), clutter=(0, 4), blur=0.6, boat_concentration=0.2),
+    # The classic photos annotated the way hurried volunteers might: loose, shifted boxes and a
+    # third of the photos with fish left without one. What detect-then-classify leans on.
+    "sloppy": Style(box_noise=0.35, box_missing=0.3),
     # What the others hold fixed: fish shapes that overlap between kinds, a camera height per boat,
     # harsh and uneven light, white balance; a moderate size leak. Not between easy and hard.
     "wild": Style(
@@ -460,6 +468,12 @@ def _write_annotations(root: Path, jobs, drawn, rng: np.random.Generator) -> Non
         if split != "train" or job.label.lower() not in per_class:
             continue
         filename = f"../data/fish/train/{job.label}/{name}" if rng.random() < 0.2 else name
+        style = job.style or STYLES["classic"]
+        if style.box_noise or style.box_missing:
+            sloppy = np.random.default_rng([*job.seed, 53])  # a stream of its own: other styles' files unchanged
+            if sloppy.random() < style.box_missing:
+                continue
+            rects = [_loosened(rect, style.box_noise, sloppy) for rect in rects]
         per_class[job.label.lower()].append({"annotations": rects, "class": "image", "filename": filename})
         points[job.label.lower()].append({"annotations": ends, "class": "image", "filename": name})
     test_boxes = []
@@ -473,6 +487,15 @@ def _write_annotations(root: Path, jobs, drawn, rng: np.random.Generator) -> Non
     for cls, entries in per_class.items():
         (root / "annos" / f"{cls}_labels.json").write_text(json.dumps(entries, indent=1))
         (root / "annos" / f"{cls}_points.json").write_text(json.dumps(points[cls], indent=1))
+
+
+def _loosened(rect: dict, noise: float, rng: np.random.Generator) -> dict:
+    """An annotator's box: each edge moved by up to `noise` of the box's width or height, in
+    either direction (never inverted)."""
+    w, h = rect["width"], rect["height"]
+    x0, x1 = rect["x"] + rng.uniform(-noise, noise) * w, rect["x"] + w + rng.uniform(-noise, noise) * w
+    y0, y1 = rect["y"] + rng.uniform(-noise, noise) * h, rect["y"] + h + rng.uniform(-noise, noise) * h
+    return {**rect, "x": float(x0), "y": float(y0), "width": float(max(x1 - x0, 1.0)), "height": float(max(y1 - y0, 1.0))}
 
 
 def _write_csvs(root: Path, jobs, with_stage2: bool) -> None:
