@@ -1,12 +1,13 @@
 """fishcomp: raw competition photos to a validated Kaggle submission.
 
-The Python API (`fishcomp.run`, `train`, `precompute`, `ensemble`, `submit`, `build`, `dag`) is in
+The Python API (`fishcomp.run`, `train`, `precompute`, `ensemble`, `submit`, `build`, `dag`, `runs`,
+`diff`) is in
 fishcomp/api.py; it is loaded on first use, so `import fishcomp` stays light.
 """
 
 from fishcomp.version import __version__
 
-_API = ("run", "train", "precompute", "ensemble", "submit", "build", "dag")
+_API = ("run", "train", "precompute", "ensemble", "submit", "build", "dag", "runs", "diff")
 
 
 def __getattr__(name: str):

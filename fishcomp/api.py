@@ -5,6 +5,8 @@
     artifact.path                      # the submit artifact's folder
     fishcomp.train("configs/fcn.yaml").file("oof.csv")
     [row.status for row in fishcomp.dag("configs/pipeline.yaml")]
+    fishcomp.runs(work="artifacts")    # the runs table as a DataFrame
+    fishcomp.diff("44a00ca8", "53107d7f")  # paired B - A, overall and per class, as a DataFrame
 
 Every function takes a config path (or a loaded config), `data`, `work` and `overrides` (the
 CLI's `--set` values) and goes through the same cached stage graph as the CLI.
@@ -67,3 +69,30 @@ def dag(config, data="data", work="artifacts", overrides=None, stage: str | None
 
     ctx, loaded = _prepare(config, data, work, overrides)
     return pipeline.dag(ctx, loaded, stage)
+
+
+def runs(work="artifacts", solution=None):
+    """`fishcomp runs` as a pandas DataFrame (numbers as numbers, one row per run, its folder in
+    `path`); with `solution`, each run's test_stg1 / test_stg2 log loss on it."""
+    import pandas as pd
+
+    from fishcomp.commands.runs import collect_runs, columns
+
+    rows = collect_runs(Path(work), solution=Path(solution) if solution is not None else None)
+    return pd.DataFrame(rows, columns=[*columns(solution is not None), "path"])
+
+
+def diff(a, b, work="artifacts", split: str | None = None, solution=None, data="data", by: str = "image", resamples: int = 2000,
+         seed: int = 0):
+    """`fishcomp diff A B` as a pandas DataFrame: B - A per scope (all, each stage of a
+    submission, each class), its 95 % interval, images each wins and the verdict. A and B: runs of
+    `work` (keys, key prefixes, name-key, folders) or two submission files."""
+    import pandas as pd
+
+    from fishcomp.commands.diff import compare, resampled_by
+    from fishcomp.data.layout import SOLUTION_FILE
+    from fishcomp.metrics import difference_verdict
+
+    answers = Path(solution) if solution is not None else Path(data) / SOLUTION_FILE
+    result = compare(str(a), str(b), Path(work), split, answers, resamples, seed, resampled_by(by, Path(data)))
+    return pd.DataFrame([{**row, "verdict": difference_verdict(row)} for row in result["rows"]]).set_index("scope")

@@ -327,15 +327,13 @@ def diff_cli(
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
     """Is B better than A, out of fold (or on a test split with known answers)? Two submission files on a solution, too. Paired per-image differences and their bootstrap interval, overall and per class; several B: one row each."""
-    from fishcomp.commands.diff import COLUMNS, boats, compare, compared_on, shown, table_cells
+    from fishcomp.commands.diff import COLUMNS, compare, compared_on, resampled_by, shown, table_cells
     from fishcomp.console import info, table, warn
     from fishcomp.data.layout import SOLUTION_FILE
     from fishcomp.metrics import difference_verdict
 
-    if by not in ("image", "boat"):
-        raise FishcompError(f"--by {by}: image or boat")
     answers = solution if solution is not None else data / SOLUTION_FILE
-    groups_of = (lambda images: boats(data, images)) if by == "boat" else None
+    groups_of = resampled_by(by, data)
     results = [compare(run_a, ref, work, split, answers, resamples, seed, groups_of) for ref in run_b]
     for name in sorted({name for result in results for name in result.get("in_sample", [])}):
         warn(f"{name}: its out-of-fold rows were fitted on themselves (no cross-fitted rows: built by an older fishcomp, or a hold-out split), "

@@ -299,3 +299,13 @@ def test_the_python_api_returns_the_artifacts_the_cli_made(swept, tiny_data):
     assert [(r.node.stage.name, r.status) for r in rows] == [("precompute", "cached"), ("train", "cached"), ("submit", "to build")]
     submitted = fishcomp.run(CONFIGS / "dense.yaml", data=tiny_data, work=swept, overrides=overrides)
     assert submitted.stage == "submit" and submitted.built
+    # The between-runs tables as DataFrames, the same numbers as the CLI's.
+    table = fishcomp.runs(work=swept, solution=tiny_data / "solution.csv")
+    trains = table[table.stage == "train"].sort_values("valid_logloss")
+    assert len(trains) >= 3 and trains.vs_best.iloc[0] == "best" and trains.test_stg1.notna().all()
+    slow, fast = _by_lr(swept, 1e-4), _by_lr(swept, 1e-3)
+    paired = fishcomp.diff(slow.name.rsplit("-", 1)[1], fast, work=swept)
+    scores = [json.loads((run / "summary.json").read_text())["valid_logloss"] for run in (slow, fast)]
+    assert paired.loc["all", "logloss_a"] == pytest.approx(scores[0]) and paired.loc["all", "logloss_b"] == pytest.approx(scores[1])
+    assert paired.loc["all", "low"] <= paired.loc["all", "difference"] <= paired.loc["all", "high"]
+    assert set(paired.verdict) <= {"B better", "A better", "within noise"}

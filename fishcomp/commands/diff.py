@@ -126,6 +126,13 @@ def boats(data: Path, images: pd.Index) -> pd.Series:
     return pd.Series([f"{w}x{h}" for w, h in (read_size(data / paths[image]) for image in images)], index=images)
 
 
+def resampled_by(by: str, data: Path):
+    """`groups_of` for `--by`: None to resample images, each image's boat to resample boats."""
+    if by not in ("image", "boat"):
+        raise FishcompError(f"--by {by}: image or boat")
+    return (lambda images: boats(data, images)) if by == "boat" else None
+
+
 def compare_frames(frame_a: pd.DataFrame, frame_b: pd.DataFrame, resamples: int = 2000, seed: int = 0,
                    names: tuple[str, str] = ("A", "B"), per_class: bool = True, groups_of=None, parts_of=None) -> dict:
     """Two out-of-fold tables (indexed by image: label, fold, one column per class), paired by
