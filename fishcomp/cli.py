@@ -327,46 +327,12 @@ def diff_cli(
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
     """Is B better than A, out of fold (or on a test split with known answers)? Two submission files on a solution, too. Paired per-image differences and their bootstrap interval, overall and per class; several B: one row each."""
-    from fishcomp.commands.diff import COLUMNS, compare, compared_on, resampled_by, shown, table_cells
-    from fishcomp.console import info, table, warn
+    from fishcomp.commands.diff import compare, resampled_by, show_comparison
     from fishcomp.data.layout import SOLUTION_FILE
-    from fishcomp.metrics import difference_verdict
 
     answers = solution if solution is not None else data / SOLUTION_FILE
     groups_of = resampled_by(by, data)
-    results = [compare(run_a, ref, work, split, answers, resamples, seed, groups_of) for ref in run_b]
-    for name in sorted({name for result in results for name in result.get("in_sample", [])}):
-        warn(f"{name}: its out-of-fold rows were fitted on themselves (no cross-fitted rows: built by an older fishcomp, or a hold-out split), "
-             "so they flatter it; rebuild it for an honest comparison")
-    if len(results) > 1:  # each B against A, its overall row
-        rows = [{**result["rows"][0], "scope": shown(result, "b")} for result in results]
-        title = f"each B - A ({shown(results[0], 'a')}) {compared_on(results[0])}, 95 % intervals"
-        table(["b", *COLUMNS[1:]], table_cells(rows), title=None if fmt is not TableFormat.table else title, fmt=fmt.value)
-        return
-    result = results[0]
-    overall = result["rows"][0]
-    if fmt is not TableFormat.table:  # stdout holds the table alone, for scripts
-        table(COLUMNS, table_cells(result["rows"]), fmt=fmt.value)
-        return
-    submissions = "unanswered" in result
-    info(f"A {shown(result, 'a')}, B {shown(result, 'b')}")
-    if submissions:
-        left = [f"{n} of {name}" for name, n in result["unanswered"].items() if n]
-        if left:
-            info(f"rows without an answer in {answers}, left out: {', '.join(left)}")
-    if result["only_a"] or result["only_b"]:
-        info(f"compared on the {overall['images']} images both {'hold' if submissions else 'predicted out of fold'} "
-             f"({result['only_a']} only in A, {result['only_b']} only in B)")
-    if not submissions and result["differs"] is None:
-        info("A and B are runs of different configs or stages: their settings are not compared")
-    elif not submissions and result["differs"]:
-        info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
-    where = compared_on(result)
-    if overall["groups"] is not None:
-        where += f", {overall['groups']} boats resampled"
-    title = (f"B - A: {overall['difference']:+.4f} {where}, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "
-             f"over {overall['images']} images: {difference_verdict(overall)}")
-    table(COLUMNS, table_cells(result["rows"]), title=title, fmt=fmt.value)
+    show_comparison([compare(run_a, ref, work, split, answers, resamples, seed, groups_of) for ref in run_b], fmt.value)
 
 
 @app.command("predict")

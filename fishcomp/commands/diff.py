@@ -269,3 +269,43 @@ def table_cells(rows: list[dict]) -> list[list]:
         cells.append([row["scope"], row["images"], *(f"{row[k]:.4f}" for k in ("logloss_a", "logloss_b")),
                       *(f"{row[k]:+.4f}" for k in ("difference", "low", "high")), row["b_better"], row["b_worse"], difference_verdict(row)])
     return cells
+
+
+def show_comparison(results: list[dict], fmt: str = "table") -> None:
+    """`fishcomp diff`'s output: for one B, what was paired, the settings that differ and the
+    table per scope under a one-line verdict; for several, one overall row each. `csv` and `json`
+    print the table alone, for scripts; warnings go to stderr either way."""
+    from fishcomp.console import info, table, warn
+
+    for name in sorted({name for result in results for name in result.get("in_sample", [])}):
+        warn(f"{name}: its out-of-fold rows were fitted on themselves (no cross-fitted rows: built by an older fishcomp, or a hold-out split), "
+             "so they flatter it; rebuild it for an honest comparison")
+    if len(results) > 1:  # each B against A, its overall row
+        rows = [{**result["rows"][0], "scope": shown(result, "b")} for result in results]
+        title = f"each B - A ({shown(results[0], 'a')}) {compared_on(results[0])}, 95 % intervals"
+        table(["b", *COLUMNS[1:]], table_cells(rows), title=title if fmt == "table" else None, fmt=fmt)
+        return
+    result = results[0]
+    overall = result["rows"][0]
+    if fmt != "table":
+        table(COLUMNS, table_cells(result["rows"]), fmt=fmt)
+        return
+    submissions = "unanswered" in result
+    info(f"A {shown(result, 'a')}, B {shown(result, 'b')}")
+    if submissions:
+        left = [f"{n} of {name}" for name, n in result["unanswered"].items() if n]
+        if left:
+            info(f"rows without an answer in {result['solution']}, left out: {', '.join(left)}")
+    if result["only_a"] or result["only_b"]:
+        info(f"compared on the {overall['images']} images both {'hold' if submissions else 'predicted out of fold'} "
+             f"({result['only_a']} only in A, {result['only_b']} only in B)")
+    if not submissions and result["differs"] is None:
+        info("A and B are runs of different configs or stages: their settings are not compared")
+    elif not submissions and result["differs"]:
+        info("settings that differ (A -> B): " + "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in result["differs"].items()))
+    where = compared_on(result)
+    if overall["groups"] is not None:
+        where += f", {overall['groups']} boats resampled"
+    title = (f"B - A: {overall['difference']:+.4f} {where}, 95 % interval [{overall['low']:+.4f}, {overall['high']:+.4f}] "
+             f"over {overall['images']} images: {difference_verdict(overall)}")
+    table(COLUMNS, table_cells(result["rows"]), title=title, fmt=fmt)
