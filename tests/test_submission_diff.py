@@ -112,6 +112,7 @@ def test_a_released_solutions_extra_columns_and_unscored_rows_are_left_out_and_c
         ("no_answer", "has an answer"),
         ("split_valid", "submissions hold test rows only"),
         ("not_a_submission", "not a submission"),
+        ("no_such_file", "submission not found"),
     ],
 )
 def test_submissions_that_cannot_be_compared_get_one_line(files, capsys, case, expected):
@@ -135,6 +136,8 @@ def test_submissions_that_cannot_be_compared_get_one_line(files, capsys, case, e
         args = ["diff", a, b, "--solution", tmp / "s.csv"]
     elif case == "split_valid":
         args += ["--split", "valid"]
+    elif case == "no_such_file":
+        args = ["diff", a, tmp / "typo.csv", "--solution", solution]
     elif case == "not_a_submission":
         pd.read_csv(b).rename(columns={"image": "file"}).to_csv(tmp / "c.csv", index=False)
         args = ["diff", tmp / "c.csv", b, "--solution", solution]

@@ -231,6 +231,9 @@ def compare(ref_a: str, ref_b: str, work: Path, split: str | None, solution: Pat
             groups_of=None) -> dict:
     """What `fishcomp diff A B` compares: two submission files (both named as files) on the
     solution, or two runs of `work` out of fold (`split` None or valid) or on a test split."""
+    for ref in (ref_a, ref_b):
+        if ref.endswith((".csv", ".csv.gz")) and not Path(ref).is_file():
+            raise FishcompError(f"submission not found: {ref}")
     files = [Path(ref).is_file() for ref in (ref_a, ref_b)]
     if any(files):
         if not all(files):
