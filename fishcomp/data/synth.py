@@ -75,7 +75,7 @@ STYLES = {
     "hard": Style(fish_length=(0.06, 0.16), tint=30, clutter=(6, 16), night_boost=0.2, blur=2.0, boat_concentration=2.0),
     # Large, sharp fish on quiet decks, and boats that nearly identify the class.
     "easy": Style(fish_length=(0.18, 0.32), clutter=(0, 4), blur=0.6, boat_concentration=0.2),
-    # The classic photos annotated the way hurried volunteers might: loose, shifted boxes and a
+    # The classic photos annotated the way hurried volunteers might: loose, shifted boxes, and
     # 30 % of the photos with fish left without one: what detect-then-classify leans on.
     "sloppy": Style(box_noise=0.35, box_missing=0.3),
     # What the others hold fixed: fish shapes that overlap between kinds, a camera height per boat,
