@@ -89,10 +89,8 @@ def diff(a, b, work="artifacts", split: str | None = None, solution=None, data="
     `work` (keys, key prefixes, name-key, folders) or two submission files."""
     import pandas as pd
 
-    from fishcomp.commands.diff import compare, resampled_by
-    from fishcomp.data.layout import SOLUTION_FILE
+    from fishcomp.commands.diff import compare
     from fishcomp.metrics import difference_verdict
 
-    answers = Path(solution) if solution is not None else Path(data) / SOLUTION_FILE
-    result = compare(str(a), str(b), Path(work), split, answers, resamples, seed, resampled_by(by, Path(data)))
+    result = compare(str(a), str(b), Path(work), split, solution, Path(data), by, resamples, seed)
     return pd.DataFrame([{**row, "verdict": difference_verdict(row)} for row in result["rows"]]).set_index("scope")

@@ -327,12 +327,9 @@ def diff_cli(
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
     """Is B better than A, out of fold (or on a test split with known answers)? Two submission files on a solution, too. Paired per-image differences and their bootstrap interval, overall and per class; several B: one row each."""
-    from fishcomp.commands.diff import compare, resampled_by, show_comparison
-    from fishcomp.data.layout import SOLUTION_FILE
+    from fishcomp.commands.diff import compare, show_comparison
 
-    answers = solution if solution is not None else data / SOLUTION_FILE
-    groups_of = resampled_by(by, data)
-    show_comparison([compare(run_a, ref, work, split, answers, resamples, seed, groups_of) for ref in run_b], fmt.value)
+    show_comparison([compare(run_a, ref, work, split, solution, data, by, resamples, seed) for ref in run_b], fmt.value)
 
 
 @app.command("predict")

@@ -23,6 +23,7 @@ import yaml
 
 from fishcomp.cache import Artifact, damage
 from fishcomp.config import flatten_config
+from fishcomp.data.layout import SOLUTION_FILE, stage_of
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import difference_verdict, image_log_losses, paired_difference
 from fishcomp.predictions import OOF_COLUMNS, PREDICTING_STAGES, Predictions, read_predictions
@@ -184,11 +185,6 @@ def submission_table(path: Path, classes: list[str] | None = None) -> pd.DataFra
     return frame.set_index("image")[classes or mine].astype(np.float64)
 
 
-def stage_of(images: pd.Index) -> pd.Series:
-    """Each submission row's test stage, from its name (stage 2's rows are `test_stg2/...`)."""
-    return pd.Series(np.where(images.str.startswith("test_stg2/"), "test_stg2", "test_stg1"), index=images)
-
-
 def compare_submissions(a: Path, b: Path, solution: Path, resamples: int = 2000, seed: int = 0, split: str | None = None,
                         groups_of=None) -> dict:
     """`compare_frames` on two submission files' rows that the solution answers (`split`: one
@@ -227,10 +223,13 @@ def compare_runs(a: Path, b: Path, resamples: int = 2000, seed: int = 0, split: 
     return {**result, "a": a, "b": b, "differs": differs, "in_sample": optimistic}
 
 
-def compare(ref_a: str, ref_b: str, work: Path, split: str | None, solution: Path, resamples: int = 2000, seed: int = 0,
-            groups_of=None) -> dict:
+def compare(ref_a: str, ref_b: str, work: Path = Path("artifacts"), split: str | None = None, solution: Path | None = None,
+            data: Path = Path("data"), by: str = "image", resamples: int = 2000, seed: int = 0) -> dict:
     """What `fishcomp diff A B` compares: two submission files (both named as files) on the
-    solution, or two runs of `work` out of fold (`split` None or valid) or on a test split."""
+    solution (default DATA/solution.csv), or two runs of `work` out of fold (`split` None or
+    valid) or on a test split; `by`: resample images, or whole boats (read from `data`)."""
+    solution = Path(solution) if solution is not None else Path(data) / SOLUTION_FILE
+    groups_of = resampled_by(by, Path(data))
     for ref in (ref_a, ref_b):
         if ref.endswith((".csv", ".csv.gz")) and not Path(ref).is_file():
             raise FishcompError(f"submission not found: {ref}")

@@ -80,7 +80,7 @@ def _test_scores(rows: list[dict], solution: Path) -> None:
     """Each run's log loss on each test stage's images that `solution` answers (a solution the
     competition released, or synthetic data's): after stage 1's answers are out, the runs table
     shows what each run would have scored."""
-    from fishcomp.commands.diff import stage_of
+    from fishcomp.data.layout import stage_of
     from fishcomp.errors import FishcompError
     from fishcomp.metrics import log_loss
     from fishcomp.submission import read_solution
@@ -131,7 +131,9 @@ def _against_best(group: list[dict]) -> None:
 
 
 def columns(with_tests: bool) -> list[str]:
-    return COLUMNS[:6] + TEST_COLUMNS + COLUMNS[6:] if with_tests else COLUMNS
+    """The table's columns; the test scores, with the answers, beside the out-of-fold ones."""
+    after = COLUMNS.index("vs_best") + 1
+    return COLUMNS[:after] + TEST_COLUMNS + COLUMNS[after:] if with_tests else COLUMNS
 
 
 def sort_rows(rows: list[dict], column: str, with_tests: bool = False) -> list[dict]:

@@ -15,6 +15,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from fishcomp.errors import FishcompError
@@ -36,6 +37,12 @@ def sample_submission_path(root: Path, split: str) -> Path:
 def row_name(split: str, file: Path) -> str:
     """How the submission names an image: bare for train and stage 1, `test_stg2/...` for stage 2."""
     return f"{split}/{file.name}" if split == "test_stg2" else file.name
+
+
+def stage_of(names: pd.Index) -> pd.Series:
+    """Each submission row's test split, from its name (`row_name`'s inverse: stage 2's rows are
+    `test_stg2/...`, stage 1's bare)."""
+    return pd.Series(np.where(names.str.startswith("test_stg2/"), "test_stg2", "test_stg1"), index=names)
 
 
 def _list_images(folder: Path) -> list[Path]:
