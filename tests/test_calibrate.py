@@ -16,6 +16,8 @@ import pytest
 from helpers import CONFIGS, SMALL, run_cli
 from scipy.special import softmax
 
+from fishcomp.blending import cross_fitted
+from fishcomp.config import load_config
 from fishcomp.metrics import log_loss
 from fishcomp.stages.calibrate import Calibration, fit_calibration, fit_temperature, fold_mean_ratio
 
@@ -131,17 +133,47 @@ def test_the_per_class_shift_is_kept_when_asked_or_when_it_wins_out_of_fold(bias
         assert abs(sum(summary["bias"].values())) < 1e-9  # only differences between classes matter
 
 
-def test_members_trained_before_fold_copies_are_named_and_the_blend_keeps_the_out_of_fold_t(tiny_data, tmp_path, capsys):
-    """A cache from before fishcomp kept each fold model's test predictions: the same artifacts
-    without the `*_probs_folds.npy` files (and their manifest without them). The run says which
-    members to retrain for the correction, and submits with the fitted T instead of failing."""
+def _calibrated_two_probes(tiny_data, tmp_path, capsys, *overrides) -> list:
+    """Runs a calibrated blend of two probes with fitted weights; returns the run's arguments."""
     config = tmp_path / "two_probes.yaml"
     members = "".join(f"    - {{config: {CONFIGS / name}}}\n" for name in ("linear.yaml", "dense_probe.yaml"))
     config.write_text(f"name: two_probes\nensemble:\n  weights: fitted\n  members:\n{members}calibrate: {{}}\n")
     args = ["run", "-c", config, "--data", tiny_data, "--work", tmp_path / "work", "--out", tmp_path / "submission.csv"]
-    for override in SMALL:
+    for override in [*SMALL, *overrides]:
         args += ["--set", override]
-    assert run_cli(args, capsys)[0] == 0
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    return args
+
+
+def test_a_blend_is_calibrated_and_scored_on_rows_its_weights_never_saw(tiny_data, tmp_path, capsys):
+    """The calibration's cross-fitted estimate scores each fold's cross-fitted blend rows (weights
+    fitted on the other folds) scaled by a temperature fitted on the other folds: nothing fitted
+    on the rows it is scored on, as for the test images. The blend's own rows, blended by weights
+    that saw every fold, would flatter it."""
+    _calibrated_two_probes(tiny_data, tmp_path, capsys, "calibrate.bias=false")
+    blend = next((tmp_path / "work" / "ensemble").glob("two_probes-*"))
+    own, crossed = (pd.read_csv(blend / name).query("fold >= 0") for name in ("oof.csv", "oof_cross_fitted.csv"))
+    classes = list(own.columns[3:])
+    labels, folds = own.label.to_numpy(), own.fold.to_numpy()
+    own, crossed = own[classes].to_numpy(), crossed[classes].to_numpy()
+    assert np.abs(own - crossed).max() > 1e-3  # fold-fitted weights differ from the full fit's
+    bounds = load_config(CONFIGS / "pipeline.yaml").config.calibrate.bounds
+
+    def estimate(scored):
+        rows = cross_fitted([own], folds, lambda rest, this: fit_calibration(labels[rest], own[rest], bounds).apply(scored[this]))
+        return log_loss(labels, rows)
+
+    summary = json.loads(next((tmp_path / "work" / "calibrate").glob("two_probes-*/summary.json")).read_text())
+    assert summary["valid_logloss_cross_fitted"] == pytest.approx(estimate(crossed), abs=1e-9)
+    assert summary["valid_logloss_cross_fitted"] != pytest.approx(estimate(own), abs=1e-6)
+
+
+def test_members_trained_before_fold_copies_are_named_and_the_blend_keeps_the_out_of_fold_t(tiny_data, tmp_path, capsys):
+    """A cache from before fishcomp kept each fold model's test predictions: the same artifacts
+    without the `*_probs_folds.npy` files (and their manifest without them). The run says which
+    members to retrain for the correction, and submits with the fitted T instead of failing."""
+    args = _calibrated_two_probes(tiny_data, tmp_path, capsys)
     old = next((tmp_path / "work" / "train").glob("dense_probe-*"))
     manifest = json.loads((old / "manifest.json").read_text())
     for copies in old.glob("*_probs_folds.npy"):

@@ -93,20 +93,27 @@ class Calibrate(Stage):
         return {"predictions": resolver.node(predictions_stage(loaded.config), loaded)}
 
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
-        return {"calibrate": key_payload(loaded.config.calibrate)}
+        # Since the estimate scores each fold's cross-fitted blend rows (below), which can change
+        # the kind `bias: auto` keeps, a calibration scored on the blend's own rows is rebuilt.
+        return {"calibrate": key_payload(loaded.config.calibrate), "scores": "cross_fitted_rows"}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict:
         settings = node.loaded.config.calibrate
         before = read_predictions(inputs["predictions"])
         labels, probs = before.oof_labels(), before.oof_probs()
         folds = before.validated.fold.to_numpy()
+        # A blend's own rows were blended by weights fitted on every fold, this one's included;
+        # its cross-fitted rows were not, so they are what a fold held out sees.
+        unseen = before.cross_fitted_probs()
         kinds = {"temperature": None, "temperature_and_bias": settings.bias_sd}
         if settings.bias != "auto":
             kinds = {k: v for k, v in kinds.items() if (v is not None) == settings.bias}
 
         def honest(bias_sd) -> np.ndarray | None:
-            # As the blend's estimate: each fold calibrated by a fit on the other folds.
-            return cross_fitted([probs], folds, lambda rest, this: fit_calibration(labels[rest], probs[rest], settings.bounds, bias_sd).apply(probs[this]))
+            # Each fold's cross-fitted rows calibrated by a fit on the other folds' rows, as the
+            # submission's test rows are by the fit on all of them: blend and calibration both
+            # fitted without the fold they are scored on.
+            return cross_fitted([probs], folds, lambda rest, this: fit_calibration(labels[rest], probs[rest], settings.bounds, bias_sd).apply(unseen[this]))
 
         held_out = {kind: honest(bias_sd) for kind, bias_sd in kinds.items()}
         scores = {kind: None if rows is None else log_loss(labels, rows) for kind, rows in held_out.items()}

@@ -57,9 +57,10 @@ class Ensemble(Stage):
         return {"members": [resolver.node("train", member, via="ensemble.members") for member in resolver.members(loaded)]}
 
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
-        # The blend's fold copies (`calibrate` reads their spread) came later than the blend: a blend
-        # built without them is rebuilt, which takes seconds, rather than read without them.
-        return {"ensemble": key_payload(loaded.config.ensemble), "writes": ["test_folds"]}
+        # The blend's fold copies (`calibrate` reads their spread) and its cross-fitted rows
+        # (`calibrate` scores on them) came later than the blend: a blend built without them is
+        # rebuilt, which takes seconds, rather than read without them.
+        return {"ensemble": key_payload(loaded.config.ensemble), "writes": ["test_folds", "cross_fitted"]}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
         # The same sorting that chose the input nodes, so the kept entries line up with them.
