@@ -82,16 +82,21 @@ def test_folds_that_share_nothing_but_noise_get_at_most_the_full_mean_correction
     assert fold_mean_ratio(folds) >= 1 / 5
 
 
-def _calibrated_linear_probe(tiny_data, tmp_path, capsys, *overrides):
-    config = tmp_path / "linear_calibrated.yaml"
-    config.write_text(f"extends: {CONFIGS / 'linear.yaml'}\nname: linear_calibrated\ncalibrate: {{}}\n")
+def _run_calibrated(config: Path, tiny_data, tmp_path, capsys, *overrides) -> tuple[list, dict, str]:
+    """Runs `config` on the tiny data; returns the run's arguments, its calibration's summary and stderr."""
     args = ["run", "-c", config, "--data", tiny_data, "--work", tmp_path / "work", "--out", tmp_path / "submission.csv"]
     for override in [*SMALL, *overrides]:
         args += ["--set", override]
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
     folder = Path(next(line.split()[2] for line in stdout.splitlines() if line.split()[:1] == ["calibrate"]))
-    return json.loads((folder / "summary.json").read_text()), stderr
+    return args, json.loads((folder / "summary.json").read_text()), stderr
+
+
+def _calibrated_linear_probe(tiny_data, tmp_path, capsys, *overrides):
+    config = tmp_path / "linear_calibrated.yaml"
+    config.write_text(f"extends: {CONFIGS / 'linear.yaml'}\nname: linear_calibrated\ncalibrate: {{}}\n")
+    return _run_calibrated(config, tiny_data, tmp_path, capsys, *overrides)[1:]
 
 
 def test_a_hold_out_model_is_scaled_by_t_alone_and_says_so(tiny_data, tmp_path, capsys):
@@ -133,17 +138,12 @@ def test_the_per_class_shift_is_kept_when_asked_or_when_it_wins_out_of_fold(bias
         assert abs(sum(summary["bias"].values())) < 1e-9  # only differences between classes matter
 
 
-def _calibrated_two_probes(tiny_data, tmp_path, capsys, *overrides) -> list:
-    """Runs a calibrated blend of two probes with fitted weights; returns the run's arguments."""
+def _calibrated_two_probes(tiny_data, tmp_path, capsys, *overrides) -> tuple[list, dict, str]:
+    """A calibrated blend of two probes with fitted weights."""
     config = tmp_path / "two_probes.yaml"
     members = "".join(f"    - {{config: {CONFIGS / name}}}\n" for name in ("linear.yaml", "dense_probe.yaml"))
     config.write_text(f"name: two_probes\nensemble:\n  weights: fitted\n  members:\n{members}calibrate: {{}}\n")
-    args = ["run", "-c", config, "--data", tiny_data, "--work", tmp_path / "work", "--out", tmp_path / "submission.csv"]
-    for override in [*SMALL, *overrides]:
-        args += ["--set", override]
-    code, _, stderr = run_cli(args, capsys)
-    assert code == 0, stderr
-    return args
+    return _run_calibrated(config, tiny_data, tmp_path, capsys, *overrides)
 
 
 def test_a_blend_is_calibrated_and_scored_on_rows_its_weights_never_saw(tiny_data, tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_a_blend_is_calibrated_and_scored_on_rows_its_weights_never_saw(tiny_dat
     fitted on the other folds) scaled by a temperature fitted on the other folds: nothing fitted
     on the rows it is scored on, as for the test images. The blend's own rows, blended by weights
     that saw every fold, would flatter it."""
-    _calibrated_two_probes(tiny_data, tmp_path, capsys, "calibrate.bias=false")
+    _, summary, _ = _calibrated_two_probes(tiny_data, tmp_path, capsys, "calibrate.bias=false")
     blend = next((tmp_path / "work" / "ensemble").glob("two_probes-*"))
     own, crossed = (pd.read_csv(blend / name).query("fold >= 0") for name in ("oof.csv", "oof_cross_fitted.csv"))
     classes = list(own.columns[3:])
@@ -164,7 +164,6 @@ def test_a_blend_is_calibrated_and_scored_on_rows_its_weights_never_saw(tiny_dat
         rows = cross_fitted([own], folds, lambda rest, this: fit_calibration(labels[rest], own[rest], bounds).apply(scored[this]))
         return log_loss(labels, rows)
 
-    summary = json.loads(next((tmp_path / "work" / "calibrate").glob("two_probes-*/summary.json")).read_text())
     assert summary["valid_logloss_cross_fitted"] == pytest.approx(estimate(crossed), abs=1e-9)
     assert summary["valid_logloss_cross_fitted"] != pytest.approx(estimate(own), abs=1e-6)
 
@@ -173,7 +172,7 @@ def test_members_trained_before_fold_copies_are_named_and_the_blend_keeps_the_ou
     """A cache from before fishcomp kept each fold model's test predictions: the same artifacts
     without the `*_probs_folds.npy` files (and their manifest without them). The run says which
     members to retrain for the correction, and submits with the fitted T instead of failing."""
-    args = _calibrated_two_probes(tiny_data, tmp_path, capsys)
+    args = _calibrated_two_probes(tiny_data, tmp_path, capsys)[0]
     old = next((tmp_path / "work" / "train").glob("dense_probe-*"))
     manifest = json.loads((old / "manifest.json").read_text())
     for copies in old.glob("*_probs_folds.npy"):
