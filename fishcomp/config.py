@@ -989,3 +989,9 @@ def flatten_config(data: Any, prefix: str = "") -> dict[str, str]:
 
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False)
+
+
+def write_run_config(config: RunConfig, folder: Path) -> None:
+    """The resolved config beside a run's artifact: what `fishcomp runs` reads the settings in
+    which runs of one name differ from, and `report` the run's settings."""
+    (folder / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))

@@ -16,7 +16,7 @@ from scipy.special import log_softmax, softmax
 
 from fishcomp.blending import cross_fitted
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, key_payload
+from fishcomp.config import LoadedConfig, key_payload, write_run_config
 from fishcomp.console import warn
 from fishcomp.context import Context
 from fishcomp.graph import Node, Resolver, Stage, register_stage
@@ -153,6 +153,7 @@ class Calibrate(Stage):
             "test_temperatures": test_temperatures,
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_run_config(node.loaded.config, tmp)
         return {"summary": summary}
 
     def describe(self, artifact: Artifact) -> str:

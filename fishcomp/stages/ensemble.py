@@ -21,7 +21,7 @@ from fishcomp.blending import (
     stack_predict,
 )
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, dump_yaml, key_payload
+from fishcomp.config import LoadedConfig, key_payload, write_run_config
 from fishcomp.console import warn
 from fishcomp.context import Context
 from fishcomp.errors import FishcompError
@@ -206,5 +206,5 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         "valid_accuracy": blended.oof_accuracy(),
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    (tmp / "config.yaml").write_text(dump_yaml(loaded.config.model_dump(mode="json")))
+    write_run_config(loaded.config, tmp)
     return {"summary": summary}

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fishcomp.cache import Artifact, file_digest, write_atomic
-from fishcomp.config import ClipConfig, LoadedConfig, SubmitConfig, key_payload
+from fishcomp.config import ClipConfig, LoadedConfig, SubmitConfig, key_payload, write_run_config
 from fishcomp.console import info
 from fishcomp.context import Context
 from fishcomp.data.layout import SOLUTION_FILE, TEST_SPLITS, sample_submission_path
@@ -96,6 +96,7 @@ class Submit(Stage):
         return {"submit": key_payload(config), "samples": samples, "format": FORMAT}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
+        write_run_config(node.loaded.config, tmp)
         return _build(ctx, node.loaded.config.submit or SubmitConfig(), inputs["predictions"], tmp)
 
     def describe(self, artifact: Artifact) -> str:

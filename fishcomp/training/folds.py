@@ -22,7 +22,7 @@ import pandas as pd
 from fishcomp.blending import blend_nof_with_whole
 from fishcomp.boxes import nearest_fish_iou
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, dump_yaml, key_payload
+from fishcomp.config import LoadedConfig, key_payload, write_run_config
 from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, autocast, training_precision
 from fishcomp.data.annotations import Annotations
@@ -692,7 +692,7 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         "size_vocabulary": data.vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    (tmp / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))
+    write_run_config(config, tmp)
     return {"summary": summary}
 
 
