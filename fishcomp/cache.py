@@ -45,6 +45,13 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def folders_named(folders: list[Path], ref: str) -> list[Path]:
+    """The artifact folders (`label-key`) that `ref` names: a whole folder name, a key or its
+    start, or a label and the start of its key (`crops-b88c`, as `fishcomp runs` shortens them)."""
+    labelled = "-" in ref and len(ref.rsplit("-", 1)[1]) >= 4
+    return [f for f in folders if f.name == ref or f.name.rsplit("-", 1)[1].startswith(ref) or (labelled and f.name.startswith(ref))]
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write a whole file or nothing: a temporary sibling, fsync, then rename over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fishcomp.cache import Artifact, damage
+from fishcomp.cache import Artifact, damage, folders_named
 from fishcomp.config import flatten_config
 from fishcomp.data.layout import SOLUTION_FILE, stage_of
 from fishcomp.errors import FishcompError
@@ -48,9 +48,7 @@ def find_run(work: Path, ref: str) -> Path:
         raise FishcompError(f"{ref}: too short to name a run; give at least 4 characters of a key from `fishcomp runs --work {work}`")
     candidates = [folder for stage in PREDICTING_STAGES for folder in sorted((work / stage).glob("*-*"))
                   if folder.is_dir() and not folder.name.startswith(".") and (folder / OOF).is_file()]
-    # name-key with the key shortened as a bare key may be (`crops-b88c`), too
-    named = "-" in ref and len(ref.rsplit("-", 1)[1]) >= 4
-    matches = [f for f in candidates if f.name == ref or f.name.rsplit("-", 1)[1].startswith(ref) or (named and f.name.startswith(ref))]
+    matches = folders_named(candidates, ref)
     if not matches:
         raise FishcompError(f"no run {ref!r} with out-of-fold predictions in {work}: give a key (or its start) from `fishcomp runs --work {work}`")
     if len(matches) > 1:
