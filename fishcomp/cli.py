@@ -131,12 +131,14 @@ def _build_swept(config: Path, data: Path, work: Path, overrides, on_bad_test, t
 
 def _runs_table(work: Path, keys: set[str] | None = None, sort: str = "created", fmt: str = "table", title: str | None = None,
                 solution: Path | None = None) -> None:
-    from fishcomp.commands.runs import collect_runs, columns, sort_rows, table_cells
+    from fishcomp.commands.runs import collect_runs, columns, has_leaderboard, sort_rows, table_cells
     from fishcomp.console import table
 
     with_tests = solution is not None
-    rows = sort_rows(collect_runs(work, keys, solution), sort, with_tests)
-    table(columns(with_tests), table_cells(rows, with_tests), title=title or f"{len(rows)} runs in {work}", fmt=fmt)
+    rows = collect_runs(work, keys, solution)
+    with_lb = has_leaderboard(rows)
+    rows = sort_rows(rows, sort, with_tests, with_lb)
+    table(columns(with_tests, with_lb), table_cells(rows, with_tests, with_lb), title=title or f"{len(rows)} runs in {work}", fmt=fmt)
 
 
 @app.command("run")
@@ -156,13 +158,14 @@ def run_cli(
         loaded = _load(config, combination)
         artifact = run(_context(data, work, combination, on_bad_test, loaded, track), loaded, target, gzip=gzip, stage=stage)
         if kaggle:
-            _upload(loaded, artifact, target, gzip, message)
+            _upload(loaded, artifact, target, gzip, message, work)
         return [artifact]
 
     _sweep(overrides, work, one)
 
 
-def _upload(loaded, artifact, out: Path, gzip: bool, message: str | None) -> None:
+def _upload(loaded, artifact, out: Path, gzip: bool, message: str | None, work: Path) -> None:
+    from fishcomp.commands.leaderboard import record
     from fishcomp.config import SubmitConfig
     from fishcomp.stages.submit import kaggle_submit, output_paths
 
@@ -172,7 +175,10 @@ def _upload(loaded, artifact, out: Path, gzip: bool, message: str | None) -> Non
 
     files = output_paths(out, json.loads(artifact.file("summary.json").read_text())["files"], gzip)
     upload = files.get("submission_stg2.csv", files["submission_stg1.csv"])
-    kaggle_submit(upload, message or f"fishcomp {loaded.name} {artifact.key}", (loaded.config.submit or SubmitConfig()).competition)
+    message = message or f"fishcomp {loaded.name} {artifact.key}"
+    kaggle_submit(upload, message, (loaded.config.submit or SubmitConfig()).competition)
+    # Pending until `fishcomp lb --pull` reads Kaggle's score back, matched by this message.
+    record(work, artifact.key, None, note=message, source="upload")
 
 
 @app.command("synth")
@@ -297,13 +303,13 @@ def submit_cli(
     artifact = plan.build(stage_node(plan, loaded, "submit"))
     write_outputs(ctx, artifact, out, gzip)
     if kaggle:
-        _upload(loaded, artifact, out, gzip, message)
+        _upload(loaded, artifact, out, gzip, message, work)
 
 
 @app.command("runs")
 def runs_cli(
     work: WorkOpt = Path("artifacts"),
-    sort: Annotated[str, typer.Option("--sort", help="Column to sort by: valid_logloss, cross_fitted, accuracy, seconds, created, name (test_stg1, test_stg2 with --solution).")] = "created",
+    sort: Annotated[str, typer.Option("--sort", help="Column to sort by: valid_logloss, cross_fitted, accuracy, seconds, created, name (test_stg1, test_stg2 with --solution; public_lb, private_lb once `fishcomp lb` recorded scores).")] = "created",
     solution: Annotated[Optional[Path], typer.Option("--solution", help="The answers, in the submission's format (a solution the competition released, or synthetic data's solution.csv): adds each run's test_stg1 / test_stg2 log loss.")] = None,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
@@ -330,6 +336,42 @@ def diff_cli(
     from fishcomp.commands.diff import compare, show_comparison
 
     show_comparison([compare(run_a, ref, work, split, solution, data, by, resamples, seed) for ref in run_b], fmt.value)
+
+
+@app.command("lb")
+def lb_cli(
+    submission: Annotated[Optional[str], typer.Argument(metavar="SUBMISSION", help="A submission file fishcomp wrote (renamed or gzipped, it is found by its content), or its run as `fishcomp runs` lists it.")] = None,
+    public: Annotated[Optional[float], typer.Argument(metavar="PUBLIC", help="The public leaderboard log loss Kaggle gave it.")] = None,
+    private: Annotated[Optional[float], typer.Option("--private", help="The private leaderboard log loss, once the competition has ended.")] = None,
+    note: Annotated[Optional[str], typer.Option("--note", help="Anything to remember about this upload.")] = None,
+    pull: Annotated[bool, typer.Option("--pull", help="Read this account's scores with the kaggle CLI and record those of this cache's submissions (matched by the key `--kaggle` puts in the message, or by an upload's message).")] = False,
+    competition: Annotated[Optional[str], typer.Option("--competition", help="With --pull: the competition's slug (default: submit.competition's default).")] = None,
+    work: WorkOpt = Path("artifacts"), fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
+) -> None:
+    """Leaderboard scores beside the out-of-fold estimates: record one (SUBMISSION PUBLIC), or read them from Kaggle (--pull); then the table and whether the folds rank runs as the leaderboard does."""
+    from fishcomp.commands.leaderboard import COLUMNS, agreement, pulled, record, scores, table_cells
+    from fishcomp.config import SubmitConfig
+    from fishcomp.console import info, table
+
+    if not work.is_dir():
+        raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
+    if pull and submission is not None:
+        raise FishcompError("give either a submission and its score, or --pull, not both")
+    if submission is not None and public is None and private is None:
+        raise FishcompError(f"give the score Kaggle gave it: fishcomp lb {submission} 0.1234 [--private 0.1234]")
+    if submission is not None:
+        row = record(work, submission, public, private, note)
+        info(f"recorded {row['name']}-{row['key']}: public {row['public']}" + (f", private {row['private']}" if row["private"] is not None else ""))
+    elif pull:
+        info(pulled(work, competition or SubmitConfig().competition))
+    frame = scores(work)
+    if frame.empty:
+        info(f"no leaderboard scores recorded in {work}: `fishcomp lb SUBMISSION SCORE`, or `fishcomp lb --pull` after `--kaggle` uploads")
+        return
+    table(COLUMNS, table_cells(frame), title=f"{len(frame)} submissions on the leaderboard, from {work}", fmt=fmt.value)
+    said = agreement(frame)
+    if said is not None and fmt.value == "table":
+        info(said)
 
 
 @app.command("predict")

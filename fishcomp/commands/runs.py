@@ -21,6 +21,8 @@ STAGES = ("train", "ensemble", "calibrate", "submit")
 COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "vs_best", "accuracy", "seconds", "created", "differs"]
 # With the answers (`--solution`): each run's log loss on each test stage's answered images.
 TEST_COLUMNS = ["test_stg1", "test_stg2"]
+# With scores recorded by `fishcomp lb`: what Kaggle gave each submission.
+LB_COLUMNS = ["public_lb", "private_lb"]
 
 
 def _row(folder: Path, stage: str) -> dict | None:
@@ -66,7 +68,21 @@ def collect_runs(work: Path, keys: set[str] | None = None, solution: Path | None
         rows = [row for row in rows if row["key"] in keys]
     if solution is not None:
         _test_scores(rows, solution)
+    _leaderboard_scores(rows, work)
     return rows
+
+
+def _leaderboard_scores(rows: list[dict], work: Path) -> None:
+    from fishcomp.commands.leaderboard import latest_scores
+
+    recorded = latest_scores(work)
+    for row in rows:
+        if row["stage"] == "submit" and row["key"] in recorded:
+            row["public_lb"], row["private_lb"] = recorded[row["key"]]["public"], recorded[row["key"]]["private"]
+
+
+def has_leaderboard(rows: list[dict]) -> bool:
+    return any("public_lb" in row for row in rows)
 
 
 def _test_files(folder: Path, stage: str) -> list[Path]:
@@ -130,32 +146,35 @@ def _against_best(group: list[dict]) -> None:
         row["vs_best"] = f"{overall['difference']:+.4f} [{overall['low']:+.4f}, {overall['high']:+.4f}]"
 
 
-def columns(with_tests: bool) -> list[str]:
-    """The table's columns; the test scores, with the answers, beside the out-of-fold ones."""
+def columns(with_tests: bool, with_lb: bool = False) -> list[str]:
+    """The table's columns; the test scores (with the answers) and the leaderboard's (where `fishcomp
+    lb` recorded some) beside the out-of-fold ones."""
     after = COLUMNS.index("vs_best") + 1
-    return COLUMNS[:after] + TEST_COLUMNS + COLUMNS[after:] if with_tests else COLUMNS
+    return COLUMNS[:after] + (TEST_COLUMNS if with_tests else []) + (LB_COLUMNS if with_lb else []) + COLUMNS[after:]
 
 
-def sort_rows(rows: list[dict], column: str, with_tests: bool = False) -> list[dict]:
-    names = columns(with_tests)
+def sort_rows(rows: list[dict], column: str, with_tests: bool = False, with_lb: bool = False) -> list[dict]:
+    names = columns(with_tests, with_lb)
     if column not in names:
         from fishcomp.errors import FishcompError
         from fishcomp.suggest import did_you_mean
 
-        hint = " (test_stg1 and test_stg2 need --solution)" if column in TEST_COLUMNS else ""
+        hint = (" (test_stg1 and test_stg2 need --solution)" if column in TEST_COLUMNS else
+                " (no leaderboard score recorded: `fishcomp lb FILE SCORE` or `fishcomp lb --pull`)" if column in LB_COLUMNS else "")
         raise FishcompError(f"--sort {column}: not a column{did_you_mean(column, names)}{hint} (columns: {', '.join(names)})")
     present = [r for r in rows if r.get(column) is not None]
     missing = [r for r in rows if r.get(column) is None]
     return sorted(present, key=lambda r: r[column]) + missing
 
 
-def table_cells(rows: list[dict], with_tests: bool = False) -> list[list]:
+def table_cells(rows: list[dict], with_tests: bool = False, with_lb: bool = False) -> list[list]:
     def number(value, digits=4):
         return "" if value is None else f"{value:.{digits}f}"
 
     return [
         [r["name"], r["stage"], r["key"], number(r["valid_logloss"]), number(r["cross_fitted"]), r.get("vs_best") or "",
          *([number(r.get(split)) for split in TEST_COLUMNS] if with_tests else []),
+         *([number(r.get(score)) for score in LB_COLUMNS] if with_lb else []),
          number(r["accuracy"], 3), number(r["seconds"], 1), r["created"] or "", r["differs"]]
         for r in rows
     ]
