@@ -95,3 +95,11 @@ def diff(a, b, work="artifacts", split: str | None = None, solution=None, data="
 
     result = compare(str(a), str(b), Path(work), split, solution, Path(data), by, resamples, seed)
     return pd.DataFrame([{**row, "verdict": difference_verdict(row)} for row in result["rows"]]).set_index("scope")
+
+
+def leaderboard(work="artifacts"):
+    """`fishcomp lb`'s table as a pandas DataFrame: each submission with a recorded leaderboard
+    score, its out-of-fold log loss, public and private scores and their gap."""
+    from fishcomp.commands.leaderboard import scores
+
+    return scores(Path(work))

@@ -11,6 +11,8 @@ import pytest
 from helpers import CONFIGS, SMALL, run_cli
 from scipy.stats import spearmanr
 
+import fishcomp
+
 EPS = ("0.005", "0.02", "0.05")
 
 
@@ -64,6 +66,10 @@ def test_a_score_is_matched_to_its_submission_by_content_or_key_and_set_beside_i
     code, stdout, _ = run_cli(["lb", "--work", work], capsys)
     said = " ".join(stdout.split())  # however the console wraps it
     assert "3 scored submissions: Spearman rank correlation of out-of-fold and public log loss +1.00 (the folds rank runs as the leaderboard does)" in said
+
+    # The same table for a notebook.
+    frame = fishcomp.leaderboard(work)
+    assert frame.set_index("key").public.to_dict() == pytest.approx(dict(zip([key for key, _ in built], publics)))
 
     # Rescored (a mistyped number): the newest record wins, in `lb` and in `runs`.
     assert run_cli(["lb", built[0][0], "1.5", "--work", work], capsys)[0] == 0
