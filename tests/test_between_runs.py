@@ -233,9 +233,14 @@ def test_cache_ls_du_and_gc_keep_only_what_the_named_configs_reach(swept, tiny_d
 
     work = tmp_path / "work"
     shutil.copytree(swept, work)
+    # What lives in the work folder but is not the cache's: `--track`'s default MLflow store and
+    # `fishcomp lb`'s scores. Neither is listed, and gc leaves both alone.
+    (work / "mlruns" / "0" / "a1b2").mkdir(parents=True)
+    (work / "mlruns" / "0" / "meta.yaml").write_text("name: fishcomp\n")
+    (work / "leaderboard.csv").write_text("key,name,public,private,recorded,source,note\n")
     code, stdout, _ = run_cli(["cache", "ls", "--work", work, "--format", "csv"], capsys)
     listed = pd.read_csv(io.StringIO(stdout))
-    assert code == 0 and set(listed.stage) >= {"precompute", "train"} and (listed.status == "whole").all()
+    assert code == 0 and set(listed.stage) == {"precompute", "train"} and (listed.status == "whole").all()
     code, stdout, _ = run_cli(["cache", "du", "--work", work], capsys)
     assert code == 0 and "total" in stdout
     keep = ["cache", "gc", "--keep", CONFIGS / "dense.yaml", "--data", tiny_data, "--work", work, *_sets([*QUICK, "train.phases.0.lr=1e-3"])]
@@ -245,6 +250,7 @@ def test_cache_ls_du_and_gc_keep_only_what_the_named_configs_reach(swept, tiny_d
     code, stdout, _ = run_cli(keep, capsys)
     assert code == 0 and "removed" in stdout
     assert len(list((work / "train").glob("dense-*"))) == 1 and len(list((work / "precompute").glob("eff*"))) == 1
+    assert (work / "mlruns" / "0" / "meta.yaml").is_file() and (work / "mlruns" / "0" / "a1b2").is_dir() and (work / "leaderboard.csv").is_file()
 
 
 def test_config_prints_the_resolved_yaml(capsys):

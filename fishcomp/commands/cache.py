@@ -30,8 +30,14 @@ def _size(folder: Path) -> int:
 
 
 def list_artifacts(work: Path) -> list[CachedArtifact]:
+    """Every artifact folder of a registered stage. The work folder also holds what is not the
+    cache's (the MLflow store `mlruns/`, `leaderboard.csv`): never listed, never collected."""
+    import fishcomp.stages  # noqa: F401  (registers every stage)
+    from fishcomp.graph import list_stages
+
     found = []
-    for stage_dir in sorted(p for p in work.iterdir() if p.is_dir()) if work.is_dir() else []:
+    stage_dirs = [work / stage for stage in sorted(list_stages())]
+    for stage_dir in [d for d in stage_dirs if d.is_dir()]:
         for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
             # .tmp-: a build in progress or interrupted; .resume-: the finished folds of one.
             unfinished = folder.name.startswith((".tmp-", ".resume-"))
