@@ -151,3 +151,14 @@ def test_pull_reads_back_the_scores_of_uploads_made_with_kaggle(submissions, tmp
     fake.write_text("#!/bin/sh\necho '403 - Forbidden' >&2\nexit 1\n")
     code, _, stderr = run_cli(["lb", "--pull", "--work", work], capsys)
     assert code == 2 and "kaggle competitions submissions failed: 403 - Forbidden" in stderr
+
+
+def test_a_damaged_leaderboard_file_is_named_by_lb_and_only_costs_runs_its_columns(submissions, tmp_path, capsys):
+    work, _, built = submissions
+    work = shutil.copytree(work, tmp_path / "work")
+    (work / "leaderboard.csv").write_text("something else entirely\n1,2\n")
+    code, _, stderr = run_cli(["lb", "--work", work], capsys)
+    assert code == 2 and "leaderboard.csv lacks the column(s) key, name, public" in stderr and len(stderr.strip().splitlines()) == 1
+    code, stdout, stderr = run_cli(["runs", "--work", work, "--format", "csv"], capsys)
+    assert code == 0 and "no leaderboard columns" in stderr
+    assert "public_lb" not in stdout and all(key in stdout for key, _ in built)

@@ -74,8 +74,14 @@ def collect_runs(work: Path, keys: set[str] | None = None, solution: Path | None
 
 def _leaderboard_scores(rows: list[dict], work: Path) -> None:
     from fishcomp.commands.leaderboard import latest_scores
+    from fishcomp.console import warn
+    from fishcomp.errors import FishcompError
 
-    recorded = latest_scores(work)
+    try:
+        recorded = latest_scores(work)
+    except FishcompError as exc:  # the table is worth having without them
+        warn(f"runs: no leaderboard columns: {exc}")
+        return
     for row in rows:
         if row["stage"] == "submit" and row["key"] in recorded:
             row["public_lb"], row["private_lb"] = recorded[row["key"]]["public"], recorded[row["key"]]["private"]
