@@ -156,6 +156,9 @@ def test_pull_reads_back_the_scores_of_uploads_made_with_kaggle(submissions, tmp
 def test_a_damaged_leaderboard_file_is_named_by_lb_and_only_costs_runs_its_columns(submissions, tmp_path, capsys):
     work, _, built = submissions
     work = shutil.copytree(work, tmp_path / "work")
+    (work / "leaderboard.csv").write_text(f"key,name,public,private,recorded,source,note\n{built[0][0]},linear,0.6O,,,manual,\n")
+    code, _, stderr = run_cli(["lb", "--work", work], capsys)
+    assert code == 2 and "leaderboard.csv: a public score is not a number" in stderr and len(stderr.strip().splitlines()) == 1
     (work / "leaderboard.csv").write_text("something else entirely\n1,2\n")
     code, _, stderr = run_cli(["lb", "--work", work], capsys)
     assert code == 2 and "leaderboard.csv lacks the column(s) key, name, public" in stderr and len(stderr.strip().splitlines()) == 1

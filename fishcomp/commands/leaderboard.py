@@ -99,6 +99,11 @@ def read_ledger(work: Path) -> pd.DataFrame:
     missing = [c for c in LEDGER_COLUMNS if c not in frame.columns]
     if missing:
         raise FishcompError(f"{path} lacks the column(s) {', '.join(missing)}; move it aside")
+    for column in ("public", "private"):  # a hand-edited file may hold anything
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        if (numbers.isna() & frame[column].notna()).any():
+            raise FishcompError(f"{path}: a {column} score is not a number; fix it or move the file aside")
+        frame[column] = numbers
     return frame[LEDGER_COLUMNS]
 
 
