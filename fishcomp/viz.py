@@ -171,6 +171,19 @@ def bar_chart(names: list[str], values: list[float], path: Path, title: str, hig
     return save_figure(figure, path)
 
 
+def score_scatter(x: list[float], y: list[float], names: list[str], path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """One labelled point per run, with the diagonal on which the two scores agree."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    axis.scatter(x, y)
+    for xi, yi, name in zip(x, y, names):
+        axis.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    low, high = min(*x, *y), max(*x, *y)
+    axis.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1)
+    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return save_figure(figure, path)
+
+
 def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
     """Confidence against accuracy, one line per `name: (labels, probabilities)`: the top class's
     probability, binned (scikit-learn's calibration_curve), against how often that class is right.

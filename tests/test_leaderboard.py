@@ -44,7 +44,7 @@ def _ledger_table(stdout: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(stdout[stdout.index("name,key"):]), dtype={"key": str})
 
 
-def test_a_score_is_matched_to_its_submission_by_content_or_key_and_set_beside_its_out_of_fold_estimate(submissions, tmp_path, capsys):
+def test_a_score_is_matched_to_its_submission_by_content_or_key_and_set_beside_its_out_of_fold_estimate(submissions, tmp_path, capsys, tiny_data):
     work, root, built = submissions
     work = shutil.copytree(work, tmp_path / "work")
     # Renamed and gzipped as it was uploaded: found by what it holds.
@@ -66,6 +66,14 @@ def test_a_score_is_matched_to_its_submission_by_content_or_key_and_set_beside_i
     code, stdout, _ = run_cli(["lb", "--work", work], capsys)
     said = " ".join(stdout.split())  # however the console wraps it
     assert "3 scored submissions: Spearman rank correlation of out-of-fold and public log loss +1.00 (the folds rank runs as the leaderboard does)" in said
+
+    # And drawn: `report` plots each submission's public score against its out-of-fold estimate.
+    trained = next((work / "train").glob("linear-*"))
+    code, _, stderr = run_cli(["report", trained, "--data", tiny_data, "--work", work, "--out", tmp_path / "report"], capsys)
+    assert code == 0, stderr
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "leaderboard (3 scored submissions)" in page and "Spearman rank correlation of out-of-fold and public log loss +1.00" in page
+    assert (tmp_path / "report" / "leaderboard.png").stat().st_size > 5000  # a drawn figure, not an empty canvas
 
     # The same table for a notebook.
     frame = fishcomp.leaderboard(work)

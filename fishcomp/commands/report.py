@@ -435,6 +435,27 @@ def dataset_section(ctx: Context, out: Path) -> Section:
 # -- the page -------------------------------------------------------------------------------------
 
 
+def leaderboard_section(work: Path, out: Path) -> Section | None:
+    """The leaderboard scores `fishcomp lb` recorded, against the out-of-fold estimates: the plot
+    Kaggle competitors keep by hand. None without any."""
+    from fishcomp.commands.leaderboard import agreement, scores
+
+    table = scores(work)
+    scored = table.dropna(subset=["valid_logloss", "public"])
+    if scored.empty:
+        return None
+    section = Section(title=f"leaderboard ({len(scored)} scored submissions)")
+    said = agreement(table)
+    if said is not None:
+        section.notes.append(said)
+    section.tables.append(("scores", table))
+    names = [f"{name}-{key[:4]}" for name, key in zip(scored.name, scored.key)]
+    figure = viz.score_scatter(scored.valid_logloss.astype(float).tolist(), scored.public.astype(float).tolist(), names, out / "leaderboard.png",
+                               "public leaderboard against out of fold", "out-of-fold log loss (clipped)", "public log loss")
+    section.figures.append((figure.name, "each submission's public score against its out-of-fold estimate; on the dashed line they agree"))
+    return section
+
+
 def _table_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0, classes="table")
 
@@ -481,6 +502,9 @@ def report(ctx: Context, specs: list[str], out: Path, include_dataset: bool = Tr
                 sections.append(train_section(ctx, item, out, prefix))
             if item.calibration is not None:
                 sections.append(calibration_section(item, out, prefix))
+    board = leaderboard_section(ctx.work_dir, out)
+    if board is not None:
+        sections.append(board)
     page = write_page(sections, out)
     info(f"report     wrote   {page}")
     return page
