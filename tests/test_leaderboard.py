@@ -173,3 +173,16 @@ def test_a_damaged_leaderboard_file_is_named_by_lb_and_only_costs_runs_its_colum
     code, stdout, stderr = run_cli(["runs", "--work", work, "--format", "csv"], capsys)
     assert code == 0 and "no leaderboard columns" in stderr
     assert "public_lb" not in stdout and all(key in stdout for key, _ in built)
+
+
+def test_gc_keeps_the_submissions_on_the_leaderboard(submissions, tmp_path, capsys, tiny_data):
+    work, _, built = submissions
+    work = shutil.copytree(work, tmp_path / "work")
+    assert run_cli(["lb", built[1][0], "0.7", "--work", work], capsys)[0] == 0
+    # Keep the first clip's graph only: the second submission has a score, the third none.
+    keep = ["cache", "gc", "--keep", CONFIGS / "linear.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, f"submit.clip.eps={EPS[0]}"])]
+    code, stdout, stderr = run_cli(keep, capsys)
+    assert code == 0, stderr
+    assert "removed 1 artifact(s)" in stdout and "and 1 submission(s) on the leaderboard (fishcomp lb)" in stdout
+    left = {folder.name.rsplit("-", 1)[1] for folder in (work / "submit").glob("linear-*")}
+    assert left == {built[0][0], built[1][0]}

@@ -52,12 +52,18 @@ def list_artifacts(work: Path) -> list[CachedArtifact]:
 
 def collect_garbage(ctx: Context, keep: list[LoadedConfig], dry_run: bool = False) -> list[CachedArtifact]:
     """Remove every artifact no `keep` config reaches (each config's whole graph, as `run` would
-    build it), every unfinished temporary folder, and stale lock files."""
+    build it), every unfinished temporary folder, and stale lock files. A submission `fishcomp lb`
+    recorded (scored, or uploaded with `--kaggle`) stays: it is the competitor's record of what
+    scored what, and takes kilobytes."""
+    from fishcomp.commands.leaderboard import read_ledger
     from fishcomp.pipeline import resolver
 
     plan = resolver(ctx)
     wanted = {(node.stage.name, node.key) for loaded in keep for node in plan.walk(plan.target(loaded))}
-    doomed = [a for a in list_artifacts(ctx.work_dir) if (a.stage, a.key) not in wanted or a.status != "whole"]
+    scored = {("submit", key) for key in read_ledger(ctx.work_dir).key}
+    listed = list_artifacts(ctx.work_dir)
+    doomed = [a for a in listed if (a.stage, a.key) not in wanted | scored or a.status != "whole"]
+    held = [a for a in listed if (a.stage, a.key) in scored - wanted and a.status == "whole"]
     for artifact in doomed:
         if not dry_run:
             shutil.rmtree(artifact.path, ignore_errors=True)
@@ -65,5 +71,6 @@ def collect_garbage(ctx: Context, keep: list[LoadedConfig], dry_run: bool = Fals
     verb = "would remove" if dry_run else "removed"
     for artifact in doomed:
         info(f"{verb} {artifact.path} ({artifact.bytes / 2**20:.1f} MiB, {artifact.status})")
-    info(f"cache gc: {verb} {len(doomed)} artifact(s), {freed / 2**20:.1f} MiB; kept {len(wanted)} reached by {len(keep)} config(s)")
+    also = f" and {len(held)} submission(s) on the leaderboard (fishcomp lb)" if held else ""
+    info(f"cache gc: {verb} {len(doomed)} artifact(s), {freed / 2**20:.1f} MiB; kept {len(wanted)} reached by {len(keep)} config(s){also}")
     return doomed
