@@ -87,8 +87,16 @@ def test_a_score_is_matched_to_its_submission_by_content_or_key_and_set_beside_i
     assert set(scored.stage) == {"submit"} and list(scored.key) == [built[0][0], built[1][0], built[2][0]]  # 1.5 lowest
     assert scored.public_lb.tolist() == pytest.approx([1.5, publics[1], publics[2]], abs=1e-4)
     assert runs.loc[runs.key == built[1][0], "private_lb"].item() == 0.9
-    # The three submissions differ in their clip alone, and the table says so.
+    # The three submissions differ in their clip alone, and the table says so; one built before
+    # submit artifacts kept their config compares with nothing rather than differing in everything.
     assert sorted(scored.differs) == [f"submit.clip.eps={eps}" for eps in EPS]
+    older = next(work.glob(f"submit/linear-{built[2][0]}"))
+    (older / "config.yaml").unlink()
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["files"]["config.yaml"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    runs = pd.read_csv(io.StringIO(run_cli(["runs", "--work", work, "--format", "csv"], capsys)[1]), dtype={"key": str}, keep_default_na=False).set_index("key")
+    assert [runs.loc[key, "differs"] for key, _ in built] == [f"submit.clip.eps={EPS[0]}", f"submit.clip.eps={EPS[1]}", ""]
     code, stdout, _ = run_cli(["lb", "--work", work], capsys)
     rho = spearmanr([valid for _, valid in built], [1.5, *publics[1:]]).statistic
     assert rho < 0.7  # the rescored run, ranked first now, is not the folds' first

@@ -59,10 +59,13 @@ def collect_runs(work: Path, keys: set[str] | None = None, solution: Path | None
     for row in rows:
         groups.setdefault((row["name"], row["stage"]), []).append(row)
     for group in groups.values():
-        every = set().union(*(r["settings"] for r in group))
-        varying = sorted(k for k in every if len({r["settings"].get(k) for r in group}) > 1)
+        # An artifact built before its stage kept its config has none to compare: every setting
+        # would "differ" from it, so it is left out of the comparison (its differs stays empty).
+        known = [r for r in group if r["settings"]]
+        every = set().union(*(r["settings"] for r in known))
+        varying = sorted(k for k in every if len({r["settings"].get(k) for r in known}) > 1)
         for row in group:
-            row["differs"] = " ".join(f"{k}={row['settings'].get(k, '-')}" for k in varying)
+            row["differs"] = " ".join(f"{k}={row['settings'].get(k, '-')}" for k in varying) if row["settings"] else ""
         _against_best(group)
     if keys is not None:
         rows = [row for row in rows if row["key"] in keys]
