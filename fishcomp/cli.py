@@ -167,6 +167,7 @@ def run_cli(
 def _upload(loaded, artifact, out: Path, gzip: bool, message: str | None, work: Path) -> None:
     from fishcomp.commands.leaderboard import record
     from fishcomp.config import SubmitConfig
+    from fishcomp.console import warn
     from fishcomp.stages.submit import kaggle_submit, output_paths
 
     if artifact.stage != "submit":
@@ -178,7 +179,10 @@ def _upload(loaded, artifact, out: Path, gzip: bool, message: str | None, work: 
     message = message or f"fishcomp {loaded.name} {artifact.key}"
     kaggle_submit(upload, message, (loaded.config.submit or SubmitConfig()).competition)
     # Pending until `fishcomp lb --pull` reads Kaggle's score back, matched by this message.
-    record(work, artifact.key, None, note=message, source="upload")
+    try:
+        record(work, artifact.key, None, note=message, source="upload")
+    except FishcompError as exc:  # the upload went through; say so rather than fail after it
+        warn(f"uploaded, but not recorded for `fishcomp lb --pull`: {exc}")
 
 
 @app.command("synth")
@@ -349,9 +353,9 @@ def lb_cli(
     work: WorkOpt = Path("artifacts"), fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
     """Leaderboard scores beside the out-of-fold estimates: record one (SUBMISSION PUBLIC), or read them from Kaggle (--pull); then the table and whether the folds rank runs as the leaderboard does."""
-    from fishcomp.commands.leaderboard import COLUMNS, agreement, pulled, record, scores, table_cells
+    from fishcomp.commands.leaderboard import pulled, record, show_scores
     from fishcomp.config import SubmitConfig
-    from fishcomp.console import info, table
+    from fishcomp.console import info
 
     if not work.is_dir():
         raise FishcompError(f"no artifact folder {work}; pass --work, or run something first")
@@ -364,14 +368,7 @@ def lb_cli(
         info(f"recorded {row['name']}-{row['key']}: public {row['public']}" + (f", private {row['private']}" if row["private"] is not None else ""))
     elif pull:
         info(pulled(work, competition or SubmitConfig().competition))
-    frame = scores(work)
-    if frame.empty:
-        info(f"no leaderboard scores recorded in {work}: `fishcomp lb SUBMISSION SCORE`, or `fishcomp lb --pull` after `--kaggle` uploads")
-        return
-    table(COLUMNS, table_cells(frame), title=f"{len(frame)} submissions on the leaderboard, from {work}", fmt=fmt.value)
-    said = agreement(frame)
-    if said is not None and fmt.value == "table":
-        info(said)
+    show_scores(work, fmt.value)
 
 
 @app.command("predict")

@@ -164,6 +164,12 @@ def test_pull_reads_back_the_scores_of_uploads_made_with_kaggle(submissions, tmp
     code, stdout, _ = run_cli(["lb", "--pull", "--work", work], capsys)
     assert "(0 new scores, 1 not scored yet)" in stdout and len(pd.read_csv(work / "leaderboard.csv")) == rows
 
+    # An upload that went through is not failed afterwards by a ledger it cannot write to.
+    (work / "leaderboard.csv").write_text("not a ledger\n")
+    code, _, stderr = run_cli([*submit, *_sets(["submit.clip.eps=0.05"]), "--kaggle"], capsys)
+    assert code == 0 and "uploaded, but not recorded for `fishcomp lb --pull`" in stderr
+    assert calls.read_text().splitlines()[-1].split()[:2] == ["competitions", "submit"]
+
     fake.write_text("#!/bin/sh\necho '403 - Forbidden' >&2\nexit 1\n")
     code, _, stderr = run_cli(["lb", "--pull", "--work", work], capsys)
     assert code == 2 and "kaggle competitions submissions failed: 403 - Forbidden" in stderr

@@ -275,3 +275,17 @@ def table_cells(table: pd.DataFrame) -> list[list]:
         return value
 
     return [[cell(column, value) for column, value in zip(COLUMNS, row)] for row in table.itertuples(index=False)]
+
+
+def show_scores(work: Path, fmt: str = "table") -> None:
+    """`fishcomp lb`'s table and, for people, the agreement in words."""
+    from fishcomp.console import info, table
+
+    frame = scores(work)
+    if frame.empty:
+        info(f"no leaderboard scores recorded in {work}: `fishcomp lb SUBMISSION SCORE`, or `fishcomp lb --pull` after `--kaggle` uploads")
+        return
+    table(COLUMNS, table_cells(frame), title=f"{len(frame)} submissions on the leaderboard, from {work}", fmt=fmt)
+    said = agreement(frame)
+    if said is not None and fmt == "table":
+        info(said)
