@@ -247,17 +247,22 @@ class Embedder:
     the model on its device in channels_last, the weights' own normalisation, and autocast (fp16
     on a GPU, bf16 on a CPU that has it; see PrecomputeConfig.precision). `embed` takes (N, H, W, 3) uint8 batches as `image_batches` yields them."""
 
-    def __init__(self, precompute, device):
+    def __init__(self, precompute, device, frozen: bool = True):
         import torch
 
         from fishcomp.models.backbones import create_backbone
+        from fishcomp.models.folding import folded_copy_if_equal
 
         self.backbone = create_backbone(precompute)
         self.device = device
-        self.model = self.backbone.model.to(device).to(memory_format=torch.channels_last)
+        self.autocast_dtype = autocast_dtype(precompute.precision, device)
+        model = self.backbone.model
+        if frozen and self.autocast_dtype is None:
+            # Same features to float32 rounding, without batch norm as an operation of its own.
+            model, _ = folded_copy_if_equal(model)
+        self.model = model.to(device).to(memory_format=torch.channels_last)
         self.mean = torch.tensor(self.backbone.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.backbone.std, device=device).view(1, 3, 1, 1) * 255
-        self.autocast_dtype = autocast_dtype(precompute.precision, device)
         self.cpu_chunk = precompute.cpu_chunk
 
     def images_per_call(self, height: int, width: int, images: int) -> int:

@@ -79,3 +79,37 @@ def test_weights_file_for_another_model(tmp_path):
     torch.save({"conv.weight": torch.zeros(3)}, path)
     with pytest.raises(FishcompError, match="not weights for efficientnet_lite0"):
         create_backbone(PrecomputeConfig(weights=str(path)))
+
+
+@pytest.mark.parametrize("name", OFFLINE_BACKBONES)
+def test_a_frozen_float32_pass_folds_every_batch_norm_and_sees_the_same(name):
+    """Folding a norm into its convolution reorders a few float32 operations per layer: about
+    1e-7 relative each, some 50 layers deep, so well under 1e-5 on the features, while a norm
+    folded wrongly would move them by order 1. The cat stays a cat."""
+    from skimage.data import chelsea
+
+    from fishcomp.features import Embedder
+
+    config = PrecomputeConfig(backbone=name, weights="offline", precision="fp32")
+    plain = create_backbone(config)
+    folded = Embedder(config, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    x = torch.from_numpy(np.asarray(Image.fromarray(chelsea()).resize((320, 240)), dtype=np.float32)).permute(2, 0, 1)[None]
+    x = (x / 255 - torch.tensor(plain.mean)[:, None, None]) / torch.tensor(plain.std)[:, None, None]
+    with torch.inference_mode():
+        reference, features = plain.model.forward_features(x), folded.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+    assert float((features - reference).norm() / reference.norm()) < 1e-5
+    folded.backbone.model = folded.model  # classify() reads the backbone's model
+    assert 281 <= int(classify(folded.backbone, Image.fromarray(chelsea()), name).argmax()) <= 285
+
+
+def test_fine_tuning_and_reduced_precision_keep_their_batch_norms():
+    from fishcomp.features import Embedder
+
+    def norms(embedder):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in embedder.model.modules())
+
+    fp32 = PrecomputeConfig(weights="offline", precision="fp32")
+    assert norms(Embedder(fp32, torch.device("cpu"), frozen=False)) > 0  # trained: its statistics move
+    bf16 = PrecomputeConfig(weights="offline", precision="bf16")
+    assert norms(Embedder(bf16, torch.device("cpu"))) > 0  # folded weights would round otherwise in bf16

@@ -67,7 +67,7 @@ class FinetuneFolds:
         trainable, under a fresh head from the registry."""
         from fishcomp.models.heads import create_head
 
-        self.embedder = Embedder(self.precompute, self.data.device)
+        self.embedder = Embedder(self.precompute, self.data.device, frozen=False)
         for parameter in self.embedder.model.parameters():
             parameter.requires_grad_(True)
         head = create_head(self.head, (self.embedder.num_features,), len(self.data.classes)).to(self.data.device)
