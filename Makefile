@@ -54,6 +54,7 @@ compare: install $(COMPARE_DATA)/train ## Train every head on COMPARE_DATA, prin
 bench: install ## Run the benchmark scripts (each ends with ratio=... target=...)
 	$(BIN)/python scripts/bench_precompute.py
 	$(BIN)/python scripts/bench_backbone_calls.py
+	$(BIN)/python scripts/bench_folding.py
 	$(BIN)/python scripts/bench_rerun.py --data $(DATA)
 	$(BIN)/python scripts/bench_heads.py
 	$(BIN)/python scripts/bench_map_heads.py

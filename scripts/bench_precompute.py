@@ -36,11 +36,12 @@ def make_data(root: Path, images: int) -> Path:
 
 
 def bare_backbone(size: tuple[int, int], images: int, precision: str = "auto", per_call: int | None = None,
-                  backbone: str = "efficientnet_lite0") -> float:
+                  backbone: str = "efficientnet_lite0", folded: bool = True) -> float:
     """Images per second of forward_features + pooling on random tensors, in the arithmetic the
     stage uses (`precision`, resolved as precompute resolves it), `per_call` images a call (None:
     as the stages call the backbone on this machine, `Embedder.images_per_call` of a batch of 32):
-    the ceiling."""
+    the ceiling. `folded=False`: the model with its batch norms as operations of their own (a
+    frozen float32 pass folds them; fishcomp/models/folding.py)."""
     import torch
 
     from fishcomp.config import PrecomputeConfig
@@ -48,7 +49,7 @@ def bare_backbone(size: tuple[int, int], images: int, precision: str = "auto", p
     from fishcomp.features import Embedder
 
     cpu = torch.device("cpu")
-    embedder = Embedder(PrecomputeConfig(backbone=backbone, size=size, precision=precision), cpu)
+    embedder = Embedder(PrecomputeConfig(backbone=backbone, size=size, precision=precision), cpu, frozen=folded)
     model, per_call = embedder.model, per_call or embedder.images_per_call(*size, 32)
     batch = torch.randn(per_call, 3, *size).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(embedder.autocast_dtype, cpu):
