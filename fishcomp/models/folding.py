@@ -2,9 +2,9 @@
 
 A frozen backbone's batch norm is a fixed per-channel scale and shift, so it can live in the
 convolution's weights and bias (`torch.nn.utils.fusion.fuse_conv_bn_weights`) instead of running
-as an operation of its own. On a CPU that operation costs about as much per image as it does
-because it runs apart from the convolution: a profile of the crops stage spent 15 s of 100 in
-batch norm. Folded, a float32 pass computes the same features to float32 rounding.
+as an operation of its own, a pass over the whole activation: a profile of the crops stage spent
+15 s of 100 in batch norm. Folded, a float32 pass computes the same features to float32 rounding,
+faster (scripts/bench_folding.py).
 
 Only blocks whose forward is known to apply the norm right after the convolution are folded:
 timm's EfficientNet family (every backbone with offline weights). Any other backbone is left as it
