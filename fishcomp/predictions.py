@@ -59,12 +59,14 @@ class Predictions:
     def oof_labels(self) -> np.ndarray:
         return self.validated.label.to_numpy()
 
+    @property
+    def validated_cross_fitted(self) -> pd.DataFrame:
+        """The validated rows, cross-fitted where they were kept, else their own (a single head's
+        out-of-fold rows are already fitted without their fold)."""
+        return self.validated if self.cross_fitted is None else self.cross_fitted[self.cross_fitted.fold >= 0]
+
     def cross_fitted_probs(self) -> np.ndarray:
-        """The validated rows' cross-fitted probabilities, or their own where none were kept (a
-        single head's out-of-fold rows are already fitted without their fold)."""
-        if self.cross_fitted is None:
-            return self.oof_probs()
-        return self.cross_fitted.loc[(self.cross_fitted.fold >= 0).to_numpy(), self.classes].to_numpy(dtype=np.float64)
+        return self.validated_cross_fitted[self.classes].to_numpy(dtype=np.float64)
 
     def oof_logloss(self) -> float:
         return log_loss(self.oof_labels(), self.oof_probs())

@@ -71,8 +71,7 @@ def oof_table(predictions: Predictions, name: str) -> pd.DataFrame:
     indexed by image; the cross-fitted ones where the artifact has them (a blend or calibration
     fitted on its own out-of-fold rows scores better on them than it would on new ones). An image
     twice is an error."""
-    frame = predictions.oof if predictions.cross_fitted is None else predictions.cross_fitted
-    frame = frame[frame.fold >= 0]
+    frame = predictions.validated_cross_fitted
     if frame.image.duplicated().any():
         raise FishcompError(f"{name}: an image has more than one out-of-fold row, so its rows are not one prediction per image")
     return frame.set_index("image")

@@ -107,7 +107,9 @@ def read_ledger(work: Path) -> pd.DataFrame:
     return frame[LEDGER_COLUMNS]
 
 
-def _write_ledger(work: Path, frame: pd.DataFrame) -> None:
+def _append(work: Path, ledger: pd.DataFrame, rows: list[dict]) -> None:
+    """`ledger` with `rows` after it, written whole or not at all."""
+    frame = pd.concat([ledger, pd.DataFrame(rows)], ignore_index=True) if len(ledger) else pd.DataFrame(rows)
     buffer = io.StringIO()
     frame[LEDGER_COLUMNS].to_csv(buffer, index=False)
     write_atomic(work / LEDGER, buffer.getvalue())
@@ -135,7 +137,7 @@ def record(work: Path, ref: str, public: float | None, private: float | None = N
         "recorded": datetime.now().isoformat(timespec="seconds"), "source": source, "note": note or "",
     }
     ledger = read_ledger(work)
-    _write_ledger(work, pd.concat([ledger, pd.DataFrame([row])], ignore_index=True) if len(ledger) else pd.DataFrame([row]))
+    _append(work, ledger, [row])
     return row
 
 
@@ -203,7 +205,7 @@ def pull(work: Path, competition: str) -> dict:
         rows.append({"key": key, "name": _name(folders[key]), "public": public, "private": private,
                      "recorded": datetime.now().isoformat(timespec="seconds"), "source": "kaggle", "note": f"{entry.date} {entry.description}".strip()})
     if rows:
-        _write_ledger(work, pd.concat([ledger, pd.DataFrame(rows)], ignore_index=True) if len(ledger) else pd.DataFrame(rows))
+        _append(work, ledger, rows)
     counts["new"] = len(rows)
     return counts
 
@@ -218,32 +220,41 @@ def pulled(work: Path, competition: str) -> str:
     return said
 
 
+def _newest(ledger: pd.DataFrame) -> dict[str, tuple[pd.Series, bool]]:
+    """Each submission's newest scored record, or its newest record where none has a score (an
+    upload not scored yet): key -> (record, scored)."""
+    newest = {}
+    for key, records in ledger.groupby("key", sort=False):
+        scored = records[records.public.notna() | records.private.notna()]
+        newest[key] = ((scored if len(scored) else records).iloc[-1], bool(len(scored)))
+    return newest
+
+
+def _number_or_none(value) -> float | None:
+    return None if pd.isna(value) else float(value)
+
+
 def latest_scores(work: Path) -> dict[str, dict]:
-    """Each submission's newest scored record (key -> public, private), for `fishcomp runs`."""
-    ledger = read_ledger(work)
-    scored = ledger[ledger.public.notna() | ledger.private.notna()]
-    return {row.key: {"public": None if pd.isna(row.public) else float(row.public), "private": None if pd.isna(row.private) else float(row.private)}
-            for row in scored.itertuples()}  # later rows overwrite earlier ones: the newest wins
+    """Each scored submission's newest scores (key -> public, private), for `fishcomp runs`."""
+    return {key: {"public": _number_or_none(record.public), "private": _number_or_none(record.private)}
+            for key, (record, scored) in _newest(read_ledger(work)).items() if scored}
 
 
 def scores(work: Path) -> pd.DataFrame:
     """One row per submission with a record: its out-of-fold log loss (clipped, as submitted)
     beside its newest scores; an upload not scored yet shows as pending."""
-    ledger = read_ledger(work)
     folders = {f.name.rsplit("-", 1)[1]: f for f in _submissions(work)}
     rows = []
-    for key, records in ledger.groupby("key", sort=False):
-        scored = records[records.public.notna() | records.private.notna()]
-        newest = (scored if len(scored) else records).iloc[-1]
+    for key, (newest, scored) in _newest(read_ledger(work)).items():
         folder = folders.get(key)
         summary = json.loads((folder / "summary.json").read_text()) if folder is not None and (folder / "summary.json").is_file() else {}
         valid = summary.get("oof_logloss_clipped")
-        public = None if pd.isna(newest.public) else float(newest.public)
+        public = _number_or_none(newest.public)
         rows.append({
             "name": newest["name"], "key": key, "valid_logloss": valid, "public": public,
-            "private": None if pd.isna(newest.private) else float(newest.private),
+            "private": _number_or_none(newest.private),
             "public_minus_valid": None if public is None or valid is None else public - valid,
-            "recorded": newest.recorded, "source": "pending" if not len(scored) else newest.source,
+            "recorded": newest.recorded, "source": newest.source if scored else "pending",
             "note": "" if pd.isna(newest.note) else newest.note,
         })
     return pd.DataFrame(rows, columns=COLUMNS)
