@@ -172,6 +172,13 @@ class LinearHeadConfig(Strict):
     # choose a weaker penalty than one probe would: better on the test images, worse out of fold
     # (docs/results.md). Each costs one more fit per strength. None: one probe scores them.
     inner_bag: int | None = Field(None, ge=2)
+    # No feature's scale below this fraction of the median feature's. A pooled feature nearly
+    # constant over a fold's training rows (a channel that fires on one image, or only in its
+    # precision's rounding) would otherwise be divided by almost nothing, and a validation or test
+    # image on which it fires (a new boat) gets a standardised value in the thousands, which any
+    # non-zero weight turns into a confident wrong answer (docs/results.md). 0: the rows' own
+    # standard deviations, as before session 32.
+    scale_floor: float = Field(0.1, ge=0.0, le=1.0)
 
     @property
     def input(self) -> str:

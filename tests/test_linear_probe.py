@@ -196,3 +196,30 @@ def test_a_probe_run_with_an_inner_bag_records_both_scores_and_draws_them(tiny_d
     np.testing.assert_array_equal(chosen.sort_index().to_numpy(), bagged.loc[bagged.groupby("fold").inner_logloss.idxmin()].sort_values("fold").strength)
     figure = viz.training_curves(frames["bagged"], tmp_path / "curves.png")
     assert Image.open(figure).size[0] > 0
+
+
+def test_a_feature_nearly_constant_in_training_cannot_make_a_new_image_confidently_wrong():
+    """A pooled channel that is zero on every training image but one, where it is at rounding
+    level (1e-3), is divided by its standard deviation, ~1e-3 / sqrt(160). An image on which the
+    channel really fires (1.0, a new boat) then gets a standardised value of ~12,600: any weight the
+    probe gave that one row's channel (up to C x 12.6 at stationarity, 0.1 here) moves its logits by
+    hundreds. With the scale floored at a tenth of the median feature's (~0.18 on these blobs) the
+    training row's value is ~0.006, so the weight is at most C x (0.006 + 160 x 4e-5) ~ 1e-3 and the
+    firing image's ~5.5 moves each logit by < 0.01: its probabilities by less than that."""
+    from fishcomp.config import LinearHeadConfig
+    from fishcomp.training.linear import ProbeRows, fit_fold_probe
+
+    x, y = _blobs(5, n=200)
+    spike = np.zeros((len(x), 1))
+    spike[7] = 1e-3  # one training image
+    x = np.hstack([x, spike])
+    train, new = np.arange(160), x[160:].copy()
+    fired = new.copy()
+    fired[:, -1] = 1.0
+    moved = {}
+    for floor in (0.0, 0.1):
+        probe = fit_fold_probe(ProbeRows(x, [], y), train, LinearHeadConfig(strengths=[0.1], scale_floor=floor), seed=0, fold=0,
+                               classes=4, records=[], started=0.0)
+        moved[floor] = np.abs(probe.predict(fired, 4) - probe.predict(new, 4)).max()
+    assert moved[0.1] < 0.01
+    assert moved[0.0] > 0.5  # the rows' own deviations, as before the floor

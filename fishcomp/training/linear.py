@@ -129,9 +129,11 @@ class FoldProbe:
                 "classifier.weight": torch.from_numpy(weight), "classifier.bias": torch.from_numpy(bias)}
 
 
-def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, scale) each probe reads its rows through: its own training rows' per feature."""
-    return x.mean(axis=0), x.std(axis=0) + 1e-6
+def _standardisation(x: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) each probe reads its rows through: its own training rows' per feature, each
+    scale at least `floor` times the median feature's (`head.scale_floor`)."""
+    std = x.std(axis=0)
+    return x.mean(axis=0), np.maximum(std, floor * np.median(std)) + 1e-6
 
 
 @dataclass
@@ -154,7 +156,7 @@ class InnerBag:
         self.members = []
         for left_out in range(len(parts)):
             x, y = rows(np.concatenate([part for number, part in enumerate(parts) if number != left_out]))
-            mean, scale = _standardisation(x)
+            mean, scale = _standardisation(x, head.scale_floor)
             self.members.append(_BagMember((x - mean) / scale, y, mean, scale))
 
     def fit(self, strength: float) -> None:
@@ -212,7 +214,7 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
         inner_valid = order[: max(1, round(len(order) * head.inner_fraction))]
         inner_train = order[len(inner_valid):]
         x_inner, y_inner = rows(inner_train)
-        mean, scale = _standardisation(x_inner)
+        mean, scale = _standardisation(x_inner, head.scale_floor)
         bag = InnerBag(rows, inner_train, head, [seed, fold, 31, repeat], classes) if head.inner_bag else None
         fitted, model = {}, None
         for number, strength in enumerate(strengths, start=1):
@@ -229,7 +231,7 @@ def fit_fold_probe(rows: ProbeRows, train: np.ndarray, head, seed: int, fold: in
         splits.append((np.sort(inner_train), np.sort(inner_valid), mean, scale, fitted))
     best = min(strengths, key=lambda strength: float(np.mean(scores[strength])))
     x, y = rows(train)
-    mean, scale = _standardisation(x)
+    mean, scale = _standardisation(x, head.scale_floor)
     # The refit on all the fold's images starts from the first inner fit at the chosen strength:
     # the same convex problem on 25 % more rows (at `refit_scale` times the strength, a nearby
     # one), so L-BFGS starts near its optimum.
