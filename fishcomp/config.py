@@ -233,6 +233,12 @@ class DenseHeadConfig(_DenseFamily):
     """The lesson's dense head: BN, dropout p/4, 2 x (Dense, BN, dropout), softmax."""
 
     kind: Literal["dense"] = "dense"
+    # The input norm's scales, at evaluation, at least this fraction of the median channel's (None:
+    # the running statistics as they are). A channel nearly constant on the training rows has a
+    # running deviation near zero, and an image where it fires (a new boat) reaches the first
+    # dense layer hundreds of deviations out, through weights that never learned anything but
+    # their initial values; as the probes' `scale_floor` (docs/results.md).
+    input_floor: float | None = Field(0.1, ge=0.0, le=1.0)
 
 
 class GapHeadConfig(Strict):

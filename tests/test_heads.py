@@ -343,3 +343,32 @@ def test_a_class_map_box_outlines_the_peak_region_of_the_most_probable_fish_clas
     np.testing.assert_allclose(boxes[2], [0, 0, 1, 1])
     # Without a background class the brightest map (NoF's here) is used.
     assert (np.abs(class_map_boxes(maps[:1], probs[:1])[0] - [0, 0, 1 / 5, 1 / 3]) <= tolerance).all()
+
+
+def test_a_channel_silent_in_training_reaches_the_dense_layers_at_most_ten_median_deviations_out():
+    """The dense head's input norm (`head.input_floor`, 0.1): trained on rows where one channel is
+    always 0, its running variance for that channel is ~0 and a plain batch norm would pass a
+    firing value of 1.0 on as 1 / sqrt(eps) ~ 316; floored at a tenth of the median channel's
+    running deviation (~1 on unit-normal rows) it arrives at ~10. Training steps use the batch's
+    own statistics either way, so the two heads' training outputs are the same."""
+    torch.manual_seed(0)
+    heads = {floor: create_head(DenseHeadConfig(input_floor=floor), (16,), 4) for floor in (None, 0.1)}
+    heads[0.1].load_state_dict(heads[None].state_dict())
+    rows = torch.randn(256, 16)
+    rows[:, 3] = 0.0
+    for head in heads.values():
+        head.train()
+        for _ in range(250):  # the silent channel's running variance decays from 1 by 0.9 a step: 0.9^250 ~ 4e-12
+            head(rows[torch.randperm(256)[:64]])
+    torch.manual_seed(1)
+    batch = rows[:64]
+    outs = {}
+    for floor, head in heads.items():
+        torch.manual_seed(1)
+        outs[floor] = head(batch)["logits"]
+    torch.testing.assert_close(outs[0.1], outs[None])
+    fired = torch.zeros(1, 16)
+    fired[0, 3] = 1.0
+    normed = {floor: head.eval().trunk[1](fired)[0, 3].item() for floor, head in heads.items()}
+    assert normed[None] > 250  # 1 / sqrt(4e-12 + 1e-5)
+    assert 5 < normed[0.1] < 15

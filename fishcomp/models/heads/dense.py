@@ -28,8 +28,24 @@ def _start_at_zero(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
+class FlooredBatchNorm1d(nn.BatchNorm1d):
+    """Batch norm whose evaluation-time variances are at least (`floor` x the median channel's
+    running deviation) squared; training uses the batch's statistics as any batch norm does."""
+
+    def __init__(self, features: int, floor: float):
+        super().__init__(features)
+        self.floor = floor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.running_var is None:
+            return super().forward(x)
+        variance = self.running_var.clamp_min((self.floor * self.running_var.sqrt().median()) ** 2)
+        return nn.functional.batch_norm(x, self.running_mean, variance, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class DenseTrunk(nn.Sequential):
-    def __init__(self, in_shape: tuple[int, ...], input_kind: str, dropout: float, hidden: int, reduce: int | None = None):
+    def __init__(self, in_shape: tuple[int, ...], input_kind: str, dropout: float, hidden: int, reduce: int | None = None,
+                 input_floor: float | None = None):
         if input_kind == "map":
             channels, height, width = in_shape
             # ceil_mode keeps odd-sized maps (e.g. 12x20 from 360x640) whole.
@@ -42,7 +58,7 @@ class DenseTrunk(nn.Sequential):
             pool, flat = [], in_shape[0]
         p = dropout
         super().__init__(
-            *pool, nn.Flatten(), nn.BatchNorm1d(flat), nn.Dropout(p / 4),
+            *pool, nn.Flatten(), nn.BatchNorm1d(flat) if input_floor is None else FlooredBatchNorm1d(flat, input_floor), nn.Dropout(p / 4),
             nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(p),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.BatchNorm1d(hidden), nn.Dropout(p / 2),
         )
@@ -53,7 +69,8 @@ class DenseHead(nn.Module):
 
     def __init__(self, config: DenseHeadConfig, in_shape: tuple[int, ...], num_classes: int, **_):
         super().__init__()
-        self.trunk = DenseTrunk(in_shape, config.input, config.dropout, config.hidden, config.reduce)
+        # Only the dense head's own config has `input_floor`; the leakage and bbox heads share its trunk as it was.
+        self.trunk = DenseTrunk(in_shape, config.input, config.dropout, config.hidden, config.reduce, getattr(config, "input_floor", None))
         self.num_features = config.hidden
         self.classifier = nn.Linear(self.num_features, num_classes)
         self.base = None
