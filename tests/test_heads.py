@@ -372,3 +372,22 @@ def test_a_channel_silent_in_training_reaches_the_dense_layers_at_most_ten_media
     normed = {floor: head.eval().trunk[1](fired)[0, 3].item() for floor, head in heads.items()}
     assert normed[None] > 250  # 1 / sqrt(4e-12 + 1e-5)
     assert 5 < normed[0.1] < 15
+
+
+def test_a_dense_checkpoint_saved_before_the_input_floor_is_rebuilt_with_the_norm_it_was_trained_with():
+    """A fold checkpoint's head fields are its config's key payload; one written before
+    `input_floor` existed lacks the field, and its head must evaluate as it did then (the plain
+    norm), while a current one gets the floor it was trained with."""
+    from fishcomp.config import key_payload
+    from fishcomp.models.heads.dense import FlooredBatchNorm1d
+    from fishcomp.training.folds import model_from_checkpoint
+
+    current = key_payload(DenseHeadConfig())
+    old = {name: value for name, value in current.items() if name != "input_floor"}
+    model = create_head(DenseHeadConfig(input_floor=None), (16,), 4)
+    rebuilt = {}
+    for label, fields in (("old", old), ("current", current)):
+        checkpoint = {"state_dict": model.state_dict(), "head": fields, "in_shape": [16], "classes": list("abcd"), "size_vocabulary": []}
+        rebuilt[label] = model_from_checkpoint(checkpoint, torch.device("cpu")).trunk[1]
+    assert type(rebuilt["old"]) is torch.nn.BatchNorm1d
+    assert isinstance(rebuilt["current"], FlooredBatchNorm1d) and rebuilt["current"].floor == 0.1

@@ -713,7 +713,11 @@ def model_from_checkpoint(checkpoint: dict, device):
     from fishcomp.config import HeadConfig
     from fishcomp.models.heads import create_head
 
-    head = TypeAdapter(HeadConfig).validate_python(checkpoint["head"])
+    fields = dict(checkpoint["head"])
+    if fields.get("kind") == "dense":
+        # A dense head saved before `input_floor` existed was trained and evaluated with the plain norm.
+        fields.setdefault("input_floor", None)
+    head = TypeAdapter(HeadConfig).validate_python(fields)
     model = create_head(head, tuple(checkpoint["in_shape"]), len(checkpoint["classes"]), num_sizes=len(checkpoint["size_vocabulary"]) + 1)
     model.load_state_dict(checkpoint["state_dict"])
     if "projection" in checkpoint:  # trained on projected maps: the projection goes in front
