@@ -138,10 +138,12 @@ def test_the_per_class_shift_is_kept_when_asked_or_when_it_wins_out_of_fold(bias
         assert abs(sum(summary["bias"].values())) < 1e-9  # only differences between classes matter
 
 
-def _calibrated_two_probes(tiny_data, tmp_path, capsys, *overrides) -> tuple[list, dict, str]:
-    """A calibrated blend of two probes with fitted weights."""
+def _calibrated_blend(tiny_data, tmp_path, capsys, *overrides) -> tuple[list, dict, str]:
+    """A calibrated blend of the dense head and the dense head on a probe, with fitted weights (two
+    members that differ: on these few images the dense layers on the probe are not kept, so the
+    probe alone would be the second member twice)."""
     config = tmp_path / "two_probes.yaml"
-    members = "".join(f"    - {{config: {CONFIGS / name}}}\n" for name in ("linear.yaml", "dense_probe.yaml"))
+    members = "".join(f"    - {{config: {CONFIGS / name}}}\n" for name in ("dense.yaml", "dense_probe.yaml"))
     config.write_text(f"name: two_probes\nensemble:\n  weights: fitted\n  members:\n{members}calibrate: {{}}\n")
     return _run_calibrated(config, tiny_data, tmp_path, capsys, *overrides)
 
@@ -151,7 +153,7 @@ def test_a_blend_is_calibrated_and_scored_on_rows_its_weights_never_saw(tiny_dat
     fitted on the other folds) scaled by a temperature fitted on the other folds: nothing fitted
     on the rows it is scored on, as for the test images. The blend's own rows, blended by weights
     that saw every fold, would flatter it."""
-    _, summary, _ = _calibrated_two_probes(tiny_data, tmp_path, capsys, "calibrate.bias=false")
+    _, summary, _ = _calibrated_blend(tiny_data, tmp_path, capsys, "calibrate.bias=false")
     blend = next((tmp_path / "work" / "ensemble").glob("two_probes-*"))
     own, crossed = (pd.read_csv(blend / name).query("fold >= 0") for name in ("oof.csv", "oof_cross_fitted.csv"))
     classes = list(own.columns[3:])
@@ -172,7 +174,7 @@ def test_members_trained_before_fold_copies_are_named_and_the_blend_keeps_the_ou
     """A cache from before fishcomp kept each fold model's test predictions: the same artifacts
     without the `*_probs_folds.npy` files (and their manifest without them). The run says which
     members to retrain for the correction, and submits with the fitted T instead of failing."""
-    args = _calibrated_two_probes(tiny_data, tmp_path, capsys)[0]
+    args = _calibrated_blend(tiny_data, tmp_path, capsys)[0]
     old = next((tmp_path / "work" / "train").glob("dense_probe-*"))
     manifest = json.loads((old / "manifest.json").read_text())
     for copies in old.glob("*_probs_folds.npy"):

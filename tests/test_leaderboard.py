@@ -79,13 +79,17 @@ def test_a_score_is_matched_to_its_submission_by_content_or_key_and_set_beside_i
     frame = fishcomp.leaderboard(work)
     assert frame.set_index("key").public.to_dict() == pytest.approx(dict(zip([key for key, _ in built], publics)))
 
-    # Rescored (a mistyped number): the newest record wins, in `lb` and in `runs`.
-    assert run_cli(["lb", built[0][0], "1.5", "--work", work], capsys)[0] == 0
+    # Rescored (a mistyped number): the newest record wins, in `lb` and in `runs`. The folds' best
+    # submission gets the worst public score, so the two rankings disagree from here on.
+    best = min(range(len(built)), key=lambda i: built[i][1])
+    rescored = [round(max(publics) + 0.5, 4) if i == best else public for i, public in enumerate(publics)]
+    assert run_cli(["lb", built[best][0], f"{rescored[best]}", "--work", work], capsys)[0] == 0
     code, stdout, _ = run_cli(["runs", "--work", work, "--format", "csv", "--sort", "public_lb"], capsys)
     runs = pd.read_csv(io.StringIO(stdout), dtype={"key": str})
     scored = runs[runs.public_lb.notna()]
-    assert set(scored.stage) == {"submit"} and list(scored.key) == [built[0][0], built[1][0], built[2][0]]  # 1.5 lowest
-    assert scored.public_lb.tolist() == pytest.approx([1.5, publics[1], publics[2]], abs=1e-4)
+    order = sorted(range(len(built)), key=lambda i: rescored[i])  # lowest (best) public first
+    assert set(scored.stage) == {"submit"} and list(scored.key) == [built[i][0] for i in order]
+    assert scored.public_lb.tolist() == pytest.approx([rescored[i] for i in order], abs=1e-4)
     assert runs.loc[runs.key == built[1][0], "private_lb"].item() == 0.9
     # The three submissions differ in their clip alone, and the table says so; one built before
     # submit artifacts kept their config compares with nothing rather than differing in everything.
@@ -98,8 +102,8 @@ def test_a_score_is_matched_to_its_submission_by_content_or_key_and_set_beside_i
     runs = pd.read_csv(io.StringIO(run_cli(["runs", "--work", work, "--format", "csv"], capsys)[1]), dtype={"key": str}, keep_default_na=False).set_index("key")
     assert [runs.loc[key, "differs"] for key, _ in built] == [f"submit.clip.eps={EPS[0]}", f"submit.clip.eps={EPS[1]}", ""]
     code, stdout, _ = run_cli(["lb", "--work", work], capsys)
-    rho = spearmanr([valid for _, valid in built], [1.5, *publics[1:]]).statistic
-    assert rho < 0.7  # the rescored run, ranked first now, is not the folds' first
+    rho = spearmanr([valid for _, valid in built], rescored).statistic
+    assert rho < 0.7  # the folds' first is the leaderboard's last: -0.5 for three
     assert f"log loss {rho:+.2f} (the folds" in " ".join(stdout.split())
 
 
