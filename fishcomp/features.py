@@ -257,8 +257,7 @@ class Embedder:
         self.device = device
         self.autocast_dtype = autocast_dtype(precompute.precision, device)
         model = self.backbone.model
-        if frozen and self.autocast_dtype is None:
-            # Same features to float32 rounding, without batch norm as an operation of its own.
+        if frozen and folds_norms(self.autocast_dtype):
             model, _ = folded_copy_if_equal(model)
         self.model = model.to(device).to(memory_format=torch.channels_last)
         self.mean = torch.tensor(self.backbone.mean, device=device).view(1, 3, 1, 1) * 255
@@ -329,6 +328,23 @@ def tta_combine(loaded) -> str | None:
     return tta.combine if tta is not None and tta.views > 1 else None
 
 
+def folds_norms(dtype) -> bool:
+    """Whether a frozen pass in `dtype` (None: float32) runs with its batch norms folded into the
+    convolutions (fishcomp/models/folding.py). In float32: the same features to float32 rounding,
+    faster. In bfloat16, whose range is float32's: a different rounding of the same features
+    (each folded weight rounded once, instead of the weight and then the norm's output), as close to
+    float32's as the unfolded pass and faster (docs/results.md, "Norms folded in bf16 passes").
+    Not in float16, whose range a folded weight (scaled by 1/sqrt of a tiny running variance)
+    could leave; on a GPU, where float16 runs, a norm costs little beside the convolutions."""
+    import torch
+
+    return dtype is None or dtype == torch.bfloat16
+
+
 def backbone_precision(precompute: PrecomputeConfig) -> str:
-    """The precision a backbone pass runs in on this machine (fp32, fp16 or bf16), for cache keys."""
-    return precision_name(autocast_dtype(precompute.precision, resolve_device(device_for(precompute.device))))
+    """The precision a backbone pass runs in on this machine (fp32, fp16 or bf16), for cache keys;
+    a bf16 pass with its norms folded rounds differently from one without, so it is keyed apart
+    (a float32 one computes the same features to float32 rounding either way)."""
+    dtype = autocast_dtype(precompute.precision, resolve_device(device_for(precompute.device)))
+    name = precision_name(dtype)
+    return f"{name}, norms folded" if dtype is not None and folds_norms(dtype) else name

@@ -1,13 +1,13 @@
-"""Frozen float32 passes with their batch norms folded into the convolutions, against the same
-passes with the norms as operations of their own.
+"""Frozen passes (float32, and bfloat16 on a CPU that computes it natively) with their batch norms
+folded into the convolutions, against the same passes with the norms as operations of their own.
 
     python scripts/bench_folding.py [--images 48] [--rounds 3]
 
-For each backbone and size the pipeline embeds at, the milliseconds per image of the bare backbone
-in float32 (forward_features and pooling on random tensors, as many images a call as the stages
+For each backbone and size the pipeline embeds at, and each precision a frozen pass folds in, the
+milliseconds per image of the bare backbone (forward_features and pooling on random tensors, as many images a call as the stages
 use on this machine), unfolded and folded, the fastest of --rounds measurements each (alternating,
 so that a drift in this machine's speed touches both alike). Ends with
-`ratio=<folded time / unfolded time, the worst over the sizes> target=1.0`: folding must never
+`ratio=<folded time / unfolded time, the worst over sizes and precisions> target=1.0`: folding must never
 cost time.
 """
 
@@ -26,19 +26,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measurements of each; the fastest is kept")
     args = parser.parse_args()
     from fishcomp.allocator import keep_freed_memory
-    from fishcomp.context import describe_machine
+    from fishcomp.context import cpu_has_bf16, describe_machine
 
     keep_freed_memory()  # as the CLI's processes run: without it each pass also pays for its allocations
     print(f"machine: {describe_machine()}", flush=True)
+    # bf16 on a CPU without it runs emulated, far slower than float32: not a pass anyone runs.
+    precisions = ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
     ratios = []
-    for backbone, size in PASSES:
-        ms = {False: float("inf"), True: float("inf")}
-        for _ in range(args.rounds):
-            for folded in ms:
-                ms[folded] = min(ms[folded], 1000 / bare_backbone(size, args.images, "fp32", backbone=backbone, folded=folded))
-        ratios.append(ms[True] / ms[False])
-        print(f"{backbone} {size[0]}x{size[1]} fp32: unfolded {ms[False]:.1f} ms/img, folded {ms[True]:.1f} ms/img "
-              f"({ms[False] / ms[True]:.2f}x faster)", flush=True)
+    for precision in precisions:
+        for backbone, size in PASSES:
+            ms = {False: float("inf"), True: float("inf")}
+            for _ in range(args.rounds):
+                for folded in ms:
+                    ms[folded] = min(ms[folded], 1000 / bare_backbone(size, args.images, precision, backbone=backbone, folded=folded))
+            ratios.append(ms[True] / ms[False])
+            print(f"{backbone} {size[0]}x{size[1]} {precision}: unfolded {ms[False]:.1f} ms/img, folded {ms[True]:.1f} ms/img "
+                  f"({ms[False] / ms[True]:.2f}x faster)", flush=True)
     print(f"ratio={max(ratios):.3f} target=1.0")
 
 
