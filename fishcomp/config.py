@@ -113,7 +113,8 @@ class PrecomputeConfig(Strict):
     tta: TtaConfig | None = None
     # Arithmetic of the backbone pass. auto: float16 autocast on a GPU, bfloat16 on a CPU that
     # computes it natively (AVX-512 BF16 / AMX: about twice as fast), float32 elsewhere. The
-    # resolved value is in the cache key: features made in bf16 are other features.
+    # resolved value is in the cache key: features made in bf16 are other features. A frozen
+    # float32 or bf16 pass runs with its batch norms folded into the convolutions (faster).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     batch_size: int = _runtime_only(32, ge=1)
     # Images per backbone call on a CPU (a GPU takes the whole batch). auto: about 200,000 pixels

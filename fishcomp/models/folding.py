@@ -1,4 +1,4 @@
-"""Batch norms folded into the convolutions before them, for a frozen backbone's float32 passes.
+"""Batch norms folded into the convolutions before them, for a frozen backbone's float32 and bfloat16 passes.
 
 A frozen backbone's batch norm is a fixed per-channel scale and shift, so it can live in the
 convolution's weights and bias (`torch.nn.utils.fusion.fuse_conv_bn_weights`) instead of running
@@ -8,8 +8,9 @@ faster (scripts/bench_folding.py).
 
 Only blocks whose forward is known to apply the norm right after the convolution are folded:
 timm's EfficientNet family (every backbone with offline weights). Any other backbone is left as it
-is. Passes in bf16 or fp16 are not folded: there the folded weights would be rounded differently,
-and their features would move within that precision's rounding.
+is. A bf16 pass folded rounds differently from one unfolded (the folded weight once, instead of
+the weight and then the norm's output), as close to float32 either way; fp16 passes are not folded
+(fishcomp.features.folds_norms says which).
 """
 
 from __future__ import annotations
