@@ -63,9 +63,9 @@ def _dag(args, capsys, *extra):
 # under SMALL every lite0 pass is 128x224, so the 224 members read one pass, and the 360x640
 # members (their view set: each photo and its mirror image) another, with the map, for fcn and
 # the box source. A node is named after the first config that asks for it.
-LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "crops", "linear_lite2"]
+LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "crops", "linear_lite1"]
 PIPELINE_NODES = {
-    ("precompute", "linear"), ("precompute", "linear_360x640"), ("precompute", "linear_lite2"),
+    ("precompute", "linear"), ("precompute", "linear_360x640"), ("precompute", "linear_lite1"),
     *(("train", m) for m in LIBRARY),
     ("train", "bbox_grid_k64"), ("crops", "crops"), ("ensemble", "pipeline"), ("calibrate", "pipeline"), ("submit", "pipeline"),
 }
@@ -88,7 +88,7 @@ def test_every_360x640_member_and_the_box_source_read_one_pass_with_the_mirrored
     assert code == 0, stderr
     rows = pd.read_csv(io.StringIO(stdout))
     passes = rows[rows.stage == "precompute"]
-    assert sorted(passes.config) == ["linear", "linear_360x640", "linear_lite2"]
+    assert sorted(passes.config) == ["linear", "linear_360x640", "linear_lite1"]
     at_360x640 = passes[passes.config == "linear_360x640"]["#"].item()
     readers = rows[rows.reads.fillna("").str.contains(f"features:#{at_360x640}(?!\\d)")]
     assert set(readers.config) == {"linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "bbox_grid_k64", "crops"}
