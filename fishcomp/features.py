@@ -245,7 +245,8 @@ class Embedder:
     """One frozen backbone pass, the same for every stage that embeds images (precompute, crops;
     fine-tuning unfreezes its model and trains it under a head):
     the model on its device in channels_last, the weights' own normalisation, and autocast (fp16
-    on a GPU, bf16 on a CPU that has it; see PrecomputeConfig.precision). `embed` takes (N, H, W, 3) uint8 batches as `image_batches` yields them."""
+    on a GPU, bf16 on a CPU that has it; see PrecomputeConfig.precision), a frozen model's batch
+    norms folded into its convolutions where `folds_norms` says so. `embed` takes (N, H, W, 3) uint8 batches as `image_batches` yields them."""
 
     def __init__(self, precompute, device, frozen: bool = True):
         import torch

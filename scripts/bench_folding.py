@@ -4,11 +4,11 @@ folded into the convolutions, against the same passes with the norms as operatio
     python scripts/bench_folding.py [--images 48] [--rounds 3]
 
 For each backbone and size the pipeline embeds at, and each precision a frozen pass folds in, the
-milliseconds per image of the bare backbone (forward_features and pooling on random tensors, as many images a call as the stages
-use on this machine), unfolded and folded, the fastest of --rounds measurements each (alternating,
-so that a drift in this machine's speed touches both alike). Ends with
-`ratio=<folded time / unfolded time, the worst over sizes and precisions> target=1.0`: folding must never
-cost time.
+milliseconds per image of the bare backbone (forward_features and pooling on random tensors, as
+many images a call as the stages use on this machine), unfolded and folded, the fastest of
+--rounds measurements each (alternating, so that a drift in this machine's speed touches both
+alike). Ends with `ratio=<folded time / unfolded time, the worst over sizes and precisions>
+target=1.0`: folding must never cost time.
 """
 
 from __future__ import annotations
