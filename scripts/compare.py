@@ -36,7 +36,7 @@ from fishcomp.pipeline import build, resolver
 
 HEADS = [
     "linear", "dense", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640", "dense_360x640_probe", "gap", "leakage", "leakage_probe",
-    "bbox", "bbox_probe", "fcn", "inception", "resblock", "linear_lite1", "linear_lite2", "dense_lite2",
+    "bbox", "bbox_probe", "fcn", "inception", "resblock", "linear_lite1", "linear_lite1_360x640_gem", "linear_lite2", "dense_lite2",
 ]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

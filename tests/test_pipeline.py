@@ -63,9 +63,9 @@ def _dag(args, capsys, *extra):
 # under SMALL every lite0 pass is 128x224, so the 224 members read one pass, and the 360x640
 # members (their view set: each photo and its mirror image) another, with the map, for fcn and
 # the box source. A node is named after the first config that asks for it.
-LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "crops", "linear_lite1"]
+LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "crops", "linear_lite1", "linear_lite1_360x640_gem"]
 PIPELINE_NODES = {
-    ("precompute", "linear"), ("precompute", "linear_360x640"), ("precompute", "linear_lite1"),
+    ("precompute", "linear"), ("precompute", "linear_360x640"), ("precompute", "linear_lite1"), ("precompute", "linear_lite1_360x640_gem"),
     *(("train", m) for m in LIBRARY),
     ("train", "bbox_grid_k64"), ("crops", "crops"), ("ensemble", "pipeline"), ("calibrate", "pipeline"), ("submit", "pipeline"),
 }
@@ -88,7 +88,7 @@ def test_every_360x640_member_and_the_box_source_read_one_pass_with_the_mirrored
     assert code == 0, stderr
     rows = pd.read_csv(io.StringIO(stdout))
     passes = rows[rows.stage == "precompute"]
-    assert sorted(passes.config) == ["linear", "linear_360x640", "linear_lite1"]
+    assert sorted(passes.config) == ["linear", "linear_360x640", "linear_lite1", "linear_lite1_360x640_gem"]
     at_360x640 = passes[passes.config == "linear_360x640"]["#"].item()
     readers = rows[rows.reads.fillna("").str.contains(f"features:#{at_360x640}(?!\\d)")]
     assert set(readers.config) == {"linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "bbox_grid_k64", "crops"}
@@ -104,8 +104,9 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(built_run, tiny_data
     code, stdout, stderr = run_cli(args, capsys)  # cached: this config's own submission, whatever ran since
     assert code == 0, stderr
     blend_folder = _printed_artifact(stdout, "ensemble")
-    # One pass per backbone, size and view set: the pooled-only 360x640 members read the map pass.
-    assert len(list((work / "precompute").glob("eff*"))) == 3
+    # One pass per backbone, size and view set (lite0 and lite1, each at 224-class and 360x640
+    # sizes): the pooled-only 360x640 members read the map pass.
+    assert len(list((work / "precompute").glob("eff*"))) == 4
     assert out.is_file() and out.with_name("submission_stg2.csv").is_file()
     code, stdout, _ = run_cli(["validate", out, "--data", tiny_data], capsys)
     assert code == 0 and "valid test_stg1 submission, 24 rows" in stdout
