@@ -60,9 +60,10 @@ def _dag(args, capsys, *extra):
 
 
 # The member library of configs/pipeline.yaml. One backbone pass per backbone, size and view set:
-# under SMALL every lite0 pass is 128x224, so the 224 members read one pass, and the 360x640
+# under SMALL every pass is 128x224, so the 224 members read one lite0 pass, and the 360x640
 # members (their view set: each photo and its mirror image) another, with the map, for fcn and
-# the box source. A node is named after the first config that asks for it.
+# the box source; lite1 has the same two, one for each view set. A node is named after the first
+# config that asks for it.
 LIBRARY = ["linear", "dense_probe", "linear_360x640", "linear_360x640_gem", "dense_360x640_probe", "fcn", "crops", "linear_lite1", "linear_lite1_360x640_gem"]
 PIPELINE_NODES = {
     ("precompute", "linear"), ("precompute", "linear_360x640"), ("precompute", "linear_lite1"), ("precompute", "linear_lite1_360x640_gem"),
@@ -104,8 +105,8 @@ def test_run_writes_a_valid_submission_that_beats_the_prior(built_run, tiny_data
     code, stdout, stderr = run_cli(args, capsys)  # cached: this config's own submission, whatever ran since
     assert code == 0, stderr
     blend_folder = _printed_artifact(stdout, "ensemble")
-    # One pass per backbone, size and view set (lite0 and lite1, each at 224-class and 360x640
-    # sizes): the pooled-only 360x640 members read the map pass.
+    # One pass per backbone, size and view set (lite0 and lite1, each without and with the
+    # mirrored view): the pooled-only 360x640 members read the map pass.
     assert len(list((work / "precompute").glob("eff*"))) == 4
     assert out.is_file() and out.with_name("submission_stg2.csv").is_file()
     code, stdout, _ = run_cli(["validate", out, "--data", tiny_data], capsys)
