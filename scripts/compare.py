@@ -94,6 +94,8 @@ def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blen
             "accuracy": summary["valid_accuracy"],
             "iou": summary.get("valid_iou"), "pointing": summary.get("valid_pointing"), "seconds": manifest["seconds"],
             "artifact": artifact.path, "features": summary.get("inputs", {}).get("features", {}).get("artifact"),
+            # What the head reads of that artifact: heads without the field read the map.
+            "reads": getattr(loaded.config.head, "input", "map"),
         })
     against_probe(rows)
     if blend:
@@ -114,12 +116,16 @@ def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blen
 
 def against_probe(rows: list[dict]) -> None:
     """`vs_probe`: each head's out-of-fold rows against the linear probe's on the same features
-    (the first `linear` row that read the same feature artifact), paired image by image
-    (`fishcomp diff`): whether the head beats the floor beyond noise, and by how much."""
+    (a `linear` row that read the same feature artifact: for a head on the pooled vector the
+    average-pooled probe, not a GeM probe that pools the map of the same pass, whichever the table
+    lists first; for a map head the first probe of that pass), paired image by image (`fishcomp
+    diff`): whether the head beats the floor beyond noise, and by how much."""
     from fishcomp.commands.diff import compare_runs
 
     for row in rows:
-        probe = next((r for r in rows if r["head"] == "linear" and r["features"] == row["features"]), None)
+        probes = [r for r in rows if r["head"] == "linear" and r["features"] == row["features"]]
+        same_reading = [r for r in probes if r["reads"] == "pooled"] if row["reads"] == "pooled" else []
+        probe = (same_reading or probes or [None])[0]
         row["vs_probe"] = None
         if probe is not None and probe is not row and row["head"] != "linear":
             row["vs_probe"] = compare_runs(probe["artifact"], row["artifact"])["rows"][0]

@@ -65,3 +65,14 @@ def test_each_head_is_set_against_the_probe_on_its_features_image_by_image(tiny_
     line = next(line for line in compare.table([rows]).splitlines() if line.startswith("| dense_probe "))
     verdict = "better on 1" if versus["high"] < 0 else "worse on 1" if versus["low"] > 0 else "better on 0, worse on 0"
     assert f"{versus['difference']:+.4f}; " in line and verdict in line and line.endswith(f"of 1 | {head['seconds']:.0f} |")
+
+
+def test_a_pooled_head_is_set_against_the_probe_that_pools_as_it_reads_not_the_gem_probe_of_its_pass(tiny_data, tmp_path):
+    """The GeM probe reads the map of the same pass as the average-pooled probe; a dense head on
+    the pooled vector is measured against the average-pooled one, whichever comes first."""
+    compare = _compare()
+    rows = compare.one_set(tiny_data, tmp_path / "work", ["linear:head.pool=gem", "linear", "dense_probe"], SMALL, blend=False)
+    gem, probe, head = rows
+    assert gem["features"] == probe["features"] == head["features"]  # one pass, with its map
+    assert gem["valid"] != probe["valid"]
+    assert head["vs_probe"]["difference"] == pytest.approx(head["valid"] - probe["valid"], abs=1e-9)
