@@ -32,6 +32,7 @@ import pandas as pd
 from fishcomp.config import load_config
 from fishcomp.context import Context
 from fishcomp.metrics import log_loss
+from fishcomp.models.heads import head_uses_map
 from fishcomp.pipeline import build, resolver
 
 HEADS = [
@@ -94,8 +95,7 @@ def one_set(data: Path, work: Path, heads: list[str], overrides: list[str], blen
             "accuracy": summary["valid_accuracy"],
             "iou": summary.get("valid_iou"), "pointing": summary.get("valid_pointing"), "seconds": manifest["seconds"],
             "artifact": artifact.path, "features": summary.get("inputs", {}).get("features", {}).get("artifact"),
-            # What the head reads of that artifact: heads without the field read the map.
-            "reads": getattr(loaded.config.head, "input", "map"),
+            "uses_map": head_uses_map(loaded.config.head),
         })
     against_probe(rows)
     if blend:
@@ -124,8 +124,9 @@ def against_probe(rows: list[dict]) -> None:
 
     for row in rows:
         probes = [r for r in rows if r["head"] == "linear" and r["features"] == row["features"]]
-        same_reading = [r for r in probes if r["reads"] == "pooled"] if row["reads"] == "pooled" else []
-        probe = (same_reading or probes or [None])[0]
+        if not row["uses_map"]:
+            probes = [r for r in probes if not r["uses_map"]] or probes
+        probe = probes[0] if probes else None
         row["vs_probe"] = None
         if probe is not None and probe is not row and row["head"] != "linear":
             row["vs_probe"] = compare_runs(probe["artifact"], row["artifact"])["rows"][0]
