@@ -144,18 +144,24 @@ def _blob_maps(n, rng, height=6, width=10, channels=16):
     return torch.from_numpy(maps), torch.from_numpy(labels), boxes.astype(np.float32)
 
 
-@pytest.mark.parametrize("box_from, floor", [(None, 0.2), ("grid", 0.6)])
-def test_bbox_iou_rises_with_training(box_from, floor):
+# The grid locator as configs/bbox_grid.yaml has it: its widths and heights start at the training
+# boxes' median. Started at the sigmoid's midpoint, on these one-cell boxes its width output went to
+# 0 and stayed there on two of four seeds (IoU 0.000) and recovered on another only after 60 of 120
+# steps: a test that any CPU's rounding could tip. Started at the median, every seed's IoU passed
+# 0.9 within 30 steps.
+@pytest.mark.parametrize("box_from, box_start, steps, floor", [(None, None, 120, 0.2), ("grid", "median", 60, 0.6)])
+def test_bbox_iou_rises_with_training(box_from, box_start, steps, floor):
     """Both box branches learn; the grid locator, which keeps the map's cells, finds the blob's
-    cell far better than the regression on the pooled, flattened trunk."""
+    cell far better (in half the steps) than the regression on the pooled, flattened trunk."""
     from fishcomp.boxes import box_iou
     from fishcomp.models.losses import head_loss
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     x, labels, boxes = _blob_maps(256, rng)
-    config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_weight=50.0, box_from=box_from)
+    config = BboxHeadConfig(input="map", dropout=0.1, hidden=128, box_weight=50.0, box_from=box_from, box_start=box_start)
     head = create_head(config, tuple(x.shape[1:]), 8)
+    head.start_from_targets(boxes)  # as training does: nothing without box_start
     optimiser = torch.optim.Adam(head.parameters(), lr=2e-3)
 
     def iou():
@@ -164,7 +170,7 @@ def test_bbox_iou_rises_with_training(box_from, floor):
             return box_iou(head(x)["box"].numpy(), boxes).mean()
 
     before = iou()
-    for _ in range(120):
+    for _ in range(steps):
         head.train()
         loss = head_loss(head(x), labels, torch.from_numpy(boxes), config, torch.nn.CrossEntropyLoss())
         optimiser.zero_grad()
@@ -193,7 +199,7 @@ def test_grid_locator_taught_every_fish_points_at_the_others_too():
     which the largest-only target teaches it to withhold; the best cell still holds a fish."""
     torch.manual_seed(0)
     rng = np.random.default_rng(5)
-    x, labels, targets, cells = _two_fish_maps(256, rng)
+    x, labels, targets, cells = _two_fish_maps(128, rng)
 
     def trained(box_targets):
         torch.manual_seed(1)
@@ -261,7 +267,7 @@ def test_bbox_head_learns_head_and_tail_points_where_they_are_given():
 
     torch.manual_seed(0)
     rng = np.random.default_rng(2)
-    x, labels, boxes = _blob_maps(256, rng)
+    x, labels, boxes = _blob_maps(128, rng)
     # The head at the blob's cell centre, the tail a little to its left; a quarter have no points.
     centre = boxes[:, :2] + boxes[:, 2:] / 2
     points = np.concatenate([centre, centre - [0.08, 0.0]], axis=1).astype(np.float32)
