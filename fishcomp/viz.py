@@ -26,7 +26,9 @@ def save_figure(figure, path: Path, dpi: int = 110) -> Path:
     """Write a figure as PNG through a temp file, so a crash never leaves half an image."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    # zlib's fastest level: PIL's default (6) spent about a fifth of a report's time compressing
+    # its photo grids, for files about 15 % smaller.
+    figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pil_kwargs={"compress_level": 1})
     _pyplot().close(figure)
     os.replace(tmp, path)
     return path
