@@ -25,12 +25,18 @@ def fishcomp(*args, nproc=1):
 def runs(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     # A short member library: a dense head and a linear probe (their pass also holds the box
-    # source's map) and crops (box source, crop embedding, NoF blend), blended by the
-    # cross-fitted choice.
+    # source's map) and crops (box source, crop embedding, further boxes, NoF blend), blended by
+    # the cross-fitted choice. Two further boxes and one jittered copy instead of crops.yaml's six
+    # and two: the same code on each rank, less than half the crops to embed (one thread each).
+    crops = root / "crops.yaml"
+    crops.write_text(
+        f"extends: {CONFIGS / 'crops.yaml'}\ncrops:\n  boxes: {CONFIGS / 'bbox_grid_k64.yaml'}\n"
+        f"  nof: {{whole: {CONFIGS / 'linear_360x640_gem.yaml'}}}\n  candidates: {{count: 3}}\n  jitter: {{copies: 1}}\n"
+    )
     library = root / "library.yaml"
     library.write_text(
         f"extends: {CONFIGS / 'pipeline.yaml'}\nensemble:\n  members:\n"
-        f"    - {{config: {CONFIGS / 'dense.yaml'}}}\n    - {{config: {CONFIGS / 'linear.yaml'}}}\n    - {{config: {CONFIGS / 'crops.yaml'}}}\n"
+        f"    - {{config: {CONFIGS / 'dense.yaml'}}}\n    - {{config: {CONFIGS / 'linear.yaml'}}}\n    - {{config: {crops}}}\n"
     )
     results = {}
     for nproc in (1, 2):
