@@ -40,8 +40,12 @@ demo: install data ## Synthetic data -> features -> heads -> ensemble -> validat
 report: install data ## Figures + index.html for CONFIG's runs and the dataset, in REPORT
 	$(FISHCOMP) report $(CONFIG) --data $(DATA) --work $(WORK) --out $(REPORT)
 
-test: install ## Run the test suite
-	$(BIN)/python -m pytest -q --durations=15
+# Test processes (pytest-xdist): a test's own work leaves part of the cores idle (Python between
+# the backbone calls, figures, one-thread ranks), and another test's fills them. A file stays in
+# one process (--dist loadfile), so its module fixtures are built once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+test: install ## Run the test suite (TEST_WORKERS processes)
+	$(BIN)/python -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The README's comparison table was measured on this set (1000 train images, seed 0).
 COMPARE_DATA ?= data-compare
