@@ -57,8 +57,13 @@ def setup() -> World:
         dist.init_process_group(backend="nccl" if use_nccl else "gloo")
     if "OMP_NUM_THREADS" not in os.environ:
         # N ranks on one machine would each take every core; give each its share instead.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // here.local_size))
+        torch.set_num_threads(share_of_cores(here.local_size))
     return here
+
+
+def share_of_cores(processes: int) -> int:
+    """Threads for each of `processes` processes sharing this machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def barrier() -> None:

@@ -7,10 +7,12 @@ os.environ.setdefault("FISHCOMP_NO_PROGRESS", "1")
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Under pytest-xdist (`-n N`) the workers share the cores: each takes its share of them, as
-    # torchrun's ranks do (fishcomp.distributed), instead of every worker taking them all.
+    # torchrun's ranks do, instead of every worker taking them all.
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    from fishcomp.distributed import share_of_cores
+
+    torch.set_num_threads(share_of_cores(int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")
