@@ -17,6 +17,12 @@ from fishcomp.stages.crops import agreeing_folds, crop_rectangle, enlarge, fit_i
 
 # The box source crops.yaml names (a bbox config's name).
 BOX_SOURCE = load_config(CONFIGS / "crops.yaml").config.crops.boxes.removesuffix(".yaml")
+# crops.yaml at the tests' small sizes, cutting 4 boxes a photo instead of its 7: every path of the
+# further crops runs (ranks, mixture, training on them, their mirrored views) at about half the crops
+# to embed in every variant below. Not 3: the classifier trained on its further crops then met too
+# few crops of deck to tell them apart from fish clearly on its validation photos (P(NoF) 0.47
+# against 0.20 without them; 0.66 against 0.23 at 4, 0.81 against 0.23 at 7).
+CROPS = [*SMALL, "crops.candidates.count=4"]
 
 
 def _sets(overrides):
@@ -28,7 +34,7 @@ def crops_run(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("crops")
     out = work / "submission.csv"
     with pytest.raises(SystemExit) as done:
-        main([str(a) for a in ["run", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(SMALL)]])
+        main([str(a) for a in ["run", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(CROPS)]])
     assert done.value.code == 0
     return work, out
 
@@ -42,7 +48,7 @@ def _fixture_artifact(work, data, stage, overrides=()):
     found by its key: other tests add variants beside it in the same work folder."""
     from fishcomp.pipeline import resolver
 
-    settings = [*SMALL, *overrides]
+    settings = [*CROPS, *overrides]
     node = resolver(Context(data_dir=data, work_dir=work, overrides=settings)).plan(stage, load_config(CONFIGS / "crops.yaml", settings))
     return next((work / stage).glob(f"*-{node.key}"))
 
@@ -63,13 +69,13 @@ def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops
 
 def test_an_auto_nof_weight_is_the_share_with_the_lowest_out_of_fold_log_loss(crops_run, tiny_data, capsys):
     work, _ = crops_run
-    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.nof.weight=0.5"])], capsys)
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, "crops.nof.weight=0.5"])], capsys)
     assert code == 0, stderr
     chosen, fixed = (json.loads((_fixture_artifact(work, tiny_data, "train", overrides) / "summary.json").read_text())["nof_blend"]
                      for overrides in ([], ["crops.nof.weight=0.5"]))
     assert chosen["weight_setting"] == "auto" and fixed["weight_setting"] == 0.5
     assert chosen["weight"] in np.linspace(0, 1, 21).round(2).tolist()
-    code, stdout, _ = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets(SMALL)], capsys)
+    code, stdout, _ = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets(CROPS)], capsys)
     assert code == 0 and f"P(NoF) weighted {chosen['weight']:g} by auto" in stdout
     # Among its candidates are the crop classifier alone (weight 0: the same numbers up to float64
     # rounding) and the fixed run's 0.5, so it is never worse than either. The two runs trained
@@ -144,7 +150,7 @@ def test_gem_pooled_crops_are_the_same_crops_pooled_above_their_average(crops_ru
     artifact, and every channel at least its average (the power mean inequality for p = 3 >= 1 on
     the backbone's non-negative ReLU6 cells)."""
     work, _ = crops_run
-    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.pool=null"])], capsys)
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, "crops.pool=null"])], capsys)
     assert code == 0, stderr
     assert "crops of 156 images, boxes from" in stdout
     average, gem = _fixture_artifact(work, tiny_data, "crops", ["crops.pool=null"]), _fixture_artifact(work, tiny_data, "crops")
@@ -177,7 +183,7 @@ def _embedded_cuts(data, crops, boxes, split, copy, mirror, count=4):
     from fishcomp.data.images import load_rgb
     from fishcomp.features import Embedder
 
-    loaded = load_config(CONFIGS / "crops.yaml", SMALL)
+    loaded = load_config(CONFIGS / "crops.yaml", CROPS)
     index = pd.read_csv(crops / "index.csv")
     rows = index[index.split == split].reset_index(drop=True).head(count)
     height, width = loaded.config.precompute.size
@@ -198,7 +204,7 @@ def test_mirrored_crops_are_a_test_time_view_that_the_classifier_averages(crops_
     assert load_config(CONFIGS / "crops.yaml").config.crops.tta == "mirror"
     mirrored_run = json.loads(_fixture_artifact(work, tiny_data, "train").joinpath("summary.json").read_text())
     mirrored = _fixture_artifact(work, tiny_data, "crops")
-    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, "crops.tta=null"])], capsys)
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, "crops.tta=null"])], capsys)
     assert code == 0, stderr
     plain = _fixture_artifact(work, tiny_data, "crops", ["crops.tta=null"])
     boxes = pd.read_csv(plain / "crop_boxes.csv")
@@ -227,7 +233,7 @@ def test_mirrored_crops_are_a_test_time_view_that_the_classifier_averages(crops_
     without_view = {}
     for overrides in ([], ["crops.tta=null"]):
         settings = [*overrides, "crops.candidates.train=false"]
-        code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *settings])], capsys)
+        code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, *settings])], capsys)
         assert code == 0, stderr
         summary = json.loads(_fixture_artifact(work, tiny_data, "train", settings).joinpath("summary.json").read_text())
         without_view[bool(overrides)] = summary["valid_logloss_without_tta"]
@@ -241,7 +247,7 @@ def test_every_other_jittered_copy_is_mirrored(crops_run, tiny_data, capsys):
     work, _ = crops_run
     assert load_config(CONFIGS / "crops.yaml").config.crops.jitter.mirror == "alternate"
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work,
-                               *_sets([*SMALL, "crops.jitter.mirror=null"])], capsys)
+                               *_sets([*CROPS, "crops.jitter.mirror=null"])], capsys)
     assert code == 0, stderr
     mirrored = _fixture_artifact(work, tiny_data, "crops")
     plain = _fixture_artifact(work, tiny_data, "crops", ["crops.jitter.mirror=null"])
@@ -350,7 +356,7 @@ def test_test_crops_come_from_the_consensus_of_the_folds_boxes(crops_run, tiny_d
 def test_a_class_map_head_is_a_box_source_for_the_crops(tiny_data, tmp_path, capsys):
     """fcn's box (around its heatmap's peak) is scored like a box head's and cut like one: out of
     fold for train images, from the folds' consensus for test images."""
-    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path, *_sets([*SMALL, "crops.boxes=fcn.yaml", "crops.candidates=null"])], capsys)
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", tmp_path, *_sets([*CROPS, "crops.boxes=fcn.yaml", "crops.candidates=null"])], capsys)
     assert code == 0, stderr
     fcn = _folder(tmp_path, "train", "fcn")
     summary = json.loads((fcn / "summary.json").read_text())
@@ -552,7 +558,7 @@ def test_aligned_crops_use_predicted_points_and_need_a_source_that_predicts_them
 def test_the_report_shows_the_crops_and_the_crop_classifier_next_to_the_whole_image_model(crops_run, tiny_data, capsys):
     work, _ = crops_run
     out = work / "report"
-    code, _, stderr = run_cli(["report", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(SMALL)], capsys)
+    code, _, stderr = run_cli(["report", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--out", out, *_sets(CROPS)], capsys)
     assert code == 0, stderr
     sheets = list(out.glob("crops-*_crops.png"))
     assert len(sheets) == 1 and sheets[0].stat().st_size > 10_000
@@ -575,7 +581,7 @@ def unannotated_data(tiny_data, tmp_path_factory):
 
 
 def test_without_box_annotations_the_box_source_and_its_crops_say_they_are_cut_blind(unannotated_data, tmp_path, capsys):
-    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", unannotated_data, "--work", tmp_path / "work", *_sets(SMALL)], capsys)
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", unannotated_data, "--work", tmp_path / "work", *_sets(CROPS)], capsys)
     # It still runs (a blend weighs such crops by their out-of-fold predictions), and says why they are poor.
     assert code == 0, stderr
     assert f"[{BOX_SOURCE}] no train image has a box" in stderr
@@ -751,7 +757,7 @@ def test_further_crops_unmirrored_embed_each_candidate_once_and_keep_the_usual_c
     does, so it reuses the default's artifact."""
     work, _ = crops_run
     overrides = ["crops.candidates.mirror=false"]
-    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *overrides])], capsys)
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, *overrides])], capsys)
     assert code == 0, stderr
     assert "further boxes per image, not mirrored)" in stdout
     mirrored, once = _fixture_artifact(work, tiny_data, "crops"), _fixture_artifact(work, tiny_data, "crops", overrides)
@@ -761,10 +767,10 @@ def test_further_crops_unmirrored_embed_each_candidate_once_and_keep_the_usual_c
     from fishcomp.pipeline import resolver
 
     def key(settings):
-        settings = [*SMALL, *settings]
+        settings = [*CROPS, *settings]
         return resolver(Context(data_dir=tiny_data, work_dir=work, overrides=settings)).plan("crops", load_config(CONFIGS / "crops.yaml", settings)).key
 
-    assert key(["crops.tta=null", *overrides]) == key(["crops.tta=null"]) != key(["crops.tta=null", "crops.candidates.count=3"])
+    assert key(["crops.tta=null", *overrides]) == key(["crops.tta=null"]) != key(["crops.tta=null", "crops.candidates.count=2"])
     for split in ("train", "test_stg1", "test_stg2"):
         assert not (once / f"{split}_candidates_tta_pooled.npy").exists() and (mirrored / f"{split}_candidates_tta_pooled.npy").is_file()
         # The same cuts through the same backbone, in other batches: float16 storage and bf16
@@ -775,7 +781,7 @@ def test_further_crops_unmirrored_embed_each_candidate_once_and_keep_the_usual_c
     assert pd.read_csv(once / "crop_boxes.csv").equals(pd.read_csv(mirrored / "crop_boxes.csv"))
     assert json.loads((once / "meta.json").read_text())["candidates_mirrored"] is False
     summary = json.loads(_fixture_artifact(work, tiny_data, "train", overrides).joinpath("summary.json").read_text())
-    count = load_config(CONFIGS / "crops.yaml").config.crops.candidates.count
+    count = load_config(CONFIGS / "crops.yaml", CROPS).config.crops.candidates.count
     assert summary["candidates"]["count"] == count and summary["candidates"]["mixed"] <= summary["candidates"]["usual_crop_alone"] + 1e-12
 
 
@@ -791,7 +797,7 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
     from fishcomp.training.folds import load_fold_model
 
     work, _ = crops_run
-    count = load_config(CONFIGS / "crops.yaml").config.crops.candidates.count
+    count = load_config(CONFIGS / "crops.yaml", CROPS).config.crops.candidates.count
     crops = _fixture_artifact(work, tiny_data, "crops")
     trained = _fixture_artifact(work, tiny_data, "train")
     summary = json.loads((trained / "summary.json").read_text())
@@ -835,7 +841,7 @@ def test_the_crops_classifier_mixes_in_its_further_candidates_as_far_as_out_of_f
     # The classifier predicted in its training precision (bf16 autocast on a CPU that has it, where
     # one call's batch may take another kernel than the run's: one bf16 step of a logit, 2^-8,
     # moves a probability by less than that); in float32 the two agree to rounding.
-    dtype = training_precision(load_config(CONFIGS / "crops.yaml", SMALL), torch.device("cpu"))
+    dtype = training_precision(load_config(CONFIGS / "crops.yaml", CROPS), torch.device("cpu"))
     tolerance = 2**-8 if dtype is not None else 1e-5
     for fold in sorted(oof.fold.unique()):
         model, rows = load_fold_model(Trained(), fold, "cpu"), np.flatnonzero(oof.fold == fold)
@@ -902,7 +908,7 @@ def test_trained_on_its_further_crops_the_classifier_sees_deck_in_the_crops_that
 
     work, _ = crops_run
     overrides = ["crops.candidates.train=false"]
-    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *overrides])], capsys)
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, *overrides])], capsys)
     assert code == 0, stderr
     assert "crops      cached" in stdout  # (the classifier may be cached too: another test trains it so)
     crops = _fixture_artifact(work, tiny_data, "crops")
@@ -953,7 +959,7 @@ def test_the_classifiers_probe_can_choose_its_strength_on_the_mixture_its_photos
     not the usual crop's alone; a head with no probe to choose for is told so."""
     work, _ = crops_run
     inner = ["crops.candidates.inner=mixture"]
-    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*SMALL, *inner])], capsys)
+    code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, *inner])], capsys)
     assert code == 0, stderr
     assert "crops      cached" in stdout
     trained = {name: _fixture_artifact(work, tiny_data, "train", o) for name, o in (("usual", []), ("mixture", inner))}
@@ -971,5 +977,5 @@ def test_the_classifiers_probe_can_choose_its_strength_on_the_mixture_its_photos
     assert not np.allclose(mixture.inner_logloss, choices["usual"].inner_logloss)
 
     code, _, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work,
-                               *_sets([*SMALL, *inner, "crops.nof=null", "head.base=null"])], capsys)
+                               *_sets([*CROPS, *inner, "crops.nof=null", "head.base=null"])], capsys)
     assert code == 2 and "crops.candidates.inner: mixture chooses a probe's strength" in stderr and "Traceback" not in stderr
