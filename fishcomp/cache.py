@@ -103,6 +103,15 @@ def damage(folder: Path) -> str | None:
     return None
 
 
+def _timed_manifest(folder: Path) -> dict | None:
+    """An artifact's manifest where it records its build seconds; None otherwise."""
+    try:
+        facts = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):  # absent, or being written or cut short: no evidence
+        return None
+    return facts if isinstance(facts.get("seconds"), (int, float)) else None
+
+
 class Cache:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -131,16 +140,18 @@ class Cache:
         stage_dir = self.root / stage
         newest = None
         for folder in stage_dir.glob(f"{label}-*") if stage_dir.is_dir() else []:
-            manifest = folder / MANIFEST
-            if folder.name.startswith(".") or folder.name.rsplit("-", 1)[0] != label or not manifest.is_file():
+            if folder.name.startswith(".") or folder.name.rsplit("-", 1)[0] != label:
                 continue
-            try:
-                facts = json.loads(manifest.read_text())
-            except (OSError, ValueError):  # a manifest being written or cut short: no evidence
-                continue
-            if isinstance(facts.get("seconds"), (int, float)) and (newest is None or str(facts.get("created")) > str(newest.get("created"))):
+            facts = _timed_manifest(folder)
+            if facts is not None and (newest is None or str(facts.get("created")) > str(newest.get("created"))):
                 newest = facts
         return None if newest is None else float(newest["seconds"])
+
+    def seconds(self, stage: str, key: str) -> float | None:
+        """How long the artifact with this key took to build (None: not here, or no record)."""
+        found = self.find(stage, key)
+        facts = None if found is None else _timed_manifest(found)
+        return None if facts is None else float(facts["seconds"])
 
     def _damaged(self, stage: str, key: str) -> list[tuple[Path, str]]:
         stage_dir = self.root / stage

@@ -183,6 +183,56 @@ def test_every_member_and_the_blend_keep_each_fold_models_test_predictions(built
         np.testing.assert_allclose(blend_folds, expected, atol=1e-5)
 
 
+def test_the_blend_says_what_each_member_took_to_build_alone_and_shared(built_run, tiny_data, capsys):
+    """Each member's seconds in the blend's summary, from the artifacts' manifests: `seconds_own`,
+    what no other member reads (what leaving it out of the config saves), and `seconds_shared`;
+    the ensemble's line names the members at weight 0 and what only they need."""
+    from fishcomp.context import Context
+    from fishcomp.pipeline import resolver
+
+    work, _, args = built_run
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    summary = json.loads((_printed_artifact(stdout, "ensemble") / "summary.json").read_text())
+    members = {m["name"]: m for m in summary["members"]}
+    plan = resolver(Context(data_dir=tiny_data, work_dir=work, overrides=SMALL))
+    nodes = {n.name: n for n in plan.plan("ensemble", load_config(CONFIGS / "pipeline.yaml", SMALL)).inputs["members"]}
+
+    def took(*found):
+        return sum(json.loads((plan.ctx.cache.find(n.stage.name, n.key) / "manifest.json").read_text())["seconds"] for n in found)
+
+    # The 224 probe: its training alone; the pass it reads serves dense_probe too.
+    linear = nodes["linear"]
+    assert members["linear"]["seconds_own"] == pytest.approx(took(linear), abs=0.051)
+    assert members["linear"]["seconds_shared"] == pytest.approx(took(linear.inputs["features"]), abs=0.051)
+    # The crops: the classifier, the crops and their box source are its own; the 360x640 pass
+    # under them and its NoF judge (linear_360x640_gem, a member too) it shares.
+    classifier = nodes["crops"]
+    crops = classifier.inputs["features"]
+    pass_360, box_source, judge = crops.inputs["features"], crops.inputs["boxes"], classifier.inputs["whole"]
+    assert judge.key == nodes["linear_360x640_gem"].key
+    assert members["crops"]["seconds_own"] == pytest.approx(took(classifier, crops, box_source), abs=0.051)
+    assert members["crops"]["seconds_shared"] == pytest.approx(took(pass_360, judge), abs=0.051)
+    # Lite1's 224 probe is the only member on Lite1's single-view pass: leaving it out saves that pass too.
+    lite1 = nodes["linear_lite1"]
+    assert members["linear_lite1"]["seconds_own"] == pytest.approx(took(lite1, lite1.inputs["features"]), abs=0.051)
+    assert members["linear_lite1"]["seconds_shared"] == 0
+    # The members at weight 0, together: what none of the weighted members needs. Linear's and
+    # dense_probe's pass is neither's own, but it is theirs together.
+    idle = [m["name"] for m in summary["members"] if round(m["weight"], 2) == 0]
+    kept = [nodes[name] for name in nodes if name not in idle]
+    needed = {(n.stage.name, n.key): n for name in nodes for n in plan.walk(nodes[name])}
+    kept_needs = {(n.stage.name, n.key) for node in kept for n in plan.walk(node)}
+    expected = took(*(n for found, n in needed.items() if found not in kept_needs))
+    assert summary["at_weight_zero"]["members"] == idle
+    assert summary["at_weight_zero"]["seconds_own"] == pytest.approx(expected, abs=0.051)
+    line = next(line for line in stdout.splitlines() if line.startswith("ensemble"))
+    if idle:
+        assert f"at weight 0: {', '.join(idle)}, {summary['at_weight_zero']['seconds_own']:.0f} s to build what only they need" in line
+    else:
+        assert "at weight 0" not in line
+
+
 def test_a_second_run_skips_every_stage_without_loading_a_model(built_run, capsys):
     work, out, args = built_run
     out.unlink(missing_ok=True)

@@ -64,9 +64,11 @@ class Ensemble(Stage):
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
         # The same sorting that chose the input nodes, so the kept entries line up with them.
-        kept, skipped = Resolver(ctx).ensemble_members(node.loaded)
+        resolver = Resolver(ctx)
+        kept, skipped = resolver.ensemble_members(node.loaded)
         return _build(node.loaded, [config for _, config in kept], [entry.weight for entry, _ in kept], inputs["members"], tmp,
-                      [{"name": config.name, "skipped": reason} for config, reason in skipped])
+                      [{"name": config.name, "skipped": reason} for config, reason in skipped],
+                      BuildSeconds(resolver, node.inputs["members"]))
 
     def describe(self, artifact: Artifact) -> str:
         summary = json.loads(artifact.file("summary.json").read_text())
@@ -79,7 +81,30 @@ class Ensemble(Stage):
             crossed += (f", {versus['difference']:+.4f} [{versus['low']:+.4f}, {versus['high']:+.4f}] against {versus['member']} alone"
                         f" ({words[difference_verdict(versus)]})")
         left_out = "".join(f"; {m['name']} skipped" for m in summary.get("skipped", []))
+        idle = summary.get("at_weight_zero")
+        if idle and idle["members"]:
+            left_out += f"; at weight 0: {', '.join(idle['members'])}, {idle['seconds_own']:.0f} s to build what only they need"
         return f"blend ({summary.get('blend', summary['weights'])}) {summary['valid_logloss']:.4f}{crossed} ({scores}{left_out})"
+
+
+class BuildSeconds:
+    """What the members took to build, from their artifacts' manifests (an artifact without a
+    record counts 0). An artifact several members read (a backbone pass serving several) is
+    paid while any of them stays in the config."""
+
+    def __init__(self, resolver: Resolver, members: list[Node]):
+        self.needs = [{(n.stage.name, n.key) for n in resolver.walk(member)} for member in members]
+        self.seconds = {found: resolver.ctx.cache.seconds(*found) or 0.0 for found in set().union(*self.needs)}
+
+    def only(self, chosen: list[int]) -> float:
+        """Seconds of what no member outside `chosen` needs: what leaving them all out saves."""
+        theirs = set().union(*(self.needs[i] for i in chosen))
+        others = set().union(*(needs for j, needs in enumerate(self.needs) if j not in chosen))
+        return round(sum(self.seconds[f] for f in theirs - others), 1)
+
+    def of_member(self, i: int) -> dict:
+        own = self.only([i])
+        return {"seconds_own": own, "seconds_shared": round(sum(self.seconds[f] for f in self.needs[i]) - own, 1)}
 
 
 def _blend_per_fold(predictions: list[Predictions], combine) -> dict[str, np.ndarray]:
@@ -134,7 +159,8 @@ def versus_best_member(names: list[str], rows: list[np.ndarray], honest: np.ndar
     return {"member": names[best], **paired_difference(member_losses[best], image_log_losses(labels, honest))}
 
 
-def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[float], trained: list[Artifact], tmp: Path, skipped: list[dict]) -> dict:
+def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[float], trained: list[Artifact], tmp: Path, skipped: list[dict],
+           costs: BuildSeconds) -> dict:
     config = loaded.config.ensemble
     names = [m.name for m in members]
     predictions = [read_predictions(a) for a in trained]
@@ -180,6 +206,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
     honest_rows = oof[classes].to_numpy()[validated] if kind == "given" else honest
     blended = Predictions(classes=classes, oof=oof, tests=tests, test_folds=_blend_per_fold(predictions, combine)).with_cross_fitted(honest_rows)
     blended.write(tmp)
+    idle = [i for i, weight in enumerate(weights) if round(weight / sum(weights), 2) == 0]
     summary = {
         "name": loaded.name,
         "method": config.method,
@@ -190,10 +217,15 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
                 # What out of fold cannot see: the test rows' fold mean beats one fold model by
                 # about this much (label-free; None without fold copies of every test split).
                 "fold_mean_gain": _fold_mean_gain(p),
+                # Its build seconds: what only it needs (leaving it out saves that), and the rest.
+                **costs.of_member(i),
                 "artifact": artifact.path.name,
             }
-            for name, weight, p, artifact in zip(names, weights, predictions, trained)
+            for i, (name, weight, p, artifact) in enumerate(zip(names, weights, predictions, trained))
         ],
+        # The members this blend does not use (weight 0.00 as printed), and what leaving them all
+        # out of the config saves on a fresh run: the cheaper pipeline for data like this.
+        "at_weight_zero": {"members": [names[i] for i in idle], "seconds_own": costs.only(idle)},
         # Members the data could not train (with why): listed, not silently left out.
         "skipped": skipped,
         "blend": kind,
