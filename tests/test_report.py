@@ -95,6 +95,13 @@ def test_the_page_its_pictures_and_its_numbers(report_page, capsys):
     versus = blend["versus_best_member"]
     assert parser.numbers[f"that blend minus {versus['member']} alone, per image (95 % interval)"] == [
         f"{versus['difference']:+.4f} [{versus['low']:+.4f}, {versus['high']:+.4f}]"]
+    # The members the blend does not use, with what leaving them out saves; the members' table has each one's seconds.
+    idle, shown_idle = blend["at_weight_zero"], "members at weight 0, and the seconds of what only they need (leaving them out saves it)"
+    if idle["members"]:
+        assert parser.numbers[shown_idle] == [f"{', '.join(idle['members'])}: {idle['seconds_own']:.0f} s"]
+    else:
+        assert shown_idle not in parser.numbers
+    assert "<th>seconds_own</th>" in page.read_text() and "<th>seconds_shared</th>" in page.read_text()
     calibrated = json.loads(next((root / "work" / "calibrate").glob("blend-*/summary.json")).read_text())
     assert parser.numbers["temperature"] == [f"{calibrated['temperature']:.3f}"]
     assert parser.numbers["cross-fitted, temperature"] == [f"{calibrated['cross_fitted_by_kind']['temperature']:.4f}"]

@@ -335,6 +335,10 @@ def ensemble_section(run: Run, out: Path, prefix: str) -> Section:
     if versus is not None:
         section.numbers[f"that blend minus {versus['member']} alone, per image (95 % interval)"] = (
             f"{versus['difference']:+.4f} [{versus['low']:+.4f}, {versus['high']:+.4f}]")
+    idle = summary.get("at_weight_zero")
+    if idle and idle["members"]:
+        section.numbers["members at weight 0, and the seconds of what only they need (leaving them out saves it)"] = (
+            f"{', '.join(idle['members'])}: {idle['seconds_own']:.0f} s")
     members = summary["members"]
     section.tables.append(("members", pd.DataFrame(members).drop(columns=["artifact"], errors="ignore")))
     if summary.get("skipped"):
