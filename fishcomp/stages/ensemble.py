@@ -100,11 +100,11 @@ class BuildSeconds:
         """Seconds of what no member outside `chosen` needs: what leaving them all out saves."""
         theirs = set().union(*(self.needs[i] for i in chosen))
         others = set().union(*(needs for j, needs in enumerate(self.needs) if j not in chosen))
-        return round(sum(self.seconds[f] for f in theirs - others), 1)
+        return sum(self.seconds[f] for f in theirs - others)
 
     def of_member(self, i: int) -> dict:
         own = self.only([i])
-        return {"seconds_own": own, "seconds_shared": round(sum(self.seconds[f] for f in self.needs[i]) - own, 1)}
+        return {"seconds_own": round(own, 1), "seconds_shared": round(sum(self.seconds[f] for f in self.needs[i]) - own, 1)}
 
 
 def _blend_per_fold(predictions: list[Predictions], combine) -> dict[str, np.ndarray]:
@@ -225,7 +225,7 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         ],
         # The members this blend does not use (weight 0.00 as printed), and what leaving them all
         # out of the config saves on a fresh run: the cheaper pipeline for data like this.
-        "at_weight_zero": {"members": [names[i] for i in idle], "seconds_own": costs.only(idle)},
+        "at_weight_zero": {"members": [names[i] for i in idle], "seconds_own": round(costs.only(idle), 1)},
         # Members the data could not train (with why): listed, not silently left out.
         "skipped": skipped,
         "blend": kind,
