@@ -22,6 +22,7 @@ import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -253,13 +254,24 @@ def _details(kind, draw, rng, xs, cy, half, height, body_len, back) -> None:
         draw.polygon([(at(0.7), cy + half[28] - 2), (at(0.5), cy + height * 0.9), (at(0.58), cy + half[23] - 2)], fill=back)
 
 
-def _deck(boat: Boat, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+@lru_cache(maxsize=16)  # a set has about ten boats; each pattern is 7 MB at full size
+def _deck_pattern(plank_angle: float, plank_spacing: float, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """What one boat's photos share: the falling light's slope and the planks' shade (read-only).
+    Computed once per boat instead of per photo, with the same arithmetic, so the same bytes."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    direction = xx * math.cos(boat.plank_angle) + yy * math.sin(boat.plank_angle)
-    planks = (np.sin(direction / (boat.plank_spacing * width) * 2 * math.pi) > 0.92).astype(np.float32)
-    light = 0.75 + 0.35 * (1 - yy / height) * rng.uniform(0.5, 1.0)  # brighter far from the camera
+    direction = xx * math.cos(plank_angle) + yy * math.sin(plank_angle)
+    planks = (np.sin(direction / (plank_spacing * width) * 2 * math.pi) > 0.92).astype(np.float32)
+    slope, shade = 0.35 * (1 - yy / height), 1 - 0.35 * planks[..., None]
+    slope.flags.writeable = shade.flags.writeable = False
+    return slope, shade
+
+
+def _deck(boat: Boat, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    slope, shade = _deck_pattern(boat.plank_angle, boat.plank_spacing, width, height)
+    light = 0.75 + slope * rng.uniform(0.5, 1.0)  # brighter far from the camera
     base = np.array(_jitter(boat.deck, rng, 12), dtype=np.float32)
-    image = base[None, None, :] * light[..., None] * (1 - 0.35 * planks[..., None])
+    image = np.multiply(base[None, None, :], light[..., None])
+    image *= shade
     image += rng.normal(0, 6, size=(height, width, 1)).astype(np.float32)
     canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
