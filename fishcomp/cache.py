@@ -123,15 +123,14 @@ class Cache:
         """Where an artifact is built before it is published (known to every rank of a run)."""
         return self.root / stage / f".tmp-{label}-{key}"
 
+    def _published(self, stage: str, key: str) -> list[Path]:
+        """The folders published under this key, whatever label, complete or not."""
+        stage_dir = self.root / stage
+        return [c for c in stage_dir.glob(f"*-{key}") if not c.name.startswith(".")] if stage_dir.is_dir() else []
+
     def find(self, stage: str, key: str) -> Path | None:
         """The complete, undamaged artifact with this key, whatever label it was built under."""
-        stage_dir = self.root / stage
-        if not stage_dir.is_dir():
-            return None
-        for candidate in stage_dir.glob(f"*-{key}"):
-            if not candidate.name.startswith(".") and damage(candidate) is None:
-                return candidate
-        return None
+        return next((c for c in self._published(stage, key) if damage(c) is None), None)
 
     def last_seconds(self, stage: str, label: str) -> float | None:
         """How long the newest complete artifact of this stage and label took to build: about what
@@ -148,14 +147,14 @@ class Cache:
         return None if newest is None else float(newest["seconds"])
 
     def seconds(self, stage: str, key: str) -> float | None:
-        """How long the artifact with this key took to build (None: not here, or no record)."""
-        found = self.find(stage, key)
-        facts = None if found is None else _timed_manifest(found)
+        """How long the artifact with this key took to build (None: not here, or no record).
+        Its manifest alone: a number to report needs no check of every file, as `find` makes."""
+        timed = (_timed_manifest(c) for c in self._published(stage, key))
+        facts = next((f for f in timed if f is not None), None)
         return None if facts is None else float(facts["seconds"])
 
     def _damaged(self, stage: str, key: str) -> list[tuple[Path, str]]:
-        stage_dir = self.root / stage
-        found = [(c, damage(c)) for c in stage_dir.glob(f"*-{key}") if not c.name.startswith(".")] if stage_dir.is_dir() else []
+        found = [(c, damage(c)) for c in self._published(stage, key)]
         return [(c, reason) for c, reason in found if reason is not None]
 
     def ensure(

@@ -206,14 +206,15 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
     honest_rows = oof[classes].to_numpy()[validated] if kind == "given" else honest
     blended = Predictions(classes=classes, oof=oof, tests=tests, test_folds=_blend_per_fold(predictions, combine)).with_cross_fitted(honest_rows)
     blended.write(tmp)
-    idle = [i for i, weight in enumerate(weights) if round(weight / sum(weights), 2) == 0]
+    shares = [weight / sum(weights) for weight in weights]
+    idle = [i for i, share in enumerate(shares) if round(share, 2) == 0]  # 0.00 as printed
     summary = {
         "name": loaded.name,
         "method": config.method,
         "weights": config.weights,
         "members": [
             {
-                "name": name, "weight": weight / sum(weights), "valid_logloss": p.oof_logloss(), "valid_accuracy": p.oof_accuracy(),
+                "name": name, "weight": share, "valid_logloss": p.oof_logloss(), "valid_accuracy": p.oof_accuracy(),
                 # What out of fold cannot see: the test rows' fold mean beats one fold model by
                 # about this much (label-free; None without fold copies of every test split).
                 "fold_mean_gain": _fold_mean_gain(p),
@@ -221,9 +222,9 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
                 **costs.of_member(i),
                 "artifact": artifact.path.name,
             }
-            for i, (name, weight, p, artifact) in enumerate(zip(names, weights, predictions, trained))
+            for i, (name, share, p, artifact) in enumerate(zip(names, shares, predictions, trained))
         ],
-        # The members this blend does not use (weight 0.00 as printed), and what leaving them all
+        # The members this blend does not use, and what leaving them all
         # out of the config saves on a fresh run: the cheaper pipeline for data like this.
         "at_weight_zero": {"members": [names[i] for i in idle], "seconds_own": round(costs.only(idle), 1)},
         # Members the data could not train (with why): listed, not silently left out.
