@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,49 +49,108 @@ class DecodedImages:
         # This process's share of the paths (all by default); an item's seed and returned index
         # are its position in `paths`, so a share gives exactly what the whole run gives there.
         self.positions = np.arange(len(paths)) if positions is None else np.asarray(positions)
-        self._thread_transforms: dict[int, object] = {}
+        self._thread_transforms: dict[tuple[int, int], object] = {}
 
-    def _transform(self):
-        """This thread's own copy of the transform: seeding a shared one from two decoding threads
+    def _own(self, transform):
+        """This thread's own copy of `transform`: seeding a shared one from two decoding threads
         at once would make augmentation depend on thread timing."""
         import copy
         import threading
 
-        ident = threading.get_ident()
-        if ident not in self._thread_transforms:
-            self._thread_transforms[ident] = copy.deepcopy(self.transform)
-        return self._thread_transforms[ident]
+        key = (threading.get_ident(), id(transform))
+        if key not in self._thread_transforms:
+            self._thread_transforms[key] = copy.deepcopy(transform)
+        return self._thread_transforms[key]
 
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, item: int):
-        import torch
+    def _decoded(self, index: int) -> tuple[np.ndarray, int, int, bool]:
+        """The image at `paths[index]` resized to `size` (black and not ok when unreadable), with
+        its original width and height."""
         from PIL import Image
 
-        index = int(self.positions[item])
-
         height, width = self.size
-        box = np.full(4, np.nan, dtype=np.float32)
         try:
             image, (orig_w, orig_h) = load_rgb(self.root / self.paths[index], target=(width, height))
-            array = np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8)
-            ok = True
+            return np.asarray(image.resize((width, height), Image.BILINEAR), dtype=np.uint8), orig_w, orig_h, True
         except UnreadableImage:
-            array, orig_w, orig_h, ok = np.zeros((height, width, 3), np.uint8), 0, 0, False
-        if self.transform is not None and ok:
-            from fishcomp.data.augment import apply_transform
+            return np.zeros((height, width, 3), np.uint8), 0, 0, False
 
-            pixels = None
-            if self.boxes is not None and not np.isnan(self.boxes[index]).any():
-                clipped = clip_box(Box(*self.boxes[index]), orig_w, orig_h)
-                if clipped is not None:
-                    pixels = np.array([clipped.x * width / orig_w, clipped.y * height / orig_h, clipped.w * width / orig_w, clipped.h * height / orig_h], dtype=np.float32)
-            array, moved = apply_transform(self._transform(), array, pixels, seed=self.seed * 1_000_003 + index)
-            box = moved / np.array([width, height, width, height], dtype=np.float32)
+    def _transformed(self, transform, seed: int, array: np.ndarray, raw_box: np.ndarray | None, orig_w: int, orig_h: int):
+        """`array` through this thread's copy of `transform`, seeded `seed`, and `raw_box`
+        (original pixels) moved with it, as fractions of the image (NaN for none)."""
+        from fishcomp.data.augment import apply_transform
+
+        height, width = self.size
+        pixels = None
+        if raw_box is not None and not np.isnan(raw_box).any():
+            clipped = clip_box(Box(*raw_box), orig_w, orig_h)
+            if clipped is not None:
+                pixels = np.array([clipped.x * width / orig_w, clipped.y * height / orig_h, clipped.w * width / orig_w, clipped.h * height / orig_h], dtype=np.float32)
+        array, moved = apply_transform(self._own(transform), array, pixels, seed=seed)
+        return array, moved / np.array([width, height, width, height], dtype=np.float32)
+
+    def __getitem__(self, item: int):
+        import torch
+
+        index = int(self.positions[item])
+        array, orig_w, orig_h, ok = self._decoded(index)
+        box = np.full(4, np.nan, dtype=np.float32)
+        if self.transform is not None and ok:
+            raw_box = self.boxes[index] if self.boxes is not None else None
+            array, box = self._transformed(self.transform, self.seed * 1_000_003 + index, array, raw_box, orig_w, orig_h)
         # Height x width x channels, as decoded: batched, it is already the channels_last layout the
         # backbone runs fastest on (see `to_model_input`), so no copy is spent reordering it.
         return torch.from_numpy(np.array(array, order="C")), index, orig_w, orig_h, ok, torch.from_numpy(box)
+
+
+@dataclass(frozen=True)
+class View:
+    """One way precompute shows the images to the backbone: as they are (`transform` None), or
+    through `transform` seeded per image with (`seed`, the image's `numbering`), for the images
+    `wanted` marks (all when None). `moves_boxes`: the view returns each image's box moved with it."""
+
+    transform: object = None
+    seed: int = 0
+    wanted: np.ndarray | None = None
+    numbering: np.ndarray | None = None
+    moves_boxes: bool = False
+
+
+class DecodedViews(DecodedImages):
+    """Every view of an image from one decode: item i is (views, index, width, height, ok, boxes,
+    wanted), `views` (V, H, W, 3) uint8 with zeros where a view does not want the image.
+
+    Each view's pixels are what `DecodedImages` with that view's transform, seed and numbering
+    gives (same resize, same per-image seed), so splitting the passes by image instead of by view
+    changes no feature; it only decodes each photo once instead of once per view."""
+
+    def __init__(self, root: Path, paths: list[str], size: tuple[int, int], views: list[View], boxes: np.ndarray | None = None, positions: np.ndarray | None = None):
+        super().__init__(root, paths, size, boxes=boxes, positions=positions)
+        self.views = views
+
+    def __getitem__(self, item: int):
+        import torch
+
+        index = int(self.positions[item])
+        array, orig_w, orig_h, ok = self._decoded(index)
+        height, width = self.size
+        pixels = np.zeros((len(self.views), height, width, 3), np.uint8)
+        boxes = np.full((len(self.views), 4), np.nan, dtype=np.float32)
+        wanted = np.array([view.wanted is None or bool(view.wanted[index]) for view in self.views])
+        for number, view in enumerate(self.views):
+            if not wanted[number]:
+                continue
+            if view.transform is None or not ok:
+                pixels[number] = array
+                continue
+            numbered = int(view.numbering[index]) if view.numbering is not None else index
+            raw_box = self.boxes[index] if view.moves_boxes and self.boxes is not None else None
+            pixels[number], moved = self._transformed(view.transform, view.seed * 1_000_003 + numbered, array, raw_box, orig_w, orig_h)
+            if view.moves_boxes:
+                boxes[number] = moved
+        return torch.from_numpy(pixels), index, orig_w, orig_h, ok, torch.from_numpy(boxes), torch.from_numpy(wanted)
 
 
 def to_model_input(batch, device, mean, std):

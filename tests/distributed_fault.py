@@ -11,6 +11,6 @@ if int(os.environ["RANK"]) == 1:
     def broken(self, item):
         raise RuntimeError("disk read error on rank 1")
 
-    precompute.DecodedImages.__getitem__ = broken
+    precompute.DecodedViews.__getitem__ = broken
 
 main(sys.argv[1:])

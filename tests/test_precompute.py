@@ -80,3 +80,60 @@ def test_the_backbone_gives_the_same_features_however_many_images_go_through_it_
     assert rule(SimpleNamespace(device=torch.device("cuda"), cpu_chunk=5), 360, 640, 32) == 32  # a GPU takes the batch
     with pytest.raises(FishcompError, match="cpu_chunk"):
         load_config(CONFIGS / "dense.yaml", ["precompute.cpu_chunk=0"])
+
+
+def test_every_view_of_a_photo_comes_from_one_decode_with_the_pixels_of_decoding_it_for_that_view_alone(tmp_path, monkeypatch):
+    """Precompute decodes each photo once for all its views (the original, augmented copies of the
+    train photos, test-time views): each view's pixels and moved box are exactly those of decoding
+    the photo for that view alone, with that view's per-image seed."""
+    from skimage import data as samples
+
+    import fishcomp.features as features
+    from fishcomp.data.augment import build_transform
+    from fishcomp.features import DecodedImages, DecodedViews, View, transform_seed
+
+    photo = Image.fromarray(samples.astronaut()).resize((320, 180), Image.BICUBIC)
+    paths = []
+    for number in range(6):
+        path = tmp_path / f"img_{number}.jpg"
+        photo.rotate(number * 7).save(path, quality=90)
+        paths.append(path.name)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    paths.append("broken.jpg")
+    is_train = np.array([True, False, True, True, False, True, True])
+    train_position = np.cumsum(is_train) - 1
+    boxes = np.array([[40, 30, 80, 60], [np.nan] * 4, [10, 20, 50, 40], [np.nan] * 4, [0, 0, 30, 30], [200, 100, 90, 70], [5, 5, 5, 5]], dtype=np.float32)
+    augment = build_transform(load_config(CONFIGS / "dense_aug.yaml").config.precompute.augment.transforms)
+    flip = build_transform([{"name": "HorizontalFlip", "p": 1.0}])
+    looks = [
+        View(),
+        View(augment, transform_seed(0, 1), wanted=is_train, numbering=train_position, moves_boxes=True),
+        View(flip, transform_seed(0, 0)),
+    ]
+    decodes = []
+    real_load = features.load_rgb
+    monkeypatch.setattr(features, "load_rgb", lambda path, target=None: decodes.append(path) or real_load(path, target=target))
+    size = (64, 96)
+    items = [DecodedViews(tmp_path, paths, size, looks, boxes)[i] for i in range(len(paths))]
+    assert len(decodes) == len(paths)  # one decode a photo, not one a view
+
+    train = [p for p, t in zip(paths, is_train) if t]
+    alone = [
+        DecodedImages(tmp_path, paths, size),
+        DecodedImages(tmp_path, train, size, augment, transform_seed(0, 1), boxes[is_train]),
+        DecodedImages(tmp_path, paths, size, flip, transform_seed(0, 0)),
+    ]
+    for index, (pixels, item_index, width, height, ok, moved, wanted) in enumerate(items):
+        assert item_index == index and ok == (paths[index] != "broken.jpg")
+        assert (width, height) == ((320, 180) if ok else (0, 0))
+        assert wanted.tolist() == [True, bool(is_train[index]), True]
+        for number, dataset in enumerate(alone):
+            if not wanted[number]:
+                assert not pixels[number].any()
+                continue
+            expected = dataset[int(train_position[index]) if number == 1 else index]
+            np.testing.assert_array_equal(pixels[number].numpy(), expected[0].numpy(), err_msg=f"image {index} view {number}")
+            if number == 1:
+                np.testing.assert_array_equal(moved[number].numpy(), expected[5].numpy())
+    augmented = [moved[1].numpy() for *_, moved, wanted in items if wanted[1]]
+    assert sum(not np.isnan(box).any() for box in augmented) >= 3  # the boxes that exist did come back moved

@@ -24,8 +24,9 @@ from fishcomp.distributed import device_for
 from fishcomp.data.augment import build_transform
 from fishcomp.errors import FishcompError
 from fishcomp.features import (
-    DecodedImages,
+    DecodedViews,
     Embedder,
+    View,
     image_batches,
     resolved_precompute,
     transform_seed,
@@ -71,25 +72,24 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     # otherwise than it predicted the same photo among its test images.
     combine = tta_combine(loaded)
     tta = precompute.tta if combine else None
-    transforms = [None, *([build_transform(tta.transforms)] * (tta.views - 1) if tta else [])]
+    transform = build_transform(tta.transforms) if tta else None
+    looks = [View(), *(View(transform, transform_seed(tta.seed, number)) for number in range(tta.views - 1 if tta else 0))]
     located = [str(p.resolve()) for p in paths]
-    views, sizes, readable = [], np.zeros((len(paths), 2), dtype=np.int64), np.zeros(len(paths), dtype=bool)
+    views = [[] for _ in looks]
+    sizes, readable = np.zeros((len(paths), 2), dtype=np.int64), np.zeros(len(paths), dtype=bool)
     import torch
 
-    with progress("predict", len(paths) * len(transforms)) as advance, torch.inference_mode():
-        for number, transform in enumerate(transforms):
-            seed = transform_seed(tta.seed, number - 1) if transform is not None else 0
-            images = DecodedImages(Path("/"), located, tuple(precompute.size), transform, seed)
-            features = []
-            for batch, local, width, height, ok, _ in image_batches(images, precompute.batch_size, precompute.workers, device):
-                pooled, feature_map = embedder.embed(batch, spatial=kind == "map")
+    with progress("predict", len(paths) * len(looks)) as advance, torch.inference_mode():
+        images = DecodedViews(Path("/"), located, tuple(precompute.size), looks)
+        for batch, local, width, height, ok, _, _ in image_batches(images, precompute.batch_size, precompute.workers, device):
+            rows = local.numpy()
+            sizes[rows], readable[rows] = np.stack([width.numpy(), height.numpy()], axis=1), ok.numpy()
+            for number, features in enumerate(views):
+                pooled, feature_map = embedder.embed(batch[:, number].contiguous(), spatial=kind == "map")
                 # Stored features are float16; so are these, so the heads see what they saw in training.
                 features.append((feature_map if kind == "map" else pooled).astype(np.float16))
-                rows = local.numpy()
-                if number == 0:
-                    sizes[rows], readable[rows] = np.stack([width.numpy(), height.numpy()], axis=1), ok.numpy()
                 advance(len(rows))
-            views.append(np.concatenate(features))
+    views = [np.concatenate(features) for features in views]
     for path in np.asarray(paths, dtype=object)[~readable]:
         warn(f"unreadable image skipped: {path}")
     if not readable.any():

@@ -12,7 +12,9 @@ Artifact (`<work>/precompute/<backbone>-<H>x<W>-<key>/`):
 - `meta.json`: backbone, weights, input size, normalisation, shapes, counts, skipped files, speed.
 
 Features are written batch by batch into memory-mapped .npy files, so memory stays flat however
-many images there are.
+many images there are. Each batch of photos is decoded once for all of its views (the original,
+the augmented copies, the test-time views), not once per view: decoding a camera-sized JPEG is
+a sizeable share of a 224x224 pass on a CPU, and on a GPU the decoding is the pass's bottleneck.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from fishcomp.faults import pause_point
 from fishcomp.features import (
     BOX_COLUMNS,
     POINT_COLUMNS,
-    DecodedImages,
+    DecodedViews,
     Embedder,
+    View,
     backbone_precision,
     image_batches,
     reserved_memmap,
@@ -153,18 +156,24 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         spatial = shared(tmp / f"{name}_map.npy", np.float16, leading + (count,) + map_shape) if config.spatial else None
         return pooled, spatial
 
-    # Pass 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
+    # View 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
+    # Each photo is decoded once for all of its views (`DecodedViews`), batch by batch of images.
+    is_train = splits == "train"
     originals = {split: arrays(split, int((splits == split).sum())) for split in images.split.unique()}
-    passes = [("original", None, 0)]
+    plan = [("original", 0, View())]
     if augment:
         augment_transform = build_transform(augment.transforms)
         augmented = arrays("train_aug", len(train_rows), (augment.copies,))
         augmented_boxes = shared(tmp / "train_aug_boxes.npy", np.float32, (augment.copies, len(train_rows), 4))
-        passes += [("augment", augment_transform, c) for c in range(augment.copies)]
+        # A copy's per-image seed counts the train images only: the copies do not change with the test set.
+        plan += [
+            ("augment", c, View(augment_transform, transform_seed(augment.seed, c), wanted=is_train, numbering=position, moves_boxes=True))
+            for c in range(augment.copies)
+        ]
     if tta:
         tta_transform = build_transform(tta.transforms)
         views = {split: arrays(f"{split}_tta", int((splits == split).sum()), (tta.views - 1,)) for split in images.split.unique()}
-        passes += [("tta", tta_transform, v) for v in range(tta.views - 1)]
+        plan += [("tta", v, View(tta_transform, transform_seed(tta.seed, v))) for v in range(tta.views - 1)]
     raw_boxes = np.array([_raw_box(annotations, name) for name in images.image], dtype=np.float32)
     if here.distributed:
         barrier()
@@ -176,32 +185,32 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
 
     sizes = np.zeros((len(images), 2), dtype=np.int64)
     ok = np.zeros(len(images), dtype=bool)
-    total = sum(len(train_rows) if kind == "augment" else len(images) for kind, _, _ in passes)
+    total = sum(len(train_rows) if kind == "augment" else len(images) for kind, _, _ in plan)
     started = time.time()
     with progress(f"precompute {config.size[0]}x{config.size[1]}", total) as advance, torch.inference_mode():
-        for kind, transform, number in passes:
-            rows = train_rows if kind == "augment" else np.arange(len(images))
-            seed = transform_seed(augment.seed if kind == "augment" else tta.seed if kind == "tta" else 0, number)
-            loader = image_batches(
-                DecodedImages(
-                    dataset.root, images.path.to_numpy()[rows].tolist(), config.size, transform, seed,
-                    raw_boxes[rows] if kind == "augment" else None, positions=share_of_batches(len(rows), config.batch_size),
-                ),
-                config.batch_size, config.workers, device,
-            )
-            for batch, local, orig_w, orig_h, good, boxes in loader:
-                pooled, feature_map = embedder.embed(batch, spatial=config.spatial)
-                index = rows[local.numpy()]
-                if kind == "original":
-                    sizes[index] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
-                    ok[index] = good.numpy()
+        loader = image_batches(
+            DecodedViews(
+                dataset.root, images.path.tolist(), config.size, [view for _, _, view in plan], raw_boxes,
+                positions=share_of_batches(len(images), config.batch_size),
+            ),
+            config.batch_size, config.workers, device,
+        )
+        for batch, local, orig_w, orig_h, good, boxes, wanted in loader:
+            rows = local.numpy()
+            sizes[rows] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
+            ok[rows] = good.numpy()
+            for column, (kind, number, _) in enumerate(plan):
+                chosen = wanted[:, column].numpy()
+                if not chosen.any():
+                    continue
+                pooled, feature_map = embedder.embed(batch[torch.from_numpy(chosen), column], spatial=config.spatial)
+                index = rows[chosen]
                 if kind == "augment":
-                    # Train rows are the train split's rows in order, so `local` is the train position.
-                    where = local.numpy()
+                    where = position[index]  # the train position
                     augmented[0][number, where] = pooled
                     if feature_map is not None:
                         augmented[1][number, where] = feature_map
-                    augmented_boxes[number, where] = boxes.numpy()
+                    augmented_boxes[number, where] = boxes[torch.from_numpy(chosen), column].numpy()
                 else:
                     for split in np.unique(splits[index]):
                         mine = splits[index] == split
@@ -211,13 +220,13 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
                         if map_out is not None:
                             map_out[target] = feature_map[mine]
                 advance(len(index))
-                pause_point("precompute.batch")
+            pause_point("precompute.batch")
     seconds = time.time() - started
     for item in [*originals.values(), *(views.values() if tta else ()), *((augmented, (augmented_boxes,)) if augment else ())]:
         for array in item:
             if array is not None:
                 array.flush()
-    del originals, passes
+    del originals, plan, loader
     if augment:
         del augmented, augmented_boxes
     if tta:
