@@ -1,6 +1,7 @@
 """Augmentation (boxes moved with the image), augmented precompute, and test-time augmentation."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,27 @@ def test_training_draws_augmented_copies_and_reports_tta(tiny_data, tmp_path, ca
     assert summary["augment_copies"] == 2 and summary["tta_views"] == 3
     assert summary["valid_logloss"] < summary["prior_logloss"]
     assert summary["valid_logloss"] != summary["valid_logloss_without_tta"]
+
+    # `predict` draws each photo's random views as precompute drew them (its place among the data's
+    # images numbers its seeds, not its place in the list given), so it predicts what the run
+    # predicted for it, whichever photos come with it. Tolerance: the same float16 features, but
+    # the backbone's calls group other images, which can move a feature by one float16 step.
+    import pandas as pd
+
+    trained = next((tmp_path / "train").glob("dense-*"))
+    expected = pd.read_csv(trained / "test_stg1.csv").set_index("image")
+    names = sorted(expected.index)[:4]
+    for chosen in (names, names[::-1], names[2:3]):
+        out = tmp_path / "predicted.csv"
+        args = ["predict", "-c", CONFIGS / "dense.yaml", *[tiny_data / "test_stg1" / name for name in chosen],
+                "--data", tiny_data, "--work", tmp_path, "--out", out]
+        for override in SMALL + ["precompute.augment={copies: 2}", "precompute.tta={views: 3}"]:
+            args += ["--set", override]
+        code, stdout, stderr = run_cli(args, capsys)
+        assert code == 0 and "built" not in stdout, stderr
+        predicted = pd.read_csv(out)
+        predicted["image"] = [Path(path).name for path in predicted.image]
+        np.testing.assert_allclose(predicted.set_index("image").loc[chosen].to_numpy(), expected.loc[chosen].to_numpy(), atol=5e-3)
 
 
 def test_mirror_copies_train_on_the_mirrored_view_the_pass_already_made(tiny_data, tmp_path, capsys):

@@ -73,8 +73,9 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     combine = tta_combine(loaded)
     tta = precompute.tta if combine else None
     transform = build_transform(tta.transforms) if tta else None
-    looks = [View(), *(View(transform, transform_seed(tta.seed, number)) for number in range(tta.views - 1 if tta else 0))]
     located = [str(p.resolve()) for p in paths]
+    numbers = view_numbers(ctx, located)
+    looks = [View(), *(View(transform, transform_seed(tta.seed, number), numbering=numbers) for number in range(tta.views - 1 if tta else 0))]
     views = [[] for _ in looks]
     sizes, readable = np.zeros((len(paths), 2), dtype=np.int64), np.zeros(len(paths), dtype=bool)
     import torch
@@ -103,6 +104,18 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     frame = pd.DataFrame(probs, columns=trained_classes(trained))
     frame.insert(0, "image", [str(p) for p in np.asarray(paths, dtype=object)[readable]])
     return frame
+
+
+def view_numbers(ctx: Context, located: list[str]) -> np.ndarray:
+    """Each photo's number in its test-time views' per-image seeds: its row among the data's images
+    where it is one of them, as precompute numbers it, so it gets exactly the views its run's test
+    predictions averaged; otherwise a number from its file name. Either way a photo's views do not
+    depend on which other photos it is predicted with (its place in the list would)."""
+    import zlib
+
+    root = ctx.dataset().root
+    rows = {str((root / path).resolve()): row for row, path in enumerate(ctx.dataset().images.path)}
+    return np.array([rows.get(path, zlib.crc32(Path(path).name.encode()) % 1_000_000) for path in located], dtype=np.int64)
 
 
 def trained_classes(trained) -> list[str]:
