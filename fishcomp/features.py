@@ -105,9 +105,9 @@ class DecodedImages:
         return torch.from_numpy(np.array(array, order="C")), index, orig_w, orig_h, ok, torch.from_numpy(box)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class View:
-    """One way precompute shows the images to the backbone: as they are (`transform` None), or
+    """One way a pass shows the images to the backbone: as they are (`transform` None), or
     through `transform` seeded per image with (`seed`, the image's `numbering`), for the images
     `wanted` marks (all when None). `moves_boxes`: the view returns each image's box moved with it."""
 
