@@ -77,9 +77,9 @@ class DecodedImages:
         except UnreadableImage:
             return np.zeros((height, width, 3), np.uint8), 0, 0, False
 
-    def _transformed(self, transform, seed: int, array: np.ndarray, raw_box: np.ndarray | None, orig_w: int, orig_h: int):
-        """`array` through this thread's copy of `transform`, seeded `seed`, and `raw_box`
-        (original pixels) moved with it, as fractions of the image (NaN for none)."""
+    def _transformed(self, transform, seed: int, number: int, array: np.ndarray, raw_box: np.ndarray | None, orig_w: int, orig_h: int):
+        """`array` through this thread's copy of `transform`, seeded by (`seed`, the image's
+        `number`), and `raw_box` (original pixels) moved with it, as fractions of the image (NaN for none)."""
         from fishcomp.data.augment import apply_transform
 
         height, width = self.size
@@ -88,7 +88,7 @@ class DecodedImages:
             clipped = clip_box(Box(*raw_box), orig_w, orig_h)
             if clipped is not None:
                 pixels = np.array([clipped.x * width / orig_w, clipped.y * height / orig_h, clipped.w * width / orig_w, clipped.h * height / orig_h], dtype=np.float32)
-        array, moved = apply_transform(self._own(transform), array, pixels, seed=seed)
+        array, moved = apply_transform(self._own(transform), array, pixels, seed=seed * 1_000_003 + number)
         return array, moved / np.array([width, height, width, height], dtype=np.float32)
 
     def __getitem__(self, item: int):
@@ -99,7 +99,7 @@ class DecodedImages:
         box = np.full(4, np.nan, dtype=np.float32)
         if self.transform is not None and ok:
             raw_box = self.boxes[index] if self.boxes is not None else None
-            array, box = self._transformed(self.transform, self.seed * 1_000_003 + index, array, raw_box, orig_w, orig_h)
+            array, box = self._transformed(self.transform, self.seed, index, array, raw_box, orig_w, orig_h)
         # Height x width x channels, as decoded: batched, it is already the channels_last layout the
         # backbone runs fastest on (see `to_model_input`), so no copy is spent reordering it.
         return torch.from_numpy(np.array(array, order="C")), index, orig_w, orig_h, ok, torch.from_numpy(box)
@@ -147,7 +147,7 @@ class DecodedViews(DecodedImages):
                 continue
             numbered = int(view.numbering[index]) if view.numbering is not None else index
             raw_box = self.boxes[index] if view.moves_boxes and self.boxes is not None else None
-            pixels[number], moved = self._transformed(view.transform, view.seed * 1_000_003 + numbered, array, raw_box, orig_w, orig_h)
+            pixels[number], moved = self._transformed(view.transform, view.seed, numbered, array, raw_box, orig_w, orig_h)
             if view.moves_boxes:
                 boxes[number] = moved
         return torch.from_numpy(pixels), index, orig_w, orig_h, ok, torch.from_numpy(boxes), torch.from_numpy(wanted)

@@ -200,17 +200,17 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
             sizes[rows] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
             ok[rows] = good.numpy()
             for column, (kind, number, _) in enumerate(plan):
-                chosen = wanted[:, column].numpy()
+                chosen = wanted[:, column]
                 if not chosen.any():
                     continue
-                pooled, feature_map = embedder.embed(batch[torch.from_numpy(chosen), column], spatial=config.spatial)
-                index = rows[chosen]
+                pooled, feature_map = embedder.embed(batch[chosen, column], spatial=config.spatial)
+                index = rows[chosen.numpy()]
                 if kind == "augment":
                     where = position[index]  # the train position
                     augmented[0][number, where] = pooled
                     if feature_map is not None:
                         augmented[1][number, where] = feature_map
-                    augmented_boxes[number, where] = boxes[torch.from_numpy(chosen), column].numpy()
+                    augmented_boxes[number, where] = boxes[chosen, column].numpy()
                 else:
                     for split in np.unique(splits[index]):
                         mine = splits[index] == split
