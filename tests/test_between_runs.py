@@ -315,3 +315,15 @@ def test_the_python_api_returns_the_artifacts_the_cli_made(swept, tiny_data):
     assert paired.loc["all", "logloss_a"] == pytest.approx(scores[0]) and paired.loc["all", "logloss_b"] == pytest.approx(scores[1])
     assert paired.loc["all", "low"] <= paired.loc["all", "difference"] <= paired.loc["all", "high"]
     assert set(paired.verdict) <= {"B better", "A better", "within noise"}
+
+
+def test_predict_with_a_blends_config_names_the_members_it_can_predict_with(tmp_path, capsys):
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 36)).save(photo)
+    code, _, stderr = run_cli(["predict", "-c", CONFIGS / "pipeline.yaml", photo, "--data", tmp_path, "--work", tmp_path / "work"], capsys)
+    assert code == 2 and "not a blend" in stderr and len(stderr.strip().splitlines()) == 1
+    named = stderr.split("members (", 1)[1].split(")", 1)[0].split(", ")
+    assert "fcn.yaml" in named and "linear.yaml" in named and "crops.yaml" not in named  # crops are cut, not whole-image
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.npy"))  # nothing built

@@ -3,7 +3,8 @@
 The photos go through the pass the run's features came from (same backbone, size, weights,
 normalisation and precision), then every fold's head; the folds' probabilities are averaged, as
 for the test images of the run itself. Runs on whole-image features (every head on pooled
-vectors or maps, the linear probe); detect-then-classify and fine-tuned runs are not supported.
+vectors or maps, the linear probe); detect-then-classify and fine-tuned runs, and blends of
+members (whose test predictions `fishcomp run` writes), are not supported.
 A config with test-time views (`precompute.tta`) gets them here too, combined as in its run: a
 deterministic view (the 360x640 configs' mirror image) gives exactly the run's probabilities for
 its own test photos; random views are drawn afresh, the same kind of draw as the run's.
@@ -53,13 +54,26 @@ def find_images(images: list[Path], folder: Path | None) -> list[Path]:
     return images
 
 
+def _whole_image(config) -> bool:
+    return config.crops is None and not (config.train is not None and config.train.finetune is not None)
+
+
 def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.DataFrame:
     from fishcomp.pipeline import resolver
 
     config = loaded.config
-    if config.crops is not None or (config.train is not None and config.train.finetune is not None):
-        raise FishcompError(f"{loaded.path}: predict works with heads on whole-image features, not crops or fine-tuning")
     plan = resolver(ctx)
+    if config.ensemble is not None and config.head is None:
+        # A blend's weights, stacker and calibration were fitted on its members' test rows, among
+        # them members predict cannot serve (crops); rather than a blend of some members, say which
+        # members it can predict with.
+        served = [member.path.name for _, member in plan.ensemble_members(loaded)[0] if _whole_image(member.config)]
+        raise FishcompError(
+            f"{loaded.path}: predict works with one head's config, not a blend; its test predictions are in `fishcomp run`'s "
+            f"submission. Predict with one of its members" + (f" ({', '.join(served)})" if served else "")
+        )
+    if not _whole_image(config):
+        raise FishcompError(f"{loaded.path}: predict works with heads on whole-image features, not crops or fine-tuning")
     node = plan.node("train", loaded)
     trained = plan.build(node)
     summary = json.loads(trained.file("summary.json").read_text())
