@@ -327,3 +327,5 @@ def test_predict_with_a_blends_config_names_the_members_it_can_predict_with(tmp_
     named = stderr.split("members (", 1)[1].split(")", 1)[0].split(", ")
     assert "fcn.yaml" in named and "linear.yaml" in named and "crops.yaml" not in named  # crops are cut, not whole-image
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.npy"))  # nothing built
+    code, _, stderr = run_cli(["predict", "-c", CONFIGS / "crops.yaml", photo, "--data", tmp_path, "--work", tmp_path / "work"], capsys)
+    assert code == 2 and "not crops or fine-tuning" in stderr
