@@ -64,9 +64,9 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     config = loaded.config
     plan = resolver(ctx)
     if config.ensemble is not None and config.head is None:
-        # A blend's weights, stacker and calibration were fitted on its members' test rows, among
-        # them members predict cannot serve (crops); rather than a blend of some members, say which
-        # members it can predict with.
+        # A blend's weights, stacker and calibration were fitted on all its members' out-of-fold
+        # predictions, the crops' among them, which predict cannot make; rather than a blend of
+        # some members under weights fitted for all, say which members it can predict with.
         served = [member.path.name for _, member in plan.ensemble_members(loaded)[0] if _whole_image(member.config)]
         raise FishcompError(
             f"{loaded.path}: predict works with one head's config, not a blend; its test predictions are in `fishcomp run`'s "
