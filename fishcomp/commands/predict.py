@@ -63,7 +63,7 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
 
     config = loaded.config
     plan = resolver(ctx)
-    if config.ensemble is not None and config.head is None:
+    if config.ensemble is not None and not config.trains:
         # A blend's weights, stacker and calibration were fitted on all its members' out-of-fold
         # predictions, the crops' among them, which predict cannot make; rather than a blend of
         # some members under weights fitted for all, say which members it can predict with.
