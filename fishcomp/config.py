@@ -802,7 +802,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise FishcompError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+        # The problem alone: the parser's own message spans several lines of context and carets.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at column {mark.column + 1} of the value" if mark else ""
+        raise FishcompError(f"--set {text!r}: the value is not valid YAML: {getattr(exc, 'problem', exc)}{where}") from exc
     if isinstance(parsed, str):
         try:
             parsed = float(parsed)  # YAML 1.1 reads `1e-4` as a string; people mean a number

@@ -71,6 +71,13 @@ def test_malformed_set(tmp_path, bad):
         load_config(path, [bad])
 
 
+def test_a_set_value_that_is_not_yaml_is_a_one_line_error_that_points_at_it(tmp_path):
+    path = write(tmp_path, "head: {kind: dense}\n")
+    with pytest.raises(FishcompError, match=r"--set 'train.phases=\[\{epochs: 2': the value is not valid YAML: expected ',' or '\}'.* at column 12 of the value") as info:
+        load_config(path, ["train.phases=[{epochs: 2"])
+    assert "\n" not in str(info.value)
+
+
 def test_overrides_are_typed_and_validated(tmp_path):
     path = write(tmp_path, "head: {kind: dense}\n")
     loaded = load_config(path, ["train.batch_size=16", "precompute.size=[360, 640]", "head.dropout=0.25"])
