@@ -73,14 +73,15 @@ def dag(config, data="data", work="artifacts", overrides=None, stage: str | None
 
 def runs(work="artifacts", solution=None):
     """`fishcomp runs` as a pandas DataFrame (numbers as numbers, one row per run, its folder in
-    `path`); with `solution`, each run's test_stg1 / test_stg2 log loss on it; where `fishcomp lb`
-    recorded leaderboard scores, each submission's public_lb / private_lb."""
+    `path`, the machine it was built on in `machine`); with `solution`, each run's test_stg1 /
+    test_stg2 log loss on it; where `fishcomp lb` recorded leaderboard scores, each submission's
+    public_lb / private_lb."""
     import pandas as pd
 
     from fishcomp.commands.runs import collect_runs, columns, has_leaderboard
 
     rows = collect_runs(Path(work), solution=Path(solution) if solution is not None else None)
-    return pd.DataFrame(rows, columns=[*columns(solution is not None, has_leaderboard(rows)), "path"])
+    return pd.DataFrame(rows, columns=[*columns(solution is not None, has_leaderboard(rows), with_machine=True), "path"])
 
 
 def diff(a, b, work="artifacts", split: str | None = None, solution=None, data="data", by: str = "image", resamples: int = 2000,

@@ -131,14 +131,20 @@ def _build_swept(config: Path, data: Path, work: Path, overrides, on_bad_test, t
 
 def _runs_table(work: Path, keys: set[str] | None = None, sort: str = "created", fmt: str = "table", title: str | None = None,
                 solution: Path | None = None) -> None:
-    from fishcomp.commands.runs import collect_runs, columns, has_leaderboard, sort_rows, table_cells
+    from fishcomp.commands.runs import collect_runs, columns, has_leaderboard, machine_legend, sort_rows, table_cells
     from fishcomp.console import table
 
     with_tests = solution is not None
     rows = collect_runs(work, keys, solution)
     with_lb = has_leaderboard(rows)
-    rows = sort_rows(rows, sort, with_tests, with_lb)
-    table(columns(with_tests, with_lb), table_cells(rows, with_tests, with_lb), title=title or f"{len(rows)} runs in {work}", fmt=fmt)
+    # For people, a machine column only where the rows come from several (labelled, with a
+    # legend under the table); for scripts, always the full line.
+    with_machine = fmt != "table" or machine_legend(rows) is not None
+    rows = sort_rows(rows, sort, with_tests, with_lb, with_machine)
+    legend = machine_legend(rows) if fmt == "table" else None  # A is the first row's, as the table is sorted
+    caption = None if legend is None else "\n".join(f"{label}: {machine}" for machine, label in legend.items())
+    table(columns(with_tests, with_lb, with_machine), table_cells(rows, with_tests, with_lb, legend, with_machine),
+          title=title or f"{len(rows)} runs in {work}", fmt=fmt, caption=caption)
 
 
 @app.command("run")
@@ -313,7 +319,7 @@ def submit_cli(
 @app.command("runs")
 def runs_cli(
     work: WorkOpt = Path("artifacts"),
-    sort: Annotated[str, typer.Option("--sort", help="Column to sort by: valid_logloss, cross_fitted, accuracy, seconds, created, name (test_stg1, test_stg2 with --solution; public_lb, private_lb once `fishcomp lb` recorded scores).")] = "created",
+    sort: Annotated[str, typer.Option("--sort", help="Column to sort by: valid_logloss, cross_fitted, accuracy, seconds, created, name (machine where the runs come from several machines; test_stg1, test_stg2 with --solution; public_lb, private_lb once `fishcomp lb` recorded scores).")] = "created",
     solution: Annotated[Optional[Path], typer.Option("--solution", help="The answers, in the submission's format (a solution the competition released, or synthetic data's solution.csv): adds each run's test_stg1 / test_stg2 log loss.")] = None,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:

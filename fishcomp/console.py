@@ -65,8 +65,9 @@ def progress(description: str, total: int):
         yield advance
 
 
-def table(columns: list[str], rows: list[list], title: str | None = None, fmt: str = "table") -> None:
-    """Rows on stdout: a rich table (`table`), or `csv` / `json` for scripts and spreadsheets."""
+def table(columns: list[str], rows: list[list], title: str | None = None, fmt: str = "table", caption: str | None = None) -> None:
+    """Rows on stdout: a rich table (`table`, with `caption` under it), or `csv` / `json` for
+    scripts and spreadsheets."""
     if not _speaks():
         return
     if fmt == "csv":
@@ -83,7 +84,7 @@ def table(columns: list[str], rows: list[list], title: str | None = None, fmt: s
         return
     from rich.table import Table
 
-    drawn = Table(title=title, header_style="bold")
+    drawn = Table(title=title, caption=caption, caption_justify="left", header_style="bold")
     for column in columns:
         drawn.add_column(column)
     for row in rows:

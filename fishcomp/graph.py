@@ -299,7 +299,14 @@ class Resolver:
         from fishcomp.distributed import ensure_together
 
         stage = node.stage
-        build = lambda tmp: stage.build(self.ctx, node, inputs, tmp)  # noqa: E731
+
+        def build(tmp: Path) -> dict:
+            from fishcomp.context import describe_machine
+
+            # Seconds, and the last digits of a score, depend on the machine that built the
+            # artifact: `fishcomp runs` shows which one when a work folder holds several.
+            return {**(stage.build(self.ctx, node, inputs, tmp) or {}), "machine": describe_machine()}
+
         if stage.together:
             artifact = ensure_together(self.ctx.cache, stage.name, node.label, node.key, build)
         else:

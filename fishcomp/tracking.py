@@ -38,7 +38,9 @@ def track(settings: TrackingConfig, work: Path, stage: str, name: str, config: d
     mlflow.set_experiment(settings.experiment)
     summary = json.loads(artifact.file("summary.json").read_text()) if artifact.file("summary.json").is_file() else {}
     with mlflow.start_run(run_name=f"{name}-{stage}-{artifact.key}") as run:
-        mlflow.set_tags({"fishcomp.stage": stage, "fishcomp.key": artifact.key, "fishcomp.artifact": str(artifact.path)})
+        manifest = json.loads(artifact.file("manifest.json").read_text())
+        mlflow.set_tags({"fishcomp.stage": stage, "fishcomp.key": artifact.key, "fishcomp.artifact": str(artifact.path),
+                         **({"fishcomp.machine": manifest["machine"]} if manifest.get("machine") else {})})
         params = flatten_config(config)
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(list(params.items())[start : start + 100]))

@@ -59,6 +59,42 @@ def test_a_comma_list_sweeps_three_trainings_and_the_runs_table_lists_them_with_
     assert code == 2 and "did you mean valid_logloss" in stderr
 
 
+def test_the_runs_table_says_which_machine_built_each_run_where_they_differ(swept, tmp_path, capsys):
+    """Seconds, and a score's last digits, depend on the machine (a laptop's CPU against a Kaggle
+    GPU, bf16 against float32): every artifact records its machine, and the table names them
+    once the work folder holds runs from more than one."""
+    import shutil
+
+    from fishcomp.context import describe_machine
+
+    for manifest in swept.glob("*/*/manifest.json"):
+        assert json.loads(manifest.read_text())["machine"] == describe_machine()
+    code, stdout, _ = run_cli(["runs", "--work", swept], capsys)
+    assert code == 0 and "machine" not in stdout  # one machine: nothing to tell apart, no column
+    code, stdout, _ = run_cli(["runs", "--work", swept, "--format", "csv"], capsys)
+    assert set(pd.read_csv(io.StringIO(stdout)).machine) == {describe_machine()}  # scripts always get it
+    work = tmp_path / "work"  # a copy: the other tests keep the sweep as it was built
+    shutil.copytree(swept, work)
+    elsewhere = _by_lr(work, 1e-4) / "manifest.json"
+    manifest = json.loads(elsewhere.read_text())
+    other = "a Kaggle notebook's GPU"
+    elsewhere.write_text(json.dumps({**manifest, "machine": other}))
+    code, stdout, stderr = run_cli(["runs", "--work", work], capsys)
+    assert code == 0, stderr
+    # A label a machine in the table, the legend under it the machine's line.
+    legend = dict(line.strip().split(": ", 1) for line in stdout.splitlines() if line[:3] in ("A: ", "B: "))
+    assert sorted(legend.values()) == sorted([describe_machine(), other])
+    label = {machine: letter for letter, machine in legend.items()}
+    rows = [line for line in stdout.splitlines() if "│ dense" in line]
+    assert len(rows) == 3  # the three trainings
+    for row in rows:
+        assert f"│ {label[other if manifest['key'] in row else describe_machine()]} " in row
+    code, stdout, _ = run_cli(["runs", "--work", work, "--format", "csv"], capsys)
+    rows = pd.read_csv(io.StringIO(stdout), dtype={"key": str}).set_index("key")
+    assert rows.loc[manifest["key"], "machine"] == other
+    assert (rows.drop(manifest["key"]).machine == describe_machine()).all()
+
+
 def _by_lr(work, lr):
     return next(a for a in (work / "train").glob("dense-*")
                 if yaml.safe_load((a / "config.yaml").read_text())["train"]["phases"][0]["lr"] == lr)
@@ -285,6 +321,9 @@ def test_tracking_logs_a_run_that_mlflows_own_client_reads_back(tiny_data, tmp_p
     run = runs[0]
     summary = json.loads(next((work / "train").glob("dense-*/summary.json")).read_text())
     assert run.data.tags["fishcomp.stage"] == "train" and run.data.tags["fishcomp.key"] in run.data.tags["fishcomp.artifact"]
+    from fishcomp.context import describe_machine
+
+    assert run.data.tags["fishcomp.machine"] == describe_machine()
     assert run.data.params["head.kind"] == "dense" and run.data.params["train.batch_size"] == "32"
     assert run.data.metrics["valid_logloss"] == pytest.approx(summary["valid_logloss"])
     history = client.get_metric_history(run.info.run_id, "fold0.valid_logloss")

@@ -19,6 +19,9 @@ from fishcomp.config import flatten_config
 
 STAGES = ("train", "ensemble", "calibrate", "submit")
 COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "vs_best", "accuracy", "seconds", "created", "differs"]
+# What each artifact was built on (the graph's `describe_machine` line, in its manifest): its
+# seconds, and the last digits of its scores, depend on it.
+MACHINE = "machine"
 # With the answers (`--solution`): each run's log loss on each test stage's answered images.
 TEST_COLUMNS = ["test_stg1", "test_stg2"]
 # With scores recorded by `fishcomp lb`: what Kaggle gave each submission.
@@ -39,7 +42,7 @@ def _row(folder: Path, stage: str) -> dict | None:
     return {
         "name": summary.get("name", label), "stage": stage, "key": key, "valid_logloss": score, "cross_fitted": cross,
         "accuracy": summary.get("valid_accuracy"), "seconds": manifest.get("seconds"), "created": manifest.get("created"),
-        "path": str(folder), "settings": flatten_config(config or {}),
+        MACHINE: manifest.get(MACHINE), "path": str(folder), "settings": flatten_config(config or {}),
     }
 
 
@@ -155,15 +158,27 @@ def _against_best(group: list[dict]) -> None:
         row["vs_best"] = f"{overall['difference']:+.4f} [{overall['low']:+.4f}, {overall['high']:+.4f}]"
 
 
-def columns(with_tests: bool, with_lb: bool = False) -> list[str]:
+def columns(with_tests: bool, with_lb: bool = False, with_machine: bool = False) -> list[str]:
     """The table's columns; the test scores (with the answers) and the leaderboard's (where `fishcomp
-    lb` recorded some) beside the out-of-fold ones."""
+    lb` recorded some) beside the out-of-fold ones; the machine beside the seconds it qualifies."""
     after = COLUMNS.index("vs_best") + 1
-    return COLUMNS[:after] + (TEST_COLUMNS if with_tests else []) + (LB_COLUMNS if with_lb else []) + COLUMNS[after:]
+    seconds = COLUMNS.index("seconds") + 1
+    return (COLUMNS[:after] + (TEST_COLUMNS if with_tests else []) + (LB_COLUMNS if with_lb else []) + COLUMNS[after:seconds]
+            + ([MACHINE] if with_machine else []) + COLUMNS[seconds:])
 
 
-def sort_rows(rows: list[dict], column: str, with_tests: bool = False, with_lb: bool = False) -> list[dict]:
-    names = columns(with_tests, with_lb)
+def machine_legend(rows: list[dict]) -> dict[str, str] | None:
+    """Where the rows come from more than one machine, a short label for each (A, B, ... in the
+    rows' order), for a table whose every row would otherwise repeat a long line; None where they
+    share one (an artifact from before manifests named their machine counts as none)."""
+    seen = list(dict.fromkeys(r[MACHINE] for r in rows if r.get(MACHINE)))
+    if len(seen) < 2:
+        return None
+    return {machine: (chr(ord("A") + n) if n < 26 else str(n + 1)) for n, machine in enumerate(seen)}
+
+
+def sort_rows(rows: list[dict], column: str, with_tests: bool = False, with_lb: bool = False, with_machine: bool = False) -> list[dict]:
+    names = columns(with_tests, with_lb, with_machine)
     if column not in names:
         from fishcomp.errors import FishcompError
         from fishcomp.suggest import did_you_mean
@@ -176,14 +191,20 @@ def sort_rows(rows: list[dict], column: str, with_tests: bool = False, with_lb: 
     return sorted(present, key=lambda r: r[column]) + missing
 
 
-def table_cells(rows: list[dict], with_tests: bool = False, with_lb: bool = False) -> list[list]:
+def table_cells(rows: list[dict], with_tests: bool = False, with_lb: bool = False, machine_cells: dict[str, str] | None = None,
+                with_machine: bool = False) -> list[list]:
+    """`with_machine`: a machine column, each row's full line or, with `machine_cells`, its label."""
     def number(value, digits=4):
         return "" if value is None else f"{value:.{digits}f}"
+
+    def machine(row):
+        value = row.get(MACHINE) or ""
+        return [(machine_cells or {}).get(value, value)] if with_machine else []
 
     return [
         [r["name"], r["stage"], r["key"], number(r["valid_logloss"]), number(r["cross_fitted"]), r.get("vs_best") or "",
          *([number(r.get(split)) for split in TEST_COLUMNS] if with_tests else []),
          *([number(r.get(score)) for score in LB_COLUMNS] if with_lb else []),
-         number(r["accuracy"], 3), number(r["seconds"], 1), r["created"] or "", r["differs"]]
+         number(r["accuracy"], 3), number(r["seconds"], 1), *machine(r), r["created"] or "", r["differs"]]
         for r in rows
     ]
