@@ -103,6 +103,17 @@ def damage(folder: Path) -> str | None:
     return None
 
 
+def data_setting(manifest: dict) -> dict[str, str]:
+    """The data an artifact was built from, as one more setting to compare runs by (`fishcomp
+    runs`' differs, `fishcomp diff`): its folder's name and the images' fingerprint (names, sizes,
+    times), so that runs on a relabelled or cleaned copy of the data are told apart from runs that
+    differ in nothing. Empty where the manifest records none (built before it did)."""
+    data = manifest.get("data")
+    if not isinstance(data, dict) or not data.get("images"):
+        return {}
+    return {"data": f"{Path(str(data.get('folder', ''))).name}@{str(data['images'])[:8]}"}
+
+
 def _timed_manifest(folder: Path) -> dict | None:
     """An artifact's manifest where it records its build seconds; None otherwise."""
     try:

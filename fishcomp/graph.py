@@ -303,9 +303,12 @@ class Resolver:
         def build(tmp: Path) -> dict:
             from fishcomp.context import describe_machine
 
+            facts = stage.build(self.ctx, node, inputs, tmp) or {}
             # Seconds, and the last digits of a score, depend on the machine that built the
-            # artifact: `fishcomp runs` shows which one when a work folder holds several.
-            return {**(stage.build(self.ctx, node, inputs, tmp) or {}), "machine": describe_machine()}
+            # artifact; the scores on the data (a relabelled image, a cleaned copy), which no
+            # setting names: `fishcomp runs` shows both where a work folder holds runs that differ.
+            data = {"folder": str(self.ctx.data_dir.resolve()), "images": self.ctx.dataset().fingerprint()}
+            return {**facts, "machine": describe_machine(), "data": data}
 
         if stage.together:
             artifact = ensure_together(self.ctx.cache, stage.name, node.label, node.key, build)

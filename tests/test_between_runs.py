@@ -3,6 +3,7 @@ resolved config, predictions for any photo, the cache's housekeeping, the versio
 
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -93,6 +94,33 @@ def test_the_runs_table_says_which_machine_built_each_run_where_they_differ(swep
     rows = pd.read_csv(io.StringIO(stdout), dtype={"key": str}).set_index("key")
     assert rows.loc[manifest["key"], "machine"] == other
     assert (rows.drop(manifest["key"]).machine == describe_machine()).all()
+
+
+def test_runs_on_a_cleaned_copy_of_the_data_differ_in_their_data(swept, tiny_data, tmp_path, capsys):
+    """A doubtful photo taken out of train changes no setting, only the data: the runs table and
+    diff say so instead of showing two runs of identical settings with different scores."""
+    import shutil
+
+    cleaned = tmp_path / "cleaned"
+    shutil.copytree(tiny_data, cleaned)
+    sorted((cleaned / "train" / "ALB").glob("*.jpg"))[0].unlink()
+    work = tmp_path / "work"  # a copy: the other tests keep the sweep as it was built
+    shutil.copytree(swept, work)
+    code, _, stderr = run_cli(["train", "-c", CONFIGS / "dense.yaml", "--data", cleaned, "--work", work, *_sets(QUICK)], capsys)
+    assert code == 0, stderr
+    code, stdout, _ = run_cli(["runs", "--work", work, "--format", "csv"], capsys)
+    trains = pd.read_csv(io.StringIO(stdout), dtype={"key": str}).query("stage == 'train'").set_index("key")
+    assert len(trains) == 4
+    data = {key: re.search(r"(?:^| )data=(\S+)", differs).group(1) for key, differs in trains.differs.items()}
+    first = {a.name.rsplit("-", 1)[1] for a in (swept / "train").glob("dense-*")}  # the sweep's, on the data as generated
+    (new,) = set(data) - first
+    assert {data[key] for key in first} == {f"{tiny_data.name}@{data[next(iter(first))].split('@')[1]}"}
+    assert data[new].startswith("cleaned@") and data[new].split("@")[1] != data[next(iter(first))].split("@")[1]
+    # The same learning rate on both: diff pairs them on the images they share and names the data.
+    same_lr = _by_lr(swept, 1e-3).name.rsplit("-", 1)[1]
+    code, stdout, stderr = run_cli(["diff", same_lr, new, "--work", work], capsys)
+    assert code == 0, stderr
+    assert f"settings that differ (A -> B): data: {data[same_lr]} -> {data[new]}\n" in stdout
 
 
 def _by_lr(work, lr):

@@ -15,13 +15,14 @@ test split's images. So can two submission files, from this tool or any other, o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from fishcomp.cache import Artifact, damage, folders_named
+from fishcomp.cache import Artifact, damage, data_setting, folders_named
 from fishcomp.config import flatten_config
 from fishcomp.data.layout import SOLUTION_FILE, stage_of
 from fishcomp.errors import FishcompError
@@ -106,8 +107,10 @@ def _answered(frame: pd.DataFrame, labels: pd.Series, solution: Path, name: str)
 def _settings(folder: Path) -> dict:
     """The run's resolved config as flat text, without its null settings: a setting added since
     the run was built is absent from its config, and absent and null are the same default."""
-    config = folder / "config.yaml"
+    config, manifest = folder / "config.yaml", folder / "manifest.json"
     flat = flatten_config(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    if flat and manifest.is_file():
+        flat.update(data_setting(json.loads(manifest.read_text())))
     return {key: value for key, value in flat.items() if value != "None"}
 
 

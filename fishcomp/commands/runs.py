@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from fishcomp.cache import damage
+from fishcomp.cache import damage, data_setting
 from fishcomp.config import flatten_config
 
 STAGES = ("train", "ensemble", "calibrate", "submit")
@@ -42,7 +42,7 @@ def _row(folder: Path, stage: str) -> dict | None:
     return {
         "name": summary.get("name", label), "stage": stage, "key": key, "valid_logloss": score, "cross_fitted": cross,
         "accuracy": summary.get("valid_accuracy"), "seconds": manifest.get("seconds"), "created": manifest.get("created"),
-        MACHINE: manifest.get(MACHINE), "path": str(folder), "settings": flatten_config(config or {}),
+        MACHINE: manifest.get(MACHINE), "path": str(folder), "settings": {**flatten_config(config), **data_setting(manifest)} if config else {},
     }
 
 
