@@ -230,20 +230,23 @@ def dag_cli(
     config: ConfigOpt, data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None, stage: StageOpt = None,
     fmt: FormatOpt = TableFormat.table, debug: DebugOpt = False,
 ) -> None:
-    """Print the stage graph `run` would execute (each node's stage, config, key, status, and how long the last build of the same config took here); builds nothing."""
+    """Print the stage graph `run` would execute (each node's stage, config, key, status, how long it took to build where cached, and how long the last build of the same config took here where not); builds nothing."""
     from fishcomp.console import table
-    from fishcomp.pipeline import build_estimate, dag
+    from fishcomp.pipeline import dag, dag_summary
 
     rows = dag(_context(data, work, overrides), _load(config, overrides), stage)
     position = {(row.node.stage.name, row.node.key): i for i, row in enumerate(rows, 1)}
-    estimate = build_estimate(rows)
+
+    def seconds(value):
+        return "" if value is None else f"{value:.1f}"
+
     table(
-        ["#", "stage", "config", "key", "status", "last_build_s", "reads"],
-        [[i, r.node.stage.name, r.node.name, r.node.key, r.status, "" if r.estimate is None else f"{r.estimate:.1f}",
+        ["#", "stage", "config", "key", "status", "built_s", "last_build_s", "reads"],
+        [[i, r.node.stage.name, r.node.name, r.node.key, r.status, seconds(r.built), seconds(r.estimate),
           " ".join(f"{name}:" + ",".join(f"#{position[(n.stage.name, n.key)]}" for n in (value if isinstance(value, list) else [value]))
                    for name, value in r.node.inputs.items())]
          for i, r in enumerate(rows, 1)],
-        title=f"{config}: {len(rows)} nodes, {estimate or 'all cached'}",
+        title=f"{config}: {len(rows)} nodes, {dag_summary(rows)}",
         fmt=fmt.value,
     )
 

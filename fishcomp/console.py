@@ -84,7 +84,8 @@ def table(columns: list[str], rows: list[list], title: str | None = None, fmt: s
         return
     from rich.table import Table
 
-    drawn = Table(title=title, caption=caption, caption_justify="left", header_style="bold")
+    # At least as wide as its title, which a narrower table would wrap mid-sentence.
+    drawn = Table(title=title, caption=caption, caption_justify="left", header_style="bold", min_width=len(title) + 2 if title else None)
     for column in columns:
         drawn.add_column(column)
     for row in rows:

@@ -75,11 +75,15 @@ class DagRow:
     # For a node to build: the seconds the last build of its stage and label (config) took in this
     # work folder; None where there was none.
     estimate: float | None = None
+    # For a cached node: the seconds its own build took (its manifest's), so that `dag` after a run
+    # shows where that run's time went, precompute and crops included.
+    built: float | None = None
 
 
 def dag(ctx: Context, loaded: LoadedConfig, stage: str | None = None) -> list[DagRow]:
     """The nodes `run` would build, inputs first, with their status and, for those to build, how
-    long the last build of the same config took here; builds nothing."""
+    long the last build of the same config took here (for those cached, how long theirs took);
+    builds nothing."""
     plan = resolver(ctx)
     return _rows(plan, target(plan, loaded, stage))
 
@@ -88,8 +92,27 @@ def _rows(plan: Resolver, goal: Node) -> list[DagRow]:
     rows = []
     for node in plan.walk(goal):
         status = plan.status(node)
-        rows.append(DagRow(node, status, None if status == "cached" else plan.ctx.cache.last_seconds(node.stage.name, node.label)))
+        if status == "cached":
+            rows.append(DagRow(node, status, built=plan.ctx.cache.seconds(node.stage.name, node.key)))
+        else:
+            rows.append(DagRow(node, status, estimate=plan.ctx.cache.last_seconds(node.stage.name, node.label)))
     return rows
+
+
+def dag_summary(rows: list[DagRow]) -> str:
+    """`dag`'s title after the node count: what is left to build and about how long it took last
+    time, and what is cached and how long that took to build."""
+    cached = [row for row in rows if row.status == "cached"]
+    timed = [row.built for row in cached if row.built is not None]
+    took = f" (built in {_duration(sum(timed))})" if timed else ""
+    left = build_estimate(rows)
+    if left is None:
+        return f"all cached{took}"
+    return left + (f"; {len(cached)} cached{took}" if cached else "")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def announce(plan: Resolver, goals: list[Node], name: str) -> None:
@@ -108,9 +131,7 @@ def build_estimate(rows: list[DagRow]) -> str | None:
     timed = [row.estimate for row in left if row.estimate is not None]
     if not timed:
         return f"{len(left)} to build (none built in this work folder before, so no estimate)"
-    total = sum(timed)
-    about = f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s" if total >= 10 else f"{total:.1f} s"
-    return f"{len(left)} to build, about {about} by this work folder's last builds of {len(timed)} of them"
+    return f"{len(left)} to build, about {_duration(sum(timed))} by this work folder's last builds of {len(timed)} of them"
 
 
 def load(config: str | Path | LoadedConfig, overrides: list[str] | None = None) -> LoadedConfig:

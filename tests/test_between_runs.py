@@ -160,10 +160,16 @@ def test_dag_and_run_say_how_long_the_next_value_of_a_sweep_took_last_time(swept
     code, stdout, stderr = run_cli(["dag", *args, "--work", swept, "--format", "csv"], capsys)
     assert code == 0, stderr
     rows = pd.read_csv(io.StringIO(stdout)).set_index("stage")
+    # A cached node says how long it took to build itself (its manifest's seconds), one to build
+    # how long the last build of its config took.
+    (pass_manifest,) = [json.loads(m.read_text()) for m in (swept / "precompute").glob("*/manifest.json")]
     assert rows.loc["precompute", "status"] == "cached" and pd.isna(rows.loc["precompute", "last_build_s"])
+    assert rows.loc["precompute", "built_s"] == round(pass_manifest["seconds"], 1)
     assert rows.loc["train", "status"] == "to build" and rows.loc["train", "last_build_s"] == round(newest["seconds"], 1)
+    assert pd.isna(rows.loc["train", "built_s"])
     code, stdout, _ = run_cli(["dag", *args, "--work", swept], capsys)
     assert code == 0 and "2 to build, about" in stdout and "last builds of 1 of them" in stdout  # the train node; its submit was never built here
+    assert "; 1 cached (built in " in stdout
     work = tmp_path / "work"  # a copy, so the sweep's three runs stay three for the other tests
     shutil.copytree(swept, work)
     code, stdout, stderr = run_cli(["run", *args, "--work", work, "--out", tmp_path / "sub.csv"], capsys)
@@ -171,6 +177,14 @@ def test_dag_and_run_say_how_long_the_next_value_of_a_sweep_took_last_time(swept
     assert any(line.startswith("plan ") and "dense: " in line and "about" in line for line in stdout.splitlines())
     code, stdout, _ = run_cli(["run", *args, "--work", work, "--out", tmp_path / "sub.csv"], capsys)
     assert code == 0 and not any(line.startswith("plan ") for line in stdout.splitlines())  # nothing left to build, nothing said
+    # After the run, dag is where its time went: every node's own build seconds, and their sum.
+    code, stdout, _ = run_cli(["dag", *args, "--work", work, "--format", "csv"], capsys)
+    built = pd.read_csv(io.StringIO(stdout)).set_index("key").built_s
+    for key, seconds in built.items():
+        (manifest,) = work.glob(f"*/*-{key}/manifest.json")
+        assert seconds == round(json.loads(manifest.read_text())["seconds"], 1)
+    code, stdout, _ = run_cli(["dag", *args, "--work", work], capsys)
+    assert "3 nodes, all cached (built in " in stdout
 
 
 def test_diff_pairs_two_runs_image_by_image_and_says_whether_the_difference_is_beyond_noise(swept, capsys):
