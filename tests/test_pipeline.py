@@ -55,7 +55,7 @@ def _dag(args, capsys, *extra):
     code, stdout, stderr = run_cli(dag_args, capsys)
     assert code == 0, stderr
     rows = pd.read_csv(io.StringIO(stdout))
-    assert list(rows.columns) == ["#", "stage", "config", "key", "status", "last_build_s", "reads"]
+    assert list(rows.columns) == ["#", "stage", "config", "key", "status", "built_s", "last_build_s", "reads"]
     return {(row.stage, row.config): row.status for row in rows.itertuples()}
 
 
