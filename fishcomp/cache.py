@@ -19,6 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from fishcomp.config import flatten_config
 from fishcomp.console import warn
 from fishcomp.errors import FishcompError
 from fishcomp.version import __version__
@@ -103,15 +104,20 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def data_setting(manifest: dict) -> dict[str, str]:
-    """The data an artifact was built from, as one more setting to compare runs by (`fishcomp
-    runs`' differs, `fishcomp diff`): its folder's name and the images' fingerprint (names, sizes,
-    times), so that runs on a relabelled or cleaned copy of the data are told apart from runs that
-    differ in nothing. Empty where the manifest records none (built before it did)."""
-    data = manifest.get("data")
-    if not isinstance(data, dict) or not data.get("images"):
+def compared_settings(config: dict | None, manifest: dict) -> dict[str, str]:
+    """What runs of one config are compared by (`fishcomp runs`' differs, `fishcomp diff`): the
+    artifact's resolved config as flat text, and the data it was built from, which no setting
+    names: its folder's name and the images' fingerprint (names, sizes, times), so that runs on a
+    relabelled or cleaned copy of the data are told apart from runs that differ in nothing. Empty
+    where the artifact kept no config (built before its stage did); no data where its manifest
+    records none."""
+    if not config:
         return {}
-    return {"data": f"{Path(str(data.get('folder', ''))).name}@{str(data['images'])[:8]}"}
+    settings = flatten_config(config)
+    data = manifest.get("data")
+    if isinstance(data, dict) and data.get("images"):
+        settings["data"] = f"{Path(str(data.get('folder', ''))).name}@{str(data['images'])[:8]}"
+    return settings
 
 
 def _timed_manifest(folder: Path) -> dict | None:

@@ -22,8 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fishcomp.cache import Artifact, damage, data_setting, folders_named
-from fishcomp.config import flatten_config
+from fishcomp.cache import Artifact, compared_settings, damage, folders_named
 from fishcomp.data.layout import SOLUTION_FILE, stage_of
 from fishcomp.errors import FishcompError
 from fishcomp.metrics import difference_verdict, image_log_losses, paired_difference
@@ -108,9 +107,8 @@ def _settings(folder: Path) -> dict:
     """The run's resolved config as flat text, without its null settings: a setting added since
     the run was built is absent from its config, and absent and null are the same default."""
     config, manifest = folder / "config.yaml", folder / "manifest.json"
-    flat = flatten_config(yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
-    if flat and manifest.is_file():
-        flat.update(data_setting(json.loads(manifest.read_text())))
+    flat = compared_settings(yaml.safe_load(config.read_text()) if config.is_file() else None,
+                             json.loads(manifest.read_text()) if manifest.is_file() else {})
     return {key: value for key, value in flat.items() if value != "None"}
 
 

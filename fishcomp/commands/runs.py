@@ -14,8 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from fishcomp.cache import damage, data_setting
-from fishcomp.config import flatten_config
+from fishcomp.cache import compared_settings, damage
 
 STAGES = ("train", "ensemble", "calibrate", "submit")
 COLUMNS = ["name", "stage", "key", "valid_logloss", "cross_fitted", "vs_best", "accuracy", "seconds", "created", "differs"]
@@ -42,7 +41,7 @@ def _row(folder: Path, stage: str) -> dict | None:
     return {
         "name": summary.get("name", label), "stage": stage, "key": key, "valid_logloss": score, "cross_fitted": cross,
         "accuracy": summary.get("valid_accuracy"), "seconds": manifest.get("seconds"), "created": manifest.get("created"),
-        MACHINE: manifest.get(MACHINE), "path": str(folder), "settings": {**flatten_config(config), **data_setting(manifest)} if config else {},
+        MACHINE: manifest.get(MACHINE), "path": str(folder), "settings": compared_settings(config, manifest),
     }
 
 
