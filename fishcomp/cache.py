@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -113,7 +114,9 @@ def compared_settings(config: dict | None, manifest: dict) -> dict[str, str]:
     records none."""
     if not config:
         return {}
-    settings = flatten_config(config)
+    # A reference saved as its artifact's config (`../../train/fcn-<key>/config.yaml`) is that
+    # artifact: `train/fcn-<key>`, as `fishcomp runs` and `cache ls` name it.
+    settings = {name: re.sub(r"^(?:\.\./)+([^/]+/[^/]+)/config\.yaml$", r"\1", value) for name, value in flatten_config(config).items()}
     data = manifest.get("data")
     if isinstance(data, dict) and data.get("images"):
         settings["data"] = f"{Path(str(data.get('folder', ''))).name}@{str(data['images'])[:8]}"

@@ -994,8 +994,11 @@ def cache_key(stage: str, *parts: Any) -> str:
 
 
 def flatten_config(data: Any, prefix: str = "") -> dict[str, str]:
-    """A resolved config as `dotted.key -> value text` (lists as JSON): for comparing runs and
-    for trackers' flat params."""
+    """A resolved config as `dotted.key -> value text`: for comparing runs and for trackers' flat
+    params. A list of sections by index, as `--set` names its items (`train.phases.0.lr`), so that
+    runs differing in one phase's rate or one member's artifact say that alone; other lists as JSON."""
+    if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
+        data = {str(i): item for i, item in enumerate(data)}
     if isinstance(data, dict):
         flat: dict[str, str] = {}
         for key, value in data.items():
@@ -1008,7 +1011,15 @@ def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False)
 
 
-def write_run_config(config: RunConfig, folder: Path) -> None:
+def write_run_config(config: RunConfig, folder: Path, references: dict[str, str] | None = None) -> None:
     """The resolved config beside a run's artifact: what `fishcomp runs` reads the settings in
-    which runs of one name differ from, and `report` the run's settings."""
-    (folder / "config.yaml").write_text(dump_yaml(config.model_dump(mode="json")))
+    which runs of one name differ from, and `report` the run's settings. `references`: new values
+    of reference fields (dotted, list items by index: `ensemble.members.0.config`)."""
+    data = config.model_dump(mode="json")
+    for dotted, value in (references or {}).items():
+        *parents, last = [int(part) if part.isdigit() else part for part in dotted.split(".")]
+        holder = data
+        for part in parents:
+            holder = holder[part]
+        holder[last] = value
+    (folder / "config.yaml").write_text(dump_yaml(data))

@@ -18,14 +18,15 @@ describe a finished one in a line (`describe`). Stages never import each other: 
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fishcomp.cache import Artifact, damage
-from fishcomp.config import MEMBER_SECTIONS, LoadedConfig, cache_key, load_config
+from fishcomp.cache import MANIFEST, Artifact, damage
+from fishcomp.config import MEMBER_SECTIONS, LoadedConfig, cache_key, load_config, write_run_config
 from fishcomp.console import stage_line, warn
 from fishcomp.context import Context
 from fishcomp.errors import FishcompError
@@ -45,6 +46,9 @@ class Stage(ABC):
     together: ClassVar[bool] = False
     # One line for `fishcomp dag` and the README.
     summary: ClassVar[str] = ""
+    # Writes the run's resolved config beside its artifact (`config.yaml`: what `runs` and `diff`
+    # compare, and what reruns the artifact), its references pointing at the artifacts they built.
+    saves_config: ClassVar[bool] = False
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request: Any) -> dict[str, Node | list[Node]]:
         return {}
@@ -62,6 +66,12 @@ class Stage(ABC):
 
     def describe(self, artifact: Artifact) -> str:
         return ""
+
+    def references(self, resolver: Resolver, node: Node) -> dict[str, Node | Path]:
+        """The config fields this stage resolved to upstream nodes (dotted; list items by index,
+        `ensemble.members.0.config`): the node each one built, or the referenced file where no
+        node did (a member the data could not train)."""
+        return {}
 
     def after(self, ctx: Context, node: Node, artifact: Artifact) -> None:
         """Checks that apply to a cached artifact as much as to a new one (e.g. unreadable test images)."""
@@ -130,6 +140,18 @@ _TARGETS: tuple[tuple[str, Callable[[LoadedConfig], bool]], ...] = (
     ("train", lambda loaded: loaded.config.trains),
     ("precompute", lambda loaded: True),
 )
+
+
+# In the manifest of an artifact whose saved config names its references by the artifacts they
+# built (those from before name the files they were run from, relative to those files' folder).
+SELF_CONTAINED = "config_self_contained"
+
+
+def _saved_config_self_contained(artifact: Artifact) -> bool:
+    try:
+        return bool(json.loads(artifact.file(MANIFEST).read_text()).get(SELF_CONTAINED))
+    except (OSError, ValueError):
+        return False
 
 
 class Resolver:
@@ -289,6 +311,27 @@ class Resolver:
         if node.stage.name in TRACKED_STAGES and world().is_main:
             track(self.ctx.tracking, self.ctx.work_dir, node.stage.name, node.name, node.loaded.config.model_dump(mode="json"), artifact)
 
+    def _saved_references(self, node: Node, tmp: Path) -> dict[str, str]:
+        """Where a saved config's references point: each at the config saved beside the artifact
+        it built (relative, so the work folder can move), which names that artifact's own
+        references the same way; so `fishcomp run -c <artifact>/config.yaml` rebuilds, or finds
+        cached, exactly this artifact, whatever became of the config files it was run from. The
+        referenced file itself (absolute) where no artifact was built for it (a member the data
+        could not train) or the artifact's saved config predates this (names files, not artifacts).
+        Collected over the upstream nodes of the same config (a submission's blend's members, a
+        classifier's crops' box source), where each was resolved."""
+        found: dict[str, str] = {}
+        for field, target in node.stage.references(self, node).items():
+            artifact = self._artifacts.get(target.key) if isinstance(target, Node) else None
+            if artifact is not None and _saved_config_self_contained(artifact):
+                found[field] = os.path.relpath(artifact.path / "config.yaml", tmp)
+            else:
+                found[field] = str((target.loaded.path if isinstance(target, Node) else target).resolve())
+        for upstream in node.upstream():
+            if upstream.loaded.path.resolve() == node.loaded.path.resolve() and upstream.loaded.config == node.loaded.config:
+                found = {**self._saved_references(upstream, tmp), **found}
+        return found
+
     def build(self, node: Node) -> Artifact:
         """The node's artifact: cached, or built after its inputs (each once per run)."""
         if node.key in self._artifacts:
@@ -296,7 +339,7 @@ class Resolver:
         inputs: dict[str, Any] = {}
         for name, value in node.inputs.items():
             inputs[name] = [self.build(n) for n in value] if isinstance(value, list) else self.build(value)
-        from fishcomp.distributed import ensure_together
+        from fishcomp.distributed import ensure_together, world
 
         stage = node.stage
 
@@ -304,6 +347,9 @@ class Resolver:
             from fishcomp.context import describe_machine
 
             facts = stage.build(self.ctx, node, inputs, tmp) or {}
+            if stage.saves_config and world().is_main:
+                write_run_config(node.loaded.config, tmp, self._saved_references(node, tmp))
+                facts[SELF_CONTAINED] = True
             # Seconds, and the last digits of a score, depend on the machine that built the
             # artifact; the scores on the data (a relabelled image, a cleaned copy), which no
             # setting names: `fishcomp runs` shows both where a work folder holds runs that differ.

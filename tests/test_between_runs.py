@@ -4,6 +4,7 @@ resolved config, predictions for any photo, the cache's housekeeping, the versio
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,7 +45,7 @@ def test_a_comma_list_sweeps_three_trainings_and_the_runs_table_lists_them_with_
     trains = rows[rows.stage == "train"]
     assert len(trains) == 3 and list(trains.valid_logloss) == sorted(trains.valid_logloss)
     # The setting that differs between them, and nothing else.
-    assert all(d.startswith("train.phases=") and " " not in d.split("=", 1)[0] for d in trains.differs)
+    assert all(d.startswith("train.phases.0.lr=") and " " not in d for d in trains.differs)
     assert trains.differs.nunique() == 3
     summaries = {json.loads((a / "summary.json").read_text())["valid_logloss"] for a in artifacts}
     assert set(trains.valid_logloss.round(4)) == {round(v, 4) for v in summaries}
@@ -58,6 +59,30 @@ def test_a_comma_list_sweeps_three_trainings_and_the_runs_table_lists_them_with_
     assert code == 0 and stdout.count("dense") >= 3  # the rich table, for people
     code, _, stderr = run_cli(["runs", "--work", swept, "--sort", "valid_loglos"], capsys)
     assert code == 2 and "did you mean valid_logloss" in stderr
+
+
+def test_blends_of_one_config_differ_in_the_member_artifacts_they_blended(tiny_data, tmp_path, capsys):
+    """Two blends of one config over members trained at two rates: the blend's own settings are
+    the same, its members are not. Each blend's saved config names the artifacts it blended, so
+    the runs table says so (before, it showed no difference between them)."""
+    config = tmp_path / "pair.yaml"
+    config.write_text(f"name: pair\nensemble:\n  weights: fitted\n  members:\n"
+                      f"    - {{config: {CONFIGS / 'dense.yaml'}}}\n    - {{config: {CONFIGS / 'linear.yaml'}}}\n")
+    work = tmp_path / "work"
+    code, _, stderr = run_cli(["run", "-c", config, "--data", tiny_data, "--work", work, *_sets([*QUICK, "train.phases.0.lr=1e-3,3e-4"])], capsys)
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli(["runs", "--work", work, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout))
+    blends = rows[rows.stage == "ensemble"]
+    assert len(blends) == 2
+    for blend in blends.itertuples():
+        saved = yaml.safe_load(next((work / "ensemble").glob(f"pair-{blend.key}")).joinpath("config.yaml").read_text())
+        members = [Path(m["config"]).parent.name for m in saved["ensemble"]["members"]]
+        assert [m.rsplit("-", 1)[0] for m in members] == ["dense", "linear"]
+        assert blend.differs == " ".join(f"ensemble.members.{i}.config=train/{m}" for i, m in enumerate(members))
+    trained = {f"train/{r.name}-{r.key}" for r in rows[rows.stage == "train"].itertuples()}
+    assert {m for d in blends.differs for m in re.findall(r"=(\S+)", d)} == trained
 
 
 def test_the_runs_table_says_which_machine_built_each_run_where_they_differ(swept, tmp_path, capsys):

@@ -1,10 +1,13 @@
 """Detect, then classify: crops from out-of-fold boxes, jittered annotated crops, the NoF blend."""
 
+import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from helpers import CONFIGS, SMALL, TINY, run_cli
 
 from fishcomp.blending import blend_nof
@@ -65,6 +68,30 @@ def test_the_crops_config_writes_a_validated_submission_with_the_nof_blend(crops
     # The crop classifier trained on the original crop and two jittered copies per train image.
     assert summary["augment_copies"] == 2
     np.testing.assert_allclose(pd.read_csv(out).iloc[:, 1:].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_a_runs_saved_config_reruns_it_from_its_artifacts_whatever_became_of_its_config_files(crops_run, tiny_data, tmp_path, capsys):
+    """The config saved beside an artifact is a record of the run: its references (box source,
+    NoF judge) name the artifacts they built by those artifacts' own saved configs, relative to
+    the artifact, so running it again finds every artifact cached, without the config files and
+    `--set` values it was first run with."""
+    work, out = crops_run
+    submission = _fixture_artifact(work, tiny_data, "submit")
+    saved = submission / "config.yaml"
+    settings = yaml.safe_load(saved.read_text())
+    for reference, name in ((settings["crops"]["boxes"], BOX_SOURCE), (settings["crops"]["nof"]["whole"], "linear_360x640_gem")):
+        target = (submission / reference).resolve()
+        assert reference.startswith("../../train/") and target.parent.parent == (work / "train").resolve()
+        assert target.parent.name.startswith(f"{name}-") and target.is_file()
+    code, stdout, stderr = run_cli(["dag", "-c", saved, "--data", tiny_data, "--work", work, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    rows = pd.read_csv(io.StringIO(stdout))
+    assert set(rows.status) == {"cached"} and set(rows[rows.stage == "train"].config) == {BOX_SOURCE, "linear_360x640_gem", "crops"}
+    assert rows[rows.stage == "submit"].key.tolist() == [submission.name.rsplit("-", 1)[1]]
+    again = tmp_path / "again.csv"
+    code, stdout, stderr = run_cli(["run", "-c", saved, "--data", tiny_data, "--work", work, "--out", again], capsys)
+    assert code == 0, stderr
+    assert " built " not in stdout and again.read_bytes() == out.read_bytes()
 
 
 def test_an_auto_nof_weight_is_the_share_with_the_lowest_out_of_fold_log_loss(crops_run, tiny_data, capsys):
@@ -607,6 +634,16 @@ def test_without_box_annotations_an_ensemble_skips_its_crops_member_and_says_so(
     assert [m["name"] for m in summary["members"]] == ["linear", "dense_probe"]
     assert [s["name"] for s in summary["skipped"]] == ["crops"] and "could not learn where the fish are" in summary["skipped"][0]["skipped"]
     assert "crops skipped" in stdout
+    # Its saved config names the members by their artifacts' saved configs, and the one skipped
+    # by its file: no artifact holds it, and run again on this data it is skipped again.
+    blend = next((work / "ensemble").glob("library-*"))
+    saved = [m["config"] for m in yaml.safe_load((blend / "config.yaml").read_text())["ensemble"]["members"]]
+    assert [Path(s).parent.name.rsplit("-", 1)[0] for s in saved[::2]] == ["linear", "dense_probe"]
+    assert all((blend / s).resolve().parent.parent == (work / "train").resolve() for s in saved[::2])
+    assert saved[1] == str((CONFIGS / "crops.yaml").resolve())
+    code, stdout, stderr = run_cli(["dag", "-c", blend / "config.yaml", "--data", unannotated_data, "--work", work, "--format", "csv"], capsys)
+    assert code == 0 and set(pd.read_csv(io.StringIO(stdout)).status) == {"cached"}, stderr
+    assert "member crops skipped" in stderr
     # The report lists it beside the members.
     code, _, stderr = run_cli(["report", "-c", config, "--data", unannotated_data, "--work", work, "--out", tmp_path / "report", *_sets(SMALL)], capsys)
     assert code == 0, stderr

@@ -148,6 +148,24 @@ def test_a_stage_key_changes_with_each_field_it_declares_and_no_other(stage_name
     assert checked_declared >= 1
 
 
+def test_a_blends_key_is_its_members_not_the_files_that_name_them(tiny_data, tmp_path):
+    """A member renamed (or named by its artifact's saved config) is the same member; the blend
+    is the same artifact. Its weights stay in the key, in the order of the members it blends."""
+    from fishcomp.pipeline import resolver
+
+    (tmp_path / "renamed_dense.yaml").write_text((CONFIGS / "dense.yaml").read_text())
+
+    def blend(first: Path, weights=(1, 1)) -> str:
+        config = tmp_path / "pair.yaml"
+        config.write_text(f"ensemble:\n  members:\n    - {{config: {first}, weight: {weights[0]}}}\n"
+                          f"    - {{config: {CONFIGS / 'linear.yaml'}, weight: {weights[1]}}}\n")
+        return resolver(Context(data_dir=tiny_data, work_dir=tmp_path / "work")).plan("ensemble", load_config(config)).key
+
+    assert blend(CONFIGS / "dense.yaml") == blend(tmp_path / "renamed_dense.yaml")
+    assert blend(CONFIGS / "dense.yaml", (2, 1)) != blend(CONFIGS / "dense.yaml")
+    assert blend(CONFIGS / "dense_probe.yaml") != blend(CONFIGS / "dense.yaml")
+
+
 # -- references ------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from helpers import CONFIGS, TINY, run_cli
 
 from fishcomp.training import folds as train_stage
@@ -80,6 +81,12 @@ def test_pseudo_labelling_trains_on_test_images_and_never_on_validation_ones(tin
     assert summary["valid_logloss"] < summary["prior_logloss"]
     plain = json.loads(next((tmp_path / "work" / "train").glob("dense-*/summary.json")).read_text())
     assert plain["pseudo"] is None
+    # Its saved config names the source by the source's artifact: run again from it, it is cached.
+    artifact = next((tmp_path / "work" / "train").glob("dense_pseudo-*"))
+    source = yaml.safe_load((artifact / "config.yaml").read_text())["train"]["pseudo"]["source"]
+    assert source.startswith("../dense-") and (artifact / source).is_file()
+    code, stdout, stderr = run_cli(["train", "-c", artifact / "config.yaml", "--data", tiny_data, "--work", tmp_path / "work"], capsys)
+    assert code == 0 and "built" not in stdout and "cached" in stdout, stderr
 
     # The source is cached on the second run; a different source means a different artifact.
     monkeypatch.setattr(train_stage, "_fit_fold", real_fit)

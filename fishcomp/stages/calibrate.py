@@ -16,7 +16,7 @@ from scipy.special import log_softmax, softmax
 
 from fishcomp.blending import cross_fitted
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, key_payload, write_run_config
+from fishcomp.config import LoadedConfig, key_payload
 from fishcomp.console import warn
 from fishcomp.context import Context
 from fishcomp.graph import Node, Resolver, Stage, register_stage
@@ -88,6 +88,7 @@ class Calibrate(Stage):
     section = "calibrate"
     declares = ("calibrate",)
     summary = "temperature scaling of a run's predictions (and a per-class shift), fitted out of fold"
+    saves_config = True
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
         return {"predictions": resolver.node(predictions_stage(loaded.config), loaded)}
@@ -153,7 +154,6 @@ class Calibrate(Stage):
             "test_temperatures": test_temperatures,
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_run_config(node.loaded.config, tmp)
         return {"summary": summary}
 
     def describe(self, artifact: Artifact) -> str:

@@ -277,6 +277,9 @@ class Crops(Stage):
         # this stage reads of them.
         return {"boxes": boxes, "features": boxes.inputs["features"]}
 
+    def references(self, resolver: Resolver, node: Node) -> dict:
+        return {"crops.boxes": node.inputs["boxes"]}
+
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
         config = loaded.config
         precompute = key_payload(config.precompute)

@@ -21,7 +21,7 @@ from fishcomp.blending import (
     stack_predict,
 )
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, key_payload, write_run_config
+from fishcomp.config import LoadedConfig, key_payload
 from fishcomp.console import warn
 from fishcomp.context import Context
 from fishcomp.errors import FishcompError
@@ -52,15 +52,28 @@ class Ensemble(Stage):
     section = "ensemble"
     declares = ("ensemble",)
     summary = "the members' predictions blended (given or fitted weights, cross-fitted estimate)"
+    saves_config = True
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
         return {"members": [resolver.node("train", member, via="ensemble.members") for member in resolver.members(loaded)]}
+
+    def references(self, resolver: Resolver, node: Node) -> dict:
+        kept, _ = resolver.ensemble_members(node.loaded)
+        trained = dict(zip((id(entry) for entry, _ in kept), node.inputs["members"]))
+        return {f"ensemble.members.{i}.config": trained.get(id(entry), node.loaded.path.parent / entry.config)
+                for i, entry in enumerate(node.loaded.config.ensemble.members)}
 
     def params(self, ctx: Context, loaded: LoadedConfig, **request) -> dict:
         # The blend's fold copies (`calibrate` reads their spread) and its cross-fitted rows
         # (`calibrate` scores on them) came later than the blend: a blend built without them is
         # rebuilt, which takes seconds, rather than read without them.
-        return {"ensemble": key_payload(loaded.config.ensemble), "writes": ["test_folds", "cross_fitted"]}
+        # The members are their nodes' keys (the inputs), not the files that name them: a saved
+        # config names them by their artifacts' saved configs, a renamed file is the same member.
+        # Their weights in the order of those inputs, so that which of them the data could train
+        # is part of the key too.
+        kept, _ = Resolver(ctx).ensemble_members(loaded)
+        settings = {**key_payload(loaded.config.ensemble), "members": [entry.weight for entry, _ in kept]}
+        return {"ensemble": settings, "writes": ["test_folds", "cross_fitted"]}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
         # The same sorting that chose the input nodes, so the kept entries line up with them.
@@ -239,5 +252,4 @@ def _build(loaded: LoadedConfig, members: list[LoadedConfig], weights: list[floa
         "valid_accuracy": blended.oof_accuracy(),
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_config(loaded.config, tmp)
     return {"summary": summary}

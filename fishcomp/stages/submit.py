@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fishcomp.cache import Artifact, file_digest, write_atomic
-from fishcomp.config import ClipConfig, LoadedConfig, SubmitConfig, key_payload, write_run_config
+from fishcomp.config import ClipConfig, LoadedConfig, SubmitConfig, key_payload
 from fishcomp.console import info
 from fishcomp.context import Context
 from fishcomp.data.layout import SOLUTION_FILE, TEST_SPLITS, sample_submission_path
@@ -86,6 +86,7 @@ class Submit(Stage):
     name = "submit"
     declares = ("submit",)
     summary = "the clipped submission CSVs in the sample submission's order, validated"
+    saves_config = True
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
         return {"predictions": resolver.node(predictions_stage(loaded.config, calibrated=True), loaded)}
@@ -96,7 +97,6 @@ class Submit(Stage):
         return {"submit": key_payload(config), "samples": samples, "format": FORMAT}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        write_run_config(node.loaded.config, tmp)
         return _build(ctx, node.loaded.config.submit or SubmitConfig(), inputs["predictions"], tmp)
 
     def describe(self, artifact: Artifact) -> str:

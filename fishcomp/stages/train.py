@@ -37,6 +37,7 @@ class Train(Stage):
     declares = ("head", "train", "split", "precompute.tta.combine", "crops.nof.weight", "crops.candidates.share", "crops.candidates.weights", "crops.candidates.train", "crops.candidates.inner")
     together = True  # under torchrun the folds are dealt to the ranks (or spread); rank 0 publishes
     summary = "a head trained fold by fold: out-of-fold and test predictions, checkpoints, curves"
+    saves_config = True
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
         config = loaded.config
@@ -80,6 +81,10 @@ class Train(Stage):
             # A grid locator keeps its cell map (`oof_cells.npy`), which older artifacts lack.
             params["writes"] = ["cells"]
         return params
+
+    def references(self, resolver: Resolver, node: Node) -> dict:
+        fields = {"pseudo": "train.pseudo.source", "whole": "crops.nof.whole"}
+        return {field: node.inputs[name] for name, field in fields.items() if name in node.inputs}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
         return fit_folds(ctx, node.loaded, inputs["features"], tmp, inputs.get("pseudo"), inputs.get("whole"))

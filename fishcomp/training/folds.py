@@ -7,7 +7,7 @@ What it writes into the artifact folder:
 - `metrics.csv`: fold, epoch, lr, train_loss, valid_loss, valid_logloss, valid_accuracy;
 - `checkpoints/fold<k>.pt`: the best epoch of each fold (by validation log loss);
 - `oof_boxes.csv` / `<split>_boxes.csv` (and `_points`) for heads that predict geometry;
-- `summary.json`, `config.yaml`.
+- `summary.json` (and `config.yaml`, which the stage graph writes).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 from fishcomp.blending import blend_nof_with_whole
 from fishcomp.boxes import nearest_fish_iou
 from fishcomp.cache import Artifact
-from fishcomp.config import LoadedConfig, key_payload, write_run_config
+from fishcomp.config import LoadedConfig, key_payload
 from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, autocast, training_precision
 from fishcomp.data.annotations import Annotations
@@ -692,7 +692,6 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         "size_vocabulary": data.vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_run_config(config, tmp)
     return {"summary": summary}
 
 
