@@ -793,6 +793,16 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(base, raw)
 
 
+def _saved_config(folder: Path) -> Path:
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        raise FishcompError(f"{folder}: a folder with no config.yaml; name a config file, or an artifact folder (<work>/train/<name>-<key>)")
+    if "name" not in (_read_yaml(saved) or {}):
+        raise FishcompError(f"{folder}: its config.yaml holds its stage's own settings only (a backbone pass or crops); "
+                            "name the config, or the folder of a run that reads it (train, ensemble, calibrate or submit)")
+    return saved
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); the value is read as YAML so types come out right."""
     key, sep, value = text.partition("=")
@@ -948,7 +958,9 @@ MEMBER_SECTIONS = {"data", "precompute", "head", "train", "split"}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> LoadedConfig:
-    path = Path(path)
+    """A config file, or an artifact folder's saved config (`<work>/<stage>/<name>-<key>/`: the
+    run that made it, references included, to run again)."""
+    path = _saved_config(Path(path)) if Path(path).is_dir() else Path(path)
     raw = _read_yaml(path)
     overrides = list(overrides or [])
     if "ensemble" in raw:

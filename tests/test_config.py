@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import pytest
-from helpers import CONFIGS
+from helpers import CONFIGS, run_cli
 
 from fishcomp.config import (
     cache_key,
+    dump_yaml,
     key_payload,
     load_config,
     parse_override,
@@ -62,6 +63,19 @@ def test_config_errors_are_one_line_and_name_key_and_file(tmp_path, text, messag
 def test_missing_file(tmp_path):
     with pytest.raises(FishcompError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_an_artifact_folder_loads_its_saved_config_and_other_folders_say_what_to_name(tmp_path, capsys):
+    run = tmp_path / "train" / "dense-0123456789abcdef"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(load_config(CONFIGS / "dense.yaml").config.model_dump(mode="json")))
+    assert load_config(run).path == run / "config.yaml" and load_config(run).config == load_config(CONFIGS / "dense.yaml").config
+    backbone_pass = tmp_path / "precompute" / "efficientnet_lite0-224x224-0123456789abcdef"
+    backbone_pass.mkdir(parents=True)
+    (backbone_pass / "config.yaml").write_text("backbone: efficientnet_lite0\nsize: [224, 224]\n")
+    for folder, message in ((backbone_pass, "holds its stage's own settings only"), (tmp_path, "a folder with no config.yaml")):
+        code, _, stderr = run_cli(["config", "-c", folder], capsys)
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("bad", ["train.lr", "=3", "train..lr=1", "head.kind.x=1"])

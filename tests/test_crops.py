@@ -89,7 +89,7 @@ def test_a_runs_saved_config_reruns_it_from_its_artifacts_whatever_became_of_its
     assert set(rows.status) == {"cached"} and set(rows[rows.stage == "train"].config) == {BOX_SOURCE, "linear_360x640_gem", "crops"}
     assert rows[rows.stage == "submit"].key.tolist() == [submission.name.rsplit("-", 1)[1]]
     again = tmp_path / "again.csv"
-    code, stdout, stderr = run_cli(["run", "-c", saved, "--data", tiny_data, "--work", work, "--out", again], capsys)
+    code, stdout, stderr = run_cli(["run", "-c", submission, "--data", tiny_data, "--work", work, "--out", again], capsys)  # the folder: its config
     assert code == 0, stderr
     assert " built " not in stdout and again.read_bytes() == out.read_bytes()
 
