@@ -553,7 +553,8 @@ def validate_cli(
         info(f"log loss on {solution}: {score_submission(read_submission(submission), solution):.4f}")
 
 
-INTERRUPTED = "interrupted; finished artifacts are kept, the unfinished one was discarded (run again to redo it)"
+INTERRUPTED = ("interrupted; finished artifacts are kept, and the same command goes on: an unfinished backbone pass or "
+               "training where it stopped, any other stage from its start")
 
 
 def _stop_on_sigterm() -> None:

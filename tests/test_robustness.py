@@ -145,31 +145,76 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_artifact(data, tmp_path, cap
     assert not [p for p in (tmp_path / "work" / "precompute").iterdir() if not p.name.endswith(".lock")]
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
-def test_an_interrupted_precompute_leaves_nothing_complete_and_the_rerun_equals_a_clean_run(data, tmp_path, capsys, how):
-    work = tmp_path / "work"
-    command = [sys.executable, "-m", "fishcomp", "precompute", "-c", str(CONFIGS / "dense.yaml"), "--data", str(data),
-               "--work", str(work), "--set", "precompute.batch_size=4", "--set", "precompute.size=[160,160]"]
-    marker = tmp_path / "paused"
-    # The stage pauses after its first batch and says so (fishcomp/faults.py): the signal arrives
-    # mid-way on any machine, however fast, instead of after a guessed sleep.
-    env = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "FISHCOMP_PAUSE_AT": "precompute.batch", "FISHCOMP_PAUSE_MARKER": str(marker)}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
-    wait_for_file(marker, process)
-    assert list(work.glob("precompute/.tmp-*/train_pooled.npy"))  # one batch written, far from all
-    process.send_signal(how)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
-    assert not [p for p in (work / "precompute").iterdir() if not p.name.endswith(".lock")]  # no half artifact, no temp folder
+# A small pass: four photos a batch, and a second, randomly transformed view of each.
+PASS = ["--set", "precompute.batch_size=4", "--set", "precompute.size=[160,160]", "--set", "precompute.tta={views: 2}"]
 
-    arrays = []
-    for folder in (work, tmp_path / "clean"):
-        code, _, stderr = run_cli(["precompute", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", folder, "--set", "precompute.size=[160,160]"], capsys)
-        assert code == 0, stderr
-        artifact = next((folder / "precompute").glob("eff*"))
-        arrays.append([np.load(artifact / f"{split}_pooled.npy") for split in ("train", "test_stg1")])
-    for a, b in zip(*arrays):
-        np.testing.assert_array_equal(a, b)
+
+def _precompute_command(data, work, before: str = "") -> list[str]:
+    """The pass as a process of its own: every run a test compares has the same threads, so the
+    same floating-point sums (another thread count rounds some float16 values the other way)."""
+    args = ["precompute", "-c", str(CONFIGS / "dense.yaml"), "--data", str(data), "--work", str(work), *PASS]
+    return [sys.executable, "-c", f"import sys; {before}from fishcomp.cli import main; main({args!r})"]
+
+
+def _stopped_pass(data, work, marker, at_batch: int, stop, before: str = ""):
+    env = {**os.environ, "FISHCOMP_NO_PROGRESS": "1", "FISHCOMP_PAUSE_AT": f"precompute.batch:{at_batch}", "FISHCOMP_PAUSE_MARKER": str(marker)}
+    process = subprocess.Popen(_precompute_command(data, work, before), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, preexec_fn=interruptible)
+    # The stage pauses after that batch and says so (fishcomp/faults.py): the signal arrives
+    # mid-way on any machine, however fast, instead of after a guessed sleep.
+    wait_for_file(marker, process)
+    stop(process)
+    _, stderr = process.communicate(timeout=60)
+    return process.returncode, stderr
+
+
+def _finished_pass(data, work) -> tuple[str, list[np.ndarray]]:
+    """The pass run to its end in `work`: (stdout, its arrays)."""
+    finished = subprocess.run(_precompute_command(data, work), capture_output=True, text=True, env={**os.environ, "FISHCOMP_NO_PROGRESS": "1"})
+    assert finished.returncode == 0, finished.stderr
+    artifact = next((work / "precompute").glob("eff*"))
+    return finished.stdout, [np.load(artifact / f"{split}{kind}.npy") for split in ("train", "test_stg1") for kind in ("_pooled", "_tta_pooled")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_pass(tiny_data, tmp_path_factory) -> list[np.ndarray]:
+    """The arrays of the pass never stopped (the `data` copies hold the same photos)."""
+    stdout, arrays = _finished_pass(tiny_data, tmp_path_factory.mktemp("uninterrupted"))
+    assert "resuming" not in stdout
+    return arrays
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_precompute_resumes_where_it_stopped_and_ends_as_an_uninterrupted_pass(data, tmp_path, how, uninterrupted_pass):
+    """Stopped after two batches of four photos: nothing looks finished, the eight photos' rows
+    are kept, and the same command embeds only the rest; the arrays equal an uninterrupted pass's,
+    bit for bit (the same batches, each photo's views seeded by its row)."""
+    work = tmp_path / "work"
+    code, stderr = _stopped_pass(data, work, tmp_path / "paused", 2, lambda process: process.send_signal(how))
+    assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    left = [p for p in (work / "precompute").iterdir() if not p.name.endswith(".lock")]
+    assert [p.name.split("-")[0] for p in left] == [".resume"]  # no half artifact, no temporary folder
+    with np.load(left[0] / "progress.npz") as kept:
+        assert int(kept["done"]) == 8 and kept["ok"][:8].all() and not kept["ok"][8:].any()
+    resumed, arrays = _finished_pass(data, work)
+    count = len(pd.read_csv(next((work / "precompute").glob("eff*/index.csv"))))
+    assert f"resuming: 8 of {count} images kept from the stopped run" in resumed
+    assert not list((work / "precompute").glob(".resume-*"))  # nothing left to resume once the artifact is whole
+    for resumed_array, clean_array in zip(arrays, uninterrupted_pass):
+        np.testing.assert_array_equal(resumed_array, clean_array)
+
+
+def test_a_killed_precompute_resumes_from_its_last_saved_progress(data, tmp_path, uninterrupted_pass):
+    """kill -9 (out of memory, a pre-empted machine) runs no handler: what survives is the progress
+    saved every `SAVE_EVERY_S` seconds of the pass (here every batch)."""
+    work = tmp_path / "work"
+    every_batch = "from fishcomp.stages.precompute import PassProgress; PassProgress.SAVE_EVERY_S = 0; "
+    _stopped_pass(data, work, tmp_path / "paused", 3, lambda process: process.kill(), every_batch)
+    assert list((work / "precompute").glob(".tmp-*"))  # a hard kill leaves its temporary folder behind
+    resumed, arrays = _finished_pass(data, work)
+    assert "resuming: 12 of " in resumed and not list((work / "precompute").glob(".[tr]*-*"))
+    for resumed_array, clean_array in zip(arrays, uninterrupted_pass):
+        np.testing.assert_array_equal(resumed_array, clean_array)
 
 
 def test_a_stopped_training_resumes_at_the_first_missing_fold_and_ends_as_an_uninterrupted_run(tiny_data, tmp_path):

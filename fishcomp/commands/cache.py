@@ -39,7 +39,7 @@ def list_artifacts(work: Path) -> list[CachedArtifact]:
     stage_dirs = [work / stage for stage in sorted(list_stages())]
     for stage_dir in [d for d in stage_dirs if d.is_dir()]:
         for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
-            # .tmp-: a build in progress or interrupted; .resume-: the finished folds of one.
+            # .tmp-: a build in progress or interrupted; .resume-: what an interrupted one finished (folds, photos).
             unfinished = folder.name.startswith((".tmp-", ".resume-"))
             label, _, key = folder.name.removeprefix(".tmp-").removeprefix(".resume-").rpartition("-")
             reason = None if unfinished else damage(folder)

@@ -15,6 +15,7 @@ Features are written batch by batch into memory-mapped .npy files, so memory sta
 many images there are. Each batch of photos is decoded once for all of its views (the original,
 the augmented copies, the test-time views), not once per view: decoding a camera-sized JPEG is
 a sizeable share of a 224x224 pass on a CPU, and on a GPU the decoding is the pass's bottleneck.
+A pass that is stopped goes on where it stopped when run again (`PassProgress`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, PrecomputeConfig, dump_yaml, key_payload
-from fishcomp.console import progress, warn
+from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, precision_name, resolve_device
 from fishcomp.data.annotations import clip_box
 from fishcomp.data.augment import build_transform
@@ -121,6 +122,89 @@ def _open(array):
     return np.load(array.path, mmap_mode="r+") if isinstance(array, _Deferred) else array
 
 
+class PassProgress:
+    """An unfinished backbone pass: its arrays and how many of its images they hold, in
+    `.resume-<label>-<key>/` beside its temporary folder (which an interrupt removes), so that the
+    same command goes on where it stopped (a 360x640 pass over the competition's 16,930 photos
+    takes the better part of an hour on a CPU). Same key, same images and settings, and a photo's
+    views are seeded by its row, not by when it is embedded: the rows kept are the rows a fresh
+    pass makes. One process only: under torchrun the ranks' shares interleave, and a pass starts
+    over."""
+
+    SAVE_EVERY_S = 60.0  # a hard kill (out of memory, kill -9) loses at most about this much of the pass
+
+    def __init__(self, tmp: Path, count: int):
+        self.folder = tmp.parent / tmp.name.replace(".tmp-", ".resume-", 1)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._arrays: dict[str, np.memmap] = {}
+        self._saved_at = time.time()
+        self.done, self.sizes, self.ok, self._shapes = 0, np.zeros((count, 2), np.int64), np.zeros(count, bool), {}
+        try:
+            with np.load(self.folder / "progress.npz") as kept:
+                if kept["sizes"].shape == self.sizes.shape:
+                    self.done, self.sizes, self.ok = int(kept["done"]), kept["sizes"], kept["ok"]
+                    self._shapes = json.loads(str(kept["arrays"]))
+        except (OSError, ValueError, KeyError):  # none, or cut short by a hard kill: start over
+            pass
+
+    def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
+        """The array as the stopped pass left it, or a new one (then nothing is kept)."""
+        path = self.folder / name
+        if self.done and self._shapes.get(name) == [np.dtype(dtype).str, list(shape)]:
+            try:
+                array = np.load(path, mmap_mode="r+")
+                if array.shape == shape and array.dtype == np.dtype(dtype):
+                    self._arrays[name] = array
+                    return array
+            except (OSError, ValueError):
+                pass
+        self.done = 0
+        self._arrays[name] = reserved_memmap(path, dtype, shape)
+        return self._arrays[name]
+
+    def _save(self, done: int) -> None:
+        import io
+
+        from fishcomp.cache import write_atomic
+
+        for array in self._arrays.values():
+            array.flush()  # the rows before the count that says they are there
+        buffer = io.BytesIO()
+        shapes = {**self._shapes, **{name: [a.dtype.str, list(a.shape)] for name, a in self._arrays.items()}}
+        np.savez(buffer, done=done, sizes=self.sizes, ok=self.ok, arrays=json.dumps(shapes))
+        write_atomic(self.folder / "progress.npz", buffer.getvalue())
+        self._saved_at = time.time()
+
+    def advanced(self, done: int) -> None:
+        if time.time() - self._saved_at >= self.SAVE_EVERY_S:
+            self._save(done)
+
+    def stopped(self, done: int) -> None:
+        """The pass ends early (interrupt, error): keep what is done, or nothing when nothing is."""
+        import shutil
+
+        if done == 0:
+            self._arrays.clear()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        try:
+            self._save(done)
+        except OSError:  # a full disk, say: the error that stopped the pass is the one to report
+            pass
+
+    def publish(self, tmp: Path) -> None:
+        """The finished arrays into the artifact's temporary folder; nothing left to resume."""
+        import os
+        import shutil
+
+        for array in self._arrays.values():
+            array.flush()
+        self._arrays.clear()
+        for name in [p.name for p in self.folder.glob("*.npy")]:
+            os.replace(self.folder / name, tmp / name)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _raw_box(annotations, name: str) -> tuple[float, float, float, float]:
     """The largest annotated box in original pixels (unclipped: sizes are known only once decoded)."""
     box = annotations.largest(name)
@@ -146,8 +230,11 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     augment, tta = config.augment, config.tta
 
     here = world()
+    kept = None if here.distributed else PassProgress(tmp, len(images))
 
     def shared(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
+        if kept is not None:
+            return kept.array(path.name, dtype, shape)
         # Rank 0 creates every output file; the other ranks open them once it has (see the barrier below).
         return reserved_memmap(path, dtype, shape) if here.is_main else _Deferred(path)
 
@@ -156,71 +243,83 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         spatial = shared(tmp / f"{name}_map.npy", np.float16, leading + (count,) + map_shape) if config.spatial else None
         return pooled, spatial
 
-    # View 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
-    # Each photo is decoded once for all of its views (`DecodedViews`), batch by batch of images.
-    is_train = splits == "train"
-    originals = {split: arrays(split, int((splits == split).sum())) for split in images.split.unique()}
-    plan = [("original", 0, View())]
-    if augment:
-        augment_transform = build_transform(augment.transforms)
-        augmented = arrays("train_aug", len(train_rows), (augment.copies,))
-        augmented_boxes = shared(tmp / "train_aug_boxes.npy", np.float32, (augment.copies, len(train_rows), 4))
-        # A copy's per-image seed counts the train images only: the copies do not change with the test set.
-        plan += [
-            ("augment", c, View(augment_transform, transform_seed(augment.seed, c), wanted=is_train, numbering=position, moves_boxes=True))
-            for c in range(augment.copies)
-        ]
-    if tta:
-        tta_transform = build_transform(tta.transforms)
-        views = {split: arrays(f"{split}_tta", int((splits == split).sum()), (tta.views - 1,)) for split in images.split.unique()}
-        plan += [("tta", v, View(tta_transform, transform_seed(tta.seed, v))) for v in range(tta.views - 1)]
-    raw_boxes = np.array([_raw_box(annotations, name) for name in images.image], dtype=np.float32)
-    if here.distributed:
-        barrier()
-        originals = {split: tuple(_open(a) for a in pair) for split, pair in originals.items()}
+    done = 0 if kept is None else kept.done  # an interrupt before the first batch keeps what was kept
+    try:
+        # View 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
+        # Each photo is decoded once for all of its views (`DecodedViews`), batch by batch of images.
+        is_train = splits == "train"
+        originals = {split: arrays(split, int((splits == split).sum())) for split in images.split.unique()}
+        plan = [("original", 0, View())]
         if augment:
-            augmented, augmented_boxes = tuple(_open(a) for a in augmented), _open(augmented_boxes)
+            augment_transform = build_transform(augment.transforms)
+            augmented = arrays("train_aug", len(train_rows), (augment.copies,))
+            augmented_boxes = shared(tmp / "train_aug_boxes.npy", np.float32, (augment.copies, len(train_rows), 4))
+            # A copy's per-image seed counts the train images only: the copies do not change with the test set.
+            plan += [
+                ("augment", c, View(augment_transform, transform_seed(augment.seed, c), wanted=is_train, numbering=position, moves_boxes=True))
+                for c in range(augment.copies)
+            ]
         if tta:
-            views = {split: tuple(_open(a) for a in pair) for split, pair in views.items()}
+            tta_transform = build_transform(tta.transforms)
+            views = {split: arrays(f"{split}_tta", int((splits == split).sum()), (tta.views - 1,)) for split in images.split.unique()}
+            plan += [("tta", v, View(tta_transform, transform_seed(tta.seed, v))) for v in range(tta.views - 1)]
+        raw_boxes = np.array([_raw_box(annotations, name) for name in images.image], dtype=np.float32)
+        if here.distributed:
+            barrier()
+            originals = {split: tuple(_open(a) for a in pair) for split, pair in originals.items()}
+            if augment:
+                augmented, augmented_boxes = tuple(_open(a) for a in augmented), _open(augmented_boxes)
+            if tta:
+                views = {split: tuple(_open(a) for a in pair) for split, pair in views.items()}
 
-    sizes = np.zeros((len(images), 2), dtype=np.int64)
-    ok = np.zeros(len(images), dtype=bool)
-    total = sum(len(train_rows) if kind == "augment" else len(images) for kind, _, _ in plan)
-    started = time.time()
-    with progress(f"precompute {config.size[0]}x{config.size[1]}", total) as advance, torch.inference_mode():
-        loader = image_batches(
-            DecodedViews(
-                dataset.root, images.path.tolist(), config.size, [view for _, _, view in plan], raw_boxes,
-                positions=share_of_batches(len(images), config.batch_size),
-            ),
-            config.batch_size, config.workers, device,
-        )
-        for batch, local, orig_w, orig_h, good, boxes, wanted in loader:
-            rows = local.numpy()
-            sizes[rows] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
-            ok[rows] = good.numpy()
-            for column, (kind, number, _) in enumerate(plan):
-                chosen = wanted[:, column]
-                if not chosen.any():
-                    continue
-                pooled, feature_map = embedder.embed(batch[chosen, column], spatial=config.spatial)
-                index = rows[chosen.numpy()]
-                if kind == "augment":
-                    where = position[index]  # the train position
-                    augmented[0][number, where] = pooled
-                    if feature_map is not None:
-                        augmented[1][number, where] = feature_map
-                    augmented_boxes[number, where] = boxes[chosen, column].numpy()
-                else:
-                    for split in np.unique(splits[index]):
-                        mine = splits[index] == split
-                        pooled_out, map_out = originals[split] if kind == "original" else views[split]
-                        target = (position[index[mine]],) if kind == "original" else (number, position[index[mine]])
-                        pooled_out[target] = pooled[mine]
-                        if map_out is not None:
-                            map_out[target] = feature_map[mine]
-                advance(len(index))
-            pause_point("precompute.batch")
+        # One process picks up where a stopped pass left off (`PassProgress`); under torchrun each
+        # rank takes its share of the batches.
+        done = 0 if kept is None else kept.done
+        sizes = np.zeros((len(images), 2), dtype=np.int64) if kept is None else kept.sizes
+        ok = np.zeros(len(images), dtype=bool) if kept is None else kept.ok
+        todo = share_of_batches(len(images), config.batch_size) if kept is None else np.arange(done, len(images))
+        if done:
+            info(f"precompute {config.size[0]}x{config.size[1]} resuming: {done} of {len(images)} images kept from the stopped run")
+        total = sum(int(is_train[todo].sum()) if kind == "augment" else len(todo) for kind, _, _ in plan)
+        started = time.time()
+        with progress(f"precompute {config.size[0]}x{config.size[1]}", total) as advance, torch.inference_mode():
+            loader = image_batches(
+                DecodedViews(dataset.root, images.path.tolist(), config.size, [view for _, _, view in plan], raw_boxes, positions=todo),
+                config.batch_size, config.workers, device,
+            )
+            for batch, local, orig_w, orig_h, good, boxes, wanted in loader:
+                rows = local.numpy()
+                sizes[rows] = np.stack([orig_w.numpy(), orig_h.numpy()], axis=1)
+                ok[rows] = good.numpy()
+                for column, (kind, number, _) in enumerate(plan):
+                    chosen = wanted[:, column]
+                    if not chosen.any():
+                        continue
+                    pooled, feature_map = embedder.embed(batch[chosen, column], spatial=config.spatial)
+                    index = rows[chosen.numpy()]
+                    if kind == "augment":
+                        where = position[index]  # the train position
+                        augmented[0][number, where] = pooled
+                        if feature_map is not None:
+                            augmented[1][number, where] = feature_map
+                        augmented_boxes[number, where] = boxes[chosen, column].numpy()
+                    else:
+                        for split in np.unique(splits[index]):
+                            mine = splits[index] == split
+                            pooled_out, map_out = originals[split] if kind == "original" else views[split]
+                            target = (position[index[mine]],) if kind == "original" else (number, position[index[mine]])
+                            pooled_out[target] = pooled[mine]
+                            if map_out is not None:
+                                map_out[target] = feature_map[mine]
+                    advance(len(index))
+                if kept is not None:
+                    done = int(rows[-1]) + 1  # batches come in row order: every row before this one is written
+                    kept.advanced(done)
+                pause_point("precompute.batch")
+    except BaseException:
+        if kept is not None:
+            kept.stopped(done)
+        raise
     seconds = time.time() - started
     for item in [*originals.values(), *(views.values() if tta else ()), *((augmented, (augmented_boxes,)) if augment else ())]:
         for array in item:
@@ -231,6 +330,8 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         del augmented, augmented_boxes
     if tta:
         del views
+    if kept is not None:
+        kept.publish(tmp)
     if here.distributed:
         # Each rank saw sizes and readability of its own share of the images; rank 0 gets them all.
         shares = gather_to_main((sizes, ok, share_of_batches(len(images), config.batch_size)))
