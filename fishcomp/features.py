@@ -10,7 +10,9 @@ views) and `meta.json`.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +191,93 @@ def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
                     raise
                 # A file system that cannot preallocate (EOPNOTSUPP, EINVAL) is not an error.
     return array
+
+
+class PassProgress:
+    """An unfinished backbone pass (precompute's, the crops'): its arrays and how many of its
+    images they hold, with what the pass notes per image, in `.resume-<label>-<key>/` beside its
+    temporary folder (which an interrupt removes), so that the same command goes on where it
+    stopped: a 360x640 pass over the competition's 16,930 photos takes the better part of an hour
+    on a CPU, its crops longer. Same key, same images and settings, and a photo's views are seeded
+    by its row, not by when it is embedded: the rows kept are the rows a fresh pass makes. One
+    process only: under torchrun the ranks' shares interleave, and a pass starts over.
+
+    `state`: the per-image arrays the pass fills besides its outputs (sizes, readability, the
+    rectangles cut), filled in place from the stopped pass when it is resumed."""
+
+    SAVE_EVERY_S = 60.0  # a hard kill (out of memory, kill -9) loses at most about this much of the pass
+
+    def __init__(self, tmp: Path, state: dict[str, np.ndarray]):
+        self.folder = tmp.parent / tmp.name.replace(".tmp-", ".resume-", 1)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.state, self.done, self._shapes = state, 0, {}
+        self._arrays: dict[str, np.memmap] = {}
+        self._saved_at = time.time()
+        try:
+            with np.load(self.folder / "progress.npz") as kept:
+                if all(kept[name].shape == array.shape for name, array in state.items()):
+                    for name, array in state.items():
+                        array[...] = kept[name]
+                    self.done, self._shapes = int(kept["done"]), json.loads(str(kept["arrays"]))
+        except (OSError, ValueError, KeyError):  # none, or cut short by a hard kill: start over
+            pass
+
+    def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
+        """The output array as the stopped pass left it, or a new one (then nothing is kept)."""
+        path = self.folder / name
+        if self.done and self._shapes.get(name) == [np.dtype(dtype).str, list(shape)]:
+            try:
+                array = np.load(path, mmap_mode="r+")
+                if array.shape == shape and array.dtype == np.dtype(dtype):
+                    self._arrays[name] = array
+                    return array
+            except (OSError, ValueError):
+                pass
+        self.done = 0
+        self._arrays[name] = reserved_memmap(path, dtype, shape)
+        return self._arrays[name]
+
+    def _save(self, done: int) -> None:
+        import io
+
+        from fishcomp.cache import write_atomic
+
+        for array in self._arrays.values():
+            array.flush()  # the rows before the count that says they are there
+        buffer = io.BytesIO()
+        shapes = {**self._shapes, **{name: [a.dtype.str, list(a.shape)] for name, a in self._arrays.items()}}
+        np.savez(buffer, done=done, arrays=json.dumps(shapes), **self.state)
+        write_atomic(self.folder / "progress.npz", buffer.getvalue())
+        self._saved_at = time.time()
+
+    def advanced(self, done: int) -> None:
+        """`done` images are embedded (the first ones in the pass's order)."""
+        if time.time() - self._saved_at >= self.SAVE_EVERY_S:
+            self._save(done)
+
+    def stopped(self, done: int) -> None:
+        """The pass ends early (interrupt, error): keep what is done, or nothing when nothing is."""
+        import shutil
+
+        if done == 0:
+            self._arrays.clear()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        try:
+            self._save(done)
+        except OSError:  # a full disk, say: the error that stopped the pass is the one to report
+            pass
+
+    def publish(self, tmp: Path) -> None:
+        """The finished arrays into the artifact's temporary folder; nothing left to resume."""
+        import shutil
+
+        for array in self._arrays.values():
+            array.flush()
+        self._arrays.clear()
+        for name in [p.name for p in self.folder.glob("*.npy")]:
+            os.replace(self.folder / name, tmp / name)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def loader_workers(setting: int | str) -> int:

@@ -94,6 +94,45 @@ def test_a_runs_saved_config_reruns_it_from_its_artifacts_whatever_became_of_its
     assert " built " not in stdout and again.read_bytes() == out.read_bytes()
 
 
+def test_an_interrupted_crops_pass_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(crops_run, tiny_data, tmp_path, capsys, monkeypatch):
+    """Crops cost more than the backbone pass they are cut for (several crops a photo): stopped
+    after two batches, the same command embeds only the photos after them, and the artifact
+    (embeddings, rectangles cut, readability) equals an uninterrupted pass's."""
+    import shutil
+
+    from fishcomp.stages import crops as crops_stage
+
+    work, _ = crops_run
+    args = ["run", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, "--stage", "crops",
+            *_sets([*CROPS, "crops.margin=0.3", "precompute.batch_size=16"])]  # another crops key, the fixture's box source
+    batches = []
+
+    def stop_at_the_second_batch(name):
+        batches.append(name)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(crops_stage, "pause_point", stop_at_the_second_batch)
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 130 and "interrupted" in stderr
+    stopped = list((work / "crops").glob(".resume-*"))
+    assert len(stopped) == 1 and not list((work / "crops").glob(".tmp-*"))
+    with np.load(stopped[0] / "progress.npz") as kept:
+        assert int(kept["done"]) == 32
+    monkeypatch.setattr(crops_stage, "pause_point", lambda name: None)
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    assert "resuming: 32 of 156 images kept from the stopped run" in stdout and not list((work / "crops").glob(".resume-*"))
+    resumed = next(p for p in (work / "crops").iterdir() if p.name.endswith(stopped[0].name.rsplit("-", 1)[1]))
+    shutil.move(resumed, tmp_path / "resumed")
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0 and "resuming" not in stdout, stderr
+    for name in sorted(p.name for p in (tmp_path / "resumed").glob("*.npy")):
+        np.testing.assert_array_equal(np.load(tmp_path / "resumed" / name), np.load(resumed / name), err_msg=name)
+    for name in ("crop_boxes.csv", "index.csv"):
+        assert (tmp_path / "resumed" / name).read_text() == (resumed / name).read_text()
+
+
 def test_an_auto_nof_weight_is_the_share_with_the_lowest_out_of_fold_log_loss(crops_run, tiny_data, capsys):
     work, _ = crops_run
     code, stdout, stderr = run_cli(["train", "-c", CONFIGS / "crops.yaml", "--data", tiny_data, "--work", work, *_sets([*CROPS, "crops.nof.weight=0.5"])], capsys)

@@ -208,7 +208,7 @@ def test_a_killed_precompute_resumes_from_its_last_saved_progress(data, tmp_path
     """kill -9 (out of memory, a pre-empted machine) runs no handler: what survives is the progress
     saved every `SAVE_EVERY_S` seconds of the pass (here every batch)."""
     work = tmp_path / "work"
-    every_batch = "from fishcomp.stages.precompute import PassProgress; PassProgress.SAVE_EVERY_S = 0; "
+    every_batch = "from fishcomp.features import PassProgress; PassProgress.SAVE_EVERY_S = 0; "
     _stopped_pass(data, work, tmp_path / "paused", 3, lambda process: process.kill(), every_batch)
     assert list((work / "precompute").glob(".tmp-*"))  # a hard kill leaves its temporary folder behind
     resumed, arrays = _finished_pass(data, work)

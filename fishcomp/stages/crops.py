@@ -32,22 +32,23 @@ import pandas as pd
 from fishcomp.boxes import box_iou
 from fishcomp.cache import Artifact
 from fishcomp.config import CropsConfig, LoadedConfig, dump_yaml, key_payload
-from fishcomp.console import progress, warn
+from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, resolve_device
 from fishcomp.data.annotations import Annotations
 from fishcomp.data.images import UnreadableImage, load_rgb
 from fishcomp.distributed import device_for
 from fishcomp.errors import FishcompError
+from fishcomp.faults import pause_point
 from fishcomp.features import (
     GEOMETRY,
     POINT_COLUMNS,
     Embedder,
+    PassProgress,
     backbone_precision,
     image_batches,
     load_index,
     every_fish_boxes,
     normalised_boxes,
-    reserved_memmap,
 )
 from fishcomp.graph import Node, Resolver, Stage, register_stage
 from fishcomp.models.heads import list_heatmap_heads
@@ -401,63 +402,82 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     dim = embedder.num_features
     splits = index.split.to_numpy()
 
-    outputs = {split: reserved_memmap(tmp / f"{split}_pooled.npy", np.float16, (int((splits == split).sum()), dim)) for split in index.split.unique()}
-    train_rows = np.flatnonzero(splits == "train")
-    augmented = reserved_memmap(tmp / "train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
-    # The mirrored view of each image's first crop, laid out as precompute's test-time views.
-    views = {split: reserved_memmap(tmp / f"{split}_tta_pooled.npy", np.float16, (1, len(out), dim)) for split, out in outputs.items()} if config.tta else {}
-    # Every image's further candidate crops (`crops.candidates`), and with the view each mirrored
-    # (unless `crops.candidates.mirror: false`).
-    mirrored_further = further if further and mirrors_further(config) else 0
-    candidate_arrays = {split: reserved_memmap(tmp / f"{split}_candidates_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if further else {}
-    candidate_views = {split: reserved_memmap(tmp / f"{split}_candidates_tta_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()} if mirrored_further else {}
     extra_rectangles = np.full((len(index), further, 4), np.nan, dtype=np.float32)
     rectangles = np.full(planned.shape, np.nan, dtype=np.float32)
     turns = np.full(planned.shape[:2], np.nan, dtype=np.float32)
     ok = index.ok.to_numpy(dtype=bool).copy()
-    started = time.time()
-    # Train photos carry their jittered copies; the test photos only the predicted crop.
-    with progress(f"crops {precompute.size[0]}x{precompute.size[1]}", len(index)) as advance, torch.inference_mode():
-        for split in index.split.unique():
-            rows = np.flatnonzero(splits == split)
-            count = 1 + copies if split == "train" else 1
-            wanted = planned[rows, :count]
-            ends = None if points is None else points[rows, :count]
-            if further:  # the candidates after the usual crops, never turned
-                wanted = np.concatenate([wanted, candidates[rows]], axis=1)
-                ends = None if ends is None else np.concatenate([ends, np.full((len(rows), further, 4), np.nan)], axis=1)
-            images = CroppedImages(dataset.root, index.path.to_numpy()[rows].tolist(), wanted, config, precompute.size, ends)
-            for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
-                n = len(local)
-                # (images, crops, height, width, channels): flip(-2) mirrors left-right.
-                if split == "train" and mirrored_copies:
-                    batch[:, 1:count:2] = batch[:, 1:count:2].flip(-2)
-                # One call for the crops and, with the view, the first crop and the candidates
-                # mirrored after them.
-                looks = batch.flatten(0, 1)
-                if config.tta:
-                    looks = torch.cat([looks, batch[:, [0, *range(count, count + mirrored_further)]].flip(-2).flatten(0, 1)])
-                embedded = embedder.embed(looks, spatial=False, pool=config.pool)[0]
-                pooled = embedded[: n * (count + further)].reshape(n, count + further, dim)
-                position = local.numpy()
-                if config.tta:
-                    mirrored = embedded[n * (count + further):].reshape(n, 1 + mirrored_further, dim)
-                    views[split][0, position] = mirrored[:, 0]
-                    if mirrored_further:
-                        candidate_views[split][:, position] = mirrored[:, 1:].transpose(1, 0, 2)
-                outputs[split][position] = pooled[:, 0]
-                if split == "train" and copies:
-                    augmented[:, position] = pooled[:, 1:count].transpose(1, 0, 2)
-                if further:
-                    candidate_arrays[split][:, position] = pooled[:, count:].transpose(1, 0, 2)
-                    extra_rectangles[rows[position]] = cut.numpy()[:, count:]
-                rectangles[rows[position], :count] = cut.numpy()[:, :count]
-                turns[rows[position], :count] = turned.numpy()[:, :count]
-                ok[rows[position]] &= good.numpy()
-                advance(n)
+    # A stopped pass goes on where it stopped (one process builds crops, whatever the world size).
+    kept = PassProgress(tmp, {"rectangles": rectangles, "turns": turns, "ok": ok, "extra_rectangles": extra_rectangles})
+    done = kept.done
+    try:
+        outputs = {split: kept.array(f"{split}_pooled.npy", np.float16, (int((splits == split).sum()), dim)) for split in index.split.unique()}
+        train_rows = np.flatnonzero(splits == "train")
+        augmented = kept.array("train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
+        # The mirrored view of each image's first crop, laid out as precompute's test-time views.
+        views = {split: kept.array(f"{split}_tta_pooled.npy", np.float16, (1, len(out), dim)) for split, out in outputs.items()} if config.tta else {}
+        # Every image's further candidate crops (`crops.candidates`), and with the view each mirrored
+        # (unless `crops.candidates.mirror: false`).
+        mirrored_further = further if further and mirrors_further(config) else 0
+        candidate_arrays = ({split: kept.array(f"{split}_candidates_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()}
+                            if further else {})
+        candidate_views = ({split: kept.array(f"{split}_candidates_tta_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()}
+                           if mirrored_further else {})
+        done = kept.done  # 0 where an array could not be taken up again
+        if done:
+            info(f"crops {precompute.size[0]}x{precompute.size[1]} resuming: {done} of {len(index)} images kept from the stopped run")
+        started = time.time()
+        # Train photos carry their jittered copies; the test photos only the predicted crop.
+        with progress(f"crops {precompute.size[0]}x{precompute.size[1]}", len(index) - done) as advance, torch.inference_mode():
+            before = 0  # images of the splits before this one, in the pass's order
+            for split in index.split.unique():
+                rows = np.flatnonzero(splits == split)
+                skip, before = min(max(done - before, 0), len(rows)), before + len(rows)
+                count = 1 + copies if split == "train" else 1
+                wanted = planned[rows, :count]
+                ends = None if points is None else points[rows, :count]
+                if further:  # the candidates after the usual crops, never turned
+                    wanted = np.concatenate([wanted, candidates[rows]], axis=1)
+                    ends = None if ends is None else np.concatenate([ends, np.full((len(rows), further, 4), np.nan)], axis=1)
+                images = CroppedImages(dataset.root, index.path.to_numpy()[rows[skip:]].tolist(), wanted[skip:], config, precompute.size,
+                                       None if ends is None else ends[skip:])
+                for batch, local, good, cut, turned in image_batches(images, precompute.batch_size, precompute.workers, device):
+                    n = len(local)
+                    # (images, crops, height, width, channels): flip(-2) mirrors left-right.
+                    if split == "train" and mirrored_copies:
+                        batch[:, 1:count:2] = batch[:, 1:count:2].flip(-2)
+                    # One call for the crops and, with the view, the first crop and the candidates
+                    # mirrored after them.
+                    looks = batch.flatten(0, 1)
+                    if config.tta:
+                        looks = torch.cat([looks, batch[:, [0, *range(count, count + mirrored_further)]].flip(-2).flatten(0, 1)])
+                    embedded = embedder.embed(looks, spatial=False, pool=config.pool)[0]
+                    pooled = embedded[: n * (count + further)].reshape(n, count + further, dim)
+                    position = local.numpy() + skip
+                    if config.tta:
+                        mirrored = embedded[n * (count + further):].reshape(n, 1 + mirrored_further, dim)
+                        views[split][0, position] = mirrored[:, 0]
+                        if mirrored_further:
+                            candidate_views[split][:, position] = mirrored[:, 1:].transpose(1, 0, 2)
+                    outputs[split][position] = pooled[:, 0]
+                    if split == "train" and copies:
+                        augmented[:, position] = pooled[:, 1:count].transpose(1, 0, 2)
+                    if further:
+                        candidate_arrays[split][:, position] = pooled[:, count:].transpose(1, 0, 2)
+                        extra_rectangles[rows[position]] = cut.numpy()[:, count:]
+                    rectangles[rows[position], :count] = cut.numpy()[:, :count]
+                    turns[rows[position], :count] = turned.numpy()[:, :count]
+                    ok[rows[position]] &= good.numpy()
+                    advance(n)
+                    done = before - len(rows) + int(position[-1]) + 1  # in the pass's order, every image before this one is embedded
+                    kept.advanced(done)
+                    pause_point("crops.batch")
+    except BaseException:
+        kept.stopped(done)
+        raise
     for array in [*outputs.values(), *views.values(), *candidate_arrays.values(), *candidate_views.values(), *([augmented] if copies else [])]:
         array.flush()
     del outputs, augmented, views, candidate_arrays, candidate_views
+    kept.publish(tmp)
     if further:
         for split in index.split.unique():
             np.save(tmp / f"{split}_candidate_weights.npy", candidate_weights[splits == split].astype(np.float32))

@@ -40,6 +40,7 @@ from fishcomp.features import (
     POINT_COLUMNS,
     DecodedViews,
     Embedder,
+    PassProgress,
     View,
     backbone_precision,
     image_batches,
@@ -122,89 +123,6 @@ def _open(array):
     return np.load(array.path, mmap_mode="r+") if isinstance(array, _Deferred) else array
 
 
-class PassProgress:
-    """An unfinished backbone pass: its arrays and how many of its images they hold, in
-    `.resume-<label>-<key>/` beside its temporary folder (which an interrupt removes), so that the
-    same command goes on where it stopped (a 360x640 pass over the competition's 16,930 photos
-    takes the better part of an hour on a CPU). Same key, same images and settings, and a photo's
-    views are seeded by its row, not by when it is embedded: the rows kept are the rows a fresh
-    pass makes. One process only: under torchrun the ranks' shares interleave, and a pass starts
-    over."""
-
-    SAVE_EVERY_S = 60.0  # a hard kill (out of memory, kill -9) loses at most about this much of the pass
-
-    def __init__(self, tmp: Path, count: int):
-        self.folder = tmp.parent / tmp.name.replace(".tmp-", ".resume-", 1)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._arrays: dict[str, np.memmap] = {}
-        self._saved_at = time.time()
-        self.done, self.sizes, self.ok, self._shapes = 0, np.zeros((count, 2), np.int64), np.zeros(count, bool), {}
-        try:
-            with np.load(self.folder / "progress.npz") as kept:
-                if kept["sizes"].shape == self.sizes.shape:
-                    self.done, self.sizes, self.ok = int(kept["done"]), kept["sizes"], kept["ok"]
-                    self._shapes = json.loads(str(kept["arrays"]))
-        except (OSError, ValueError, KeyError):  # none, or cut short by a hard kill: start over
-            pass
-
-    def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
-        """The array as the stopped pass left it, or a new one (then nothing is kept)."""
-        path = self.folder / name
-        if self.done and self._shapes.get(name) == [np.dtype(dtype).str, list(shape)]:
-            try:
-                array = np.load(path, mmap_mode="r+")
-                if array.shape == shape and array.dtype == np.dtype(dtype):
-                    self._arrays[name] = array
-                    return array
-            except (OSError, ValueError):
-                pass
-        self.done = 0
-        self._arrays[name] = reserved_memmap(path, dtype, shape)
-        return self._arrays[name]
-
-    def _save(self, done: int) -> None:
-        import io
-
-        from fishcomp.cache import write_atomic
-
-        for array in self._arrays.values():
-            array.flush()  # the rows before the count that says they are there
-        buffer = io.BytesIO()
-        shapes = {**self._shapes, **{name: [a.dtype.str, list(a.shape)] for name, a in self._arrays.items()}}
-        np.savez(buffer, done=done, sizes=self.sizes, ok=self.ok, arrays=json.dumps(shapes))
-        write_atomic(self.folder / "progress.npz", buffer.getvalue())
-        self._saved_at = time.time()
-
-    def advanced(self, done: int) -> None:
-        if time.time() - self._saved_at >= self.SAVE_EVERY_S:
-            self._save(done)
-
-    def stopped(self, done: int) -> None:
-        """The pass ends early (interrupt, error): keep what is done, or nothing when nothing is."""
-        import shutil
-
-        if done == 0:
-            self._arrays.clear()
-            shutil.rmtree(self.folder, ignore_errors=True)
-            return
-        try:
-            self._save(done)
-        except OSError:  # a full disk, say: the error that stopped the pass is the one to report
-            pass
-
-    def publish(self, tmp: Path) -> None:
-        """The finished arrays into the artifact's temporary folder; nothing left to resume."""
-        import os
-        import shutil
-
-        for array in self._arrays.values():
-            array.flush()
-        self._arrays.clear()
-        for name in [p.name for p in self.folder.glob("*.npy")]:
-            os.replace(self.folder / name, tmp / name)
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
 def _raw_box(annotations, name: str) -> tuple[float, float, float, float]:
     """The largest annotated box in original pixels (unclipped: sizes are known only once decoded)."""
     box = annotations.largest(name)
@@ -230,7 +148,9 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     augment, tta = config.augment, config.tta
 
     here = world()
-    kept = None if here.distributed else PassProgress(tmp, len(images))
+    sizes = np.zeros((len(images), 2), dtype=np.int64)
+    ok = np.zeros(len(images), dtype=bool)
+    kept = None if here.distributed else PassProgress(tmp, {"sizes": sizes, "ok": ok})
 
     def shared(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
         if kept is not None:
@@ -275,8 +195,6 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         # One process picks up where a stopped pass left off (`PassProgress`); under torchrun each
         # rank takes its share of the batches.
         done = 0 if kept is None else kept.done
-        sizes = np.zeros((len(images), 2), dtype=np.int64) if kept is None else kept.sizes
-        ok = np.zeros(len(images), dtype=bool) if kept is None else kept.ok
         todo = share_of_batches(len(images), config.batch_size) if kept is None else np.arange(done, len(images))
         if done:
             info(f"precompute {config.size[0]}x{config.size[1]} resuming: {done} of {len(images)} images kept from the stopped run")
