@@ -203,14 +203,15 @@ class PassProgress:
     process only: under torchrun the ranks' shares interleave, and a pass starts over.
 
     `state`: the per-image arrays the pass fills besides its outputs (sizes, readability, the
-    rectangles cut), filled in place from the stopped pass when it is resumed."""
+    rectangles cut), filled in place from the stopped pass when it is resumed. Used as a context:
+    a pass that ends early (interrupt, error) keeps what it reported done (`advanced`)."""
 
     SAVE_EVERY_S = 60.0  # a hard kill (out of memory, kill -9) loses at most about this much of the pass
 
     def __init__(self, tmp: Path, state: dict[str, np.ndarray]):
         self.folder = tmp.parent / tmp.name.replace(".tmp-", ".resume-", 1)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.state, self.done, self._shapes = state, 0, {}
+        self.state, self.done, self.reached, self._shapes = state, 0, 0, {}
         self._arrays: dict[str, np.memmap] = {}
         self._saved_at = time.time()
         try:
@@ -221,6 +222,14 @@ class PassProgress:
                     self.done, self._shapes = int(kept["done"]), json.loads(str(kept["arrays"]))
         except (OSError, ValueError, KeyError):  # none, or cut short by a hard kill: start over
             pass
+        self.reached = self.done
+
+    def __enter__(self) -> PassProgress:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self._stopped()
 
     def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
         """The output array as the stopped pass left it, or a new one (then nothing is kept)."""
@@ -233,7 +242,7 @@ class PassProgress:
                     return array
             except (OSError, ValueError):
                 pass
-        self.done = 0
+        self.done = self.reached = 0
         self._arrays[name] = reserved_memmap(path, dtype, shape)
         return self._arrays[name]
 
@@ -251,20 +260,21 @@ class PassProgress:
         self._saved_at = time.time()
 
     def advanced(self, done: int) -> None:
-        """`done` images are embedded (the first ones in the pass's order)."""
+        """The first `done` images in the pass's order are embedded."""
+        self.reached = done
         if time.time() - self._saved_at >= self.SAVE_EVERY_S:
             self._save(done)
 
-    def stopped(self, done: int) -> None:
-        """The pass ends early (interrupt, error): keep what is done, or nothing when nothing is."""
+    def _stopped(self) -> None:
+        """Keep what is done, or nothing when nothing is."""
         import shutil
 
-        if done == 0:
+        if self.reached == 0:
             self._arrays.clear()
             shutil.rmtree(self.folder, ignore_errors=True)
             return
         try:
-            self._save(done)
+            self._save(self.reached)
         except OSError:  # a full disk, say: the error that stopped the pass is the one to report
             pass
 

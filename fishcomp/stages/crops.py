@@ -407,9 +407,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     turns = np.full(planned.shape[:2], np.nan, dtype=np.float32)
     ok = index.ok.to_numpy(dtype=bool).copy()
     # A stopped pass goes on where it stopped (one process builds crops, whatever the world size).
-    kept = PassProgress(tmp, {"rectangles": rectangles, "turns": turns, "ok": ok, "extra_rectangles": extra_rectangles})
-    done = kept.done
-    try:
+    with PassProgress(tmp, {"rectangles": rectangles, "turns": turns, "ok": ok, "extra_rectangles": extra_rectangles}) as kept:
         outputs = {split: kept.array(f"{split}_pooled.npy", np.float16, (int((splits == split).sum()), dim)) for split in index.split.unique()}
         train_rows = np.flatnonzero(splits == "train")
         augmented = kept.array("train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
@@ -468,12 +466,9 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
                     turns[rows[position], :count] = turned.numpy()[:, :count]
                     ok[rows[position]] &= good.numpy()
                     advance(n)
-                    done = before - len(rows) + int(position[-1]) + 1  # in the pass's order, every image before this one is embedded
-                    kept.advanced(done)
+                    # In the pass's order, every image up to this batch's last is embedded.
+                    kept.advanced(before - len(rows) + int(position[-1]) + 1)
                     pause_point("crops.batch")
-    except BaseException:
-        kept.stopped(done)
-        raise
     for array in [*outputs.values(), *views.values(), *candidate_arrays.values(), *candidate_views.values(), *([augmented] if copies else [])]:
         array.flush()
     del outputs, augmented, views, candidate_arrays, candidate_views

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,6 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     here = world()
     sizes = np.zeros((len(images), 2), dtype=np.int64)
     ok = np.zeros(len(images), dtype=bool)
-    kept = None if here.distributed else PassProgress(tmp, {"sizes": sizes, "ok": ok})
 
     def shared(path: Path, dtype, shape: tuple[int, ...]) -> np.memmap:
         if kept is not None:
@@ -163,8 +163,8 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         spatial = shared(tmp / f"{name}_map.npy", np.float16, leading + (count,) + map_shape) if config.spatial else None
         return pooled, spatial
 
-    done = 0 if kept is None else kept.done  # an interrupt before the first batch keeps what was kept
-    try:
+    # One process picks up where a stopped pass left off; under torchrun each rank takes its share.
+    with nullcontext() if here.distributed else PassProgress(tmp, {"sizes": sizes, "ok": ok}) as kept:
         # View 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
         # Each photo is decoded once for all of its views (`DecodedViews`), batch by batch of images.
         is_train = splits == "train"
@@ -192,12 +192,9 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
             if tta:
                 views = {split: tuple(_open(a) for a in pair) for split, pair in views.items()}
 
-        # One process picks up where a stopped pass left off (`PassProgress`); under torchrun each
-        # rank takes its share of the batches.
-        done = 0 if kept is None else kept.done
-        todo = share_of_batches(len(images), config.batch_size) if kept is None else np.arange(done, len(images))
-        if done:
-            info(f"precompute {config.size[0]}x{config.size[1]} resuming: {done} of {len(images)} images kept from the stopped run")
+        todo = share_of_batches(len(images), config.batch_size) if kept is None else np.arange(kept.done, len(images))
+        if kept is not None and kept.done:
+            info(f"precompute {config.size[0]}x{config.size[1]} resuming: {kept.done} of {len(images)} images kept from the stopped run")
         total = sum(int(is_train[todo].sum()) if kind == "augment" else len(todo) for kind, _, _ in plan)
         started = time.time()
         with progress(f"precompute {config.size[0]}x{config.size[1]}", total) as advance, torch.inference_mode():
@@ -231,13 +228,8 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
                                 map_out[target] = feature_map[mine]
                     advance(len(index))
                 if kept is not None:
-                    done = int(rows[-1]) + 1  # batches come in row order: every row before this one is written
-                    kept.advanced(done)
+                    kept.advanced(int(rows[-1]) + 1)  # batches come in row order: every row up to this one is written
                 pause_point("precompute.batch")
-    except BaseException:
-        if kept is not None:
-            kept.stopped(done)
-        raise
     seconds = time.time() - started
     for item in [*originals.values(), *(views.values() if tta else ()), *((augmented, (augmented_boxes,)) if augment else ())]:
         for array in item:
