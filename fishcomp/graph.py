@@ -302,6 +302,9 @@ class Resolver:
         stage_dir = self.ctx.cache.root / node.stage.name
         if stage_dir.is_dir() and any(damage(c) for c in stage_dir.glob(f"*-{node.key}") if not c.name.startswith(".")):
             return "damaged"
+        # A stopped build's finished folds or photos (`.resume-*`): run goes on where it stopped.
+        if stage_dir.is_dir() and any(c.is_dir() and any(c.iterdir()) for c in stage_dir.glob(f".resume-*-{node.key}")):
+            return "to resume"
         return "to build"
 
     def _track(self, node: Node, artifact: Artifact) -> None:

@@ -1,5 +1,6 @@
 """Nothing lost, nothing silent: bad inputs and faults, case by case, through the real CLI."""
 
+import io
 import json
 import os
 import shutil
@@ -185,7 +186,7 @@ def uninterrupted_pass(tiny_data, tmp_path_factory) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
-def test_an_interrupted_precompute_resumes_where_it_stopped_and_ends_as_an_uninterrupted_pass(data, tmp_path, how, uninterrupted_pass):
+def test_an_interrupted_precompute_resumes_where_it_stopped_and_ends_as_an_uninterrupted_pass(data, tmp_path, capsys, how, uninterrupted_pass):
     """Stopped after two batches of four photos: nothing looks finished, the eight photos' rows
     are kept, and the same command embeds only the rest; the arrays equal an uninterrupted pass's,
     bit for bit (the same batches, each photo's views seeded by its row)."""
@@ -196,6 +197,9 @@ def test_an_interrupted_precompute_resumes_where_it_stopped_and_ends_as_an_unint
     assert [p.name.split("-")[0] for p in left] == [".resume"]  # no half artifact, no temporary folder
     with np.load(left[0] / "progress.npz") as kept:
         assert int(kept["done"]) == 8 and kept["ok"][:8].all() and not kept["ok"][8:].any()
+    code, stdout, stderr = run_cli(["dag", "-c", CONFIGS / "dense.yaml", "--data", data, "--work", work, "--stage", "precompute", *PASS,
+                                    "--format", "csv"], capsys)
+    assert code == 0 and pd.read_csv(io.StringIO(stdout)).status.tolist() == ["to resume"], stderr
     resumed, arrays = _finished_pass(data, work)
     count = len(pd.read_csv(next((work / "precompute").glob("eff*/index.csv"))))
     assert f"resuming: 8 of {count} images kept from the stopped run" in resumed
