@@ -350,9 +350,23 @@ def test_cache_ls_du_and_gc_keep_only_what_the_named_configs_reach(swept, tiny_d
     code, stdout, _ = run_cli([*keep, "--dry-run"], capsys)
     assert code == 0 and "would remove 2 artifact(s)" in stdout  # the two other learning rates
     assert len(list((work / "train").glob("dense-*"))) == 3
-    code, stdout, _ = run_cli(keep, capsys)
+    # Stopped builds: one of a kept config not built yet (linear's), which the next run resumes,
+    # and one of nothing kept.
+    from fishcomp.config import load_config
+    from fishcomp.context import Context
+    from fishcomp.pipeline import resolver
+
+    overrides = [*QUICK, "train.phases.0.lr=1e-3"]
+    linear = resolver(Context(data_dir=tiny_data, work_dir=work, overrides=overrides)).plan("train", load_config(CONFIGS / "linear.yaml", overrides))
+    for stopped in (work / "train" / f".resume-linear-{linear.key}", work / "train" / ".resume-dense-0123456789abcdef"):
+        stopped.mkdir()
+        (stopped / "fold0.pt").write_bytes(b"a finished fold")
+    code, stdout, _ = run_cli(["cache", "ls", "--work", work, "--format", "csv"], capsys)
+    assert (pd.read_csv(io.StringIO(stdout)).status == "resumable").sum() == 2
+    code, stdout, _ = run_cli([*keep, "--keep", CONFIGS / "linear.yaml"], capsys)
     assert code == 0 and "removed" in stdout
     assert len(list((work / "train").glob("dense-*"))) == 1 and len(list((work / "precompute").glob("eff*"))) == 1
+    assert [p.name for p in (work / "train").glob(".resume-*")] == [f".resume-linear-{linear.key}"]
     assert (work / "mlruns" / "0" / "meta.yaml").is_file() and (work / "mlruns" / "0" / "a1b2").is_dir() and (work / "leaderboard.csv").is_file()
 
 

@@ -22,7 +22,7 @@ class CachedArtifact:
     path: Path
     bytes: int
     created: str
-    status: str  # whole, damaged, or unfinished (a temporary folder)
+    status: str  # whole, damaged, unfinished (a temporary folder) or resumable (a stopped build's finished part)
 
 
 def _size(folder: Path) -> int:
@@ -40,12 +40,12 @@ def list_artifacts(work: Path) -> list[CachedArtifact]:
     for stage_dir in [d for d in stage_dirs if d.is_dir()]:
         for folder in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
             # .tmp-: a build in progress or interrupted; .resume-: what an interrupted one finished (folds, photos).
-            unfinished = folder.name.startswith((".tmp-", ".resume-"))
+            unfinished, resumable = folder.name.startswith(".tmp-"), folder.name.startswith(".resume-")
             label, _, key = folder.name.removeprefix(".tmp-").removeprefix(".resume-").rpartition("-")
-            reason = None if unfinished else damage(folder)
+            reason = None if unfinished or resumable else damage(folder)
             manifest = folder / MANIFEST
             created = json.loads(manifest.read_text()).get("created", "") if reason is None and manifest.is_file() else ""
-            status = "unfinished" if unfinished else "whole" if reason is None else f"damaged ({reason})"
+            status = "unfinished" if unfinished else "resumable" if resumable else "whole" if reason is None else f"damaged ({reason})"
             found.append(CachedArtifact(stage_dir.name, label, key, folder, _size(folder), created, status))
     return found
 
@@ -54,7 +54,9 @@ def collect_garbage(ctx: Context, keep: list[LoadedConfig], dry_run: bool = Fals
     """Remove every artifact no `keep` config reaches (each config's whole graph, as `run` would
     build it), every unfinished temporary folder, and stale lock files. A submission `fishcomp lb`
     recorded (scored, or uploaded with `--kaggle`) stays: it is the competitor's record of what
-    scored what, and takes kilobytes."""
+    scored what, and takes kilobytes. A stopped build's finished folds or photos stay where a
+    kept config reaches it and it is not built yet: the next run goes on from them (an hour of a
+    backbone pass, say)."""
     from fishcomp.commands.leaderboard import read_ledger
     from fishcomp.pipeline import resolver
 
@@ -62,7 +64,9 @@ def collect_garbage(ctx: Context, keep: list[LoadedConfig], dry_run: bool = Fals
     wanted = {(node.stage.name, node.key) for loaded in keep for node in plan.walk(plan.target(loaded))}
     scored = {("submit", key) for key in read_ledger(ctx.work_dir).key}
     listed = list_artifacts(ctx.work_dir)
-    doomed = [a for a in listed if (a.stage, a.key) not in wanted | scored or a.status != "whole"]
+    built = {(a.stage, a.key) for a in listed if a.status == "whole"}
+    resumed = [a for a in listed if a.status == "resumable" and (a.stage, a.key) in wanted - built]
+    doomed = [a for a in listed if ((a.stage, a.key) not in wanted | scored or a.status != "whole") and a not in resumed]
     held = [a for a in listed if (a.stage, a.key) in scored - wanted and a.status == "whole"]
     for artifact in doomed:
         if not dry_run:
