@@ -212,14 +212,17 @@ class PassProgress:
         self.folder = tmp.parent / tmp.name.replace(".tmp-", ".resume-", 1)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.state, self.done, self.reached, self._shapes = state, 0, 0, {}
+        # Seconds the stopped runs spent on the pass: the artifact's build time counts them.
+        self.seconds_before = 0.0
         self._arrays: dict[str, np.memmap] = {}
-        self._saved_at = time.time()
+        self._started = self._saved_at = time.time()
         try:
             with np.load(self.folder / "progress.npz") as kept:
                 if all(kept[name].shape == array.shape for name, array in state.items()):
                     for name, array in state.items():
                         array[...] = kept[name]
                     self.done, self._shapes = int(kept["done"]), json.loads(str(kept["arrays"]))
+                    self.seconds_before = float(kept["seconds"])
         except (OSError, ValueError, KeyError):  # none, or cut short by a hard kill: start over
             pass
         self.reached = self.done
@@ -243,6 +246,7 @@ class PassProgress:
             except (OSError, ValueError):
                 pass
         self.done = self.reached = 0
+        self.seconds_before = 0.0
         self._arrays[name] = reserved_memmap(path, dtype, shape)
         return self._arrays[name]
 
@@ -255,7 +259,7 @@ class PassProgress:
             array.flush()  # the rows before the count that says they are there
         buffer = io.BytesIO()
         shapes = {**self._shapes, **{name: [a.dtype.str, list(a.shape)] for name, a in self._arrays.items()}}
-        np.savez(buffer, done=done, arrays=json.dumps(shapes), **self.state)
+        np.savez(buffer, done=done, arrays=json.dumps(shapes), seconds=self.seconds_before + time.time() - self._started, **self.state)
         write_atomic(self.folder / "progress.npz", buffer.getvalue())
         self._saved_at = time.time()
 

@@ -204,6 +204,9 @@ def test_an_interrupted_precompute_resumes_where_it_stopped_and_ends_as_an_unint
     count = len(pd.read_csv(next((work / "precompute").glob("eff*/index.csv"))))
     assert f"resuming: 8 of {count} images kept from the stopped run" in resumed
     assert not list((work / "precompute").glob(".resume-*"))  # nothing left to resume once the artifact is whole
+    # Its build time counts the stopped run's too (what `dag` says the artifact took).
+    manifest = json.loads(next((work / "precompute").glob("eff*/manifest.json")).read_text())
+    assert 0 < manifest["seconds_before_resume"] < manifest["seconds"]
     for resumed_array, clean_array in zip(arrays, uninterrupted_pass):
         np.testing.assert_array_equal(resumed_array, clean_array)
 

@@ -502,7 +502,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
-    return {"crops": len(table)}
+    return {"crops": len(table), **({"seconds_before_resume": round(kept.seconds_before, 3)} if kept.seconds_before else {})}
 
 
 # -- NoF -----------------------------------------------------------------------------------------------

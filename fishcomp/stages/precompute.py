@@ -304,4 +304,5 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
-    return {"images": len(index), "unreadable": len(bad)}
+    resumed = {"seconds_before_resume": round(kept.seconds_before, 3)} if kept is not None and kept.seconds_before else {}
+    return {"images": len(index), "unreadable": len(bad), **resumed}
