@@ -251,6 +251,9 @@ def test_a_stopped_training_resumes_at_the_first_missing_fold_and_ends_as_an_uni
     assert clean.returncode == 0, clean.stderr
     a, b = next((work / "train").glob("dense-*")), next((tmp_path / "clean" / "train").glob("dense-*"))
     assert a.name == b.name
+    # Its build time counts the kept folds' training too (what `dag` says the artifact took).
+    manifest = json.loads((a / "manifest.json").read_text())
+    assert 0 < manifest["seconds_before_resume"] < manifest["seconds"]
     for name in ("oof.csv", "test_stg1.csv", "test_stg2.csv"):
         assert (a / name).read_text() == (b / name).read_text()
     metrics = pd.read_csv(a / "metrics.csv")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -411,8 +412,6 @@ class CachedFeatureFolds:
         choice as epoch-0 rows (`strength`, `inner_logloss`, and on the chosen strength's row
         `dense_epochs`, `dense_inner_logloss`, and the lowest count's `dense_lowest_epochs`,
         `dense_lowest_inner_logloss`)."""
-        import time
-
         from fishcomp.training.linear import ProbeRows, fit_fold_probe
 
         data, features = self.data, self.train_features
@@ -493,16 +492,16 @@ class FoldStore:
             kept = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written below
         except Exception:  # a fold file cut short by the interrupt: train that fold again
             return None
-        return kept["result"], kept["records"]
+        return kept["result"], kept["records"], float(kept.get("seconds", 0.0))
 
-    def save(self, fold: int, result, records: list) -> None:
+    def save(self, fold: int, result, records: list, seconds: float) -> None:
         import torch
 
         from fishcomp.cache import write_atomic
 
         self.folder.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        torch.save({"result": result, "records": records}, buffer)
+        torch.save({"result": result, "records": records, "seconds": seconds}, buffer)
         write_atomic(self.folder / f"fold{fold}.pt", buffer.getvalue())
 
     def clear(self) -> None:
@@ -568,19 +567,21 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     kept_folds = [fold for fold in mine if resume.has(fold)]
     if kept_folds:
         info(f"train      [{loaded.name}] resuming: fold(s) {', '.join(map(str, kept_folds))} kept from the stopped run")
+    seconds_before_resume = 0.0  # the kept folds' training time: the artifact's build time counts it
     with progress(f"train {loaded.name}", len(mine) * config.train.epochs) as advance:
         for fold in mine:
             kept = resume.load(fold)
             if kept is not None:
-                results[fold], fold_records = kept
+                results[fold], fold_records, fold_seconds = kept
                 records += fold_records
+                seconds_before_resume += fold_seconds
                 advance(config.train.epochs, note=f"fold {fold} kept from the stopped run")
                 continue
             valid, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
-            before = len(records)
+            before, started = len(records), time.time()
             results[fold] = trainer.fit(fold, train, valid, records, advance, spread=spread)
             if here.is_main or not spread:
-                resume.save(fold, results[fold], records[before:])
+                resume.save(fold, results[fold], records[before:], time.time() - started)
             pause_point("train.fold")
     if spread and not here.is_main:
         return None
@@ -692,7 +693,7 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         "size_vocabulary": data.vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"summary": summary}
+    return {"summary": summary, **({"seconds_before_resume": round(seconds_before_resume, 3)} if seconds_before_resume else {})}
 
 
 def load_fold_model(artifact: Artifact, fold: int, device):
