@@ -88,6 +88,8 @@ def test_a_runs_saved_config_reruns_it_from_its_artifacts_whatever_became_of_its
     rows = pd.read_csv(io.StringIO(stdout))
     assert set(rows.status) == {"cached"} and set(rows[rows.stage == "train"].config) == {BOX_SOURCE, "linear_360x640_gem", "crops"}
     assert rows[rows.stage == "submit"].key.tolist() == [submission.name.rsplit("-", 1)[1]]
+    code, stdout, stderr = run_cli(["cache", "gc", "--keep", submission, "--data", tiny_data, "--work", work, "--dry-run"], capsys)
+    assert code == 0 and f"kept {len(rows)} reached by 1 config(s)" in stdout, stderr  # the run's whole graph, by its folder
     again = tmp_path / "again.csv"
     code, stdout, stderr = run_cli(["run", "-c", submission, "--data", tiny_data, "--work", work, "--out", again], capsys)  # the folder: its config
     assert code == 0, stderr
