@@ -105,6 +105,12 @@ def damage(folder: Path) -> str | None:
     return None
 
 
+def resumed_seconds(seconds: float) -> dict:
+    """A build's manifest fact for what stopped builds of the same artifact spent on it (kept folds,
+    embedded photos): `Cache.ensure` counts it in the artifact's seconds. Empty when none."""
+    return {"seconds_before_resume": round(seconds, 3)} if seconds else {}
+
+
 def compared_settings(config: dict | None, manifest: dict) -> dict[str, str]:
     """What runs of one config are compared by (`fishcomp runs`' differs, `fishcomp diff`): the
     artifact's resolved config as flat text, and the data it was built from, which no setting

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fishcomp.cache import Artifact
+from fishcomp.cache import Artifact, resumed_seconds
 from fishcomp.config import PrecomputeConfig
 from fishcomp.context import autocast, autocast_dtype, precision_name, resolve_device
 from fishcomp.data.annotations import Annotations, Box, clip_box
@@ -233,6 +233,17 @@ class PassProgress:
     def __exit__(self, kind, error, trace) -> None:
         if kind is not None:
             self._stopped()
+
+    def announce(self, what: str, count: int) -> None:
+        """Once the arrays are taken up: say how much of the pass the stopped run left done."""
+        from fishcomp.console import info
+
+        if self.done:
+            info(f"{what} resuming: {self.done} of {count} images kept from the stopped run")
+
+    def facts(self) -> dict:
+        """The artifact's manifest fact for the stopped runs' seconds (see `cache.resumed_seconds`)."""
+        return resumed_seconds(self.seconds_before)
 
     def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
         """The output array as the stopped pass left it, or a new one (then nothing is kept)."""

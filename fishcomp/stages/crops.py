@@ -32,7 +32,7 @@ import pandas as pd
 from fishcomp.boxes import box_iou
 from fishcomp.cache import Artifact
 from fishcomp.config import CropsConfig, LoadedConfig, dump_yaml, key_payload
-from fishcomp.console import info, progress, warn
+from fishcomp.console import progress, warn
 from fishcomp.context import Context, resolve_device
 from fishcomp.data.annotations import Annotations
 from fishcomp.data.images import UnreadableImage, load_rgb
@@ -421,8 +421,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         candidate_views = ({split: kept.array(f"{split}_candidates_tta_pooled.npy", np.float16, (further, len(out), dim)) for split, out in outputs.items()}
                            if mirrored_further else {})
         done = kept.done  # 0 where an array could not be taken up again
-        if done:
-            info(f"crops {precompute.size[0]}x{precompute.size[1]} resuming: {done} of {len(index)} images kept from the stopped run")
+        kept.announce(f"crops {precompute.size[0]}x{precompute.size[1]}", len(index))
         started = time.time()
         # Train photos carry their jittered copies; the test photos only the predicted crop.
         with progress(f"crops {precompute.size[0]}x{precompute.size[1]}", len(index) - done) as advance, torch.inference_mode():
@@ -502,7 +501,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
-    return {"crops": len(table), **({"seconds_before_resume": round(kept.seconds_before, 3)} if kept.seconds_before else {})}
+    return {"crops": len(table), **kept.facts()}
 
 
 # -- NoF -----------------------------------------------------------------------------------------------

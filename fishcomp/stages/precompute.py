@@ -29,7 +29,7 @@ import numpy as np
 
 from fishcomp.cache import Artifact
 from fishcomp.config import LoadedConfig, PrecomputeConfig, dump_yaml, key_payload
-from fishcomp.console import info, progress, warn
+from fishcomp.console import progress, warn
 from fishcomp.context import Context, precision_name, resolve_device
 from fishcomp.data.annotations import clip_box
 from fishcomp.data.augment import build_transform
@@ -193,8 +193,8 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
                 views = {split: tuple(_open(a) for a in pair) for split, pair in views.items()}
 
         todo = share_of_batches(len(images), config.batch_size) if kept is None else np.arange(kept.done, len(images))
-        if kept is not None and kept.done:
-            info(f"precompute {config.size[0]}x{config.size[1]} resuming: {kept.done} of {len(images)} images kept from the stopped run")
+        if kept is not None:
+            kept.announce(f"precompute {config.size[0]}x{config.size[1]}", len(images))
         total = sum(int(is_train[todo].sum()) if kind == "augment" else len(todo) for kind, _, _ in plan)
         started = time.time()
         with progress(f"precompute {config.size[0]}x{config.size[1]}", total) as advance, torch.inference_mode():
@@ -304,5 +304,4 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
-    resumed = {"seconds_before_resume": round(kept.seconds_before, 3)} if kept is not None and kept.seconds_before else {}
-    return {"images": len(index), "unreadable": len(bad), **resumed}
+    return {"images": len(index), "unreadable": len(bad), **(kept.facts() if kept is not None else {})}

@@ -22,7 +22,7 @@ import pandas as pd
 
 from fishcomp.blending import blend_nof_with_whole
 from fishcomp.boxes import nearest_fish_iou
-from fishcomp.cache import Artifact
+from fishcomp.cache import Artifact, resumed_seconds
 from fishcomp.config import LoadedConfig, key_payload
 from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, autocast, training_precision
@@ -693,7 +693,7 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         "size_vocabulary": data.vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"summary": summary, **({"seconds_before_resume": round(seconds_before_resume, 3)} if seconds_before_resume else {})}
+    return {"summary": summary, **resumed_seconds(seconds_before_resume)}
 
 
 def load_fold_model(artifact: Artifact, fold: int, device):
