@@ -26,6 +26,8 @@ from fishcomp.errors import FishcompError
 from fishcomp.version import __version__
 
 MANIFEST = "manifest.json"
+# In the manifest: what the artifact's train-image part depends on (`graph.Stage.fit_params`).
+FIT_KEY = "fit_key"
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,9 @@ def _timed_manifest(folder: Path) -> dict | None:
 class Cache:
     def __init__(self, root: Path):
         self.root = Path(root)
+        # Per stage: (created, folder, key, fit key) of each finished artifact, read once a process
+        # (`dag` asks for every node): a work folder of sweeps holds hundreds of manifests.
+        self._fits: dict[str, list[tuple[str, Path, str, str]]] = {}
 
     def folder(self, stage: str, label: str, key: str) -> Path:
         return self.root / stage / f"{label}-{key}"
@@ -157,6 +162,25 @@ class Cache:
     def find(self, stage: str, key: str) -> Path | None:
         """The complete, undamaged artifact with this key, whatever label it was built under."""
         return next((c for c in self._published(stage, key) if damage(c) is None), None)
+
+    def donor(self, stage: str, fit_key: str | None, key: str) -> Artifact | None:
+        """The newest whole artifact of `stage` built for other test images from the same train
+        images, settings and upstream fits (the same `fit_key`), whose train-image part a build of
+        `key` can take instead of redoing it; None where there is none."""
+        if fit_key is None:
+            return None
+        if stage not in self._fits:
+            stage_dir = self.root / stage
+            found = []
+            for folder in stage_dir.iterdir() if stage_dir.is_dir() else ():
+                facts = None if folder.name.startswith(".") else _timed_manifest(folder)
+                if facts is not None and facts.get(FIT_KEY):
+                    found.append((str(facts.get("created", "")), folder, str(facts.get("key", "")), facts[FIT_KEY]))
+            self._fits[stage] = sorted(found, reverse=True)
+        for _, folder, its_key, its_fit in self._fits[stage]:
+            if its_fit == fit_key and its_key != key and folder.is_dir() and damage(folder) is None:
+                return Artifact(stage, its_key, folder, built=False)
+        return None
 
     def last_seconds(self, stage: str, label: str) -> float | None:
         """How long the newest complete artifact of this stage and label took to build: about what
@@ -240,6 +264,7 @@ class Cache:
                 if final.exists():  # an incomplete or damaged earlier copy
                     shutil.rmtree(final)
                 os.replace(tmp, final)
+                self._fits.pop(stage, None)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise FishcompError(f"writing {stage} artifact failed: {exc.strerror or exc} ({exc.filename or tmp})") from exc

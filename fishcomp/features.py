@@ -208,7 +208,10 @@ class PassProgress:
 
     SAVE_EVERY_S = 60.0  # a hard kill (out of memory, kill -9) loses at most about this much of the pass
 
-    def __init__(self, tmp: Path, state: dict[str, np.ndarray]):
+    def __init__(self, tmp: Path, state: dict[str, np.ndarray], earlier: EarlierPass | None = None):
+        """`earlier`: a finished pass over the same train images with the same settings, whose
+        leading splits this pass takes instead of embedding them again (a stopped run of this
+        pass, which holds them already, comes first)."""
         self.folder = tmp.parent / tmp.name.replace(".tmp-", ".resume-", 1)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.state, self.done, self.reached, self._shapes = state, 0, 0, {}
@@ -225,6 +228,10 @@ class PassProgress:
                     self.seconds_before = float(kept["seconds"])
         except (OSError, ValueError, KeyError):  # none, or cut short by a hard kill: start over
             pass
+        self.earlier = earlier if not self.done and earlier is not None and earlier.rows else None
+        if self.earlier is not None:
+            self.earlier.fill_state(state)
+            self.done = self.earlier.rows
         self.reached = self.done
 
     def __enter__(self) -> PassProgress:
@@ -238,16 +245,26 @@ class PassProgress:
         """Once the arrays are taken up: say how much of the pass the stopped run left done."""
         from fishcomp.console import info
 
-        if self.done:
+        if self.earlier is not None:
+            info(f"{what} reusing {self.done} of {count} images ({', '.join(self.earlier.splits)}) from {self.earlier.artifact.path.name}: "
+                 "the same settings and train images; only the others are embedded")
+        elif self.done:
             info(f"{what} resuming: {self.done} of {count} images kept from the stopped run")
 
     def facts(self) -> dict:
-        """The artifact's manifest fact for the stopped runs' seconds (see `cache.resumed_seconds`)."""
-        return resumed_seconds(self.seconds_before)
+        """The artifact's manifest facts: the stopped runs' seconds (see `cache.resumed_seconds`),
+        and the earlier pass it took splits from."""
+        reused = {"reused": {"from": self.earlier.artifact.path.name, "splits": self.earlier.splits, "images": self.earlier.rows}} if self.earlier else {}
+        return {**resumed_seconds(self.seconds_before), **reused}
 
     def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
         """The output array as the stopped pass left it, or a new one (then nothing is kept)."""
         path = self.folder / name
+        if self.earlier is not None:
+            array = self._arrays[name] = reserved_memmap(path, dtype, shape)
+            if not self.earlier.fill(name, array):  # the earlier pass lacks it: embed every image
+                self.earlier, self.done, self.reached = None, 0, 0
+            return array
         if self.done and self._shapes.get(name) == [np.dtype(dtype).str, list(shape)]:
             try:
                 array = np.load(path, mmap_mode="r+")
@@ -303,6 +320,54 @@ class PassProgress:
         for name in [p.name for p in self.folder.glob("*.npy")]:
             os.replace(self.folder / name, tmp / name)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class EarlierPass:
+    """The splits of a finished pass (`earlier`) that hold exactly this pass's images: the leading
+    splits in row order (train, then stage 1, then stage 2) whose images are the same files
+    (`Dataset.split_fingerprint`, recorded in the pass's manifest as `split_images`), among
+    `allowed` (all by default). Its arrays of those splits are this pass's: the same settings
+    (the same fit key) and the same rows, so the same per-image seeds for augmented copies and
+    test-time views. `state_from(earlier, rows, state)` fills the per-image notes the pass keeps
+    besides its arrays (sizes, readability, rectangles cut) for those rows from the earlier
+    artifact's files."""
+
+    def __init__(self, earlier: Artifact, images: pd.DataFrame, fingerprints: dict[str, str], state_from, allowed: tuple[str, ...] | None = None):
+        self.artifact, self._state_from = earlier, state_from
+        try:
+            recorded = json.loads(earlier.file("manifest.json").read_text()).get("split_images") or {}
+        except (OSError, ValueError):
+            recorded = {}
+        self.splits: list[str] = []
+        for split in dict.fromkeys(images.split):
+            if recorded.get(split) != fingerprints.get(split) or (allowed is not None and split not in allowed):
+                break
+            self.splits.append(split)
+        self.rows = int(images.split.isin(self.splits).sum())
+        if self.splits:
+            earlier_index = load_index(earlier)
+            if list(earlier_index.image[earlier_index.split.isin(self.splits)]) != list(images.image[: self.rows]):
+                self.splits, self.rows = [], 0  # not the rows it claims: take nothing
+
+    def fill_state(self, state: dict[str, np.ndarray]) -> None:
+        self._state_from(self.artifact, self.rows, state)
+
+    def fill(self, name: str, array: np.ndarray) -> bool:
+        """`array` (named as in an artifact: `<split>_...npy`) with the earlier pass's values where
+        its split is one this pass takes; False where the earlier pass has no such array."""
+        split = max((s for s in self.splits if name.startswith(s + "_")), key=len, default=None)
+        if split is None:
+            return True  # a split this pass embeds
+        path = self.artifact.file(name)
+        if not path.is_file():
+            return False
+        source = np.load(path, mmap_mode="r")
+        if source.shape != array.shape or source.dtype != array.dtype:
+            return False
+        step = max(1, (64 << 20) // max(1, source[:1].nbytes))  # about 64 MiB at a time: memory stays flat
+        for start in range(0, len(source), step):
+            array[start : start + step] = source[start : start + step]
+        return True
 
 
 def loader_workers(setting: int | str) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fishcomp.cache import MANIFEST, Artifact, damage
+from fishcomp.cache import FIT_KEY, MANIFEST, Artifact, damage
 from fishcomp.config import MEMBER_SECTIONS, LoadedConfig, cache_key, load_config, write_run_config
 from fishcomp.console import stage_line, warn
 from fishcomp.context import Context
@@ -49,6 +49,9 @@ class Stage(ABC):
     # Writes the run's resolved config beside its artifact (`config.yaml`: what `runs` and `diff`
     # compare, and what reruns the artifact), its references pointing at the artifacts they built.
     saves_config: ClassVar[bool] = False
+    # Its build takes the train-image part of an earlier artifact of the same fit key (see
+    # `fit_params`) instead of redoing it.
+    reuses_fit: ClassVar[bool] = False
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request: Any) -> dict[str, Node | list[Node]]:
         return {}
@@ -56,6 +59,14 @@ class Stage(ABC):
     @abstractmethod
     def params(self, ctx: Context, loaded: LoadedConfig, **request: Any) -> dict:
         """Exactly what of the config (and of the data) determines the artifact, besides its inputs."""
+
+    def fit_params(self, ctx: Context, loaded: LoadedConfig, params: dict) -> dict | None:
+        """`params` with the test images left out, for a stage whose artifact splits into a part
+        fitted on the train images and predictions of the test images: the artifact's `fit_key`
+        is made of these and its inputs' fit keys, and a new build of the same fit key (the test
+        images changed: stage 2's photos arrived) takes that part from an earlier artifact instead
+        of redoing it (`Cache.donor`). None (the default): every part depends on the test images."""
+        return None
 
     def label(self, loaded: LoadedConfig, **request: Any) -> str:
         return loaded.name
@@ -112,6 +123,9 @@ class Node:
     key: str
     label: str
     request: dict = field(default_factory=dict)
+    # What the artifact's train-image part depends on (see `Stage.fit_params`); None where nothing
+    # of it can be taken from an artifact built for other test images.
+    fit_key: str | None = None
 
     @property
     def name(self) -> str:
@@ -130,6 +144,14 @@ class Node:
 def node_key(stage: Stage, params: dict, inputs: dict[str, Node | list[Node]]) -> str:
     keys = {name: [n.key for n in value] if isinstance(value, list) else value.key for name, value in inputs.items()}
     return cache_key(stage.name, params, keys)
+
+
+def _fit_key(ctx: Context, node: Node) -> str | None:
+    fitted = node.stage.fit_params(ctx, node.loaded, node.params)
+    upstream = {name: [n.fit_key for n in value] if isinstance(value, list) else value.fit_key for name, value in node.inputs.items()}
+    if fitted is None or None in [k for keys in upstream.values() for k in (keys if isinstance(keys, list) else [keys])]:
+        return None
+    return cache_key(node.stage.name, {"fit": fitted}, upstream)
 
 
 # Which stage a config ends in, deepest first: decided here and nowhere else.
@@ -270,6 +292,7 @@ class Resolver:
             self._stack.pop()
         params = stage.params(self.ctx, loaded, **request)
         node = Node(stage, loaded, inputs, params, node_key(stage, params, inputs), stage.label(loaded, **request), dict(request))
+        node.fit_key = _fit_key(self.ctx, node)
         self._nodes[memo] = node
         return node
 
@@ -305,6 +328,9 @@ class Resolver:
         # A stopped build's finished folds or photos (`.resume-*`): run goes on where it stopped.
         if stage_dir.is_dir() and any(c.is_dir() and any(c.iterdir()) for c in stage_dir.glob(f".resume-*-{node.key}")):
             return "to resume"
+        # Built before for other test images: run takes its train-image part (stage 2's photos arrived).
+        if node.stage.reuses_fit and self.ctx.cache.donor(node.stage.name, node.fit_key, node.key) is not None:
+            return "to reuse"
         return "to build"
 
     def _track(self, node: Node, artifact: Artifact) -> None:
@@ -357,7 +383,8 @@ class Resolver:
             # artifact; the scores on the data (a relabelled image, a cleaned copy), which no
             # setting names: `fishcomp runs` shows both where a work folder holds runs that differ.
             data = {"folder": str(self.ctx.data_dir.resolve()), "images": self.ctx.dataset().fingerprint()}
-            return {**facts, "machine": describe_machine(), "data": data}
+            fitted = {FIT_KEY: node.fit_key} if node.fit_key else {}
+            return {**facts, **fitted, "machine": describe_machine(), "data": data}
 
         if stage.together:
             artifact = ensure_together(self.ctx.cache, stage.name, node.label, node.key, build)

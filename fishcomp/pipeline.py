@@ -94,6 +94,8 @@ def _rows(plan: Resolver, goal: Node) -> list[DagRow]:
         status = plan.status(node)
         if status == "cached":
             rows.append(DagRow(node, status, built=plan.ctx.cache.seconds(node.stage.name, node.key)))
+        elif status == "to reuse":  # a fraction of a full build: the last one says nothing of it
+            rows.append(DagRow(node, status))
         else:
             rows.append(DagRow(node, status, estimate=plan.ctx.cache.last_seconds(node.stage.name, node.label)))
     return rows
@@ -129,9 +131,11 @@ def build_estimate(rows: list[DagRow]) -> str | None:
     if not left:
         return None
     timed = [row.estimate for row in left if row.estimate is not None]
+    reusing = sum(row.status == "to reuse" for row in left)
+    what = f"{len(left)} to build" + (f" ({reusing} taking the train part of an earlier build)" if reusing else "")
     if not timed:
-        return f"{len(left)} to build (none built in this work folder before, so no estimate)"
-    return f"{len(left)} to build, about {_duration(sum(timed))} by this work folder's last builds of {len(timed)} of them"
+        return what + (" (none built in this work folder before, so no estimate)" if not reusing else "")
+    return f"{what}, about {_duration(sum(timed))} by this work folder's last builds of {len(timed)} of them"
 
 
 def load(config: str | Path | LoadedConfig, overrides: list[str] | None = None) -> LoadedConfig:

@@ -96,6 +96,61 @@ def test_a_runs_saved_config_reruns_it_from_its_artifacts_whatever_became_of_its
     assert " built " not in stdout and again.read_bytes() == out.read_bytes()
 
 
+def test_stage_2_photos_arriving_after_a_run_are_predicted_by_its_fold_models_without_training_them_again(crops_run, tiny_data, tmp_path, capsys):
+    """The competition's stage-2 photos arrive after stage 1, from new boats: rerunning with them
+    takes every backbone pass's train and stage-1 rows and every head's fold models (the box
+    source, the NoF judge, the crop classifier with its further crops and NoF blend) from the
+    stage-1 run, embeds and predicts only what is new, and gives what a run over all the photos
+    from scratch gives (the crops fixture, built on the same data: the same keys)."""
+    import shutil
+
+    import torch
+
+    fresh_work, fresh_out = crops_run
+    data, work, out = tmp_path / "data", tmp_path / "work", tmp_path / "submission.csv"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("test_stg2", "sample_submission_stg2.csv"))
+    run = ["-c", CONFIGS / "crops.yaml", "--data", data, "--work", work, *_sets(CROPS)]
+    code, _, stderr = run_cli(["run", *run, "--out", out], capsys)
+    assert code == 0, stderr
+    stage1 = {p.name.rsplit("-", 1)[0]: p for p in (work / "train").iterdir() if not p.name.startswith(".")}
+    shutil.copytree(tiny_data / "test_stg2", data / "test_stg2")  # copies keep their times: the same photos
+    shutil.copy2(tiny_data / "sample_submission_stg2.csv", data)
+
+    code, stdout, stderr = run_cli(["dag", *run, "--format", "csv"], capsys)
+    assert code == 0, stderr
+    status = pd.read_csv(io.StringIO(stdout)).groupby("stage").status.agg(set)
+    assert status["precompute"] == status["crops"] == status["train"] == {"to reuse"}
+    code, stdout, stderr = run_cli(["run", *run, "--out", out], capsys)
+    assert code == 0, stderr
+    assert "precompute 128x224 reusing 144 of 156 images (train, test_stg1)" in stdout + stderr
+    assert "crops 128x224 reusing 120 of 156 images (train)" in stdout + stderr  # the test photos' boxes are predicted anew
+    assert (stdout + stderr).count("reusing fold model(s) 0, 1, 2 of") == 3
+
+    (crops,) = [p for p in (work / "crops").iterdir() if (p / "meta.json").is_file() and json.loads((p / "meta.json").read_text()).get("reused_images")]
+    ours, theirs = (pd.read_csv(p / "crop_boxes.csv") for p in (crops, fresh_work / "crops" / crops.name))
+    pd.testing.assert_frame_equal(ours[ours.split == "train"], theirs[theirs.split == "train"])
+    assert len(ours) == len(theirs)
+
+    for name, earlier in stage1.items():
+        (now,) = [p for p in (work / "train").glob(f"{name}-*") if p != earlier]
+        assert (fresh_work / "train" / now.name).is_dir()  # the key a run from scratch gives
+        assert json.loads((now / "manifest.json").read_text())["reused"] == {"from": earlier.name, "folds": [0, 1, 2]}
+        for fold in range(3):
+            kept, taken = (torch.load(p / "checkpoints" / f"fold{fold}.pt", weights_only=True)["state_dict"] for p in (earlier, now))
+            assert all(torch.equal(kept[k], taken[k]) for k in kept)  # stage 1's very models
+        assert (now / "oof.csv").read_bytes() == (earlier / "oof.csv").read_bytes()
+        for split in ("test_stg1", "test_stg2"):
+            ours = pd.read_csv(now / f"{split}.csv").set_index("image")
+            theirs = pd.read_csv(fresh_work / "train" / now.name / f"{split}.csv").set_index("image")
+            # Stage 2's photos (and their crops) go through the backbone in other batches than a
+            # run from scratch puts them in: features one float16 step apart at most (see
+            # test_precompute), which moves a probability far less than this.
+            np.testing.assert_allclose(ours.to_numpy(), theirs.loc[ours.index].to_numpy(), atol=1e-3, err_msg=f"{name} {split}")
+    for ours, theirs in ((out, fresh_out), (out.with_name("submission_stg2.csv"), fresh_out.with_name(f"{fresh_out.stem}_stg2.csv"))):
+        assert ours.is_file() and theirs.is_file()
+        np.testing.assert_allclose(pd.read_csv(ours).iloc[:, 1:].to_numpy(), pd.read_csv(theirs).iloc[:, 1:].to_numpy(), atol=1e-3)
+
+
 def test_an_interrupted_crops_pass_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(crops_run, tiny_data, tmp_path, capsys, monkeypatch):
     """Crops cost more than the backbone pass they are cut for (several crops a photo): stopped
     after two batches, the same command embeds only the photos after them, and the artifact

@@ -57,6 +57,7 @@ class Dataset:
     images: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
+    _split_fingerprints: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def train(self) -> pd.DataFrame:
@@ -77,14 +78,31 @@ class Dataset:
         data each artifact records then name the same images, and the competition's 16,930 files
         are not stat-ed again for every node.
         """
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for path in self.images.path:
-                stat = (self.root / path).stat()
-                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            digest.update(",".join(self.classes).encode())
-            self._fingerprint = digest.hexdigest()[:16]
+        self._fingerprints()
         return self._fingerprint
+
+    def split_fingerprint(self, split: str) -> str:
+        """`fingerprint` of one split's images alone: what a model trained on the train images
+        depends on (`Stage.fit_params`), and which of an earlier pass's splits hold the same
+        images as this one's (stage 2's photos arriving after stage 1 leave the others as they were)."""
+        return self._fingerprints().get(split, "")
+
+    def _fingerprints(self) -> dict[str, str]:
+        if self._fingerprint is None:
+            whole = hashlib.sha256()
+            splits: dict[str, hashlib._Hash] = {}
+            for path, split in zip(self.images.path, self.images.split):
+                stat = (self.root / path).stat()
+                line = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+                whole.update(line)
+                splits.setdefault(split, hashlib.sha256()).update(line)
+            classes = ",".join(self.classes).encode()
+            whole.update(classes)
+            self._fingerprint = whole.hexdigest()[:16]
+            for digest in splits.values():
+                digest.update(classes)
+            self._split_fingerprints = {split: digest.hexdigest()[:16] for split, digest in splits.items()}
+        return self._split_fingerprints
 
 
 def expected_rows(root: Path, split: str) -> list[str]:

@@ -42,6 +42,7 @@ from fishcomp.faults import pause_point
 from fishcomp.features import (
     GEOMETRY,
     POINT_COLUMNS,
+    EarlierPass,
     Embedder,
     PassProgress,
     backbone_precision,
@@ -253,6 +254,7 @@ class Crops(Stage):
                 "crops.candidates.count", "crops.candidates.mirror",
                 *(f"precompute.{f}" for f in CROP_PRECOMPUTE_FIELDS))
     summary = "detect, then classify: crops around the predicted fish, cut at full resolution and embedded"
+    reuses_fit = True  # the train photos' crops of an earlier pass of the same fit key (EarlierPass)
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
         source = resolver.reference(loaded, loaded.config.crops.boxes, "crops.boxes")
@@ -298,12 +300,18 @@ class Crops(Stage):
             "annotations": ctx.annotations_digest(config.data),
         }
 
+    def fit_params(self, ctx: Context, loaded: LoadedConfig, params: dict) -> dict | None:
+        # The train photos' crops are cut at the box source's out-of-fold boxes: stage 2's photos
+        # change neither (they are taken, and a classifier trained on them reused, `EarlierFolds`).
+        return {**params, "images": ctx.dataset().split_fingerprint("train")}
+
     def label(self, loaded: LoadedConfig, **request) -> str:
         size = loaded.config.precompute.size
         return f"{loaded.name}-{size[0]}x{size[1]}"
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        return _build(ctx, node.loaded, load_index(inputs["features"]), inputs["boxes"], tmp)
+        earlier = ctx.cache.donor(self.name, node.fit_key, node.key)
+        return _build(ctx, node.loaded, load_index(inputs["features"]), inputs["boxes"], tmp, earlier)
 
     def describe(self, artifact: Artifact) -> str:
         meta = json.loads(artifact.file("meta.json").read_text())
@@ -311,7 +319,8 @@ class Crops(Stage):
         pooled = {"gem": ", pooled by GeM", "max": ", max-pooled"}.get(meta.get("pool"), "")
         unmirrored = ", not mirrored" if meta.get("candidates_mirrored") is False else ""
         further = f" ({meta['candidates'] - 1} further boxes per image{unmirrored})" if meta.get("candidates", 1) > 1 else ""
-        return f"{meta['crops']} crops of {meta['counts']['total']} images{pooled}, boxes from {meta['boxes_from']}{further}"
+        reused = f" ({meta['reused_images']} photos' taken from {meta['reused_from']})" if meta.get("reused_images") and artifact.built else ""
+        return f"{meta['crops']} crops of {meta['counts']['total']} images{reused}{pooled}, boxes from {meta['boxes_from']}{further}"
 
 
 def _predicted(index: pd.DataFrame, source: Artifact, name: str, test_boxes: str = "mean") -> np.ndarray:
@@ -382,7 +391,23 @@ def planned_boxes(index: pd.DataFrame, boxes: Artifact, config: CropsConfig, ann
     return planned, points, sources
 
 
-def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artifact, tmp: Path) -> dict:
+def _state_from(earlier: Artifact, rows: int, state: dict[str, np.ndarray]) -> None:
+    """The rectangles cut, turns and readability of an earlier crops pass's first `rows` photos
+    (`EarlierPass`), from its index and crop_boxes.csv."""
+    kept = load_index(earlier).iloc[:rows]
+    state["ok"][:rows] = kept.ok.to_numpy(dtype=bool)
+    table = pd.read_csv(earlier.file("crop_boxes.csv"))
+    table = table[table.image.isin(kept.image)]
+    row = pd.Series(np.arange(rows), index=kept.image)[table.image].to_numpy()
+    crop = table["copy"].to_numpy()
+    usual = crop < state["rectangles"].shape[1]  # the photo's crop and its copies, then the further candidates
+    rectangle = table[["x", "y", "w", "h"]].to_numpy(dtype=np.float32)
+    state["rectangles"][row[usual], crop[usual]] = rectangle[usual]
+    state["turns"][row[usual], crop[usual]] = table.turned_degrees.to_numpy(dtype=np.float32)[usual]
+    state["extra_rectangles"][row[~usual], crop[~usual] - state["rectangles"].shape[1]] = rectangle[~usual]
+
+
+def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artifact, tmp: Path, earlier: Artifact | None = None) -> dict:
     import torch
 
     config, precompute = loaded.config.crops, loaded.config.precompute
@@ -407,7 +432,12 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     turns = np.full(planned.shape[:2], np.nan, dtype=np.float32)
     ok = index.ok.to_numpy(dtype=bool).copy()
     # A stopped pass goes on where it stopped (one process builds crops, whatever the world size).
-    with PassProgress(tmp, {"rectangles": rectangles, "turns": turns, "ok": ok, "extra_rectangles": extra_rectangles}) as kept:
+    # The train photos' crops of an earlier pass of the same fit key are these ones (cut at the
+    # same out-of-fold boxes, jittered alike): stage 2's photos arriving leave only the test photos
+    # to cut, whose boxes the box source predicts anew.
+    fingerprints = {split: dataset.split_fingerprint(split) for split in index.split.unique()}
+    reuse = EarlierPass(earlier, index, fingerprints, _state_from, allowed=("train",)) if earlier is not None else None
+    with PassProgress(tmp, {"rectangles": rectangles, "turns": turns, "ok": ok, "extra_rectangles": extra_rectangles}, reuse) as kept:
         outputs = {split: kept.array(f"{split}_pooled.npy", np.float16, (int((splits == split).sum()), dim)) for split in index.split.unique()}
         train_rows = np.flatnonzero(splits == "train")
         augmented = kept.array("train_aug_pooled.npy", np.float16, (copies, len(train_rows), dim)) if copies else None
@@ -498,10 +528,12 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         "unreadable": index.path[~ok].tolist(), "boxes_from": boxes.path.name, "boxes_key": boxes.key, "pool": config.pool or "avg",
         "crops": len(table), "candidates": 1 + further, "seconds": round(time.time() - started, 2),
         **({"candidates_mirrored": bool(mirrored_further)} if further and config.tta else {}),
+        # Photos whose crops were taken from an earlier pass (`EarlierPass`) rather than cut again.
+        **({"reused_images": kept.earlier.rows, "reused_from": kept.earlier.artifact.path.name} if kept.earlier else {}),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
-    return {"crops": len(table), **kept.facts()}
+    return {"crops": len(table), "split_images": fingerprints, **kept.facts()}
 
 
 # -- NoF -----------------------------------------------------------------------------------------------

@@ -40,11 +40,13 @@ from fishcomp.features import (
     BOX_COLUMNS,
     POINT_COLUMNS,
     DecodedViews,
+    EarlierPass,
     Embedder,
     PassProgress,
     View,
     backbone_precision,
     image_batches,
+    load_index,
     reserved_memmap,
     resolved_precompute,
     share_of_batches,
@@ -58,6 +60,7 @@ class Precompute(Stage):
     name = "precompute"
     declares = ("data", "precompute")
     together = True  # under torchrun every rank embeds its share of the images; rank 0 publishes
+    reuses_fit = True  # the splits an earlier pass of the same train images holds (EarlierPass)
     summary = "the frozen backbone over every image: pooled vectors (and maps) as float16"
 
     def params(self, ctx: Context, loaded: LoadedConfig, spatial: bool = False, originals_only: bool = False) -> dict:
@@ -68,6 +71,10 @@ class Precompute(Stage):
             "images": ctx.dataset().fingerprint(),
             "annotations": ctx.annotations_digest(loaded.config.data),
         }
+
+    def fit_params(self, ctx: Context, loaded: LoadedConfig, params: dict) -> dict | None:
+        # What heads fit on is the train images' rows: stage 2's photos do not change them.
+        return {**params, "images": ctx.dataset().split_fingerprint("train")}
 
     def prefer(self, resolver: Resolver, loaded: LoadedConfig, request: dict) -> dict:
         """A pooled-only request is served by the pass that also holds the map (the pooled
@@ -84,12 +91,16 @@ class Precompute(Stage):
         return f"{loaded.config.precompute.backbone}-{size[0]}x{size[1]}"
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        return _build(ctx, node.loaded, resolved_precompute(node.loaded.config.precompute, **node.request), tmp)
+        earlier = None if world().distributed else ctx.cache.donor(self.name, node.fit_key, node.key)
+        return _build(ctx, node.loaded, resolved_precompute(node.loaded.config.precompute, **node.request), tmp, earlier)
 
     def describe(self, artifact: Artifact) -> str:
         meta = json.loads(artifact.file("meta.json").read_text())
         maps = ", with maps" if meta.get("map_shape") else ""
-        return f"{meta['counts']['total']} images, {meta['images_per_second']:.1f} img/s{maps}" if artifact.built else maps.lstrip(", ")
+        if not artifact.built:
+            return maps.lstrip(", ")
+        reused = f" ({meta['reused_images']} taken from {meta['reused_from']})" if meta.get("reused_images") else ""
+        return f"{meta['counts']['total']} images{reused}, {meta['images_per_second']:.1f} img/s{maps}"
 
     def after(self, ctx: Context, node: Node, artifact: Artifact) -> None:
         check_unreadable(ctx, artifact)
@@ -130,7 +141,14 @@ def _raw_box(annotations, name: str) -> tuple[float, float, float, float]:
     return (np.nan,) * 4 if box is None else (box.x, box.y, box.w, box.h)
 
 
-def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Path) -> dict:
+def _state_from(earlier: Artifact, rows: int, state: dict[str, np.ndarray]) -> None:
+    """The sizes and readability of an earlier pass's first `rows` images (`EarlierPass`)."""
+    kept = load_index(earlier).iloc[:rows]
+    state["sizes"][:rows] = kept[["width", "height"]].to_numpy()
+    state["ok"][:rows] = kept.ok.to_numpy(dtype=bool)
+
+
+def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Path, earlier: Artifact | None = None) -> dict:
     import torch
 
     dataset = ctx.dataset()
@@ -163,8 +181,12 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         spatial = shared(tmp / f"{name}_map.npy", np.float16, leading + (count,) + map_shape) if config.spatial else None
         return pooled, spatial
 
-    # One process picks up where a stopped pass left off; under torchrun each rank takes its share.
-    with nullcontext() if here.distributed else PassProgress(tmp, {"sizes": sizes, "ok": ok}) as kept:
+    # One process picks up where a stopped pass left off, or takes the splits an earlier pass with
+    # the same train images holds (stage 2's photos added: only they are embedded); under torchrun
+    # each rank takes its share.
+    fingerprints = {split: dataset.split_fingerprint(split) for split in images.split.unique()}
+    reuse = EarlierPass(earlier, images, fingerprints, _state_from) if earlier is not None else None
+    with nullcontext() if here.distributed else PassProgress(tmp, {"sizes": sizes, "ok": ok}, reuse) as kept:
         # View 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
         # Each photo is decoded once for all of its views (`DecodedViews`), batch by batch of images.
         is_train = splits == "train"
@@ -301,7 +323,9 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         "precision": precision_name(embedder.autocast_dtype),
         "seconds": round(seconds, 2),
         "images_per_second": round(total / max(seconds, 1e-9), 2),
+        # Images taken from an earlier pass (`EarlierPass`) rather than embedded: the speed is the others'.
+        **({"reused_images": kept.earlier.rows, "reused_from": kept.earlier.artifact.path.name} if kept is not None and kept.earlier else {}),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))
-    return {"images": len(index), "unreadable": len(bad), **(kept.facts() if kept is not None else {})}
+    return {"images": len(index), "unreadable": len(bad), "split_images": fingerprints, **(kept.facts() if kept is not None else {})}

@@ -38,6 +38,7 @@ class Train(Stage):
     together = True  # under torchrun the folds are dealt to the ranks (or spread); rank 0 publishes
     summary = "a head trained fold by fold: out-of-fold and test predictions, checkpoints, curves"
     saves_config = True
+    reuses_fit = True  # the fold models of an earlier build for other test images (EarlierFolds)
 
     def inputs(self, resolver: Resolver, loaded: LoadedConfig, **request) -> dict:
         config = loaded.config
@@ -82,12 +83,18 @@ class Train(Stage):
             params["writes"] = ["cells"]
         return params
 
+    def fit_params(self, ctx: Context, loaded: LoadedConfig, params: dict) -> dict | None:
+        config = loaded.config
+        # Pseudo-labels train on test images; fine-tuning predicts by a backbone pass of its own.
+        return None if config.train.pseudo is not None or config.train.finetune is not None else params
+
     def references(self, resolver: Resolver, node: Node) -> dict:
         fields = {"pseudo": "train.pseudo.source", "whole": "crops.nof.whole"}
         return {field: node.inputs[name] for name, field in fields.items() if name in node.inputs}
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        return fit_folds(ctx, node.loaded, inputs["features"], tmp, inputs.get("pseudo"), inputs.get("whole"))
+        return fit_folds(ctx, node.loaded, inputs["features"], tmp, inputs.get("pseudo"), inputs.get("whole"),
+                         earlier=ctx.cache.donor(self.name, node.fit_key, node.key))
 
     def after(self, ctx: Context, node: Node, artifact: Artifact) -> None:
         # The artifact is whole: the folds kept for a resume are not needed any more.

@@ -69,7 +69,10 @@ class FoldResult:
     test_probs: dict[str, np.ndarray]
     test_extras: dict[str, dict[str, np.ndarray]]  # split -> the same
     kept_epoch: int
-    checkpoint: dict
+    checkpoint: dict | None
+    # What predicts new rows where the checkpoint's module does not give the fit's own numbers
+    # (a linear probe's fitted model), for a later build that reuses the fold (`EarlierFolds`).
+    predictor: object = None
 
 
 def prepare_training(loaded: LoadedConfig, features_artifact: Artifact) -> TrainData:

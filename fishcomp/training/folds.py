@@ -384,15 +384,11 @@ class CachedFeatureFolds:
         predicted = with_class_map_boxes(predict(model, valid_set, data.device, tta=self.tta, dtype=dtype), self.background)
         if epochs == 0:
             self._score_probe_fold(fold, predicted, valid_set, records)
-        tests = {
-            split: with_class_map_boxes(predict(model, self.test_features[split], data.device, tta=self.tta, dtype=dtype), self.background)
-            for split in data.test_splits
-        }
+        test_probs, test_extras = self._predict_tests(model)
         return FoldResult(
             valid_probs=predicted["probs"], valid_probs_original=predicted.get("probs_original", predicted["probs"]),
             valid_extras={name: predicted[name] for name in (*GEOMETRY, "cells") if name in predicted},
-            test_probs={split: t["probs"] for split, t in tests.items()},
-            test_extras={split: {name: t[name] for name in (*GEOMETRY, "cells") if name in t} for split, t in tests.items()},
+            test_probs=test_probs, test_extras=test_extras,
             kept_epoch=kept_epoch,
             checkpoint={
                 "state_dict": model.state_dict(), "head": key_payload(config.head), "classes": data.classes,
@@ -400,6 +396,21 @@ class CachedFeatureFolds:
                 **({"projection": {k: torch.from_numpy(v) for k, v in self.projection.items()}} if self.projection else {}),
             },
         )
+
+    def _predict_tests(self, model) -> tuple[dict, dict]:
+        """A fold model's test predictions: (split -> probabilities, split -> boxes and the like)."""
+        data = self.data
+        dtype = training_precision(data.loaded, data.device)
+        tests = {
+            split: with_class_map_boxes(predict(model, self.test_features[split], data.device, tta=self.tta, dtype=dtype), self.background)
+            for split in data.test_splits
+        }
+        return {split: t["probs"] for split, t in tests.items()}, {split: {name: t[name] for name in (*GEOMETRY, "cells") if name in t} for split, t in tests.items()}
+
+    def predict_tests(self, result: FoldResult) -> tuple[dict, dict]:
+        """`_predict_tests` of a fold model from its checkpoint (the test maps here are projected
+        already where the head trained on projected maps: the bare head reads them)."""
+        return self._predict_tests(model_from_checkpoint(result.checkpoint, self.data.device, projected=False))
 
     def _fit_base(self, fold: int, positions: np.ndarray, records: list, spread: bool):
         """(the probe under a head with `head.base`, how many epochs the dense layers train on it).
@@ -510,6 +521,46 @@ class FoldStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# In a train artifact: each fold's out-of-fold part (`FoldResult` without its checkpoint, which is
+# in checkpoints/, and without test predictions), its metrics rows and seconds.
+FOLDS_DIR = "folds"
+
+
+def save_fold_parts(tmp: Path, results: dict, records: list, seconds: dict) -> None:
+    import dataclasses
+
+    import torch
+
+    (tmp / FOLDS_DIR).mkdir()
+    for fold, result in results.items():
+        part = dataclasses.replace(result, checkpoint=None, test_probs={}, test_extras={})
+        torch.save({"result": part, "records": [r for r in records if r["fold"] == fold], "seconds": seconds.get(fold, 0.0)},
+                   tmp / FOLDS_DIR / f"fold{fold}.pt")
+
+
+class EarlierFolds:
+    """The fold models of a finished train artifact with the same fit key (`Stage.fit_params`):
+    the same train images, features, settings and inputs, built for other test images. A fold
+    taken from it is that artifact's fold (its model, its out-of-fold predictions and metrics),
+    with the test images predicted anew by its model: stage 2's photos are predicted by the very
+    models stage 1's submission came from, without training them again."""
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+
+    def has(self, fold: int) -> bool:
+        return self.artifact.file(f"{FOLDS_DIR}/fold{fold}.pt").is_file() and self.artifact.file(f"checkpoints/fold{fold}.pt").is_file()
+
+    def load(self, fold: int, trainer):
+        import torch
+
+        kept = torch.load(self.artifact.file(f"{FOLDS_DIR}/fold{fold}.pt"), map_location="cpu", weights_only=False)  # our own file
+        result = kept["result"]
+        result.checkpoint = torch.load(self.artifact.file(f"checkpoints/fold{fold}.pt"), map_location="cpu", weights_only=True)
+        result.test_probs, result.test_extras = trainer.predict_tests(result)
+        return result, kept["records"]
+
+
 def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pseudo_source: Artifact | None = None):
     """The fold trainer for the config's head: cached features, or fine-tuning on images."""
     if data.loaded.config.train.finetune is not None:
@@ -538,8 +589,10 @@ def make_trainer(ctx: Context, data: TrainData, features_artifact: Artifact, pse
     return CachedFeatureFolds(data, features_artifact, pseudo_source, annotations if every_fish else None, candidates, held_loss)
 
 
-def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None) -> dict:
-    """Train every fold (under torchrun: folds dealt to the ranks, or each fold on all of them), predict, and write the artifact's files into `tmp`."""
+def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, tmp: Path, pseudo_source: Artifact | None = None, whole: Artifact | None = None,
+              earlier: Artifact | None = None) -> dict:
+    """Train every fold (under torchrun: folds dealt to the ranks, or each fold on all of them), predict, and write the artifact's files into `tmp`.
+    `earlier`: a train artifact of the same fit key, whose folds are taken instead of trained (`EarlierFolds`)."""
     import torch
 
     config = loaded.config
@@ -568,32 +621,48 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
     if kept_folds:
         info(f"train      [{loaded.name}] resuming: fold(s) {', '.join(map(str, kept_folds))} kept from the stopped run")
     seconds_before_resume = 0.0  # the kept folds' training time: the artifact's build time counts it
+    fold_seconds: dict[int, float] = {}
+    reused = EarlierFolds(earlier) if earlier is not None and not spread else None
+    reused_folds = [fold for fold in mine if reused is not None and not resume.has(fold) and reused.has(fold)]
+    if reused_folds:
+        info(f"train      [{loaded.name}] reusing fold model(s) {', '.join(map(str, reused_folds))} of {earlier.path.name} "
+             "(the same train images, features and settings): only the test images are predicted")
     with progress(f"train {loaded.name}", len(mine) * config.train.epochs) as advance:
         for fold in mine:
             kept = resume.load(fold)
             if kept is not None:
-                results[fold], fold_records, fold_seconds = kept
+                results[fold], fold_records, fold_seconds[fold] = kept
                 records += fold_records
-                seconds_before_resume += fold_seconds
+                seconds_before_resume += fold_seconds[fold]
                 advance(config.train.epochs, note=f"fold {fold} kept from the stopped run")
+                continue
+            if fold in reused_folds:
+                results[fold], fold_records = reused.load(fold, trainer)
+                records += fold_records
+                advance(config.train.epochs, note=f"fold {fold} reused")
                 continue
             valid, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
             before, started = len(records), time.time()
             results[fold] = trainer.fit(fold, train, valid, records, advance, spread=spread)
+            fold_seconds[fold] = time.time() - started
             if here.is_main or not spread:
-                resume.save(fold, results[fold], records[before:], time.time() - started)
+                resume.save(fold, results[fold], records[before:], fold_seconds[fold])
             pause_point("train.fold")
     if spread and not here.is_main:
         return None
     if here.distributed and not spread:
-        shares = gather_to_main((results, records))
+        shares = gather_to_main((results, records, fold_seconds))
         if not here.is_main:
             return None
         results, records = {}, []
-        for other_results, other_records in shares:
+        for other_results, other_records, other_seconds in shares:
             results.update(other_results)
             records += other_records
+            fold_seconds.update(other_seconds)
         records.sort(key=lambda r: (r["fold"], r["epoch"]))
+    # Before the candidates' mixture replaces the folds' predictions in place: a build that takes
+    # these folds mixes them itself.
+    save_fold_parts(tmp, results, records, fold_seconds)
     extra = {}
     if config.crops is not None and config.crops.candidates is not None and has_candidates(features_artifact):
         extra["candidates"], crop_shares = mix_candidates(data, features_artifact, results, lambda fold: model_from_checkpoint(results[fold].checkpoint, data.device))
@@ -693,7 +762,8 @@ def fit_folds(ctx: Context, loaded: LoadedConfig, features_artifact: Artifact, t
         "size_vocabulary": data.vocabulary,
     }
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"summary": summary, **resumed_seconds(seconds_before_resume)}
+    taken = {"reused": {"from": earlier.path.name, "folds": reused_folds}} if reused_folds else {}
+    return {"summary": summary, **resumed_seconds(seconds_before_resume), **taken}
 
 
 def load_fold_model(artifact: Artifact, fold: int, device):
@@ -706,8 +776,9 @@ def load_fold_model(artifact: Artifact, fold: int, device):
     return model_from_checkpoint(torch.load(path, map_location=device, weights_only=True), device)
 
 
-def model_from_checkpoint(checkpoint: dict, device):
-    """A fold's head rebuilt from its checkpoint's contents, in eval mode."""
+def model_from_checkpoint(checkpoint: dict, device, projected: bool = True):
+    """A fold's head rebuilt from its checkpoint's contents, in eval mode; with the map projection
+    it trained behind in front of it, unless not `projected` (for maps projected already)."""
     from pydantic import TypeAdapter
 
     from fishcomp.config import HeadConfig
@@ -720,7 +791,7 @@ def model_from_checkpoint(checkpoint: dict, device):
     head = TypeAdapter(HeadConfig).validate_python(fields)
     model = create_head(head, tuple(checkpoint["in_shape"]), len(checkpoint["classes"]), num_sizes=len(checkpoint["size_vocabulary"]) + 1)
     model.load_state_dict(checkpoint["state_dict"])
-    if "projection" in checkpoint:  # trained on projected maps: the projection goes in front
+    if "projection" in checkpoint and projected:  # trained on projected maps: the projection goes in front
         from fishcomp.training.map_projection import projected_head
 
         projection = checkpoint["projection"]

@@ -8,6 +8,7 @@ log loss and whether L-BFGS converged within `max_iter`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -305,7 +306,8 @@ class LinearProbeFolds:
         advance(data.loaded.config.train.epochs, note=f"fold {fold} strength {best:g}")
         if spread and not world().is_main:
             return None
-        tests = {s: self._predict(probe, self.tests[s], self.test_views[s])[0] for s in data.test_splits}
+        predictor = dataclasses.replace(probe, inner=[])  # what a later build reuses (`EarlierFolds`): the inner fits are spent
+        tests = self.predict_tests(predictor)[0]
         module = create_head(head, self.in_shape, classes)
         module.load_state_dict(probe.state_dict(classes))
         return FoldResult(
@@ -313,7 +315,13 @@ class LinearProbeFolds:
             test_probs=tests, test_extras={s: {} for s in data.test_splits}, kept_epoch=probe.tried + 1,
             checkpoint={"state_dict": module.state_dict(), "head": key_payload(head), "classes": data.classes,
                         "in_shape": self.in_shape, "size_vocabulary": data.vocabulary},
+            predictor=predictor,
         )
+
+    def predict_tests(self, fitted) -> tuple[dict, dict]:
+        """A fold's test predictions from its `FoldProbe` (or a `FoldResult` holding it)."""
+        probe = getattr(fitted, "predictor", fitted)
+        return {s: self._predict(probe, self.tests[s], self.test_views[s])[0] for s in self.data.test_splits}, {s: {} for s in self.data.test_splits}
 
     def summary(self) -> dict:
         return {"features": self.head.input, **({"pool": self.head.pool} if self.head.pool else {}), "tta_views": 1 + len(self.train_views), "augment_copies": len(self.rows.copies), "pseudo": None,
