@@ -60,6 +60,7 @@ bench: install ## Run the benchmark scripts (each ends with ratio=... target=...
 	$(BIN)/python scripts/bench_backbone_calls.py
 	$(BIN)/python scripts/bench_folding.py
 	$(BIN)/python scripts/bench_rerun.py --data $(DATA)
+	$(BIN)/python scripts/bench_stage2.py --data $(DATA)
 	$(BIN)/python scripts/bench_heads.py
 	$(BIN)/python scripts/bench_map_heads.py
 	$(BIN)/python scripts/bench_pipeline.py

@@ -364,9 +364,11 @@ class EarlierPass:
         source = np.load(path, mmap_mode="r")
         if source.shape != array.shape or source.dtype != array.dtype:
             return False
-        step = max(1, (64 << 20) // max(1, source[:1].nbytes))  # about 64 MiB at a time: memory stays flat
-        for start in range(0, len(source), step):
-            array[start : start + step] = source[start : start + step]
+        # Both are C-ordered files of one shape: copied as flat runs of about 64 MiB, so memory
+        # stays flat whatever the number of images (a split's maps run to gigabytes).
+        flat_in, flat_out, step = source.reshape(-1), array.reshape(-1), max(1, (64 << 20) // source.itemsize)
+        for start in range(0, flat_in.size, step):
+            flat_out[start : start + step] = flat_in[start : start + step]
         return True
 
 

@@ -10,7 +10,9 @@ describe a finished one in a line (`describe`). Stages never import each other: 
 - loads every referenced config (ensemble members, pseudo-label sources, box sources, NoF judges)
   with one rule for `--set`, and checks every reference for loops in one place,
 - memoises nodes and artifacts within a run, and builds the superset of backbone passes,
-- looks an artifact up without building it (`status`, `find`), and builds (`build`).
+- looks an artifact up without building it (`status`, `find`), and builds (`build`), recording
+  each node's fit key (`Stage.fit_params`): what an artifact built for other test images shares
+  with it, so stage 2's photos arriving retrain nothing.
 
 `fishcomp dag` prints the nodes `fishcomp run` would build, without building anything.
 """

@@ -147,3 +147,23 @@ def test_the_last_build_of_a_label_says_how_long_the_next_one_will_take(tmp_path
     assert cache.last_seconds("train", "dense") == 12.5
     assert cache.last_seconds("train", "dense_probe") == 99.0
     assert cache.last_seconds("precompute", "dense") is None
+
+
+def test_the_donor_of_a_fit_key_is_the_newest_whole_artifact_built_for_other_test_images(tmp_path):
+    """What a build for new test images takes its train part from (`Cache.donor`): an artifact of
+    the same stage and fit key but another key, the newest first, never a damaged one, never the
+    build's own key; none for another fit key or none at all."""
+    from fishcomp.cache import FIT_KEY
+
+    cache = Cache(tmp_path)
+    for key, fit, created in (("k1", "f1", "2026-01-01T00:00:00"), ("k2", "f1", "2026-01-02T00:00:00"), ("k3", "f2", "2026-01-03T00:00:00")):
+        artifact = cache.ensure("train", "run", key, lambda folder, fit=fit: {**build_two_files(folder), FIT_KEY: fit})
+        manifest = json.loads((artifact.path / MANIFEST).read_text())
+        write_atomic(artifact.path / MANIFEST, json.dumps({**manifest, "created": created}))
+    fresh = Cache(tmp_path)  # each process reads the manifests once
+    assert fresh.donor("train", "f1", "k9").key == "k2"
+    assert fresh.donor("train", "f1", "k2").key == "k1"  # not itself
+    assert fresh.donor("train", "f2", "k3") is None and fresh.donor("train", "f3", "k9") is None
+    assert fresh.donor("train", None, "k9") is None and fresh.donor("crops", "f1", "k9") is None
+    (tmp_path / "train" / "run-k2" / "a.txt").write_text("alpha, then touched")
+    assert fresh.donor("train", "f1", "k9").key == "k1"  # the newer one is damaged

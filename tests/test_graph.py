@@ -166,6 +166,34 @@ def test_a_blends_key_is_its_members_not_the_files_that_name_them(tiny_data, tmp
     assert blend(CONFIGS / "dense_probe.yaml") != blend(CONFIGS / "dense.yaml")
 
 
+def test_a_fit_key_leaves_the_test_images_out_and_nothing_else(tiny_data, tmp_path):
+    """What a build for other test images may take from an earlier one (`Stage.fit_params`): every
+    node down to the crop classifier keeps its fit key when stage 2's photos are added (its key
+    does not), and loses it to a touched train photo or a changed setting. A head trained on
+    pseudo-labels (test predictions) has none."""
+    import os
+    import shutil
+
+    from fishcomp.pipeline import resolver
+
+    def nodes(data: Path, overrides=(), config="crops.yaml"):
+        plan = resolver(Context(data_dir=data, work_dir=tmp_path / "work"))
+        return {(n.stage.name, n.name): n for n in plan.walk(plan.plan("train", load_config(CONFIGS / config, list(overrides))))}
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("test_stg2", "sample_submission_stg2.csv"))
+    stage1, both = nodes(data), nodes(tiny_data)
+    assert stage1.keys() == both.keys() and {stage for stage, _ in both} == {"precompute", "train", "crops"}
+    for name, node in both.items():
+        assert node.key != stage1[name].key and node.fit_key == stage1[name].fit_key is not None, name
+    assert nodes(tiny_data, ["train.phases.0.lr=0.0005"])[("train", "crops")].fit_key != both[("train", "crops")].fit_key
+    photo = next((data / "train").rglob("*.jpg"))
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    assert all(node.fit_key != stage1[name].fit_key for name, node in nodes(data).items())
+    pseudo = nodes(tiny_data, config="pseudo.yaml")
+    assert pseudo[("train", "pseudo")].fit_key is None and pseudo[("precompute", "pseudo")].fit_key is not None
+
+
 # -- references ------------------------------------------------------------------------------------
 
 
