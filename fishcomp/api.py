@@ -64,7 +64,7 @@ def submit(config, data="data", work="artifacts", overrides=None, out=None) -> A
 
 
 def dag(config, data="data", work="artifacts", overrides=None, stage: str | None = None):
-    """The nodes `run` would build, with their status (`cached`, `to build`, `to resume`, `damaged`)."""
+    """The nodes `run` would build, with their status (`cached`, `to build`, `to resume`, `to reuse`, `damaged`)."""
     from fishcomp import pipeline
 
     ctx, loaded = _prepare(config, data, work, overrides)

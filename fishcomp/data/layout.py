@@ -90,7 +90,7 @@ class Dataset:
     def _fingerprints(self) -> dict[str, str]:
         if self._fingerprint is None:
             whole = hashlib.sha256()
-            splits: dict[str, hashlib._Hash] = {}
+            splits: dict = {}
             for path, split in zip(self.images.path, self.images.split):
                 stat = (self.root / path).stat()
                 line = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
