@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fishcomp.cache import Artifact, resumed_seconds
+from fishcomp.cache import MANIFEST, Artifact, resumed_seconds
 from fishcomp.config import PrecomputeConfig
 from fishcomp.context import autocast, autocast_dtype, precision_name, resolve_device
 from fishcomp.data.annotations import Annotations, Box, clip_box
@@ -257,6 +257,11 @@ class PassProgress:
         reused = {"reused": {"from": self.earlier.artifact.path.name, "splits": self.earlier.splits, "images": self.earlier.rows}} if self.earlier else {}
         return {**resumed_seconds(self.seconds_before), **reused}
 
+    def reused_meta(self) -> dict:
+        """The artifact's meta.json entries for the images taken from an earlier pass (what its
+        one-line description says); empty when none."""
+        return {"reused_images": self.earlier.rows, "reused_from": self.earlier.artifact.path.name} if self.earlier else {}
+
     def array(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
         """The output array as the stopped pass left it, or a new one (then nothing is kept)."""
         path = self.folder / name
@@ -325,7 +330,7 @@ class PassProgress:
 class EarlierPass:
     """The splits of a finished pass (`earlier`) that hold exactly this pass's images: the leading
     splits in row order (train, then stage 1, then stage 2) whose images are the same files
-    (`Dataset.split_fingerprint`, recorded in the pass's manifest as `split_images`), among
+    (`Dataset.split_fingerprints`, recorded in the pass's manifest as `split_images`), among
     `allowed` (all by default). Its arrays of those splits are this pass's: the same settings
     (the same fit key) and the same rows, so the same per-image seeds for augmented copies and
     test-time views. `state_from(earlier, rows, state)` fills the per-image notes the pass keeps
@@ -335,7 +340,7 @@ class EarlierPass:
     def __init__(self, earlier: Artifact, images: pd.DataFrame, fingerprints: dict[str, str], state_from, allowed: tuple[str, ...] | None = None):
         self.artifact, self._state_from = earlier, state_from
         try:
-            recorded = json.loads(earlier.file("manifest.json").read_text()).get("split_images") or {}
+            recorded = json.loads(earlier.file(MANIFEST).read_text()).get("split_images") or {}
         except (OSError, ValueError):
             recorded = {}
         self.splits: list[str] = []

@@ -70,6 +70,10 @@ class Stage(ABC):
         of redoing it (`Cache.donor`). None (the default): every part depends on the test images."""
         return None
 
+    def earlier(self, ctx: Context, node: Node) -> Artifact | None:
+        """The earlier artifact whose train part a build of `node` takes (`reuses_fit`), if any."""
+        return ctx.cache.donor(self.name, node.fit_key, node.key) if self.reuses_fit else None
+
     def label(self, loaded: LoadedConfig, **request: Any) -> str:
         return loaded.name
 
@@ -150,9 +154,9 @@ def node_key(stage: Stage, params: dict, inputs: dict[str, Node | list[Node]]) -
 
 def _fit_key(ctx: Context, node: Node) -> str | None:
     fitted = node.stage.fit_params(ctx, node.loaded, node.params)
-    upstream = {name: [n.fit_key for n in value] if isinstance(value, list) else value.fit_key for name, value in node.inputs.items()}
-    if fitted is None or None in [k for keys in upstream.values() for k in (keys if isinstance(keys, list) else [keys])]:
+    if fitted is None or any(n.fit_key is None for n in node.upstream()):
         return None
+    upstream = {name: [n.fit_key for n in value] if isinstance(value, list) else value.fit_key for name, value in node.inputs.items()}
     return cache_key(node.stage.name, {"fit": fitted}, upstream)
 
 
@@ -331,7 +335,7 @@ class Resolver:
         if stage_dir.is_dir() and any(c.is_dir() and any(c.iterdir()) for c in stage_dir.glob(f".resume-*-{node.key}")):
             return "to resume"
         # Built before for other test images: run takes its train-image part (stage 2's photos arrived).
-        if node.stage.reuses_fit and self.ctx.cache.donor(node.stage.name, node.fit_key, node.key) is not None:
+        if node.stage.earlier(self.ctx, node) is not None:
             return "to reuse"
         return "to build"
 

@@ -78,16 +78,14 @@ class Dataset:
         data each artifact records then name the same images, and the competition's 16,930 files
         are not stat-ed again for every node.
         """
-        self._fingerprints()
+        self.split_fingerprints()
         return self._fingerprint
 
-    def split_fingerprint(self, split: str) -> str:
-        """`fingerprint` of one split's images alone: what a model trained on the train images
-        depends on (`Stage.fit_params`), and which of an earlier pass's splits hold the same
-        images as this one's (stage 2's photos arriving after stage 1 leave the others as they were)."""
-        return self._fingerprints().get(split, "")
-
-    def _fingerprints(self) -> dict[str, str]:
+    def split_fingerprints(self) -> dict[str, str]:
+        """`fingerprint` of each split's images alone: the train split's is what a model trained
+        on the train images depends on (`Stage.fit_params`); together they say which of an
+        earlier pass's splits hold the same images as this one's (stage 2's photos arriving after
+        stage 1 leave the others as they were)."""
         if self._fingerprint is None:
             whole = hashlib.sha256()
             splits: dict = {}

@@ -303,15 +303,14 @@ class Crops(Stage):
     def fit_params(self, ctx: Context, loaded: LoadedConfig, params: dict) -> dict | None:
         # The train photos' crops are cut at the box source's out-of-fold boxes: stage 2's photos
         # change neither (they are taken, and a classifier trained on them reused, `EarlierFolds`).
-        return {**params, "images": ctx.dataset().split_fingerprint("train")}
+        return {**params, "images": ctx.dataset().split_fingerprints()["train"]}
 
     def label(self, loaded: LoadedConfig, **request) -> str:
         size = loaded.config.precompute.size
         return f"{loaded.name}-{size[0]}x{size[1]}"
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        earlier = ctx.cache.donor(self.name, node.fit_key, node.key)
-        return _build(ctx, node.loaded, load_index(inputs["features"]), inputs["boxes"], tmp, earlier)
+        return _build(ctx, node.loaded, load_index(inputs["features"]), inputs["boxes"], tmp, self.earlier(ctx, node))
 
     def describe(self, artifact: Artifact) -> str:
         meta = json.loads(artifact.file("meta.json").read_text())
@@ -435,7 +434,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
     # The train photos' crops of an earlier pass of the same fit key are these ones (cut at the
     # same out-of-fold boxes, jittered alike): stage 2's photos arriving leave only the test photos
     # to cut, whose boxes the box source predicts anew.
-    fingerprints = {split: dataset.split_fingerprint(split) for split in index.split.unique()}
+    fingerprints = dataset.split_fingerprints()
     reuse = EarlierPass(earlier, index, fingerprints, _state_from, allowed=("train",)) if earlier is not None else None
     with PassProgress(tmp, {"rectangles": rectangles, "turns": turns, "ok": ok, "extra_rectangles": extra_rectangles}, reuse) as kept:
         outputs = {split: kept.array(f"{split}_pooled.npy", np.float16, (int((splits == split).sum()), dim)) for split in index.split.unique()}
@@ -529,7 +528,7 @@ def _build(ctx: Context, loaded: LoadedConfig, index: pd.DataFrame, boxes: Artif
         "crops": len(table), "candidates": 1 + further, "seconds": round(time.time() - started, 2),
         **({"candidates_mirrored": bool(mirrored_further)} if further and config.tta else {}),
         # Photos whose crops were taken from an earlier pass (`EarlierPass`) rather than cut again.
-        **({"reused_images": kept.earlier.rows, "reused_from": kept.earlier.artifact.path.name} if kept.earlier else {}),
+        **kept.reused_meta(),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))

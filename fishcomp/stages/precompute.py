@@ -74,7 +74,7 @@ class Precompute(Stage):
 
     def fit_params(self, ctx: Context, loaded: LoadedConfig, params: dict) -> dict | None:
         # What heads fit on is the train images' rows: stage 2's photos do not change them.
-        return {**params, "images": ctx.dataset().split_fingerprint("train")}
+        return {**params, "images": ctx.dataset().split_fingerprints()["train"]}
 
     def prefer(self, resolver: Resolver, loaded: LoadedConfig, request: dict) -> dict:
         """A pooled-only request is served by the pass that also holds the map (the pooled
@@ -91,7 +91,7 @@ class Precompute(Stage):
         return f"{loaded.config.precompute.backbone}-{size[0]}x{size[1]}"
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
-        earlier = None if world().distributed else ctx.cache.donor(self.name, node.fit_key, node.key)
+        earlier = None if world().distributed else self.earlier(ctx, node)
         return _build(ctx, node.loaded, resolved_precompute(node.loaded.config.precompute, **node.request), tmp, earlier)
 
     def describe(self, artifact: Artifact) -> str:
@@ -184,7 +184,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
     # One process picks up where a stopped pass left off, or takes the splits an earlier pass with
     # the same train images holds (stage 2's photos added: only they are embedded); under torchrun
     # each rank takes its share.
-    fingerprints = {split: dataset.split_fingerprint(split) for split in images.split.unique()}
+    fingerprints = dataset.split_fingerprints()
     reuse = EarlierPass(earlier, images, fingerprints, _state_from) if earlier is not None else None
     with nullcontext() if here.distributed else PassProgress(tmp, {"sizes": sizes, "ok": ok}, reuse) as kept:
         # View 0: every image as it is. Then augmented copies of the train images, then TTA views of all.
@@ -324,7 +324,7 @@ def _build(ctx: Context, loaded: LoadedConfig, config: PrecomputeConfig, tmp: Pa
         "seconds": round(seconds, 2),
         "images_per_second": round(total / max(seconds, 1e-9), 2),
         # Images taken from an earlier pass (`EarlierPass`) rather than embedded: the speed is the others'.
-        **({"reused_images": kept.earlier.rows, "reused_from": kept.earlier.artifact.path.name} if kept is not None and kept.earlier else {}),
+        **(kept.reused_meta() if kept is not None else {}),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "config.yaml").write_text(dump_yaml(key_payload(config)))

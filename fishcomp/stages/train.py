@@ -94,7 +94,7 @@ class Train(Stage):
 
     def build(self, ctx: Context, node: Node, inputs: dict, tmp: Path) -> dict | None:
         return fit_folds(ctx, node.loaded, inputs["features"], tmp, inputs.get("pseudo"), inputs.get("whole"),
-                         earlier=ctx.cache.donor(self.name, node.fit_key, node.key))
+                         earlier=self.earlier(ctx, node))
 
     def after(self, ctx: Context, node: Node, artifact: Artifact) -> None:
         # The artifact is whole: the folds kept for a resume are not needed any more.

@@ -307,7 +307,7 @@ class LinearProbeFolds:
         if spread and not world().is_main:
             return None
         predictor = dataclasses.replace(probe, inner=[])  # what a later build reuses (`EarlierFolds`): the inner fits are spent
-        tests = self.predict_tests(predictor)[0]
+        tests = self._predict_tests(predictor)
         module = create_head(head, self.in_shape, classes)
         module.load_state_dict(probe.state_dict(classes))
         return FoldResult(
@@ -318,10 +318,12 @@ class LinearProbeFolds:
             predictor=predictor,
         )
 
-    def predict_tests(self, fitted) -> tuple[dict, dict]:
-        """A fold's test predictions from its `FoldProbe` (or a `FoldResult` holding it)."""
-        probe = getattr(fitted, "predictor", fitted)
-        return {s: self._predict(probe, self.tests[s], self.test_views[s])[0] for s in self.data.test_splits}, {s: {} for s in self.data.test_splits}
+    def _predict_tests(self, probe: FoldProbe) -> dict:
+        return {s: self._predict(probe, self.tests[s], self.test_views[s])[0] for s in self.data.test_splits}
+
+    def predict_tests(self, result: FoldResult) -> tuple[dict, dict]:
+        """A reused fold's test predictions (`EarlierFolds`), from the probe it keeps."""
+        return self._predict_tests(result.predictor), {s: {} for s in self.data.test_splits}
 
     def summary(self) -> dict:
         return {"features": self.head.input, **({"pool": self.head.pool} if self.head.pool else {}), "tta_views": 1 + len(self.train_views), "augment_copies": len(self.rows.copies), "pseudo": None,
