@@ -7,6 +7,7 @@
     [row.status for row in fishcomp.dag("configs/pipeline.yaml")]
     fishcomp.runs(work="artifacts")    # the runs table as a DataFrame
     fishcomp.diff("44a00ca8", "53107d7f")  # paired B - A, overall and per class, as a DataFrame
+    fishcomp.predict("configs/pipeline.yaml", "photos/")  # probabilities for any photos
 
 Every function takes a config path (or a loaded config), `data`, `work` and `overrides` (the
 CLI's `--set` values) and goes through the same cached stage graph as the CLI.
@@ -69,6 +70,19 @@ def dag(config, data="data", work="artifacts", overrides=None, stage: str | None
 
     ctx, loaded = _prepare(config, data, work, overrides)
     return pipeline.dag(ctx, loaded, stage)
+
+
+def predict(config, images, data="data", work="artifacts", overrides=None):
+    """`fishcomp predict` as a pandas DataFrame (image, one probability column per class): the
+    photos (paths, or a folder's images) classified by the config's fold models; a blend or a
+    crops head through its finished run's graph, calibrated as that run was."""
+    from fishcomp.commands.predict import find_images, predict_images
+
+    ctx, loaded = _prepare(config, data, work, overrides)
+    images = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
+    folder = images[0] if len(images) == 1 and images[0].is_dir() else None
+    ctx.on_bad_test = "prior"  # as the CLI's: an unreadable photo is skipped with a warning
+    return predict_images(ctx, loaded, find_images([] if folder else images, folder))
 
 
 def runs(work="artifacts", solution=None):

@@ -388,7 +388,8 @@ def predict_cli(
     out: Annotated[Optional[Path], typer.Option("--out", help="CSV to write (image, one column per class); default: print a table.")] = None,
     data: DataOpt = Path("data"), work: WorkOpt = Path("artifacts"), overrides: SetOpt = None, debug: DebugOpt = False,
 ) -> None:
-    """Class probabilities for any photos, from a trained config's fold models (averaged)."""
+    """Class probabilities for any photos, from a trained config's fold models (averaged); a blend or a
+    crops head through its finished run's whole graph, calibrated as that run was."""
     from fishcomp.commands.predict import find_images, predict_images
     from fishcomp.console import info, table
 

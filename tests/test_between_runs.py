@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import CONFIGS, run_cli
+from helpers import CONFIGS, TINY, run_cli
 
 from fishcomp import __version__
 
@@ -437,15 +437,14 @@ def test_the_python_api_returns_the_artifacts_the_cli_made(swept, tiny_data):
     assert set(paired.verdict) <= {"B better", "A better", "within noise"}
 
 
-def test_predict_with_a_blends_config_names_the_members_it_can_predict_with(tmp_path, capsys):
-    from PIL import Image
-
-    photo = tmp_path / "photo.jpg"
-    Image.new("RGB", (64, 36)).save(photo)
-    code, _, stderr = run_cli(["predict", "-c", CONFIGS / "pipeline.yaml", photo, "--data", tmp_path, "--work", tmp_path / "work"], capsys)
-    assert code == 2 and "not a blend" in stderr and len(stderr.strip().splitlines()) == 1
-    named = stderr.split("members (", 1)[1].split(")", 1)[0].split(", ")
-    assert "fcn.yaml" in named and "linear.yaml" in named and "crops.yaml" not in named  # crops are cut, not whole-image
-    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.npy"))  # nothing built
-    code, _, stderr = run_cli(["predict", "-c", CONFIGS / "crops.yaml", photo, "--data", tmp_path, "--work", tmp_path / "work"], capsys)
-    assert code == 2 and "not crops or fine-tuning" in stderr
+def test_predict_with_a_blend_or_a_fine_tuned_head_not_run_here_says_to_run_it_first(tiny_data, tmp_path, capsys):
+    """A blend's or a crops head's prediction takes every fold model (and the calibration) from its
+    finished run; where there is none, or none can be taken (a fine-tuned head trains again for new
+    photos), one line says so and nothing is built or left behind."""
+    photo = tiny_data / "test_stg1" / sorted(p.name for p in (tiny_data / "test_stg1").iterdir())[0]
+    work = tmp_path / "work"
+    for config, said in (("pipeline.yaml", "its calibration is not built"), ("crops.yaml", "stages have none (precompute"),
+                         ("finetune.yaml", "train [finetune])")):
+        code, _, stderr = run_cli(["predict", "-c", CONFIGS / config, photo, "--data", tiny_data, "--work", work, *_sets(TINY)], capsys)
+        assert code == 2 and said in stderr and "run `fishcomp run -c" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert not work.exists() or not any(work.rglob("*.*"))  # nothing built, no prediction folder left

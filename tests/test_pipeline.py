@@ -156,6 +156,49 @@ def test_the_submission_is_the_calibrated_blend(built_run, capsys):
     assert not np.allclose(test_temperature, 1.0, atol=1e-3) and not np.allclose(test_temperature, summary["temperature"], atol=1e-3)
 
 
+def test_predict_gives_new_photos_what_the_calibrated_blend_gives_them_from_the_runs_own_fold_models(built_run, tiny_data, tmp_path, capsys):
+    """`fishcomp predict` with the pipeline: the photos become the test images of the run's graph,
+    whose every backbone pass, crops and member takes its train part and fold models from the
+    finished run; the run's calibration (its stage-1 temperature) is applied. So a photo of the
+    run's stage 1 gets the row the run wrote for it, whichever photos come with it, and nothing is
+    left behind in the work folder."""
+    import shutil
+
+    work, _, args = built_run
+    code, stdout, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    calibrated = pd.read_csv(_printed_artifact(stdout, "calibrate") / "test_stg1.csv").set_index("image")
+    names = calibrated.index[:3].tolist()
+    photos = tmp_path / "photos"
+    (photos / "other").mkdir(parents=True)
+    for name in names:
+        shutil.copy2(tiny_data / "test_stg1" / name, photos / name)
+    shutil.copy2(tiny_data / "test_stg1" / calibrated.index[3], photos / "other" / names[0])  # the same name, another photo
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    before = sorted(p.relative_to(work) for p in work.rglob("*") if p.is_dir())
+    out = tmp_path / "predicted.csv"
+    predict = ["predict", "-c", CONFIGS / "pipeline.yaml", "--folder", photos, "--data", tiny_data, "--work", work, "--out", out, *args[args.index("--out") + 2:]]
+    code, stdout, stderr = run_cli(predict, capsys)
+    assert code == 0, stderr
+    said = stdout + stderr
+    assert "unreadable image skipped" in said and said.count("reusing fold model(s) 0, 1, 2 of") == 10  # 9 members and the box source
+    predicted = pd.read_csv(out)
+    assert [Path(p).relative_to(photos).as_posix() for p in predicted.image] == [*names, f"other/{names[0]}"]
+    expected = calibrated.loc[[*names, calibrated.index[3]]]
+    # The photos go through the backbone (and their crops through it again) in other batches than
+    # the run put them in: features one float16 step apart at most (test_precompute), which moves
+    # a probability far less than this.
+    np.testing.assert_allclose(predicted[expected.columns].to_numpy(), expected.to_numpy(), atol=1e-3)
+    assert sorted(p.relative_to(work) for p in work.rglob("*") if p.is_dir()) == before
+    # The Python API: the same table, for one of the photos alone (the run's calibration, not one
+    # refitted to the photos that came with it).
+    import fishcomp
+
+    alone = fishcomp.predict(CONFIGS / "pipeline.yaml", [photos / names[1]], data=tiny_data, work=work, overrides=SMALL)
+    assert alone.image.tolist() == [str(photos / names[1])]
+    np.testing.assert_allclose(alone[expected.columns].to_numpy(), predicted[expected.columns].to_numpy()[1:2], atol=1e-3)
+
+
 def test_every_member_and_the_blend_keep_each_fold_models_test_predictions(built_run, capsys):
     """What `calibrate` measures the folds' spread on: each train artifact's fold copies average to
     its test CSV (the crops head's too, before its NoF blend, which is not linear), and the blend's

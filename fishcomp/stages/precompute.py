@@ -100,7 +100,9 @@ class Precompute(Stage):
         if not artifact.built:
             return maps.lstrip(", ")
         reused = f" ({meta['reused_images']} taken from {meta['reused_from']})" if meta.get("reused_images") else ""
-        return f"{meta['counts']['total']} images{reused}, {meta['images_per_second']:.1f} img/s{maps}"
+        # Every image taken from an earlier pass: no speed to speak of.
+        speed = f", {meta['images_per_second']:.1f} img/s" if meta.get("reused_images", 0) < meta["counts"]["total"] else ""
+        return f"{meta['counts']['total']} images{reused}{speed}{maps}"
 
     def after(self, ctx: Context, node: Node, artifact: Artifact) -> None:
         check_unreadable(ctx, artifact)
