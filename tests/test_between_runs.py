@@ -317,6 +317,13 @@ def test_predict_classifies_photos_as_the_run_predicted_its_own_test_images(swep
     # Same pass, same heads; the features are rounded to float16 in both, and the backbone's
     # batches differ in size, which can move a feature by one float16 step (about 1e-3 relative).
     np.testing.assert_allclose(predicted.iloc[:, 1:].to_numpy(), expected.to_numpy(), atol=5e-3)
+    # The Python API: the same table, as a DataFrame (the CSV holds six decimals).
+    import fishcomp
+
+    table = fishcomp.predict(CONFIGS / "dense.yaml", [tiny_data / "test_stg1" / name for name in sample], data=tiny_data, work=swept,
+                             overrides=[*QUICK, "train.phases.0.lr=1e-3"])
+    assert table.image.tolist() == pd.read_csv(out).image.tolist()
+    np.testing.assert_allclose(table.iloc[:, 1:].to_numpy(), predicted.iloc[:, 1:].to_numpy(), atol=1e-6)
     # Without --out: a table of the photos, their predicted class and probabilities.
     folder_args = ["predict", "-c", CONFIGS / "dense.yaml", "--folder", tiny_data / "test_stg1", "--data", tiny_data, "--work", swept,
                    *_sets([*QUICK, "train.phases.0.lr=1e-3"])]

@@ -190,13 +190,6 @@ def test_predict_gives_new_photos_what_the_calibrated_blend_gives_them_from_the_
     # a probability far less than this.
     np.testing.assert_allclose(predicted[expected.columns].to_numpy(), expected.to_numpy(), atol=1e-3)
     assert sorted(p.relative_to(work) for p in work.rglob("*") if p.is_dir()) == before
-    # The Python API: the same table, for one of the photos alone (the run's calibration, not one
-    # refitted to the photos that came with it).
-    import fishcomp
-
-    alone = fishcomp.predict(CONFIGS / "pipeline.yaml", [photos / names[1]], data=tiny_data, work=work, overrides=SMALL)
-    assert alone.image.tolist() == [str(photos / names[1])]
-    np.testing.assert_allclose(alone[expected.columns].to_numpy(), predicted[expected.columns].to_numpy()[1:2], atol=1e-3)
 
 
 def test_every_member_and_the_blend_keep_each_fold_models_test_predictions(built_run, capsys):
