@@ -444,6 +444,31 @@ def test_the_python_api_returns_the_artifacts_the_cli_made(swept, tiny_data):
     assert set(paired.verdict) <= {"B better", "A better", "within noise"}
 
 
+def test_predict_with_a_calibrated_heads_config_applies_the_runs_calibration(swept, tiny_data, tmp_path, capsys):
+    """A head's config with a calibrate section predicts what its calibrated run wrote, not the
+    fold models' raw mean."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(swept, work)  # the sweep's folder stays as the other tests count it
+    settings = _sets([*QUICK, "train.phases.0.lr=1e-3", "calibrate={}"])
+    code, stdout, stderr = run_cli(["run", "-c", CONFIGS / "dense.yaml", "--stage", "calibrate", "--data", tiny_data, "--work", work, *settings], capsys)
+    assert code == 0, stderr
+    (calibrated,) = [p for p in (work / "calibrate").iterdir() if not p.name.startswith(".")]
+    written = pd.read_csv(calibrated / "test_stg1.csv").set_index("image")
+    raw = pd.read_csv(next(a for a in (work / "train").glob("dense-*")
+                           if yaml.safe_load((a / "config.yaml").read_text())["train"]["phases"][0]["lr"] == 1e-3) / "test_stg1.csv").set_index("image")
+    sample = written.index[:4].tolist()
+    out = tmp_path / "predicted.csv"
+    code, _, stderr = run_cli(["predict", "-c", CONFIGS / "dense.yaml", *[tiny_data / "test_stg1" / name for name in sample],
+                               "--data", tiny_data, "--work", work, "--out", out, *settings], capsys)
+    assert code == 0, stderr
+    predicted = pd.read_csv(out)[written.columns].to_numpy()
+    assert np.abs(written.loc[sample].to_numpy() - raw.loc[sample].to_numpy()).max() > 0.02  # so the check can tell them apart
+    # The same features to one float16 step (other batches), as the direct path's test above.
+    np.testing.assert_allclose(predicted, written.loc[sample].to_numpy(), atol=5e-3)
+
+
 def test_predict_with_a_blend_or_a_fine_tuned_head_not_run_here_says_to_run_it_first(tiny_data, tmp_path, capsys):
     """A blend's or a crops head's prediction takes every fold model (and the calibration) from its
     finished run; where there is none, or none can be taken (a fine-tuned head trains again for new

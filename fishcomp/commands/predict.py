@@ -3,7 +3,8 @@
 A head on whole-image features (pooled vectors or maps, the linear probe): the photos go
 through the pass the run's features came from (same backbone, size, weights, normalisation and
 precision), then every fold's head; the folds' probabilities are averaged, as for the test images
-of the run itself. A config with test-time views (`precompute.tta`) gets them here too, combined
+of the run itself, and calibrated as the run was where the config calibrates. A config with
+test-time views (`precompute.tta`) gets them here too, combined
 as in its run: a deterministic view (the 360x640 configs' mirror image) gives exactly the run's
 probabilities for its own test photos; random views are drawn afresh, the same kind of draw as
 the run's.
@@ -122,7 +123,7 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     probs = np.zeros((len(original), len(trained_classes(trained))))
     for fold in range(summary["folds"]):
         probs += predict(load_fold_model(trained, fold, device), feature_set, device, tta=combine)["probs"] / summary["folds"]
-    frame = pd.DataFrame(probs, columns=trained_classes(trained))
+    frame = pd.DataFrame(_the_runs_calibration(ctx, loaded)(probs), columns=trained_classes(trained))
     frame.insert(0, "image", [str(p) for p in np.asarray(paths, dtype=object)[readable]])
     return frame
 
