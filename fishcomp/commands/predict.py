@@ -4,10 +4,9 @@ A head on whole-image features (pooled vectors or maps, the linear probe): the p
 through the pass the run's features came from (same backbone, size, weights, normalisation and
 precision), then every fold's head; the folds' probabilities are averaged, as for the test images
 of the run itself, and calibrated as the run was where the config calibrates. A config with
-test-time views (`precompute.tta`) gets them here too, combined
-as in its run: a deterministic view (the 360x640 configs' mirror image) gives exactly the run's
-probabilities for its own test photos; random views are drawn afresh, the same kind of draw as
-the run's.
+test-time views (`precompute.tta`) gets them here too, combined as in its run: a deterministic
+view (the 360x640 configs' mirror image) gives exactly the run's probabilities for its own test
+photos; random views are drawn afresh, the same kind of draw as the run's.
 
 A blend (`pipeline.yaml`) or a detect-then-classify head (`crops.yaml`) needs its whole graph: the
 box source's boxes, the crops, every member, the blend's weights and calibration. It is predicted
