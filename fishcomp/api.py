@@ -81,7 +81,7 @@ def predict(config, images, data="data", work="artifacts", overrides=None):
     ctx, loaded = _prepare(config, data, work, overrides)
     images = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
     folder = images[0] if len(images) == 1 and images[0].is_dir() else None
-    ctx.on_bad_test = "prior"  # as the CLI's: an unreadable photo is skipped with a warning
+    ctx.on_bad_test = "prior"  # as the CLI's: an unreadable test image of the data set does not stop a prediction
     return predict_images(ctx, loaded, find_images([] if folder else images, folder))
 
 

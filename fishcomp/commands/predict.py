@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fishcomp.cache import MANIFEST
 from fishcomp.config import LoadedConfig
 from fishcomp.console import info, progress, warn
 from fishcomp.context import Context, resolve_device
@@ -80,6 +81,7 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     from fishcomp.pipeline import resolver
 
     config = loaded.config
+    calibrate = _the_runs_calibration(ctx, loaded)  # before any photo is embedded: it may say the run is not finished
     plan = resolver(ctx)
     node = plan.node("train", loaded)
     trained = plan.build(node)
@@ -122,7 +124,7 @@ def predict_images(ctx: Context, loaded: LoadedConfig, paths: list[Path]) -> pd.
     probs = np.zeros((len(original), len(trained_classes(trained))))
     for fold in range(summary["folds"]):
         probs += predict(load_fold_model(trained, fold, device), feature_set, device, tta=combine)["probs"] / summary["folds"]
-    frame = pd.DataFrame(_the_runs_calibration(ctx, loaded)(probs), columns=trained_classes(trained))
+    frame = pd.DataFrame(calibrate(probs), columns=trained_classes(trained))
     frame.insert(0, "image", [str(p) for p in np.asarray(paths, dtype=object)[readable]])
     return frame
 
@@ -247,7 +249,7 @@ def _remove_built_for(ctx: Context, nodes, root: Path) -> None:
     built_here = str(root.resolve())
     for node in nodes:
         found = ctx.cache.find(node.stage.name, node.key)
-        if found is not None and json.loads((found / "manifest.json").read_text()).get("data", {}).get("folder") == built_here:
+        if found is not None and json.loads((found / MANIFEST).read_text()).get("data", {}).get("folder") == built_here:
             shutil.rmtree(found)
             (found.parent / f".{node.key}.lock").unlink(missing_ok=True)
     _remove_folder(ctx, root)
